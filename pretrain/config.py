@@ -1,0 +1,301 @@
+"""The one run-config schema: dataclass defaults ← YAML overlay ← `key=value` dotlist.
+
+Every default lives here. `configs/**.yaml` are small overlays. `load_config` merges, type-checks (OmegaConf
+structured configs) and range-checks, and turns every problem into a `ConfigError` whose message is one line that
+names the key, value or file. Derived values (total steps, scaled lr) come from functions and are never written back.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+TASKS = ("cls", "det", "seg")  # task id = index here; routers, task embeddings and usage buffers use this order
+
+
+class ConfigError(ValueError):
+    """A config problem, reported to the user as one line (CLI exit code 2)."""
+
+
+@dataclass
+class TaskConfig:
+    enabled: bool = True
+    shards: str = ""  # folder with _info.json + tars; relative paths resolve against data.root
+    val_shards: str = ""
+    batch_size: int = 8
+    img_size: int = 224
+    weight: float = 1.0  # sampling weight when data.sampling == "fixed"
+    loss_weight: float = 1.0  # fixed loss weight (ignored by uncertainty weighting)
+    eval_batch_size: int = 8
+
+
+@dataclass
+class TasksConfig:
+    cls: TaskConfig = field(default_factory=lambda: TaskConfig(shards="imagenet/train", val_shards="imagenet/val"))
+    det: TaskConfig = field(
+        default_factory=lambda: TaskConfig(shards="coco/train", val_shards="coco/val", batch_size=2, img_size=512)
+    )
+    seg: TaskConfig = field(
+        default_factory=lambda: TaskConfig(shards="ade20k/train", val_shards="ade20k/val", batch_size=4, img_size=512)
+    )
+
+
+@dataclass
+class DataConfig:
+    root: str = "corpus/shards"
+    sampling: str = "size"  # fixed | size | temperature
+    temperature: float = 2.0  # p ∝ n^(1/T) when sampling == temperature
+    all_tasks_per_step: bool = False  # every task in every step, as per-task sub-batches
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    cls_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    jitter: tuple[float, float] = (0.5, 1.5)  # det/seg scale jitter range
+
+
+@dataclass
+class MoEConfig:
+    placement: str = "modsquad"  # modsquad: MoE attn in even blocks, MoE MLP in odd | m3vit: MoE MLP in odd | dense
+    num_experts: int = 16
+    top_k: int = 4
+    expert_hidden: int = 0  # 0 = mlp_ratio·dim·top_k/num_experts: active FLOPs equal the dense MLP (Mod-Squad: 768)
+    attn_num_experts: int = 24
+    attn_top_k: int = 12
+    attn_head_dim: int = 0  # 0 = dim / num_heads
+    gate: str = "raw"  # raw (Mod-Squad/M3ViT: un-renormalised top-k probs) | renorm
+    noisy: bool = False
+    router_init: str = "zero"  # zero (Mod-Squad) | normal
+    backend: str = "native"  # native (dropless, ours) | deepspeed (deepspeed.moe.layer.MoE with a task gate)
+    capacity_factor: float = 1.25  # deepspeed backend only
+    usage_momentum: float = 0.95
+    mi_ema: float = 0.9  # EMA of task×expert statistics across steps; keeps the MI loss alive with one task per step
+    w_mi: float = 0.005
+    w_cv: float = 0.0
+    w_switch: float = 0.0
+    w_z: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    size: str = "vit_b16"  # key of models.BACKBONE_SIZES
+    patch_size: int = 0  # 0 = the size's default
+    drop_path: float = 0.1
+    task_embed: bool = True
+    upcycle_from: str = ""  # dense timm ViT state dict (.safetensors/.pth); empty = random init
+    upcycle_mode: str = "copy"  # copy | slice
+    det_head: str = "fasterrcnn"  # fasterrcnn | retinanet
+    det_min_size: int = 512
+    det_max_size: int = 512
+    seg_head: str = "fpn"  # fpn | upernet
+    pyramid_dim: int = 256
+    cls_classes: int = 1000  # 0 = from the shards' _info.json
+    det_classes: int = 80
+    seg_classes: int = 150
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.5e-4
+    min_lr_ratio: float = 1e-2
+    warmup_steps: int = 1000
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    loss_weighting: str = "fixed"  # fixed | uncertainty (Mod-Squad's AutomaticWeightedLoss)
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 1
+    precision: str = "bf16"  # fp32 | bf16
+    ep_size: int = 1
+    grad_accum: int = 1  # task micro-batches accumulated per optimizer step
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    threads: int = 0  # torch intra-op threads per rank on CPU; 0 = leave torch's default
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100_000
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    eval_every: int = 5000
+    log_every: int = 20
+    max_bad_steps: int = 20  # consecutive NaN/inf steps before the run aborts
+
+
+@dataclass
+class EvalConfig:
+    max_samples: int = 0  # per task; 0 = the whole split
+    num_workers: int = 1
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "auto"  # auto (offline without WANDB_API_KEY) | online | offline | disabled
+    project: str = "pretrain"
+    plots: bool = True
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES = {
+    "data.sampling": ("fixed", "size", "temperature"),
+    "moe.placement": ("modsquad", "m3vit", "dense"),
+    "moe.gate": ("raw", "renorm"),
+    "moe.router_init": ("zero", "normal"),
+    "moe.backend": ("native", "deepspeed"),
+    "model.upcycle_mode": ("copy", "slice"),
+    "model.det_head": ("fasterrcnn", "retinanet"),
+    "model.seg_head": ("fpn", "upernet"),
+    "optim.loss_weighting": ("fixed", "uncertainty"),
+    "engine.zero_stage": (0, 1, 2),
+    "engine.precision": ("fp32", "bf16"),
+    "engine.backend": ("auto", "nccl", "gloo"),
+    "logging.wandb": ("auto", "online", "offline", "disabled"),
+}
+
+
+def _all_keys(schema: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        value = getattr(schema, f.name)
+        keys += _all_keys(value, key + ".") if is_dataclass(value) else [key]
+    return keys
+
+
+def _suggest(bad_key: str) -> str:
+    valid = _all_keys(RunConfig())
+    leaf = bad_key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(bad_key, valid, n=1, cutoff=0.6)
+    close = close or [k for k in valid if k.rsplit(".", 1)[-1] in difflib.get_close_matches(leaf, [
+        v.rsplit(".", 1)[-1] for v in valid], n=1, cutoff=0.6)][:1]
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", "") or ""
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
+        return ConfigError(f"{source}: unknown config key '{key}'{_suggest(key)}")
+    if isinstance(exc, ValidationError):
+        msg = str(exc).splitlines()[0]
+        return ConfigError(f"{source}: bad value for '{key}': {msg}")
+    return ConfigError(f"{source}: {str(exc).splitlines()[0]}")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    def need(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"config value {key}={value!r} is out of range: {rule}")
+
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        need(value in allowed, key, value, f"must be one of {', '.join(map(str, allowed))}")
+    m = cfg.moe
+    need(m.num_experts >= 1, "moe.num_experts", m.num_experts, "must be >= 1")
+    need(1 <= m.top_k <= m.num_experts, "moe.top_k", m.top_k, f"must be in 1..moe.num_experts={m.num_experts}")
+    need(1 <= m.attn_top_k <= m.attn_num_experts, "moe.attn_top_k", m.attn_top_k,
+         f"must be in 1..moe.attn_num_experts={m.attn_num_experts}")
+    need(0 <= m.usage_momentum < 1, "moe.usage_momentum", m.usage_momentum, "must be in [0, 1)")
+    need(0 <= m.mi_ema < 1, "moe.mi_ema", m.mi_ema, "must be in [0, 1)")
+    for name in ("w_mi", "w_cv", "w_switch", "w_z"):
+        need(getattr(m, name) >= 0, f"moe.{name}", getattr(m, name), "must be >= 0")
+    need(cfg.engine.ep_size >= 1 and m.num_experts % cfg.engine.ep_size == 0, "engine.ep_size", cfg.engine.ep_size,
+         f"must divide moe.num_experts={m.num_experts}")
+    need(cfg.engine.grad_accum >= 1, "engine.grad_accum", cfg.engine.grad_accum, "must be >= 1")
+    t = cfg.train
+    need(t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1")
+    need(t.ckpt_every >= 1, "train.ckpt_every", t.ckpt_every, "must be >= 1")
+    need(t.keep_last >= 1, "train.keep_last", t.keep_last, "must be >= 1")
+    need(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    need(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = never)")
+    need(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
+    o = cfg.optim
+    need(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    need(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
+    need(cfg.data.temperature > 0, "data.temperature", cfg.data.temperature, "must be > 0")
+    need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "must be >= 0")
+    enabled = [name for name in TASKS if getattr(cfg.tasks, name).enabled]
+    need(bool(enabled), "tasks", "all disabled", "enable at least one of cls, det, seg")
+    for name in TASKS:
+        task = getattr(cfg.tasks, name)
+        need(task.weight >= 0, f"tasks.{name}.weight", task.weight, "sampling weights must be >= 0")
+        need(task.loss_weight >= 0, f"tasks.{name}.loss_weight", task.loss_weight, "must be >= 0")
+        need(task.batch_size >= 1, f"tasks.{name}.batch_size", task.batch_size, "must be >= 1")
+        need(task.img_size >= 16, f"tasks.{name}.img_size", task.img_size, "must be >= 16")
+    if cfg.data.sampling == "fixed":
+        need(sum(getattr(cfg.tasks, n).weight for n in enabled) > 0, "tasks.*.weight", 0,
+             "fixed sampling needs a positive weight on an enabled task")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Merge schema defaults ← YAML file ← `key=value` overrides, then validate.
+
+    Raises `ConfigError` (one line naming the file, key or value) on any problem.
+    """
+    merged: DictConfig = OmegaConf.structured(RunConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            overlay = OmegaConf.load(path)
+        except Exception as exc:  # yaml errors carry line numbers; keep the first line
+            raise ConfigError(f"{path}: cannot parse YAML: {str(exc).splitlines()[0]}") from None
+        try:
+            merged = OmegaConf.merge(merged, overlay)
+        except OmegaConfBaseException as exc:
+            raise _omegaconf_error(exc, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _omegaconf_error(exc, f"override '{item}'") from None
+    cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _check_ranges(cfg)
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what `save_resolved` writes into the run directory)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_resolved(cfg: RunConfig, run_dir: str | Path) -> Path:
+    """Write `config.yaml` (the fully resolved config) atomically into the run directory."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.yaml"
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(out)
+    return out
+
+
+def enabled_tasks(cfg: RunConfig) -> list[str]:
+    """Enabled task names in canonical order (their ids are `TASKS.index(name)`)."""
+    return [name for name in TASKS if getattr(cfg.tasks, name).enabled]

@@ -1,0 +1,138 @@
+"""Rank, world size and local rank for the whole package: torchrun, SLURM or a single process.
+
+This is the only module that reads SLURM's environment. `resolve()` is pure (it takes the environment as a mapping),
+so every launcher is testable without launching anything; `export()` writes the resolved values back as the
+variables torch.distributed, DeepSpeed and WebDataset read (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+`MASTER_PORT`), because `deepspeed.init_distributed` only understands torchrun's/MPI's variables.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" | "slurm" | "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist: 'gpu[003-005,007],cpu1' -> 'gpu003'.
+
+    Uses `scontrol show hostnames` when available (authoritative), else parses the bracket syntax itself.
+    """
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not head or not head.group(1):
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = head.group(1), head.group(3)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def slurm_port(job_id: int) -> int:
+    """A port derived from the job id, so two jobs sharing a node do not collide."""
+    return 10000 + job_id % 20000
+
+
+def resolve(env: Mapping[str, str] | None = None) -> DistInfo:
+    """Resolve the process's place in the job. torchrun's `RANK` wins over `SLURM_PROCID`.
+
+    Under `srun torchrun`, SLURM_PROCID is the node index, so torchrun's variables must take precedence.
+    Raises ValueError naming the variable when the environment is inconsistent.
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        info = DistInfo(
+            rank=_int(env, "RANK"),
+            world_size=_int(env, "WORLD_SIZE"),
+            local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
+            launcher="torchrun",
+        )
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if "SLURM_JOB_NODELIST" not in env and "MASTER_ADDR" not in env:
+            raise ValueError("SLURM job without SLURM_JOB_NODELIST or MASTER_ADDR: cannot find the master host")
+        job_id = _int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
+        info = DistInfo(
+            rank=_int(env, "SLURM_PROCID"),
+            world_size=_int(env, "SLURM_NTASKS"),
+            local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            master_addr=env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"]),
+            master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else slurm_port(job_id),
+            launcher="slurm",
+        )
+    else:
+        return DistInfo(0, 1, 0, "127.0.0.1", 29500, "single")
+    if not 0 <= info.rank < info.world_size:
+        raise ValueError(f"rank {info.rank} is outside world size {info.world_size} ({info.launcher} environment)")
+    return info
+
+
+def export(info: DistInfo, env: dict[str, str] | None = None) -> None:
+    """Write the resolved values as torchrun-style variables (what DeepSpeed and WebDataset read)."""
+    env = os.environ if env is None else env
+    env.update(
+        RANK=str(info.rank),
+        WORLD_SIZE=str(info.world_size),
+        LOCAL_RANK=str(info.local_rank),
+        MASTER_ADDR=info.master_addr,
+        MASTER_PORT=str(info.master_port),
+    )
+
+
+def _reduce(tensor, op_name: str):
+    import torch
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else tensor.device
+    work = tensor.detach().to(device, copy=True)
+    tdist.all_reduce(work, op=getattr(tdist.ReduceOp, op_name))
+    return work.to(tensor.device)
+
+
+def all_reduce_max(tensor):
+    """Element-wise max over all ranks (identity in a single process). Used for agreement flags."""
+    return _reduce(tensor, "MAX")
+
+
+def all_reduce_sum(tensor):
+    """Sum over all ranks (identity in a single process)."""
+    return _reduce(tensor, "SUM")
+
+
+def barrier() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()

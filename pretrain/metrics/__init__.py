@@ -1,0 +1,28 @@
+"""Evaluation meters for the pretraining tasks: top-k accuracy, COCO box AP, ADE20K mIoU.
+
+Each meter has `update(...)` per batch, `sync(fn)` across ranks and `compute() -> dict[str, float]` (percent).
+Cross-rank communication is injected so this package never imports torch.distributed or deepspeed; the caller
+(evaluate.py) passes e.g.
+
+    def reduce_sum(t):                      # ClassificationMeter / SegmentationMeter
+        t = t.to(device)                    # NCCL needs CUDA tensors
+        torch.distributed.all_reduce(t)
+        return t
+
+    def gather(obj):                        # CocoDetectionMeter
+        out = [None] * world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+"""
+
+from pretrain.metrics.classification import ClassificationMeter
+from pretrain.metrics.detection import CocoDetectionMeter, category_ids_from_gt
+from pretrain.metrics.segmentation import SegmentationMeter, reduce_zero_label
+
+__all__ = [
+    "ClassificationMeter",
+    "CocoDetectionMeter",
+    "SegmentationMeter",
+    "category_ids_from_gt",
+    "reduce_zero_label",
+]
