@@ -21,18 +21,27 @@ class UserError(Exception):
 def _synth(args: argparse.Namespace) -> int:
     from pretrain.synth import synthesize
 
-    synthesize(Path(args.out), seed=args.seed, **({"scale": args.scale} if args.scale != 1.0 else {}))
+    summary = synthesize(Path(args.out), seed=args.seed, scale=args.scale, overwrite=args.overwrite)
+    for dataset, splits in summary.items():
+        if isinstance(splits, dict):
+            print(f"{dataset}: " + ", ".join(f"{k}={v.get('files', v) if isinstance(v, dict) else v}"
+                                             for k, v in splits.items()))
     return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from pretrain.prepare import PREPARERS
+    from pretrain.log import setup_logging
+    from pretrain.prepare import PREPARERS, PrepareError
 
-    PREPARERS[args.dataset](
-        Path(args.src), Path(args.out), args.split, overwrite=args.overwrite, workers=args.workers,
-        max_count=args.shard_max_count, max_bytes=args.shard_max_bytes,
-    )
-    return 0
+    setup_logging()
+    try:
+        PREPARERS[args.dataset](
+            Path(args.src), Path(args.out), args.split, overwrite=args.overwrite, workers=args.workers,
+            max_count=args.shard_max_count, max_bytes=args.shard_max_bytes, min_shards=args.min_shards,
+        )
+    except PrepareError as exc:
+        raise UserError(str(exc)) from None
+    return 0  # the converter logs its summary
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -67,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for the raw layouts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="multiply the default dataset sizes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-synth folder in --out")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("prepare", help="convert a raw dataset layout into WebDataset shards")
@@ -78,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="decode/verify worker processes (0 = in process)")
     p.add_argument("--shard-max-count", type=int, default=1000, help="samples per shard at most")
     p.add_argument("--shard-max-bytes", type=int, default=512 * 2**20, help="bytes per shard at most")
+    p.add_argument("--min-shards", type=int, default=1,
+                   help="at least this many shards (readers need >= ranks × workers shards per split)")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("train", help="pretrain on the task mixture with DeepSpeed")
@@ -97,13 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pretrain.config import ConfigError
 
-    expected = (ConfigError, UserError, FileNotFoundError)
-    try:
-        from pretrain.prepare import LayoutError
-
-        expected += (LayoutError,)
-    except ImportError:
-        pass
+    expected = (ConfigError, UserError, FileNotFoundError, FileExistsError)
     try:
         return args.func(args)
     except expected as exc:

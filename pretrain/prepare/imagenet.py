@@ -1,0 +1,147 @@
+"""ImageNet class-folder layout -> WebDataset shards.
+
+Layout: ``{src}/{train,val}/<wnid>/*.JPEG`` (val sorted into class folders, e.g. by the common ``valprep.sh``), and
+optionally ``{src}/LOC_synset_mapping.txt`` (``n01440764 tench, Tinca tinca`` per line) for class names.
+Sample: ``__key__`` (file stem), ``jpg`` or ``png`` (original bytes; the key follows the magic bytes),
+``cls`` (ASCII int), ``json`` ``{"wnid", "file"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.prepare.images import IMAGE_SUFFIXES, CheckedImage, ImageError, try_load_image
+from pretrain.prepare.shards import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_COUNT,
+    LayoutError,
+    ShardSink,
+    check_split,
+    encode_json,
+    prepare_output_dir,
+    run_ordered,
+    sample_key,
+)
+
+logger = logging.getLogger(__name__)
+
+MAPPING_NAME = "LOC_synset_mapping.txt"
+
+
+@dataclass(frozen=True)
+class _Job:
+    rel: str  # path relative to src, used in skipped.jsonl and the sample json
+    path: Path
+    wnid: str
+
+
+def read_synset_mapping(path: Path) -> dict[str, str]:
+    """Parse ``LOC_synset_mapping.txt`` into ``{wnid: name}``; a malformed line raises LayoutError with its number."""
+    names: dict[str, str] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.strip().split(maxsplit=1)
+        if len(parts) != 2 or parts[0] in names:
+            raise LayoutError(f"{path}:{lineno}: expected a unique '<wnid> <class name>' line, got {line!r}")
+        names[parts[0]] = parts[1]
+    if not names:
+        raise LayoutError(f"{path} lists no classes")
+    return names
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def imagenet_classes(src: Path) -> list[dict]:
+    """Class table ``[{index, wnid, name}]`` with index = position in sorted wnid order.
+
+    The wnids come from ``LOC_synset_mapping.txt`` when present, else from the union of the class folders of
+    ``{src}/train`` and ``{src}/val``, so both splits get the same indices even if one lacks a class.
+    """
+    mapping = src / MAPPING_NAME
+    if mapping.is_file():
+        names = read_synset_mapping(mapping)
+    else:
+        split_dirs = [src / s for s in ("train", "val") if (src / s).is_dir()]
+        names = {wnid: wnid for d in split_dirs for wnid in _class_dirs(d)}
+    return [{"index": i, "wnid": wnid, "name": names[wnid]} for i, wnid in enumerate(sorted(names))]
+
+
+def _list_split(src: Path, split: str, known: set[str]) -> tuple[list[_Job], list[tuple[str, str, str]]]:
+    """Image jobs in (wnid, file name) order, and stray entries as (rel, reason, detail)."""
+    split_dir = src / split
+    expected = f"expected ImageNet layout {split_dir}/<wnid>/*.JPEG"
+    if not split_dir.is_dir():
+        raise LayoutError(f"{expected}, but {split_dir} is not a directory")
+    wnids = _class_dirs(split_dir)
+    loose = sorted(e.name for e in os.scandir(split_dir) if not e.is_dir())
+    if not wnids:
+        hint = " (val images must be sorted into <wnid>/ folders first)" if loose else ""
+        raise LayoutError(f"{expected}, but {split_dir} has no class folders{hint}")
+    unknown = [w for w in wnids if w not in known]
+    if unknown:
+        raise LayoutError(f"{split_dir}/{unknown[0]}: class folder not listed in {src / MAPPING_NAME}")
+    strays = [(f"{split}/{name}", "not_an_image", "file outside the class folders") for name in loose]
+    jobs: list[_Job] = []
+    for wnid in wnids:
+        for entry in sorted(os.scandir(split_dir / wnid), key=lambda e: e.name):
+            rel = f"{split}/{wnid}/{entry.name}"
+            if entry.is_dir():
+                strays.append((rel, "not_an_image", "unexpected directory inside a class folder"))
+            elif entry.name.startswith(".") or Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
+                strays.append((rel, "not_an_image", "not an image file name (stray file)"))
+            else:
+                jobs.append(_Job(rel=rel, path=Path(entry.path), wnid=wnid))
+    return jobs, strays
+
+
+def convert_imagenet(
+    src: Path,
+    out: Path,
+    split: str,
+    *,
+    overwrite: bool = False,
+    workers: int = 0,
+    max_count: int = DEFAULT_MAX_COUNT,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    min_shards: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Convert one ImageNet split to shards in ``out``; returns the summary (see ``ShardSink.finish``).
+
+    Every image is decoded fully once; undecodable, empty and stray files are skipped and listed in
+    ``{out}/skipped.jsonl``. Raises LayoutError for a source that does not match the layout and
+    OutputNotEmptyError for a non-empty ``out`` without ``overwrite``.
+    """
+    src, out = Path(src), Path(out)
+    check_split(split)
+    classes = imagenet_classes(src)
+    index = {c["wnid"]: c["index"] for c in classes}
+    jobs, strays = _list_split(src, split, set(index))
+    prepare_output_dir(out, overwrite=overwrite)
+    modes: Counter[str] = Counter()
+    with ShardSink(out, dataset="imagenet", split=split, src=src, expected=len(jobs), max_count=max_count,
+                   max_bytes=max_bytes, min_shards=min_shards) as sink:
+        for rel, reason, detail in strays:
+            sink.skip(rel, reason, detail)
+        loads = [(job.path, job.rel) for job in jobs]
+        for job, result in zip(jobs, run_ordered(try_load_image, loads, workers=workers, desc=f"imagenet/{split}",
+                                                 progress=progress)):
+            if isinstance(result, ImageError):
+                sink.skip(job.rel, result.reason, result.detail)
+                continue
+            assert isinstance(result, CheckedImage)
+            fields = {result.ext: result.data, "cls": str(index[job.wnid]).encode("ascii"),
+                      "json": encode_json({"wnid": job.wnid, "file": job.rel})}
+            if sink.write(sample_key(job.path.stem), fields):
+                modes[f"{result.ext}/{result.mode}"] += 1
+        extra = {"num_classes": len(classes), "classes": classes, "image_kinds": dict(sorted(modes.items())),
+                 "sample_keys": {"jpg|png": "original image bytes", "cls": "class index (ASCII int)",
+                                 "json": "{wnid, file}"}}
+        return sink.finish(source={"layout": "imagenet", "mapping": (src / MAPPING_NAME).is_file()}, extra=extra)
