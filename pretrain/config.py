@@ -54,7 +54,8 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     cls_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    jitter: tuple[float, float] = (0.5, 1.5)  # det/seg scale jitter range
+    det_jitter: tuple[float, float] = (0.1, 2.0)  # large-scale jitter (ViTDet)
+    seg_jitter: tuple[float, float] = (0.5, 2.0)  # mmseg's ADE20K ratio range
 
 
 @dataclass

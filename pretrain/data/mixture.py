@@ -1,0 +1,167 @@
+"""Task choice per step and the mixed multi-task batch stream.
+
+`TaskSampler.task_for_step(step)` is a pure function of (seed, step): every rank takes the same task in the same
+step (ZeRO-1/2 needs the same parameters to receive gradients on every rank), and after a resume at step s the task
+sequence continues exactly as in the uninterrupted run. `MixedStream` pulls one batch per step from the chosen
+task's loader only; see DATA.md for exactly what is reproducible across resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from pretrain.data.sources import make_train_loader
+
+logger = logging.getLogger(__name__)
+
+MODES = ("fixed", "size", "temperature")
+_SEED_MULT = 1_000_003
+
+
+def task_probabilities(tasks: Sequence[str], *, mode: str = "fixed", weights: Sequence[float] | None = None,
+                       sizes: Sequence[int] | None = None, temperature: float = 1.0) -> dict[str, float]:
+    """Sampling probability per task.
+
+    fixed: weights normalised; size: p ∝ n (dataset sizes); temperature: p ∝ n^(1/T) (T=1 is "size", T→∞ uniform).
+    """
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must be non-empty and distinct, got {list(tasks)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown sampling mode {mode!r}; expected one of {MODES}")
+    if mode == "fixed":
+        raw = _per_task(tasks, weights, "weights")
+    else:
+        counts = _per_task(tasks, sizes, "sizes")
+        if mode == "temperature":
+            if temperature <= 0:
+                raise ValueError(f"temperature must be > 0, got {temperature}")
+            counts = [n ** (1.0 / temperature) for n in counts]
+        raw = counts
+    total = sum(raw)
+    if total <= 0:
+        raise ValueError(f"all task {'weights' if mode == 'fixed' else 'sizes'} are zero: {dict(zip(tasks, raw))}")
+    return {t: v / total for t, v in zip(tasks, raw)}
+
+
+def _per_task(tasks: Sequence[str], values: Sequence[float] | None, name: str) -> list[float]:
+    if values is None or len(values) != len(tasks):
+        raise ValueError(f"{name} must give one value per task {list(tasks)}, got {values}")
+    for task, value in zip(tasks, values):
+        if not value >= 0:  # also rejects NaN
+            raise ValueError(f"{name} for task {task!r} must be >= 0, got {value}")
+    return [float(v) for v in values]
+
+
+class TaskSampler:
+    """Which task(s) each step trains on; counts the realised draws for logging.
+
+    Args:
+        tasks: task names in a fixed order (the order enters the draw, so keep it identical on all ranks).
+        weights / sizes / temperature / mode: see `task_probabilities`.
+        seed: integer run seed; the draw for step s uses `random.Random(seed * 1_000_003 + s)`.
+        all_tasks: every step trains every task (per-task sub-batches); probabilities are then unused.
+    """
+
+    def __init__(self, tasks: Sequence[str], weights: Sequence[float] | None = None, *, mode: str = "fixed",
+                 sizes: Sequence[int] | None = None, temperature: float = 1.0, seed: int = 0,
+                 all_tasks: bool = False) -> None:
+        self.tasks = list(tasks)
+        self.probs = task_probabilities(self.tasks, mode=mode, weights=weights, sizes=sizes, temperature=temperature)
+        self.seed, self.all_tasks = int(seed), all_tasks
+        self._weights = [self.probs[t] for t in self.tasks]
+        self.counts = dict.fromkeys(self.tasks, 0)
+
+    def task_for_step(self, step: int) -> str:
+        """The single task of `step`; a pure function of (seed, step), identical on every rank."""
+        return random.Random(self.seed * _SEED_MULT + step).choices(self.tasks, weights=self._weights)[0]
+
+    def tasks_for_step(self, step: int) -> list[str]:
+        """All tasks (all_tasks mode) or [task_for_step(step)]; pure."""
+        return list(self.tasks) if self.all_tasks else [self.task_for_step(step)]
+
+    def draw(self, step: int) -> list[str]:
+        """`tasks_for_step` and count the result in `counts`."""
+        tasks = self.tasks_for_step(step)
+        for task in tasks:
+            self.counts[task] += 1
+        return tasks
+
+    def frequencies(self) -> dict[str, float]:
+        """Realised fraction of draws per task (0 before any draw)."""
+        total = sum(self.counts.values())
+        return {t: (c / total if total else 0.0) for t, c in self.counts.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.counts = {t: int(state["counts"].get(t, 0)) for t in self.tasks}
+
+
+class MixedStream:
+    """Yields `(step, task, batch)` from `start_step` on, pulling only from the chosen task's loader
+    (all_tasks mode: `(step, "all", [batch per task])`).
+
+    Loaders are built lazily (a task never drawn starts no workers) by
+    `make_loader(task, seed=, rank=, world_size=, num_workers=, start_step=, **loader_kwargs[task])`, so a resumed
+    stream reseeds every loader from (seed, start_step). `skipped` sums the per-batch skip counts per task.
+
+    Args:
+        loader_kwargs: per task, e.g. {"shard_dir": ..., "batch_size": 64, "img_size": 224}: batch size and
+            resolution are per task.
+        seed: data seed (default: the sampler's seed).
+    """
+
+    def __init__(self, sampler: TaskSampler, loader_kwargs: Mapping[str, Mapping[str, Any]], *, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, start_step: int = 0, seed: int | None = None,
+                 make_loader: Callable[..., Any] = make_train_loader) -> None:
+        missing = [t for t in sampler.tasks if t not in loader_kwargs]
+        if missing:
+            raise ValueError(f"loader_kwargs has no entry for tasks {missing}")
+        self.sampler, self.loader_kwargs = sampler, loader_kwargs
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.seed = sampler.seed if seed is None else seed
+        self.start_step = self.step = start_step
+        self.make_loader = make_loader
+        self.skipped = dict.fromkeys(sampler.tasks, 0)
+        self._iters: dict[str, Iterator[dict[str, Any]]] = {}
+
+    def _next_batch(self, task: str) -> dict[str, Any]:
+        if task not in self._iters:
+            loader = self.make_loader(task, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                                      num_workers=self.num_workers, start_step=self.start_step,
+                                      **self.loader_kwargs[task])
+            self._iters[task] = iter(loader)
+        batch = next(self._iters[task])
+        self.skipped[task] += int(batch.get("skipped", 0))
+        return batch
+
+    def __iter__(self) -> Iterator[tuple[int, str, Any]]:
+        while True:
+            step = self.step
+            tasks = self.sampler.draw(step)
+            batches = [self._next_batch(t) for t in tasks]
+            self.step = step + 1
+            if self.sampler.all_tasks:
+                yield step, "all", batches
+            else:
+                yield step, tasks[0], batches[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Next step, realised task counts and skip counts; resume with `MixedStream(start_step=state["step"])`."""
+        return {"step": self.step, "counts": dict(self.sampler.counts), "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore counters (the step must already be the constructor's `start_step`)."""
+        if int(state["step"]) != self.start_step:
+            raise ValueError(f"state step {state['step']} != start_step {self.start_step}: build the stream with "
+                             f"start_step={state['step']}")
+        self.sampler.load_state_dict(state)
+        self.skipped = {t: int(state["skipped"].get(t, 0)) for t in self.sampler.tasks}
+
+    def close(self) -> None:
+        """Drop the loader iterators (shuts their worker processes down)."""
+        self._iters.clear()
