@@ -1,0 +1,129 @@
+"""Detection head: torchvision Faster R-CNN or RetinaNet on a ViTDet simple feature pyramid.
+
+torchvision's detectors call `backbone(images)` with one argument, after their own transform (resize to
+`min_size`/`max_size`, ImageNet normalisation, padding). `ViTDetBackbone` therefore carries the detection task's
+id (a constant) to the ViT for routing. It holds the ViT by a plain reference (not a registered submodule): the ViT
+belongs to `MultiTaskModel.backbone`, and registering it twice would duplicate its weights in state dicts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from pretrain.models.heads.pyramid import SCALES, SimpleFeaturePyramid
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ViTDetBackbone(nn.Module):
+    """ViT (last block, final norm) → simple feature pyramid, for torchvision detectors.
+
+    Args:
+        vit: the shared `VisionTransformer` (held by reference, see module docstring).
+        task_id: the detection task's id, used for every image's routing and task embedding.
+        out_channels: pyramid width C.
+        norm: pyramid norm (`ln` | `gn`).
+    """
+
+    def __init__(self, *, vit: nn.Module, task_id: int, out_channels: int, norm: str = "ln") -> None:
+        super().__init__()
+        self._vit = (vit,)  # a tuple keeps nn.Module from registering it
+        self.task_id = task_id
+        self.out_channels = out_channels
+        self.pyramid = SimpleFeaturePyramid(in_dim=vit.embed_dim, out_channels=out_channels, norm=norm)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        return tuple(max(1, int(self._vit[0].patch_size / s)) for s in SCALES)
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """x [B,3,H,W] normalised, padded by the detector's transform → pyramid '0'..'3' of [B,C,*,*]."""
+        task_B = torch.full((x.shape[0],), self.task_id, dtype=torch.long, device=x.device)
+        (feat_BDhw,) = self._vit[0].forward_intermediates(x, task_B, indices=1, norm=True, intermediates_only=True)
+        return self.pyramid(feat_BDhw)
+
+
+def faster_rcnn(*, backbone: ViTDetBackbone, num_classes: int, min_size: int, max_size: int) -> FasterRCNN:
+    """Faster R-CNN with one anchor size per level (8 × stride) × 3 ratios and 7×7 RoIAlign over the 4 levels."""
+    sizes = tuple((8 * s,) for s in backbone.strides)
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    return FasterRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
+                      image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), rpn_anchor_generator=anchors,
+                      box_roi_pool=roi_pool, size_divisible=max(backbone.strides))
+
+
+def retinanet(*, backbone: ViTDetBackbone, num_classes: int, min_size: int, max_size: int) -> RetinaNet:
+    """RetinaNet with 3 scales (4·stride·2^(i/3)) × 3 ratios per level and a GroupNorm head (torchvision's v2)."""
+    sizes = tuple(tuple(int(round(4 * s * 2 ** (i / 3))) for i in range(3)) for s in backbone.strides)
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    c = backbone.out_channels
+    head = RetinaNetHead(c, anchors.num_anchors_per_location()[0], num_classes,
+                         norm_layer=partial(nn.GroupNorm, math.gcd(32, c)))
+    return RetinaNet(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
+                     image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), anchor_generator=anchors,
+                     head=head, size_divisible=max(backbone.strides))
+
+
+DET_HEADS: dict[str, Callable[..., nn.Module]] = {"fasterrcnn": faster_rcnn, "retinanet": retinanet}
+
+
+class DetHead(nn.Module):
+    """A torchvision detector on the shared ViT.
+
+    Args:
+        vit: the shared backbone (by reference). task_id: the det task id.
+        kind: key of `DET_HEADS`. num_classes: foreground classes K (labels 1..K; the detector gets K+1).
+        min_size, max_size: the detector transform's resize bounds (torchvision's defaults 800/1333 are too big).
+        out_channels: pyramid width. norm: pyramid norm.
+    """
+
+    def __init__(self, *, vit: nn.Module, task_id: int, kind: str = "fasterrcnn", num_classes: int = 80,
+                 min_size: int = 512, max_size: int = 512, out_channels: int = 256, norm: str = "ln") -> None:
+        super().__init__()
+        if kind not in DET_HEADS:
+            raise ValueError(f"unknown det head {kind!r}; expected one of {', '.join(DET_HEADS)}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes={num_classes}: the detector needs at least one foreground class")
+        self.kind = kind
+        self.num_classes = num_classes
+        backbone = ViTDetBackbone(vit=vit, task_id=task_id, out_channels=out_channels, norm=norm)
+        self.detector = DET_HEADS[kind](backbone=backbone, num_classes=num_classes + 1, min_size=min_size,
+                                        max_size=max_size)
+
+    def predictor_modules(self) -> list[nn.Module]:
+        """The final class/box predictors (counted as "heads"; everything else here is "decoder")."""
+        if self.kind == "fasterrcnn":
+            return [self.detector.roi_heads.box_predictor]
+        head = self.detector.head
+        return [head.classification_head.cls_logits, head.regression_head.bbox_reg]
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+                ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """images: list of float [3,H,W] in [0,1]. Training: targets (boxes [n,4] xyxy float, labels [n] int64 in
+        1..K) → losses prefixed `det_`. Eval: list of {boxes [m,4], scores [m], labels [m]} in input pixels."""
+        if self.training:
+            if targets is None:
+                raise ValueError("det training forward needs targets (list of {'boxes', 'labels'})")
+            for i, t in enumerate(targets):
+                labels = t["labels"]
+                if labels.numel() and (int(labels.min()) < 1 or int(labels.max()) > self.num_classes):
+                    raise ValueError(f"det target {i}: labels must lie in 1..{self.num_classes}, got "
+                                     f"[{int(labels.min())}, {int(labels.max())}]")
+            losses = self.detector(images, targets)
+            return {f"det_{k}": v for k, v in losses.items()}
+        return self.detector(images)

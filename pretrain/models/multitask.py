@@ -1,0 +1,103 @@
+"""The shared backbone and its task heads behind one forward: `model(task, images_uint8, targets)`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.models.heads.det import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.models.vit import VisionTransformer
+
+logger = logging.getLogger(__name__)
+
+
+def _count(modules: list[nn.Module]) -> int:
+    seen: dict[int, int] = {}
+    for m in modules:
+        for p in m.parameters():
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+class MultiTaskModel(nn.Module):
+    """A task-routed ViT (`backbone`) and one head per task (`heads[name]`).
+
+    Args:
+        backbone: the shared `VisionTransformer`.
+        heads: task name → head (`ClsHead`, `DetHead`, `SegHead`); the det head already references `backbone`.
+        tasks: task name → task id (the routers' / task embedding's row); same keys as `heads`.
+
+    Batches are single-task (one `forward` per task batch). Images arrive as uint8 [B,3,H,W]; cls/seg normalise
+    here with ImageNet mean/std, the detector inside torchvision's transform (after its resize).
+    """
+
+    def __init__(self, backbone: VisionTransformer, heads: dict[str, nn.Module], tasks: dict[str, int]) -> None:
+        super().__init__()
+        if set(heads) != set(tasks):
+            raise ValueError(f"heads {sorted(heads)} and tasks {sorted(tasks)} must name the same tasks")
+        unknown = set(heads) - {"cls", "det", "seg"}
+        if unknown:
+            raise ValueError(f"unknown task heads {sorted(unknown)}; expected cls, det, seg")
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(heads)
+        self.task_ids = dict(tasks)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 [B,3,H,W] → float [B,3,H,W] normalised with ImageNet mean/std."""
+        # the buffers follow the module's dtype, so under DeepSpeed bf16 the input is bf16 like the weights
+        return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+
+    def forward(self, task: str, images: Tensor, targets: Any = None) -> dict[str, Tensor] | Tensor | list:
+        """Run one task batch.
+
+        Args:
+            task: `cls` | `det` | `seg` (must have a head).
+            images: uint8 [B,3,H,W].
+            targets: cls int64 labels [B]; det list of {"boxes" [n,4] xyxy float, "labels" [n] int64 in 1..K};
+                seg int64 masks [B,H,W] (255 = ignore). Required in training mode, ignored in eval mode.
+        Returns:
+            training: named losses — cls {"cls"}, det torchvision's keys prefixed `det_`, seg {"seg"}.
+            eval: cls logits [B,C]; det list of {"boxes" [m,4], "scores" [m], "labels" [m]} in input pixels;
+                seg logits [B,C,H,W] at the input size.
+        """
+        if task not in self.heads:
+            raise ValueError(f"task {task!r} has no head; this model has {sorted(self.heads)}")
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 [B,3,H,W], got {images.dtype} {tuple(images.shape)}")
+        if self.training and targets is None:
+            raise ValueError(f"training forward for task {task!r} needs targets")
+        head = self.heads[task]
+        if task == "det":
+            return head(list(images.to(self.pixel_mean.dtype).div(255.0)), targets if self.training else None)
+        x = self.normalize(images)
+        task_B = torch.full((x.shape[0],), self.task_ids[task], dtype=torch.long, device=x.device)
+        if task == "cls":
+            out = head(self.backbone.forward_features(x, task_B))
+        else:
+            (feat_BDhw,) = self.backbone.forward_intermediates(x, task_B, indices=1, norm=True,
+                                                               intermediates_only=True)
+            out = head(feat_BDhw, tuple(images.shape[-2:]))
+        return head.loss(out, targets) if self.training else out
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this model) excluded from weight decay (besides biases and norms)."""
+        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts held by this process (under expert parallelism: local experts only).
+
+        backbone = the ViT incl. task embedding and routers; heads = each head's `predictor_modules()` (cls:
+        LayerNorm + Linear; det: Faster R-CNN's box predictor or RetinaNet's cls_logits/bbox_reg convs; seg: the
+        1×1 classifier); decoder = the rest of the heads (pyramids, FPN/UPerNet, RPN, RoI box trunk, RetinaNet
+        conv towers); total = all parameters.
+        """
+        backbone = _count([self.backbone])
+        heads = _count([m for h in self.heads.values() for m in h.predictor_modules()])
+        decoder = _count(list(self.heads.values())) - heads
+        total = _count([self])
+        return {"backbone": backbone, "decoder": decoder, "heads": heads, "total": total}
