@@ -1,0 +1,263 @@
+"""DeepSpeed integration: generated ds_config, optimizer param groups, expert-parallel wiring, `deepspeed.initialize`.
+
+The only module that imports DeepSpeed besides `ds_moe.py` (the `moe.backend: deepspeed` layer).
+
+How DeepSpeed is made to treat our native `MoEMlp` experts as expert-parallel parameters (DeepSpeed 0.19.8 source):
+- The engine sets `has_moe_layers` only when the model contains a `deepspeed.moe.layer.MoE` instance
+  (`_configure_distributed_model`). Without it ZeRO-1/2 skips `_configure_moe_settings` and partitions/reduces
+  every group over the whole data-parallel world, and ZeRO-0 crashes on marked params. `apply_expert_marking`
+  therefore marks every parameter under a `MoEMlp.experts` child like DeepSpeed's `Experts` does
+  (`allreduce=False`, `group_name="ep_size_{ep}"`, also for ep=1 so every topology takes the same path) and attaches
+  `DeepSpeedMoEMarker`: a parameter-free `MoE` subclass (`model.ds_moe_marker`) whose only effect is
+  `has_moe_layers=True`. It holds no experts, so DeepSpeed writes no expert files for it and
+  `_get_non_moe_state_dict` strips nothing: `mp_rank_00_model_states.pt` holds every non-expert tensor plus rank 0's
+  local experts; `checkpoint.py` writes all experts itself under global ids.
+- With `has_moe_layers`, ZeRO-1/2 maps each `moe=True` optimizer group (from
+  `split_params_into_different_moe_groups_for_optimizer`) to the expert-data-parallel group of its name: expert
+  gradients are summed only over ranks holding the same experts and divided by the full DP size (the all-to-all
+  backward already summed the gradient contributions of the EP group), the expert grad norm counts every expert
+  once. tests/dist_scripts/engine_parity.py checks ep=2 against ep=1 on 2 ranks with different data per rank.
+- Marked params are also broadcast at start-up only within their expert-data-parallel group
+  (`_broadcast_model`); unmarked, rank 0's experts would overwrite every other rank's.
+- ZeRO-0's clip norm averages per-rank norms over ranks (`runtime/utils.py:clip_grad_norm_`), which is wrong when
+  ranks hold different experts: `build_engine` refuses ep_size > 1 with zero_stage 0 and clipping on.
+- EP groups are DeepSpeed's (`groups._create_expert_and_data_parallel`): consecutive ranks [0..ep-1], [ep..2ep-1]…
+  form an EP group, so this rank's expert-parallel rank is `rank % ep_size` (`moe_mlp_factory` binds it).
+"""
+
+# ruff: noqa: E402  (DS_ACCELERATOR must be set before DeepSpeed is first imported)
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator when first imported
+
+import deepspeed
+import torch.distributed as tdist
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups
+from torch import nn
+
+from pretrain import dist
+from pretrain.config import RunConfig
+from pretrain.ds_moe import DeepSpeedMoEMlp
+from pretrain.expert_parallel import ExpertComm, apply_expert_parallel, make_stats_reducer
+from pretrain.models.moe import MoEMlp
+from pretrain.models.moe_losses import moe_modules
+
+logger = logging.getLogger(__name__)
+
+STEPS_PER_PRINT = 1 << 30  # DeepSpeed's own progress print is off; the training loop logs
+
+
+def resolve_backend(backend: str) -> str:
+    """`engine.backend` → torch.distributed backend: auto = nccl with CUDA, gloo without."""
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"engine.backend={backend!r} is not one of auto, nccl, gloo")
+    return backend
+
+
+def init_distributed(backend: str = "auto") -> None:
+    """Initialise torch.distributed through DeepSpeed from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (`dist.export`)."""
+    deepspeed.init_distributed(dist_backend=resolve_backend(backend), auto_mpi_discovery=False, verbose=False)
+
+
+def expert_group_name(ep_size: int) -> str:
+    """DeepSpeed's name of the expert-parallel group family (also the `moe=True` optimizer group name)."""
+    return f"ep_size_{ep_size}"
+
+
+def make_ds_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON for this run, generated from the config (never hand-kept).
+
+    Batches are per task and vary in size, so DeepSpeed's batch bookkeeping is nominal: one "micro-batch" is one
+    task batch per rank (`train_micro_batch_size_per_gpu=1`) and `gradient_accumulation_steps = engine.grad_accum`
+    task micro-batches make an optimizer step. The loss is an average per micro-batch, which DeepSpeed divides by
+    the accumulation steps. WarmupCosineLR's values are ratios of the optimizer's lr; `warmup_steps=0` becomes a
+    warmup starting at ratio 1 (DeepSpeed requires a positive warmup length).
+    """
+    o, e = cfg.optim, cfg.engine
+    warmup = max(o.warmup_steps, 1)
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": e.grad_accum,
+        "train_batch_size": e.grad_accum * world_size,
+        "steps_per_print": STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+        "gradient_clipping": o.grad_clip,
+        "bf16": {"enabled": e.precision == "bf16"},
+        "fp16": {"enabled": False},
+        # ZeRO-2 with MoE asserts contiguous gradients and reduce-scatter (stage_1_and_2._configure_moe_settings)
+        "zero_optimization": {"stage": e.zero_stage, "contiguous_gradients": True, "reduce_scatter": True},
+        "checkpoint": {"tag_validation": "Fail"},
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": cfg.train.max_steps,
+                "warmup_min_ratio": 0.0 if o.warmup_steps > 0 else 1.0,
+                "warmup_num_steps": warmup,
+                "warmup_type": "linear",
+                "cos_min_ratio": o.min_lr_ratio,
+            },
+        },
+    }
+
+
+def stacked_expert_params(model: nn.Module) -> set[int]:
+    """ids of the parameters stacked over experts (leading dim E_local) under native `MoEMlp.experts` children."""
+    return {id(p) for m in model.modules() if isinstance(m, MoEMlp) for p in m.experts.parameters()}
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups: decayed weights, un-decayed rest, each split into dense and `moe=True` expert groups.
+
+    No weight decay for biases and norms (1-D per parameter; per expert for stacked expert tensors, so expert
+    biases [E, H] count as 1-D) and for `model.no_weight_decay()` names (position embedding, class token, task
+    embedding). Every group has a `name` (DeepSpeed's splitter requires it); expert params must already be marked
+    (`apply_expert_marking`) to land in the `ep_size_{N}` groups.
+    """
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    stacked = stacked_expert_params(model)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        per_item_ndim = p.ndim - 1 if id(p) in stacked else p.ndim
+        (no_decay if per_item_ndim <= 1 or name in skip else decay).append(p)
+    groups_ = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+               {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    return split_params_into_different_moe_groups_for_optimizer([g for g in groups_ if g["params"]])
+
+
+class DeepSpeedMoEMarker(MoE):
+    """Parameter-free `MoE` instance that switches on DeepSpeed's MoE handling for our native expert params.
+
+    `set_deepspeed_parallelism` (called by the engine on every module that has it) only makes sure the EP groups
+    exist; `num_local_experts = 0` keeps DeepSpeed's expert checkpoint loops empty for it.
+    """
+
+    def __init__(self, *, ep_size: int, num_experts: int) -> None:
+        nn.Module.__init__(self)  # MoE.__init__ would build experts and a gate
+        self.group_ep_size = ep_size  # not `ep_size`: layers with ep_size > 1 get an ExpertComm injected
+        self.num_experts = num_experts
+        self.num_local_experts = 0
+        self.expert_group_name = expert_group_name(ep_size)
+        self.enable_expert_tensor_parallelism = False
+        self.use_residual = False
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        ensure_expert_groups(self.group_ep_size, use_data_before_expert_parallel_)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("DeepSpeedMoEMarker is a marker for DeepSpeed's engine and has no forward")
+
+
+def ensure_expert_groups(ep_size: int, data_before_expert: bool = False) -> None:
+    """Create DeepSpeed's expert-parallel and expert-data-parallel groups for `ep_size` once (collective)."""
+    if expert_group_name(ep_size) not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size, use_data_before_expert_parallel_=data_before_expert)
+
+
+def apply_expert_marking(model: nn.Module, *, ep_size: int) -> int:
+    """Mark native expert params as DeepSpeed expert params and attach the marker; returns the marked count."""
+    layers = [m for m in model.modules() if isinstance(m, MoEMlp)]
+    for m in layers:
+        for p in m.experts.parameters():
+            p.allreduce = False
+            p.group_name = expert_group_name(ep_size)
+    if layers:
+        model.ds_moe_marker = DeepSpeedMoEMarker(ep_size=ep_size, num_experts=layers[0].num_experts)
+    return sum(1 for m in layers for _ in m.experts.parameters())
+
+
+def check_expert_layers(model: nn.Module, *, ep_size: int, ep_rank: int) -> int:
+    """Raise unless every expert layer was built for this rank's place; returns the number of expert layers."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (MoEMlp, DeepSpeedMoEMlp))]
+    for name, m in layers:
+        if (m.ep_size, m.ep_rank) != (ep_size, ep_rank):
+            raise ValueError(f"MoE layer {name} was built with ep_size={m.ep_size}, ep_rank={m.ep_rank} but this rank "
+                             f"needs ep_size={ep_size}, ep_rank={ep_rank}: build the model with "
+                             "moe_mlp_layer=moe_mlp_factory(cfg, rank=RANK)")
+    return len(layers)
+
+
+def build_native_moe_mlp(*, ep_size: int, ep_rank: int, **kwargs) -> MoEMlp:
+    """`MoEMlp` holding this rank's experts, initialised as the slice of an ep_size=1 layer.
+
+    The full layer is built first so the RNG stream (and hence every weight of the model) is the same for every
+    ep_size; the EP layer itself is built under a forked RNG.
+    """
+    full = MoEMlp(**kwargs)
+    if ep_size == 1:
+        return full
+    with torch.random.fork_rng(devices=[]):
+        layer = MoEMlp(**kwargs, ep_size=ep_size, ep_rank=ep_rank)
+    first = ep_rank * layer.num_local_experts
+    state = {k: v[first:first + layer.num_local_experts] if k.startswith("experts.") else v
+             for k, v in full.state_dict().items()}
+    layer.load_state_dict(state)
+    return layer
+
+
+def moe_mlp_factory(cfg: RunConfig, *, rank: int | None = None) -> Callable[..., nn.Module]:
+    """The MoE MLP factory `build_model(cfg, moe_mlp_layer=...)` needs: backend, ep_size and this rank's EP rank bound.
+
+    Args:
+        cfg: reads `moe.backend`, `moe.capacity_factor`, `engine.ep_size`.
+        rank: global rank (default: from the environment, `dist.resolve()`); EP rank = rank % ep_size.
+    """
+    ep_size = cfg.engine.ep_size
+    ep_rank = (dist.resolve().rank if rank is None else rank) % ep_size
+    if cfg.moe.backend == "deepspeed":
+        return functools.partial(DeepSpeedMoEMlp, ep_size=ep_size, ep_rank=ep_rank,
+                                 capacity_factor=cfg.moe.capacity_factor)
+    return functools.partial(build_native_moe_mlp, ep_size=ep_size, ep_rank=ep_rank)
+
+
+def _wire_expert_parallel(model: nn.Module, *, ep_size: int, world_size: int) -> None:
+    """EP groups, layer checks, expert marking, and comm / stats-reducer injection (before `deepspeed.initialize`)."""
+    ensure_expert_groups(ep_size)
+    name = expert_group_name(ep_size)
+    check_expert_layers(model, ep_size=ep_size, ep_rank=groups._get_expert_parallel_rank(name))
+    reducer = make_stats_reducer(None) if world_size > 1 else None  # data-parallel world = all ranks (no TP/PP)
+    if any(isinstance(m, DeepSpeedMoEMlp) for m in model.modules()):
+        for _, m in moe_modules(model):  # DeepSpeed's MoE layers bring their own all-to-all and marking
+            m.stats_reducer = reducer
+        return
+    apply_expert_marking(model, ep_size=ep_size)
+    comm = ExpertComm(groups._get_expert_parallel_group(name)) if ep_size > 1 else None
+    apply_expert_parallel(model, comm=comm, stats_reducer=reducer)
+
+
+def build_engine(cfg: RunConfig, model: nn.Module, *, world_size: int) -> deepspeed.DeepSpeedEngine:
+    """Wire expert parallelism into `model`, build AdamW over `param_groups`, and return the DeepSpeed engine.
+
+    torch.distributed must be initialised (`init_distributed`). The lr schedule is advanced once so that
+    optimizer step s (0-based) runs at schedule iteration s (DeepSpeed's scheduler starts at iteration -1).
+    """
+    e, o = cfg.engine, cfg.optim
+    if e.ep_size > 1 and e.zero_stage == 0 and o.grad_clip > 0:
+        raise ValueError("engine.zero_stage=0 with engine.ep_size>1 clips by DeepSpeed's per-rank norm average, which "
+                         "is wrong when ranks hold different experts: use zero_stage 1 or 2, or optim.grad_clip=0")
+    if world_size % e.ep_size:
+        raise ValueError(f"engine.ep_size={e.ep_size} must divide the world size {world_size}")
+    if not tdist.is_initialized():
+        raise RuntimeError("build_engine needs torch.distributed initialised: call engine.init_distributed first")
+    if tdist.get_world_size() != world_size:
+        raise ValueError(f"world_size={world_size} but torch.distributed has {tdist.get_world_size()} ranks")
+    _wire_expert_parallel(model, ep_size=e.ep_size, world_size=world_size)
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=make_ds_config(cfg, world_size))
+    engine.lr_scheduler.step()
+    logger.info("DeepSpeed engine: ZeRO-%d, %s, ep_size=%d, world=%d, grad_accum=%d", e.zero_stage, e.precision,
+                e.ep_size, world_size, e.grad_accum)
+    return engine

@@ -1,0 +1,74 @@
+"""PNG plots written into the run directory: per-task loss curves and task×expert usage heatmaps."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless clusters have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(records: list[dict], out: Path, smooth: int = 5) -> Path | None:
+    """One curve per `loss/<task>` key of the JSONL records (moving average over `smooth` points)."""
+    keys = sorted({k for r in records for k in r if k.startswith("loss/") and k.count("/") == 1})
+    if not keys:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if not points:
+            continue
+        steps, values = map(np.asarray, zip(*points))
+        if len(values) >= smooth:
+            values = np.convolve(values, np.ones(smooth) / smooth, mode="valid")
+            steps = steps[smooth - 1:]
+        ax.plot(steps, values, label=key.split("/", 1)[1])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_usage(usage: dict[str, np.ndarray], tasks: list[str], out: Path) -> Path | None:
+    """Heatmaps of per-task expert usage (%, rows sum to 100) for every MoE layer.
+
+    Args: usage {layer name: array [T, E]} (Mod-Squad usage EMA, any scale), tasks: row labels.
+    """
+    if not usage:
+        return None
+    plt = _pyplot()
+    names = list(usage)
+    cols = min(4, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 1.0 + 0.45 * len(tasks) * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        u_TE = np.asarray(usage[name], dtype=np.float64)[: len(tasks)]
+        pct_TE = 100 * u_TE / np.maximum(u_TE.sum(axis=1, keepdims=True), 1e-12)
+        im = ax.imshow(pct_TE, aspect="auto", cmap="viridis", vmin=0)
+        ax.set_title(name, fontsize=7)
+        ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+        ax.set_xlabel("expert", fontsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,71 @@
+"""Task loss weighting: fixed weights or Mod-Squad's uncertainty weighting, plus the auxiliary MoE losses.
+
+The model returns, per forward, a dict of named loss terms for one task (detection returns torchvision's four
+terms). `TaskLoss` sums a task's terms, weights tasks and adds the weighted auxiliary losses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.config import RunConfig, enabled_tasks
+
+AUX_KEYS = ("mi", "cv", "switch", "z")
+
+
+class TaskLoss(nn.Module):
+    """Combine per-task losses into the training objective.
+
+    `mode="fixed"`: Σ_t w_t·L_t. `mode="uncertainty"` (Mod-Squad `AutomaticWeightedLoss`, σ learnable, init 1):
+    Σ_t 0.5/σ_t²·L_t + log(1 + σ_t²). Its σ are parameters of the trained model, so they are optimised and
+    checkpointed with it.
+    """
+
+    def __init__(self, *, tasks: list[str], weights: dict[str, float], mode: str, aux_weights: dict[str, float]):
+        super().__init__()
+        if mode not in ("fixed", "uncertainty"):
+            raise ValueError(f"loss weighting mode must be fixed or uncertainty, got {mode!r}")
+        self.tasks = list(tasks)
+        self.mode = mode
+        self.weights = dict(weights)
+        self.aux_weights = {k: float(aux_weights.get(k, 0.0)) for k in AUX_KEYS}
+        self.sigma = nn.Parameter(torch.ones(len(tasks))) if mode == "uncertainty" else None
+
+    def task_term(self, task: str, loss: Tensor) -> Tensor:
+        """The weighted contribution of one task's summed loss."""
+        if self.sigma is None:
+            return self.weights[task] * loss
+        var = self.sigma[self.tasks.index(task)] ** 2
+        return 0.5 / var * loss + torch.log1p(var)
+
+    def forward(self, task_losses: dict[str, dict[str, Tensor]], aux: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        """Args: task_losses {task: {term: scalar}}, aux {"mi"|"cv"|"switch"|"z": scalar} (unweighted).
+
+        Returns (total, parts) where parts holds detached scalars for logging: `loss/<task>`, `loss/<task>/<term>`,
+        `aux/<key>` (unweighted) and `loss/total`.
+        """
+        total: Tensor | float = 0.0  # stays on the losses' device (no CPU zero tensor on GPU runs)
+        parts: dict[str, Tensor] = {}
+        for task, terms in task_losses.items():
+            task_loss = sum(terms.values())
+            total = total + self.task_term(task, task_loss)
+            parts[f"loss/{task}"] = task_loss.detach()
+            if len(terms) > 1:
+                parts.update({f"loss/{task}/{k}": v.detach() for k, v in terms.items()})
+        for key, value in aux.items():
+            weight = self.aux_weights.get(key, 0.0)
+            if weight:
+                total = total + weight * value
+            parts[f"aux/{key}"] = value.detach()
+        if not isinstance(total, Tensor):
+            raise ValueError("TaskLoss needs at least one task loss")
+        parts["loss/total"] = total.detach()
+        return total, parts
+
+
+def build_task_loss(cfg: RunConfig) -> TaskLoss:
+    tasks = enabled_tasks(cfg)
+    return TaskLoss(tasks=tasks, weights={t: getattr(cfg.tasks, t).loss_weight for t in tasks},
+                    mode=cfg.optim.loss_weighting,
+                    aux_weights={"mi": cfg.moe.w_mi, "cv": cfg.moe.w_cv, "switch": cfg.moe.w_switch, "z": cfg.moe.w_z})

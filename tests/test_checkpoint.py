@@ -1,0 +1,98 @@
+"""Checkpoints: atomic `latest`, pruning, per-rank state files, and 2-rank save/resume/export (ckpt_resume.py)."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from pretrain import checkpoint
+from pretrain.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests" / "dist_scripts"))
+from engine_common import eval_logits, make_cfg  # noqa: E402
+from test_engine import run_dist  # noqa: E402
+
+
+def make_tags(ckpt: Path, *steps: int) -> None:
+    for step in steps:
+        (ckpt / checkpoint.tag_for(step)).mkdir(parents=True)
+        (ckpt / checkpoint.tag_for(step) / "mp_rank_00_model_states.pt").write_bytes(b"x")
+
+
+def test_latest_is_replaced_atomically(tmp_path, monkeypatch):
+    make_tags(tmp_path, 1, 2)
+    checkpoint.write_latest(tmp_path, "step_00000001")
+    assert (tmp_path / "latest").read_text() == "step_00000001"  # DeepSpeed's format: the tag, no newline
+
+    def crash(src, dst):
+        raise OSError("killed")
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    with pytest.raises(OSError, match="killed"):
+        checkpoint.write_latest(tmp_path, "step_00000002")
+    assert checkpoint.read_latest(tmp_path) == "step_00000001"
+
+
+def test_uncommitted_tags_are_ignored_and_pruned(tmp_path):
+    make_tags(tmp_path, 1, 2, 3, 4)
+    (tmp_path / "other").mkdir()
+    checkpoint.write_latest(tmp_path, "step_00000003")  # step 4: a save killed before its commit
+    assert checkpoint.read_latest(tmp_path) == "step_00000003"
+    assert checkpoint.load_latest(None, tmp_path / "missing") is None
+    removed = checkpoint.prune(tmp_path, keep_last=2)
+    assert sorted(removed) == ["step_00000001", "step_00000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "other", "step_00000002", "step_00000003"]
+    (tmp_path / "latest").write_text("step_00000009")
+    with pytest.raises(RuntimeError, match="step_00000009.*does not exist"):
+        checkpoint.read_latest(tmp_path)
+
+
+def test_rank_state_roundtrip_restores_every_rng(tmp_path):
+    state = {**checkpoint.capture_rng(), "stream": {"step": 3, "tasks": ["cls"]}}
+    expect = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    checkpoint.write_rank_state(tmp_path, 1, state)
+    assert json.loads((tmp_path / "rank_00001.json").read_text())["state"]["stream"] == {"step": 3, "tasks": ["cls"]}
+    loaded = checkpoint.read_rank_state(tmp_path, 1)
+    checkpoint.restore_rng(loaded)
+    assert torch.equal(torch.rand(3), expect[0]) and np.array_equal(np.random.rand(3), expect[1])
+    assert [random.random() for _ in range(3)] == expect[2]
+    with pytest.raises(TypeError, match=r"rank_state\['bad'\] is a set"):
+        checkpoint.write_rank_state(tmp_path, 0, {"bad": {1, 2}})
+    with pytest.raises(KeyError, match="no RNG"):
+        checkpoint.restore_rng({"stream": 1})
+
+
+def test_checkpoint_and_models_do_not_import_deepspeed():
+    code = "import sys, pretrain.checkpoint, pretrain.models; assert 'deepspeed' not in sys.modules, 'deepspeed'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_save_resume_bit_exact_and_single_process_export(tmp_path):
+    """ZeRO-1/2, EP=2: bit-exact resume, keep_last, EP change (ckpt_resume.py); then export into ONE process."""
+    run_dist("ckpt_resume.py", "1,2", str(tmp_path), expect="CKPT RESUME OK")
+    cfg = make_cfg("engine.ep_size=1", "moe.noisy=true", "model.drop_path=0.1")
+    for zero in (1, 2):
+        ckpt = tmp_path / f"zero{zero}" / "ckpt"
+        tag_dir = ckpt / checkpoint.read_latest(ckpt)
+        with safe_open(str(tag_dir / "experts_ep1.safetensors"), framework="pt") as f:
+            assert "backbone.blocks.1.mlp.experts.w1.3" in f.keys() and f.metadata()["ep_rank"] == "1"
+        torch.manual_seed(99)  # other weights than the checkpoint's
+        model = build_model(cfg)
+        assert checkpoint.load_model_weights(ckpt, model) == tag_dir
+        ref = load_file(str(tmp_path / f"ref_zero{zero}.safetensors"))["logits"]
+        torch.testing.assert_close(eval_logits(model), ref, rtol=0, atol=1e-5)
+    strict = build_model(make_cfg("engine.ep_size=1"))  # no noise routers: the checkpoint has extra keys
+    with pytest.raises(RuntimeError, match="unexpected keys.*noise_weight"):
+        checkpoint.load_model_weights(tmp_path / "zero1" / "ckpt", strict)

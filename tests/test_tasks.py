@@ -1,0 +1,46 @@
+"""Loss weighting, routing metrics and plots (small pure functions the trainer relies on)."""
+
+import math
+
+import torch
+
+from pretrain.plots import plot_losses, plot_usage
+from pretrain.routing_stats import mutual_information, routing_metrics
+from pretrain.tasks import TaskLoss
+
+
+def test_fixed_weighting_and_aux():
+    tl = TaskLoss(tasks=["cls", "det"], weights={"cls": 2.0, "det": 0.5}, mode="fixed",
+                  aux_weights={"mi": 0.1, "z": 0.0})
+    losses = {"cls": {"cls": torch.tensor(1.0)}, "det": {"a": torch.tensor(2.0), "b": torch.tensor(4.0)}}
+    total, parts = tl(losses, {"mi": torch.tensor(-3.0), "z": torch.tensor(7.0)})
+    assert math.isclose(float(total), 2.0 * 1 + 0.5 * 6 + 0.1 * -3.0, rel_tol=1e-6)
+    assert float(parts["loss/det"]) == 6.0 and float(parts["loss/det/b"]) == 4.0
+    assert float(parts["aux/z"]) == 7.0  # logged unweighted even when its weight is 0
+
+
+def test_uncertainty_weighting_matches_modsquad():
+    tl = TaskLoss(tasks=["cls", "seg"], weights={}, mode="uncertainty", aux_weights={})
+    with torch.no_grad():
+        tl.sigma.copy_(torch.tensor([2.0, 0.5]))
+    total, _ = tl({"cls": {"cls": torch.tensor(3.0)}, "seg": {"seg": torch.tensor(1.0)}}, {})
+    expected = 0.5 / 4 * 3 + math.log(1 + 4) + 0.5 / 0.25 * 1 + math.log(1 + 0.25)
+    assert math.isclose(float(total), expected, rel_tol=1e-6)
+    total.backward()
+    assert tl.sigma.grad is not None and torch.all(tl.sigma.grad != 0)
+
+
+def test_mutual_information():
+    # tasks use disjoint experts, balanced → MI = log 2; independent → 0
+    assert math.isclose(mutual_information(torch.tensor([[5.0, 5, 0, 0], [0, 0, 5, 5]])), math.log(2), rel_tol=1e-9)
+    assert abs(mutual_information(torch.tensor([[1.0, 2, 3], [2.0, 4, 6]]))) < 1e-12
+    m = routing_metrics({"l0": torch.tensor([[4.0, 0, 0, 0], [1.0, 1, 1, 1]])}, ["cls", "det"])
+    assert m["moe/max_load/cls"] == 1.0 and m["moe/entropy/cls"] == 0.0
+    assert math.isclose(m["moe/entropy/det"], 1.0, rel_tol=1e-9)
+
+
+def test_plots(tmp_path):
+    records = [{"step": s, "loss/cls": 2.0 / (s + 1), "loss/det": 1.0} for s in range(20)]
+    assert plot_losses(records, tmp_path / "loss.png").stat().st_size > 1000
+    usage = {"blocks.1.mlp": torch.rand(3, 8).numpy(), "blocks.3.mlp": torch.rand(3, 8).numpy()}
+    assert plot_usage(usage, ["cls", "det", "seg"], tmp_path / "usage.png").stat().st_size > 1000

@@ -1,0 +1,159 @@
+"""End-to-end `pretrain train` on the embedded corpus: learning, exact resume after SIGKILL, signals, EP=2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.log import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = "configs/debug/pretrain.yaml"
+# tiny, fast and deterministic: no workers, no plots/wandb unless a test asks
+FAST = ["data.num_workers=0", "tasks.cls.img_size=32", "tasks.cls.batch_size=8", "tasks.det.img_size=64",
+        "tasks.det.batch_size=2", "model.det_min_size=64", "model.det_max_size=64", "tasks.seg.img_size=32",
+        "tasks.seg.batch_size=4", "logging.wandb=disabled", "logging.plots=false", "train.log_every=1",
+        "engine.threads=1", "data.shuffle_buffer=16", "moe.noisy=true", "model.drop_path=0.1"]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_"))}
+    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _train_cmd(shards, out, *extra):
+    return [sys.executable, "-m", "pretrain", "train", DEBUG, f"data.root={shards}", f"output_dir={out}", *FAST, *extra]
+
+
+def _run(cmd, timeout=300):
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _final_weights(run_dir) -> dict[str, torch.Tensor]:
+    from pretrain.checkpoint import load_model_weights
+    from pretrain.config import load_config
+    from pretrain.data.build import build_data
+    from pretrain.models import build_model
+    from pretrain.tasks import build_task_loss
+
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    model = build_model(cfg, num_classes=build_data(cfg).num_classes)
+    model.task_loss = build_task_loss(cfg)
+    load_model_weights(Path(run_dir) / "checkpoints", model)
+    return model.state_dict()
+
+
+def test_dry_run_prints_param_counts(shards):
+    out = _run([sys.executable, "-m", "pretrain", "train", DEBUG, f"data.root={shards}", "--dry-run"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    params = json.loads(out.stdout.strip().splitlines()[-1])["params"]
+    assert set(params) == {"backbone", "decoder", "heads", "total"}
+    assert params["total"] >= params["backbone"] + params["decoder"] + params["heads"] > 0
+
+
+def test_missing_shards_named_before_training(tmp_path):
+    out = _run([sys.executable, "-m", "pretrain", "train", DEBUG, f"data.root={tmp_path}/nothing"])
+    assert out.returncode == 2 and "nothing/imagenet/train" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_smoke_run_learns_and_writes_run_dir(shards, tmp_path):
+    run = tmp_path / "smoke"
+    # every task in every step (per-task sub-batches), so each logged window holds every task's loss
+    out = _run(_train_cmd(shards, run, "train.max_steps=30", "train.ckpt_every=15", "logging.plots=true",
+                          "logging.wandb=offline", "train.log_every=5", "optim.warmup_steps=5",
+                          "data.all_tasks_per_step=true"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(5, 31, 5))
+    first, last = records[0], records[-1]
+    print({k: (round(first[k], 3), round(last[k], 3)) for k in first if k.startswith("loss/")})
+    for key in ("loss/total", "loss/cls", "loss/det", "loss/seg"):
+        assert last[key] < first[key], (key, first[key], last[key])
+    for key in ("lr", "moe/mi", "aux/mi", "img_per_s/cls", "task_freq/det"):
+        assert key in last, key
+    assert (run / "config.yaml").is_file() and (run / "loss_curves.png").is_file()
+    assert (run / "expert_usage.png").is_file() and list((run / "wandb").glob("offline-run-*"))
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000030"
+    ev = _run([sys.executable, "-m", "pretrain", "evaluate", str(run), "eval.num_workers=0"])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    metrics = json.loads(ev.stdout.strip().splitlines()[-1])
+    for key in ("eval/cls/top1", "eval/det/AP", "eval/seg/mIoU"):
+        assert key in metrics
+
+
+def _wait_for(path: Path, timeout: float, proc) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not appear (rc={proc.poll()})")
+
+
+def test_sigkill_then_resume_is_bitwise_exact(shards, tmp_path):
+    steps = ["train.max_steps=12", "train.ckpt_every=4"]
+    full = _run(_train_cmd(shards, tmp_path / "full", *steps))
+    assert full.returncode == 0, full.stderr[-3000:]
+    # kill hard a little after the step-8 checkpoint started: wherever it lands, resume must be exact
+    proc = subprocess.Popen(_train_cmd(shards, tmp_path / "killed", *steps), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "killed" / "checkpoints" / "step_00000008", 240, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = _run(_train_cmd(shards, tmp_path / "killed", *steps))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stderr
+    a, b = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+def test_signal_checkpoints_and_resumes(shards, tmp_path):
+    run = tmp_path / "sig"
+    proc = subprocess.Popen(_train_cmd(shards, run, "train.max_steps=200", "train.ckpt_every=100"), cwd=ROOT,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(run / "metrics.jsonl", 240, proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    from pretrain.signals import EXIT_REQUEUE
+
+    assert proc.returncode == EXIT_REQUEUE, err[-3000:]
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(tag.split("_")[1])
+    assert 0 < stopped_at < 100  # a signal checkpoint, not a periodic one
+    again = _run(_train_cmd(shards, run, f"train.max_steps={stopped_at + 2}", "train.ckpt_every=100"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from step {stopped_at}" in again.stderr
+    assert read_metrics(run / "metrics.jsonl")[-1]["step"] == stopped_at + 2
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_ep2_training_steps_on_two_gloo_ranks(shards, tmp_path, zero):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29600 + zero), "-m", "pretrain", "train", DEBUG, f"data.root={shards}", f"output_dir={tmp_path}",
+           *FAST, "engine.ep_size=2", f"engine.zero_stage={zero}", "train.max_steps=3", "train.ckpt_every=3"]
+    out = _run(cmd)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 3
+
+
+def test_srun_style_environment_two_ranks(shards, tmp_path):
+    """Two processes that only have SLURM's variables (as `srun --ntasks 2` gives them) form one job."""
+    procs = []
+    for rank in range(2):
+        env = {**_env(), "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+               "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1"}
+        procs.append(subprocess.Popen(_train_cmd(shards, tmp_path, "train.max_steps=2", "train.ckpt_every=2"),
+                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    assert "world=2" in errs[0]  # the engine reports the 2-rank world it was built in
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
