@@ -60,9 +60,17 @@ def evaluate_task(cfg: RunConfig, model: torch.nn.Module, task: str, spec: DataS
     limit = cfg.eval.max_samples or None
     seen, gt_images, gt_anns, dets = 0, {}, [], []
     meter = {"cls": ClassificationMeter(), "seg": SegmentationMeter(num_classes=spec.num_classes["seg"])}.get(task)
-    for batch in progress(loader, desc=f"eval {task}", enabled=info.is_main):
-        if limit is not None and seen >= limit:
-            break  # every rank stops at the same per-rank count; a limited eval is a sample, and says so
+    size = getattr(cfg.tasks, task).img_size
+    batches = iter(progress(loader, desc=f"eval {task}", enabled=info.is_main))
+    while True:
+        batch = next(batches, None) if limit is None or seen < limit else None
+        # ranks hold different numbers of batches; under expert parallelism every forward is collective, so a
+        # rank that is done runs throw-away forwards until every rank is done
+        if dist.all_reduce_max(torch.tensor([float(batch is not None)]))[0] == 0:
+            break
+        if batch is None:
+            model(task, torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device))
+            continue
         images = batch["images"].to(device)
         out = model(task, images)
         if task == "cls":

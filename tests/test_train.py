@@ -138,11 +138,14 @@ def test_signal_checkpoints_and_resumes(shards, tmp_path):
 def test_ep2_training_steps_on_two_gloo_ranks(shards, tmp_path, zero):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29600 + zero), "-m", "pretrain", "train", DEBUG, f"data.root={shards}", f"output_dir={tmp_path}",
-           *FAST, "engine.ep_size=2", f"engine.zero_stage={zero}", "train.max_steps=3", "train.ckpt_every=3"]
+           *FAST, "engine.ep_size=2", f"engine.zero_stage={zero}", "train.max_steps=3", "train.ckpt_every=3",
+           "train.eval_every=2", "eval.num_workers=0"]
     out = _run(cmd)
     assert out.returncode == 0, out.stderr[-4000:]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"
-    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 3
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 2, 3]  # the periodic evaluation at step 2 ran on both ranks
+    assert {"eval/cls/top1", "eval/det/AP", "eval/seg/mIoU"} <= set(records[2])
 
 
 def test_srun_style_environment_two_ranks(shards, tmp_path):
