@@ -27,55 +27,18 @@ import logging
 import os
 import platform
 import socket
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from harness import interleaved, paired, report
 from timm.layers import Mlp
 
 from pretrain.models.moe import MoEMlp
 
 logger = logging.getLogger(__name__)
 B, N, D = 8, 197, 384
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_snapshot() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process)."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
-    t = os.times()
-    return busy / _TICK, t.user + t.system
-
-
-def interleaved(variants: dict[str, Callable[[], None]], baseline: str, rounds: int) -> dict:
-    """Round-robin timing; returns {"ms": {name: median}, "ratio": {name: median paired ratio}, ...}."""
-    for fn in variants.values():
-        fn()  # warm-up: allocator, oneDNN/MKL kernels
-    names, records = list(variants), []
-    for r in range(rounds):
-        times, (busy0, own0), wall0 = {}, cpu_snapshot(), time.perf_counter()
-        for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            variants[name]()
-            times[name] = time.perf_counter() - t0
-        busy1, own1 = cpu_snapshot()
-        records.append((times, ((busy1 - busy0) - (own1 - own0)) / (time.perf_counter() - wall0)))
-    clean = [t for t, other in records if other <= 0.15]
-    used = clean if len(clean) >= 3 else [t for t, _ in records]
-    return {
-        "ms": {n: 1e3 * statistics.median(t[n] for t in used) for n in names},
-        "ratio": {n: statistics.median(t[n] / t[baseline] for t in used) for n in names},
-        "clean_rounds": len(clean), "rounds": rounds, "noisy": len(clean) < 3, "per_round": used,
-    }
-
-
-def paired(res: dict, num: str, den: str) -> float:
-    """Median over the used rounds of time[num] / time[den]."""
-    return statistics.median(t[num] / t[den] for t in res["per_round"])
 
 
 class DropCounter:
@@ -276,14 +239,6 @@ def section_vit(threads: int, rounds: int, drops: DropCounter, out: dict) -> Non
     res = interleaved(variants, "dense_vit_s", rounds)
     report(f"(e) ViT-S/16 step, batch 8, MoE built with {how}, {threads} thread(s)", res)
     out["vit_step_ratio" if threads == 1 else f"vit_step_ratio_t{threads}"] = res["ratio"]["moe_vit_s"]
-
-
-def report(title: str, res: dict) -> None:
-    flag = " NOISY (too few clean rounds: all rounds used)" if res["noisy"] else ""
-    print(f"\n{title}  [{res['clean_rounds']}/{res['rounds']} clean rounds]{flag}")
-    print(f"  {'variant':<14}{'median ms':>12}{'ratio':>9}")
-    for name, ms in res["ms"].items():
-        print(f"  {name:<14}{ms:>12.1f}{res['ratio'][name]:>9.3f}")
 
 
 def main() -> None:

@@ -63,7 +63,7 @@ class MoEConfig:
     placement: str = "modsquad"  # modsquad: MoE attn in even blocks, MoE MLP in odd | m3vit: MoE MLP in odd | dense
     num_experts: int = 16
     top_k: int = 4
-    expert_hidden: int = 0  # 0 = mlp_ratio·dim·top_k/num_experts: active FLOPs equal the dense MLP (Mod-Squad: 768)
+    expert_hidden: int = 0  # 0 = mlp_ratio·dim/top_k: k active experts cost one dense MLP (Mod-Squad B: 768)
     attn_num_experts: int = 24
     attn_top_k: int = 12
     attn_head_dim: int = 0  # 0 = dim / num_heads

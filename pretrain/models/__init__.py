@@ -45,13 +45,13 @@ def _size(cfg: RunConfig) -> dict[str, Any]:
 def _moe_kwargs(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Keyword arguments of the MoE MLP and MoE attention layers (beyond dim/num_tasks) for this config.
 
-    `moe.expert_hidden=0` → mlp_ratio·dim·top_k/num_experts (active MLP FLOPs equal the dense MLP's);
+    `moe.expert_hidden=0` → mlp_ratio·dim/top_k (k active experts: MLP FLOPs equal the dense MLP's);
     `moe.attn_head_dim=0` → dim/num_heads. ep_size/ep_rank are not set here: the rank is a runtime fact, so the
     engine binds them in the `moe_mlp_layer` factory it passes to `build_model`.
     """
     size, m = _size(cfg), cfg.moe
     dim = size["embed_dim"]
-    hidden = m.expert_hidden or max(1, int(size["mlp_ratio"] * dim * m.top_k / m.num_experts))
+    hidden = m.expert_hidden or max(1, int(size["mlp_ratio"] * dim / m.top_k))
     common = {"gate": m.gate, "noisy": m.noisy, "router_init": m.router_init, "usage_momentum": m.usage_momentum,
               "mi_ema": m.mi_ema}
     mlp = {"hidden_dim": hidden, "num_experts": m.num_experts, "top_k": m.top_k, **common}
