@@ -59,7 +59,9 @@ def evaluate_task(cfg: RunConfig, model: torch.nn.Module, task: str, spec: DataS
     loader = build_eval_loader(cfg, spec, task, info)
     limit = cfg.eval.max_samples or None
     seen, gt_images, gt_anns, dets = 0, {}, [], []
-    meter = {"cls": ClassificationMeter(), "seg": SegmentationMeter(num_classes=spec.num_classes["seg"])}.get(task)
+    meter = ClassificationMeter() if task == "cls" else None
+    if task == "seg":
+        meter = SegmentationMeter(num_classes=spec.num_classes["seg"])
     size = getattr(cfg.tasks, task).img_size
     batches = iter(progress(loader, desc=f"eval {task}", enabled=info.is_main))
     while True:

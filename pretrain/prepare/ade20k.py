@@ -25,6 +25,7 @@ from pretrain.prepare.shards import (
     prepare_output_dir,
     run_ordered,
     sample_key,
+    shuffled,
 )
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def convert_ade20k(
     src, out = Path(src), Path(out)
     check_split(split)
     root, jobs, skips = _list_split(src, split)
+    jobs = shuffled(jobs)
     prepare_output_dir(out, overwrite=overwrite)
     kinds: Counter[str] = Counter()
     with ShardSink(out, dataset="ade20k", split=split, src=src, expected=len(jobs), max_count=max_count,

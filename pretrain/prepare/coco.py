@@ -25,6 +25,7 @@ from pretrain.prepare.shards import (
     prepare_output_dir,
     run_ordered,
     sample_key,
+    shuffled,
 )
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def convert_coco(
     check_split(split)
     ann_path, image_dir = _locate(src, split)
     coco = load_instances(ann_path)
-    images = coco["images"]
+    images = shuffled(coco["images"])
     prepare_output_dir(out, overwrite=overwrite)
     kinds: Counter[str] = Counter()
     unannotated = 0

@@ -25,6 +25,7 @@ from pretrain.prepare.shards import (
     prepare_output_dir,
     run_ordered,
     sample_key,
+    shuffled,
 )
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def convert_imagenet(
     classes = imagenet_classes(src)
     index = {c["wnid"]: c["index"] for c in classes}
     jobs, strays = _list_split(src, split, set(index))
+    jobs = shuffled(jobs)
     prepare_output_dir(out, overwrite=overwrite)
     modes: Counter[str] = Counter()
     with ShardSink(out, dataset="imagenet", split=split, src=src, expected=len(jobs), max_count=max_count,

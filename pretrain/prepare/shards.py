@@ -11,6 +11,7 @@ import json
 import logging
 import multiprocessing
 import os
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -119,6 +120,20 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_path(path.parent)
+
+
+SHUFFLE_SEED = 0
+
+
+def shuffled(jobs: Sequence[J]) -> list[J]:
+    """The jobs in a fixed pseudo-random order (same every run, so shards stay byte-reproducible).
+
+    Release layouts are sorted by class (ImageNet folders) or name; shards written in that order hold a few classes
+    each, and a resampled reader with a bounded shuffle buffer would then train on batches of a few classes.
+    """
+    order = list(jobs)
+    random.Random(SHUFFLE_SEED).shuffle(order)
+    return order
 
 
 def run_ordered(
