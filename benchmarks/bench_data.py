@@ -63,7 +63,8 @@ def write_shards(root: Path, *, unique: int, shards: int, per_shard: int) -> lis
     names = []
     for s in range(shards):
         names.append(f"bench-{s:06d}.tar")
-        with wds.TarWriter(str(root / names[-1]), encoder=False) as sink:
+        # mtime=0 as `pretrain prepare` writes: a float mtime makes tarfile add a PAX header to every member
+        with wds.TarWriter(str(root / names[-1]), encoder=False, mtime=0) as sink:
             for i in range(per_shard):
                 k = s * per_shard + i
                 sink.write({"__key__": f"img{k:07d}", "jpg": images[k % unique], "cls": str(k % 1000).encode()})
