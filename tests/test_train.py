@@ -160,3 +160,15 @@ def test_srun_style_environment_two_ranks(shards, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     assert "world=2" in errs[0]  # the engine reports the 2-rank world it was built in
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_bf16_engine_trains_and_evaluates_every_task(shards, tmp_path):
+    """The GPU recipe's precision path (DeepSpeed bf16, ZeRO-2) on CPU: every head runs, eval included."""
+    out = _run(_train_cmd(shards, tmp_path, "engine.precision=bf16", "engine.zero_stage=2", "train.max_steps=3",
+                          "train.ckpt_every=3", "data.all_tasks_per_step=true", "train.eval_every=2",
+                          "eval.num_workers=0"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(r["skipped_steps"] == 0 for r in records if "skipped_steps" in r)
+    assert {"loss/cls", "loss/det", "loss/seg"} <= set(records[-1])
+    assert {"eval/cls/top1", "eval/det/AP", "eval/seg/mIoU"} <= set(records[2])

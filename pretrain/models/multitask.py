@@ -49,8 +49,12 @@ class MultiTaskModel(nn.Module):
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 [B,3,H,W] → float [B,3,H,W] normalised with ImageNet mean/std."""
-        # the buffers follow the module's dtype, so under DeepSpeed bf16 the input is bf16 like the weights
-        return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        # normalise in fp32, then match the weights' dtype (DeepSpeed bf16 casts parameters, not these buffers)
+        x = (images.float() - self.pixel_mean.float()) / self.pixel_std.float()
+        return x.to(self.input_dtype())
+
+    def input_dtype(self) -> torch.dtype:
+        return self.backbone.patch_embed.proj.weight.dtype
 
     def forward(self, task: str, images: Tensor, targets: Any = None) -> dict[str, Tensor] | Tensor | list:
         """Run one task batch.
@@ -73,7 +77,13 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"training forward for task {task!r} needs targets")
         head = self.heads[task]
         if task == "det":
-            return head(list(images.to(self.pixel_mean.dtype).div(255.0)), targets if self.training else None)
+            images_f = list(images.float().div(255.0))
+            if self.input_dtype() == torch.float32:
+                return head(images_f, targets if self.training else None)
+            # low-precision weights (DeepSpeed bf16): torchvision's NMS has no bf16 kernel; under autocast its
+            # registered autocast wrappers run NMS / RoIAlign in fp32 while convs and linears run in bf16
+            with torch.autocast(device_type=images.device.type, dtype=self.input_dtype()):
+                return head(images_f, targets if self.training else None)
         x = self.normalize(images)
         task_B = torch.full((x.shape[0],), self.task_ids[task], dtype=torch.long, device=x.device)
         if task == "cls":
