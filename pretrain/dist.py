@@ -91,7 +91,8 @@ def resolve(env: Mapping[str, str] | None = None) -> DistInfo:
             launcher="slurm",
         )
     else:
-        return DistInfo(0, 1, 0, "127.0.0.1", 29500, "single")
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500
+        return DistInfo(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
     if not 0 <= info.rank < info.world_size:
         raise ValueError(f"rank {info.rank} is outside world size {info.world_size} ({info.launcher} environment)")
     return info
@@ -100,13 +101,25 @@ def resolve(env: Mapping[str, str] | None = None) -> DistInfo:
 def export(info: DistInfo, env: dict[str, str] | None = None) -> None:
     """Write the resolved values as torchrun-style variables (what DeepSpeed and WebDataset read)."""
     env = os.environ if env is None else env
+    port = info.master_port
+    if info.launcher == "single" and "MASTER_PORT" not in env:
+        port = free_port()  # a fixed default would collide with any other single-process run on this machine
     env.update(
         RANK=str(info.rank),
         WORLD_SIZE=str(info.world_size),
         LOCAL_RANK=str(info.local_rank),
         MASTER_ADDR=info.master_addr,
-        MASTER_PORT=str(info.master_port),
+        MASTER_PORT=str(port),
     )
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (for single-process runs, which need a process group too)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _reduce(tensor, op_name: str):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pretrain.dist import first_host, resolve, slurm_port
+from pretrain.dist import export, first_host, resolve, slurm_port
 
 
 def test_single_process():
@@ -48,3 +48,13 @@ def test_bad_environment_names_variable():
         resolve({"RANK": "4", "WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="master host"):
         resolve({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+def test_export_single_process_picks_a_free_port():
+    a, b = {}, {}
+    export(resolve({}), a)
+    export(resolve({}), b)
+    assert a["RANK"] == "0" and a["WORLD_SIZE"] == "1" and int(a["MASTER_PORT"]) > 0
+    kept = {"MASTER_PORT": "12345"}
+    export(resolve(kept), kept)
+    assert kept["MASTER_PORT"] == "12345"  # a port the user set is kept
