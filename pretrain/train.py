@@ -44,6 +44,13 @@ def forward_task(engine, batch: dict) -> dict[str, torch.Tensor]:
     return engine(batch["task"], to_device(batch["images"], engine.device), to_device(batch[targets], engine.device))
 
 
+def clock(device: torch.device) -> float:
+    """Wall time after the device's queued work finished (CUDA runs asynchronously; timing needs a sync)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def usage_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: m.usage_TE.detach().cpu().clone() for name, m in moe_modules(model)}
 
@@ -72,13 +79,13 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
         step_ok, parts_sum = True, {}
         for _micro in range(cfg.engine.grad_accum):
             task_losses = {}
-            t0 = time.perf_counter()
+            t0 = clock(engine.device)
             _, task, drawn = next(stream)
             for batch in drawn if task == "all" else [drawn]:
                 task_losses[batch["task"]] = forward_task(engine, batch)
                 images_seen[batch["task"]] += len(batch["images"])
             for task in task_losses:
-                task_time[task] += (time.perf_counter() - t0) / len(task_losses)
+                task_time[task] += (clock(engine.device) - t0) / len(task_losses)
             loss, parts = model.task_loss(task_losses, collect_aux_losses(model))
             # 2. agree across ranks: any non-finite loss skips the step everywhere; any stop request stops everywhere
             flags = dist.all_reduce_max(torch.tensor([float(not torch.isfinite(loss)), float(stop.requested)]))
@@ -89,11 +96,11 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
                     engine.step()
                 continue
             # 3. backward + optimizer step (DeepSpeed steps the optimizer at the accumulation boundary)
-            t0 = time.perf_counter()
+            t0 = clock(engine.device)
             engine.backward(loss)
             engine.step()
             for task in task_losses:
-                task_time[task] += (time.perf_counter() - t0) / len(task_losses)
+                task_time[task] += (clock(engine.device) - t0) / len(task_losses)
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + float(value) / cfg.engine.grad_accum
         for name, m in moe_modules(model):
@@ -196,7 +203,10 @@ def main(cfg: RunConfig, dry_run: bool = False) -> int:
         print(json.dumps({"params": model.param_counts()}))
         return 0
     if info.is_main:
+        from pretrain.engine import make_ds_config
+
         save_resolved(cfg, run_dir)
+        (run_dir / "ds_config.json").write_text(json.dumps(make_ds_config(cfg, info.world_size), indent=2))
     init_distributed(cfg.engine.backend)
     engine = build_engine(cfg, model, world_size=info.world_size)
     resumed = checkpoint.load_latest(engine, run_dir / "checkpoints")

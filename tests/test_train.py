@@ -81,6 +81,7 @@ def test_smoke_run_learns_and_writes_run_dir(shards, tmp_path):
     for key in ("lr", "moe/mi", "aux/mi", "img_per_s/cls", "task_freq/det", "data/skipped/seg"):
         assert key in last, key
     assert (run / "config.yaml").is_file() and (run / "loss_curves.png").is_file()
+    assert json.loads((run / "ds_config.json").read_text())["zero_optimization"]["stage"] == 1
     assert (run / "expert_usage.png").is_file() and list((run / "wandb").glob("offline-run-*"))
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000030"
     ev = _run([sys.executable, "-m", "pretrain", "evaluate", str(run), "eval.num_workers=0"])
