@@ -138,7 +138,8 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             images_seen, task_time = {t: 0 for t in tasks}, {t: 0.0 for t in tasks}
         # 6. checkpoint: periodic, at the end, or on a signal (then exit with the requeue code)
         stopping = bool(flags[1] > 0)
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps or stopping:
+        periodic = step % cfg.train.ckpt_every == 0 and step_ok  # never checkpoint inside a non-finite streak
+        if periodic or step == cfg.train.max_steps or stopping:
             save(cfg, engine, model, sampler, step, info)
             # the data stream restarts from (seed, step) at every checkpoint, so a resumed run sees the same batches
             skipped = mixed.skipped

@@ -186,3 +186,30 @@ def test_deepspeed_moe_backend_trains_and_evaluates(shards, tmp_path):
     ev = _run([sys.executable, "-m", "pretrain", "evaluate", str(tmp_path), "eval.num_workers=0", "eval.max_samples=8"])
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert json.loads(ev.stdout.strip().splitlines()[-1])["step"] == 2
+
+
+def _nan_run(shards, out, bad_steps, max_bad, *extra):
+    script = "tests/dist_scripts/nan_run.py"
+    return _run([sys.executable, script, str(shards), str(out), bad_steps, str(max_bad), *FAST, *extra])
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_non_finite_losses_skip_steps(shards, tmp_path, accum):
+    out = _nan_run(shards, tmp_path, "1,2", 5, "train.max_steps=5", "train.ckpt_every=5", f"engine.grad_accum={accum}")
+    assert "EXIT 0" in out.stdout, out.stderr[-3000:]
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[-1]["skipped_steps"] == 2 and "non-finite loss" in out.stderr
+    weights = _final_weights(tmp_path)
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_too_many_non_finite_steps_abort_keeping_the_last_good_checkpoint(shards, tmp_path):
+    from pretrain.signals import EXIT_ABORT
+
+    out = _nan_run(shards, tmp_path, "2,3,4,5,6,7", 3, "train.max_steps=8", "train.ckpt_every=2")
+    assert f"EXIT {EXIT_ABORT}" in out.stdout, out.stderr[-3000:]
+    assert "aborting: 3 consecutive non-finite steps" in out.stderr
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    weights = _final_weights(tmp_path)
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
