@@ -27,7 +27,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -41,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from pretrain.durable import atomic_write, fsync_path
 from pretrain.models.moe import MoEMlp
 
 logger = logging.getLogger(__name__)
@@ -200,12 +200,6 @@ def read_rank_state(tag_dir: Path, rank: int) -> dict:
 # ---------------------------------------------------------------- the `latest` pointer and pruning
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_latest(ckpt_dir: str | Path) -> str | None:
@@ -221,14 +215,7 @@ def read_latest(ckpt_dir: str | Path) -> str | None:
 
 def write_latest(ckpt_dir: str | Path, tag: str) -> None:
     """Point `latest` at `tag` atomically: a crash leaves either the old or the new pointer, never a partial one."""
-    ckpt_dir = Path(ckpt_dir)
-    tmp = ckpt_dir / f".{LATEST}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_dir / LATEST)
-    _fsync(ckpt_dir)
+    atomic_write(Path(ckpt_dir) / LATEST, tag)
 
 
 def prune(ckpt_dir: str | Path, keep_last: int) -> list[str]:
@@ -290,7 +277,7 @@ def save(engine, ckpt_dir: str | Path, step: int, *, client_state: dict, rank_st
     tdist.barrier()
     if rank == 0:
         for path in tag_dir.iterdir():
-            _fsync(path)
+            fsync_path(path)
         write_latest(ckpt_dir, tag)
         removed = prune(ckpt_dir, keep_last)
         logger.info("saved checkpoint %s%s", tag_dir, f" (removed {', '.join(removed)})" if removed else "")

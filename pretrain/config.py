@@ -15,6 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from pretrain.durable import atomic_write
+
 TASKS = ("cls", "det", "seg")  # task id = index here; routers, task embeddings and usage buffers use this order
 
 
@@ -291,9 +293,7 @@ def save_resolved(cfg: RunConfig, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "config.yaml"
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(out)
+    atomic_write(out, to_yaml(cfg))
     return out
 
 

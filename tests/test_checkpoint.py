@@ -37,7 +37,9 @@ def test_latest_is_replaced_atomically(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("killed")
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    import pretrain.durable
+
+    monkeypatch.setattr(pretrain.durable.os, "replace", crash)
     with pytest.raises(OSError, match="killed"):
         checkpoint.write_latest(tmp_path, "step_00000002")
     assert checkpoint.read_latest(tmp_path) == "step_00000001"

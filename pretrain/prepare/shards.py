@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 import webdataset as wds
 from tqdm import tqdm
 
+from pretrain.durable import atomic_write, fsync_path
+
 logger = logging.getLogger(__name__)
 
 INFO_NAME = "_info.json"
@@ -29,7 +31,6 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 DEFAULT_MAX_COUNT = 1000
 DEFAULT_MAX_BYTES = 512 * 2**20
-_TMP_SUFFIX = ".tmp"
 _WARN_SKIPS = 20  # individual skip warnings before the log points at skipped.jsonl instead
 
 J = TypeVar("J")
@@ -70,8 +71,9 @@ def encode_json(obj: Any) -> bytes:
 
 def _is_own_file(path: Path) -> bool:
     name = path.name
-    own = {INFO_NAME, INFO_NAME + _TMP_SUFFIX, SKIPPED_NAME}
-    return path.is_file() and (name in own or name.endswith(".tar"))
+    own = {INFO_NAME, SKIPPED_NAME}
+    interrupted = name.startswith(f".{INFO_NAME}.tmp")  # atomic_write's tmp file from a crashed run
+    return path.is_file() and (name in own or interrupted or name.endswith(".tar"))
 
 
 def prepare_output_dir(out: Path, *, overwrite: bool) -> None:
@@ -102,24 +104,9 @@ def prepare_output_dir(out: Path, *, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so that ``path`` is either absent/old or complete: tmp file, fsync, ``os.replace``, dir fsync."""
-    tmp = path.with_name(path.name + _TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
 SHUFFLE_SEED = 0
@@ -210,7 +197,7 @@ class ShardSink:
         if self._writer.count == 0:  # ShardWriter opens its first tar eagerly; drop it when nothing was written
             path.unlink()
             return
-        _fsync_path(path)
+        fsync_path(path)
         self.shards.append(path.name)
         self.shard_lengths.append(self._writer.count)
 
