@@ -2,7 +2,7 @@
 
 WebDataset 1.0.2's default decoder chain (`autodecode.basichandlers`) unpickles `.pyd/.pkl/.pickle` and
 `torch.load`s `.pth`, so shards are never passed through `wds.decode`. Instead `is_allowed_member` keeps every other
-tar member from even being read (`tarfile_to_samples(select_files=...)`), and the per-task decoders below look up
+tar member from even being read (`tar.TarSamples` seeks over them), and the per-task decoders below look up
 only the keys they need. Label maps go through PIL as raw 8-bit indices, never an RGB or float image decoder (which
 would turn ADE class 149 into a colour or 0.584).
 

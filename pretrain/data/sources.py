@@ -39,6 +39,7 @@ from pretrain.data.decode import (
     decode_seg_sample,
     is_allowed_member,
 )
+from pretrain.data.tar import TarSamples
 from pretrain.data.transforms import transform_cls, transform_det, transform_seg
 
 logger = logging.getLogger(__name__)
@@ -278,7 +279,7 @@ def make_train_loader(task: str, shard_dir: str | Path, *, batch_size: int, img_
     aug = {} if aug_range is None else {source.aug_name: tuple(aug_range)}
     pipeline = wds.DataPipeline(
         wds.ResampledShards(info["urls"], seed=seed, worker_seed=stream.shard_seed, deterministic=True),
-        wds.tarfile_to_samples(handler=counter, select_files=is_allowed_member),
+        TarSamples(select=is_allowed_member, handler=counter),
         _Shuffle(shuffle_buffer, stream),
         _DecodeTransform(source, decoder_kwargs=source.decoder_kwargs(info), train=True, img_size=img_size, aug=aug,
                          stream=stream, counter=counter),
@@ -304,7 +305,7 @@ def make_eval_loader(task: str, shard_dir: str | Path, *, batch_size: int, img_s
         wds.SimpleShardList(info["urls"]),
         _SplitByRank(rank, world_size),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=counter, select_files=is_allowed_member),
+        TarSamples(select=is_allowed_member, handler=counter),
         _DecodeTransform(source, decoder_kwargs=source.decoder_kwargs(info), train=False, img_size=img_size, aug={},
                          stream=None, counter=counter),
         _Batch(batch_size, source.collate, partial=True, counter=counter),
