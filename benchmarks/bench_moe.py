@@ -22,17 +22,14 @@ per-round paired ratios against the section's baseline. Ratios are the trustwort
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import socket
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from harness import interleaved, paired, report
+from harness import interleaved, paired, report, write_results
 from timm.layers import Mlp
 
 from pretrain.models.moe import MoEMlp
@@ -259,12 +256,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         section_vit(threads, vit_rounds, drops, out)
     out["dropped_tokens"] = drops.ours_dropped
-    out["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
-                   "cpus": os.cpu_count(), "torch": torch.__version__, "quick": args.quick, "threads": args.threads}
-    print("\n" + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_results(out, args.json, quick=args.quick, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,9 @@ lasts >= 0.3 s. Absolute img/s drift between runs on a shared machine; the ratio
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -53,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import interleaved
+from harness import interleaved, write_results
 from torch import Tensor
 from torch.utils.flop_counter import (
     FlopCounterMode,
@@ -300,13 +298,8 @@ def main() -> None:
         section_debug(threads, rounds, out)
     if "vits" in sections:
         section_vits(threads, vits_rounds, out, args.profile)
-    out["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
-                   "cpus": os.cpu_count(), "torch": torch.__version__, "quick": args.quick, "threads": threads,
-                   "loadavg_end": os.getloadavg(), "wall_s": round(time.perf_counter() - t0, 1)}
-    print("\n" + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_results(out, args.json, quick=args.quick, threads=threads, loadavg_end=os.getloadavg(),
+                  wall_s=round(time.perf_counter() - t0, 1))
 
 
 if __name__ == "__main__":

@@ -70,3 +70,18 @@ def report(title: str, res: dict) -> None:
     print(f"  {'variant':<14}{'median ms':>12}{'ratio':>9}")
     for name, ms in res["ms"].items():
         print(f"  {name:<14}{ms:>12.1f}{res['ratio'][name]:>9.3f}")
+
+
+def write_results(out: dict, json_path: str | None, **meta) -> None:
+    """Add run metadata (date, machine, torch, + `meta`), print the keys, and write them to `json_path` if given."""
+    import json
+    import platform
+
+    import torch
+
+    out["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
+                   "cpus": os.cpu_count(), "torch": torch.__version__, **meta}
+    print("\n" + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}, indent=1))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=1)
