@@ -122,11 +122,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _multi_process() -> bool:
+    import torch.distributed as tdist
+
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
 def _reduce(tensor, op_name: str):
     import torch
     import torch.distributed as tdist
 
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+    if not _multi_process():
         return tensor
     device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else tensor.device
     work = tensor.detach().to(device, copy=True)
@@ -144,8 +150,13 @@ def all_reduce_sum(tensor):
     return _reduce(tensor, "SUM")
 
 
-def barrier() -> None:
+def all_gather_objects(obj) -> list:
+    """`[obj of rank 0, obj of rank 1, ...]` (`[obj]` in a single process). Pickles between our own ranks only:
+    pass plain data (lists of numbers), never anything read from outside."""
     import torch.distributed as tdist
 
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
+    if not _multi_process():
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out

@@ -24,16 +24,6 @@ from pretrain.metrics import ClassificationMeter, CocoDetectionMeter, Segmentati
 logger = logging.getLogger(__name__)
 
 
-def _gather_objects(obj):
-    import torch.distributed as tdist
-
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return [obj]
-    out = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, obj)  # between our own ranks only: plain lists of numbers
-    return out
-
-
 def _seg_update(meter: SegmentationMeter, logits_BCHW: torch.Tensor, batch: dict) -> None:
     """Compare at the original label resolution: crop the padding, resize logits to the GT size (mmseg protocol)."""
     for b, gt_hw in enumerate(batch["orig_masks"]):
@@ -90,7 +80,7 @@ def evaluate_task(cfg: RunConfig, model: torch.nn.Module, task: str, spec: DataS
 
 
 def _coco_metrics(spec: DataSpec, gt_images: dict, gt_anns: list, dets: list) -> dict:
-    gathered = _gather_objects((list(gt_images.values()), gt_anns))
+    gathered = dist.all_gather_objects((list(gt_images.values()), gt_anns))
     images = {img["id"]: img for part_images, _ in gathered for img in part_images}
     anns = [a for _, part_anns in gathered for a in part_anns]
     for i, ann in enumerate(anns, 1):
@@ -99,7 +89,7 @@ def _coco_metrics(spec: DataSpec, gt_images: dict, gt_anns: list, dets: list) ->
     meter = CocoDetectionMeter(gt=gt, contiguous_to_cat_id=spec.contiguous_to_cat_id)
     for image_id, det in dets:
         meter.update([image_id], [det])
-    meter.sync(_gather_objects)
+    meter.sync(dist.all_gather_objects)
     return meter.compute()
 
 
