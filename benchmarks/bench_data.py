@@ -1,16 +1,18 @@
 """Training-loader throughput for the ImageNet-style pipeline versus a bare decode-and-transform ceiling.
 
-    python benchmarks/bench_data.py [--seconds 8] [--json out.json]
+    python benchmarks/bench_data.py [--seconds 8] [--rounds 3] [--json out.json]
 
 Writes shards of natural-looking JPEGs (500×375, q=90, ~0.5 B/px: multi-octave smooth noise, shapes, grain; real
 ImageNet ≈ 0.8 B/px decodes somewhat slower) into a temp dir, then measures, after a warm-up that covers worker start
 and the shuffle-buffer fill:
 - loader: `make_train_loader("cls", ...)` (the real pipeline: resampled shards, shuffle, decode, RandomResizedCrop +
-  flip, uint8 collate, worker → main transfer), batch 64, at 224 and 128 px with 1 and 2 workers;
+  flip, uint8 collate, worker → main transfer through reused shared-memory slots), batch 64, at 224 and 128 px with 1
+  and 2 workers; `fresh`: the same loader with `reuse_buffers=False` (the DataLoader's own transport);
 - ceiling: the same decode + transform on the same bytes in a bare loop, 1 thread per process, with 1 process
   (ceiling_w1) and with 2 processes running at once (ceiling_w2 = sum of both rates: what the machine's cores give
   two independent decoders, without pipeline, collation or transfer).
-Figures on a shared machine are noisy; compare ratios taken in the same run.
+Figures on a shared machine are noisy: each round measures loader, fresh and ceiling back to back, and the table
+gives the median over rounds (ratios are medians of per-round ratios).
 """
 
 from __future__ import annotations
@@ -74,9 +76,11 @@ def write_shards(root: Path, *, unique: int, shards: int, per_shard: int) -> lis
     return images
 
 
-def loader_rate(root: Path, *, size: int, workers: int, seconds: float, warmup_batches: int) -> float:
+def loader_rate(root: Path, *, size: int, workers: int, seconds: float, warmup_batches: int,
+                reuse_buffers: bool = True) -> float:
     """Samples/s of the real training loader after `warmup_batches` batches."""
-    it = iter(make_train_loader("cls", root, batch_size=BATCH, img_size=size, seed=0, num_workers=workers))
+    it = iter(make_train_loader("cls", root, batch_size=BATCH, img_size=size, seed=0, num_workers=workers,
+                                reuse_buffers=reuse_buffers))
     for _ in range(warmup_batches):
         next(it)
     n, t0 = 0, time.perf_counter()
@@ -115,29 +119,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="measurement time per configuration")
     parser.add_argument("--unique", type=int, default=200, help="distinct JPEGs generated")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every measurement (median taken)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results: dict[str, float] = {}
+    runs: dict[str, list[float]] = {}
+    configs = [(size, workers) for size in (224, 128) for workers in (1, 2)]
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
         images = write_shards(root, unique=args.unique, shards=8, per_shard=250)
         bpp = np.mean([len(b) for b in images]) / (500 * 375)
         print(f"wrote 8 shards × 250 samples ({bpp:.2f} B/px, 500×375, q=90) in {time.perf_counter() - t0:.1f} s")
-        for size in (224, 128):
-            for workers in (1, 2):
-                results[f"samples_per_s_{size}_w{workers}"] = loader_rate(
-                    root, size=size, workers=workers, seconds=args.seconds, warmup_batches=2 * workers + 2)
-                results[f"ceiling_{size}_w{workers}"] = ceiling(images, size, args.seconds, workers)
-                results[f"ratio_vs_ceiling_{size}_w{workers}"] = (results[f"samples_per_s_{size}_w{workers}"]
-                                                                  / results[f"ceiling_{size}_w{workers}"])
-    print(f"{'size':>5} {'workers':>7} {'loader/s':>9} {'ceiling/s':>10} {'ratio':>6}")
-    for size in (224, 128):
-        for workers in (1, 2):
-            key = f"{size}_w{workers}"
-            print(f"{size:>5} {workers:>7} {results['samples_per_s_' + key]:>9.0f} {results['ceiling_' + key]:>10.0f} "
-                  f"{results['ratio_vs_ceiling_' + key]:>6.2f}")
+        for _ in range(args.rounds):
+            for size, workers in configs:
+                key = f"{size}_w{workers}"
+                kw = {"size": size, "workers": workers, "seconds": args.seconds, "warmup_batches": 2 * workers + 2}
+                loader, fresh = loader_rate(root, **kw), loader_rate(root, reuse_buffers=False, **kw)
+                bare = ceiling(images, size, args.seconds, workers)
+                for name, value in ((f"samples_per_s_{key}", loader), (f"fresh_samples_per_s_{key}", fresh),
+                                    (f"ceiling_{key}", bare), (f"ratio_vs_ceiling_{key}", loader / bare),
+                                    (f"fresh_ratio_vs_ceiling_{key}", fresh / bare)):
+                    runs.setdefault(name, []).append(value)
+    results = {k: float(np.median(v)) for k, v in runs.items()}
+    print(f"median of {args.rounds} rounds × {args.seconds:g} s")
+    print(f"{'size':>5} {'workers':>7} {'loader/s':>9} {'fresh/s':>8} {'ceiling/s':>10} {'ratio':>6} {'fresh':>6}")
+    for size, workers in configs:
+        key = f"{size}_w{workers}"
+        print(f"{size:>5} {workers:>7} {results['samples_per_s_' + key]:>9.0f} "
+              f"{results['fresh_samples_per_s_' + key]:>8.0f} {results['ceiling_' + key]:>10.0f} "
+              f"{results['ratio_vs_ceiling_' + key]:>6.2f} {results['fresh_ratio_vs_ceiling_' + key]:>6.2f}")
     print("targets: >= 500/s at 224 and >= 800/s at 128 with 2 workers, >= 0.9x ceiling")
     if args.json:
         args.json.write_text(json.dumps({k: round(v, 3) for k, v in results.items()}, indent=1))

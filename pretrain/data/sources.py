@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -31,7 +31,7 @@ import numpy as np
 import torch.utils.data
 import webdataset as wds
 
-from pretrain.data.collate import COLLATE
+from pretrain.data.collate import COLLATE, ring_fields
 from pretrain.data.decode import (
     coco_label_maps,
     decode_cls_sample,
@@ -39,6 +39,7 @@ from pretrain.data.decode import (
     decode_seg_sample,
     is_allowed_member,
 )
+from pretrain.data.ring import SLOT_KEY, BatchRing, RingLoader, pack_small
 from pretrain.data.tar import TarSamples
 from pretrain.data.transforms import transform_cls, transform_det, transform_seg
 
@@ -211,11 +212,15 @@ class _DecodeTransform:
 
 
 class _Batch:
-    """Group samples into batches, collate, attach the worker's skip count since its last batch."""
+    """Group samples into batches, collate, attach the worker's skip count since its last batch.
+
+    With a `ring`, a DataLoader worker collates into a free ring slot and ships small tensors by value (ring.py).
+    """
 
     def __init__(self, batch_size: int, collate: Callable[..., dict[str, Any]], *, partial: bool,
-                 counter: ErrorCounter) -> None:
+                 counter: ErrorCounter, ring: BatchRing | None = None) -> None:
         self.batch_size, self.collate, self.partial, self.counter = batch_size, collate, partial, counter
+        self.ring = ring
 
     def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         buf: list[dict[str, Any]] = []
@@ -228,9 +233,17 @@ class _Batch:
             yield self._emit(buf)
 
     def _emit(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.collate(samples)
+        worker = torch.utils.data.get_worker_info()
+        if self.ring is None or worker is None:
+            return {**self.collate(samples), "skipped": self.counter.take()}
+        out = self.ring.acquire(worker.id) if len(samples) == self.batch_size else None
+        batch = self.collate(samples, out=out)
+        if out is not None:  # the main process puts the slot's views back in (RingLoader)
+            for name in self.ring.buffers:
+                del batch[name]
+            batch[SLOT_KEY] = out[SLOT_KEY]
         batch["skipped"] = self.counter.take()
-        return batch
+        return pack_small(batch)
 
 
 class _SplitByRank:
@@ -254,20 +267,29 @@ def _check_args(task: str, *, batch_size: int, img_size: int, rank: int, world_s
         raise ValueError(f"{task}: rank {rank} outside [0, world_size={world_size})")
 
 
+_PREFETCH = 2  # batches in flight per worker (the DataLoader's default)
+# ring slots per worker: prefetched + being written + the caller's current batch + its previous one, which the
+# caller's loop variable still holds while it asks for the next
+_RING_SLOTS = _PREFETCH + 3
+
+
 def _loader(pipeline: wds.DataPipeline, num_workers: int, *, persistent: bool) -> wds.WebLoader:
     return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
-                         persistent_workers=persistent and num_workers > 0)
+                         persistent_workers=persistent and num_workers > 0,
+                         prefetch_factor=_PREFETCH if num_workers > 0 else None)
 
 
 def make_train_loader(task: str, shard_dir: str | Path, *, batch_size: int, img_size: int, seed: int, rank: int = 0,
                       world_size: int = 1, num_workers: int = 0, start_step: int = 0, shuffle_buffer: int = 1000,
-                      aug_range: tuple[float, float] | None = None, max_consecutive_errors: int = 100) -> wds.WebLoader:
+                      aug_range: tuple[float, float] | None = None, max_consecutive_errors: int = 100,
+                      reuse_buffers: bool = True) -> Iterable[dict[str, Any]]:
     """Infinite training batches of one task (contract in collate.py), deterministic in (seed, task, rank,
     start_step, num_workers).
 
     Args:
         aug_range: cls RandomResizedCrop area range, det/seg scale-jitter range; None = the task's default.
         start_step: the global step this loader starts at (resume); enters every seed.
+        reuse_buffers: with workers, move images/masks through reused shared-memory slots (ring.py); same batches.
     """
     _check_args(task, batch_size=batch_size, img_size=img_size, rank=rank, world_size=world_size,
                 num_workers=num_workers)
@@ -277,15 +299,19 @@ def make_train_loader(task: str, shard_dir: str | Path, *, batch_size: int, img_
     stream = StreamId(seed=seed, task=task, rank=rank, start_step=start_step)
     counter = ErrorCounter(task, max_consecutive=max_consecutive_errors)
     aug = {} if aug_range is None else {source.aug_name: tuple(aug_range)}
+    ring = None
+    if reuse_buffers and num_workers > 0:
+        ring = BatchRing(num_workers, _RING_SLOTS, ring_fields(task, batch_size, img_size))
     pipeline = wds.DataPipeline(
         wds.ResampledShards(info["urls"], seed=seed, worker_seed=stream.shard_seed, deterministic=True),
         TarSamples(select=is_allowed_member, handler=counter),
         _Shuffle(shuffle_buffer, stream),
         _DecodeTransform(source, decoder_kwargs=source.decoder_kwargs(info), train=True, img_size=img_size, aug=aug,
                          stream=stream, counter=counter),
-        _Batch(batch_size, source.collate, partial=False, counter=counter),
+        _Batch(batch_size, source.collate, partial=False, counter=counter, ring=ring),
     )
-    return _loader(pipeline, num_workers, persistent=True)
+    loader = _loader(pipeline, num_workers, persistent=True)
+    return loader if ring is None else RingLoader(loader, ring)
 
 
 def make_eval_loader(task: str, shard_dir: str | Path, *, batch_size: int, img_size: int, rank: int = 0,
