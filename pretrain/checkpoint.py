@@ -16,9 +16,9 @@ Layout of `<ckpt_dir>/step_{step:08d}/` (the tag):
 Commit protocol: every rank writes its files, barrier, rank 0 fsyncs the tag and replaces `<ckpt_dir>/latest`
 (the file DeepSpeed reads: the tag, no newline) atomically (tmp + fsync + os.replace + directory fsync), then
 prunes. A kill at any moment leaves `latest` on a complete tag; tags it does not point to are never loaded and
-are removed by the next save. Nothing here unpickles for export: `load_model_weights` reads DeepSpeed's model file
-with `weights_only=True` (client_state must therefore be JSON-like); resuming goes through DeepSpeed's loader,
-which unpickles its own files: resume only from checkpoints this project wrote.
+are removed by the next save. Nothing is unpickled: `load_model_weights` reads DeepSpeed's model file with
+`weights_only=True` (client_state must therefore be JSON-like), and resuming goes through DeepSpeed's loader with
+the weights-only checkpoint engine that `engine.build_engine` installs.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ How DeepSpeed is made to treat our native `MoEMlp` experts as expert-parallel pa
   (`_broadcast_model`); unmarked, rank 0's experts would overwrite every other rank's.
 - ZeRO-0's clip norm averages per-rank norms over ranks (`runtime/utils.py:clip_grad_norm_`), which is wrong when
   ranks hold different experts: `build_engine` refuses ep_size > 1 with zero_stage 0 and clipping on.
+- Loading: DeepSpeed 0.19.8's `TorchCheckpointEngine.load` unpickles with `weights_only=False`, which would run any
+  code a tampered checkpoint carries. `build_engine` swaps in `WeightsOnlyCheckpointEngine` (every load DeepSpeed
+  does for `load_checkpoint`: model, ZeRO optimizer and expert files): tensors and containers only, plus the three
+  plain DeepSpeed classes its files hold (`DS_SAFE_GLOBALS`).
 - EP groups are DeepSpeed's (`groups._create_expert_and_data_parallel`): consecutive ranks [0..ep-1], [ep..2ep-1]…
   form an EP group, so this rank's expert-parallel rank is `rank % ep_size` (`moe_mlp_factory` binds it).
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import pickle
 from collections.abc import Callable
 
 import torch
@@ -42,7 +47,11 @@ import deepspeed
 import torch.distributed as tdist
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import groups
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
 from pretrain import dist
@@ -238,6 +247,23 @@ def _wire_expert_parallel(model: nn.Module, *, ep_size: int, world_size: int) ->
     apply_expert_parallel(model, comm=comm, stats_reducer=reducer)
 
 
+# What DeepSpeed's own checkpoint files pickle besides tensors and containers (ZeRO-0/1/2, fp32/bf16, both MoE
+# backends: every file the test suite's runs write loads with exactly these).
+DS_SAFE_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
+
+
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True`: resuming never runs pickled code."""
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(DS_SAFE_GLOBALS):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise RuntimeError(f"{path}: refused to load, it pickles more than tensors and DeepSpeed's plain "
+                                   f"state classes (a tampered or foreign checkpoint?): {exc}") from exc
+
+
 def build_engine(cfg: RunConfig, model: nn.Module, *, world_size: int) -> deepspeed.DeepSpeedEngine:
     """Wire expert parallelism into `model`, build AdamW over `param_groups`, and return the DeepSpeed engine.
 
@@ -257,6 +283,9 @@ def build_engine(cfg: RunConfig, model: nn.Module, *, world_size: int) -> deepsp
     _wire_expert_parallel(model, ep_size=e.ep_size, world_size=world_size)
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=make_ds_config(cfg, world_size))
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"expected DeepSpeed's TorchCheckpointEngine, got {type(engine.checkpoint_engine).__name__}")
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
     engine.lr_scheduler.step()
     logger.info("DeepSpeed engine: ZeRO-%d, %s, ep_size=%d, world=%d, grad_accum=%d", e.zero_stage, e.precision,
                 e.ep_size, world_size, e.grad_accum)

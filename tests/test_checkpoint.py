@@ -98,3 +98,32 @@ def test_save_resume_bit_exact_and_single_process_export(tmp_path):
     strict = build_model(make_cfg("engine.ep_size=1"))  # no noise routers: the checkpoint has extra keys
     with pytest.raises(RuntimeError, match="unexpected keys.*noise_weight"):
         checkpoint.load_model_weights(tmp_path / "zero1" / "ckpt", strict)
+    check_weights_only_loading(tmp_path)
+
+
+class _Planted:
+    """Unpickling this runs `Path.touch(marker)`: what a tampered checkpoint could do with any callable."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def check_weights_only_loading(tmp_path: Path) -> None:
+    """The run's DeepSpeed files load weights-only (its resume already went through `WeightsOnlyCheckpointEngine`,
+    which `build_engine` installs); a file that pickles a callable is refused naming it, and the callable never runs."""
+    from pretrain.engine import WeightsOnlyCheckpointEngine
+
+    files = sorted(tmp_path.glob("zero*/ckpt/step_*/*.pt"))
+    assert {f.name for f in files} >= {"mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    loader = WeightsOnlyCheckpointEngine()
+    for f in files:
+        assert isinstance(loader.load(str(f), map_location="cpu"), dict), f
+    marker = tmp_path / "code_ran"
+    state = torch.load(files[0], map_location="cpu", weights_only=True)
+    torch.save({**state, "extra": _Planted(marker)}, files[0], _use_new_zipfile_serialization=False)
+    with pytest.raises(RuntimeError, match=rf"{files[0].name}: refused to load"):
+        loader.load(str(files[0]), map_location="cpu")
+    assert not marker.exists()

@@ -150,6 +150,10 @@ def test_ep2_training_steps_on_two_gloo_ranks(shards, tmp_path, zero):
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 2, 3]  # the periodic evaluation at step 2 ran on both ranks
     assert {"eval/cls/top1", "eval/det/AP", "eval/seg/mIoU"} <= set(records[2])
+    # resuming reads DeepSpeed's bf16 optimizer files through the weights-only checkpoint engine
+    out = _run(_train_cmd(shards, tmp_path, "engine.precision=bf16", "engine.zero_stage=2", "train.max_steps=4",
+                          "train.ckpt_every=4", "data.all_tasks_per_step=true"))
+    assert out.returncode == 0 and "resumed from step 3" in out.stderr, out.stderr[-3000:]
 
 
 def test_srun_style_environment_two_ranks(shards, tmp_path):
@@ -176,13 +180,20 @@ def test_bf16_engine_trains_and_evaluates_every_task(shards, tmp_path):
     assert all(r["skipped_steps"] == 0 for r in records if "skipped_steps" in r)
     assert {"loss/cls", "loss/det", "loss/seg"} <= set(records[-1])
     assert {"eval/cls/top1", "eval/det/AP", "eval/seg/mIoU"} <= set(records[2])
+    # resuming reads DeepSpeed's bf16 optimizer files through the weights-only checkpoint engine
+    out = _run(_train_cmd(shards, tmp_path, "engine.precision=bf16", "engine.zero_stage=2", "train.max_steps=4",
+                          "train.ckpt_every=4", "data.all_tasks_per_step=true"))
+    assert out.returncode == 0 and "resumed from step 3" in out.stderr, out.stderr[-3000:]
 
 
 def test_deepspeed_moe_backend_trains_and_evaluates(shards, tmp_path):
-    """`moe.backend=deepspeed` (deepspeed.moe.layer.MoE with a task gate) through train and evaluate."""
-    out = _run(_train_cmd(shards, tmp_path, "moe.backend=deepspeed", "train.max_steps=2", "train.ckpt_every=2",
-                          "data.all_tasks_per_step=true"))
-    assert out.returncode == 0, out.stderr[-3000:]
+    """`moe.backend=deepspeed` (deepspeed.moe.layer.MoE with a task gate) through train, resume (ZeRO-0 optimizer and
+    DeepSpeed's per-expert files, read weights-only) and evaluate."""
+    for steps in (1, 2):
+        out = _run(_train_cmd(shards, tmp_path, "moe.backend=deepspeed", "engine.zero_stage=0",
+                              f"train.max_steps={steps}", "train.ckpt_every=1", "data.all_tasks_per_step=true"))
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from step 1" in out.stderr, out.stderr[-3000:]
     ev = _run([sys.executable, "-m", "pretrain", "evaluate", str(tmp_path), "eval.num_workers=0", "eval.max_samples=8"])
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert json.loads(ev.stdout.strip().splitlines()[-1])["step"] == 2

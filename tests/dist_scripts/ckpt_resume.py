@@ -22,7 +22,7 @@ from engine_common import build, eval_logits, make_cfg, train_step
 from safetensors.torch import save_file
 
 from pretrain import checkpoint
-from pretrain.engine import build_engine, init_distributed
+from pretrain.engine import WeightsOnlyCheckpointEngine, build_engine, init_distributed
 
 SAVE_AT, STEPS = 2, 5
 
@@ -56,7 +56,9 @@ def check_masters(model: torch.nn.Module, what: str) -> None:
 def new_engine(cfg, rank: int, seed: int):
     cfg.seed = seed
     model = build(cfg, rank)
-    return model, build_engine(cfg, model, world_size=2)
+    engine = build_engine(cfg, model, world_size=2)
+    assert isinstance(engine.checkpoint_engine, WeightsOnlyCheckpointEngine), type(engine.checkpoint_engine)
+    return model, engine
 
 
 def check_stage(zero: int, rank: int, out: Path) -> None:
