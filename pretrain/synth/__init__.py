@@ -1,0 +1,99 @@
+"""The embedded corpus: small, deterministic, learnable ImageNet / COCO / ADE20K-style raw layouts.
+
+Images are textured shapes (``SHAPES``) on varied backgrounds (smooth noise, gradients, stripes, plain):
+
+- ImageNet: one large shape per image; class = (shape, fill) with fill in ``FILLS`` (solid, stripes, checker).
+- COCO: 2-4 non-overlapping shapes per image; category = shape, with non-contiguous ids ``COCO_CATEGORY_IDS``.
+- ADE20K: a floor band (id 4) and 1-4 possibly overlapping shapes; per-pixel ids ``ADE_CLASS_IDS``, 0 = other.
+
+Colour and background carry no label, so the tasks need shape/texture features; shapes span 25-85% of the short
+side, so the signal survives downscaling to 64 px. Every image draws from its own generator seeded by
+(seed, dataset, split, index): same seed, same bytes. With ``quirks=True`` the train splits also hold the release
+quirks the converters must handle (see ``write_imagenet``, ``write_coco``, ``write_ade20k``).
+
+``LAYOUTS`` maps a dataset name to its writer (`layouts.py`, drawing in `draw.py`); a new layout (NYUD-v2,
+PASCAL-Context) is one more writer module using the same drawing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pretrain.synth.draw import ADE_CLASS_IDS, ADE_FLOOR_ID, COCO_CATEGORY_IDS, FILLS, SHAPES, write_file
+from pretrain.synth.layouts import LAYOUTS, imagenet_class, imagenet_wnid, write_ade20k, write_coco, write_imagenet
+
+logger = logging.getLogger(__name__)
+__all__ = ["ADE_CLASS_IDS", "ADE_FLOOR_ID", "COCO_CATEGORY_IDS", "FILLS", "LAYOUTS", "MARKER_NAME", "SHAPES",
+           "imagenet_class", "imagenet_wnid", "synthesize", "write_ade20k", "write_coco", "write_imagenet"]
+
+MARKER_NAME = ".synth.json"  # written first into every dataset folder synth creates
+
+
+def _claim(folder: Path, *, overwrite: bool, seed: int) -> None:
+    """Make ``folder`` empty and mark it as synth's. A folder synth wrote before (marker present, e.g. from an
+    interrupted run) is regenerated; anything else is only removed with ``overwrite``."""
+    if folder.exists():
+        if not (overwrite or (folder / MARKER_NAME).is_file()):
+            raise FileExistsError(f"{folder} exists and was not written by pretrain synth; pass overwrite=True "
+                                  "(--overwrite) to replace it")
+        shutil.rmtree(folder)
+    write_file(folder / MARKER_NAME, json.dumps({"generator": "pretrain.synth", "seed": seed}).encode())
+
+
+def synthesize(
+    out: Path,
+    *,
+    seed: int = 0,
+    imagenet_train: int = 60,
+    imagenet_val: int = 10,
+    coco_train: int = 300,
+    coco_val: int = 60,
+    ade_train: int = 300,
+    ade_val: int = 60,
+    num_classes: int = 10,
+    image_size: tuple[int, int] = (96, 160),
+    scale: float = 1.0,
+    quirks: bool = True,
+    layouts: Sequence[str] = tuple(LAYOUTS),
+    overwrite: bool = False,
+) -> dict:
+    """Write the raw corpus under ``out/{imagenet,coco,ade20k}``; returns per dataset and split the files written
+    and the ``expected_samples`` / ``expected_skipped`` a converter must report.
+
+    ``imagenet_train``/``imagenet_val`` count images per class; ``scale`` multiplies every image count (at least
+    1, and at least 3 COCO train images with quirks); image sides are drawn uniformly from ``image_size`` =
+    (min, max) pixels. A dataset folder synth wrote before is regenerated; any other existing folder is refused
+    unless ``overwrite``.
+    """
+    out = Path(out)
+    unknown = [name for name in layouts if name not in LAYOUTS]
+    if unknown:
+        raise ValueError(f"unknown layout(s) {unknown}; expected some of {sorted(LAYOUTS)}")
+    if not 8 <= image_size[0] <= image_size[1]:
+        raise ValueError(f"image_size={image_size} must be (min, max) with 8 <= min <= max")
+    if scale <= 0:
+        raise ValueError(f"scale={scale} must be > 0")
+
+    def n(count: int, least: int = 1) -> int:
+        return max(least, round(count * scale)) if scale != 1.0 else count
+
+    args = {
+        "imagenet": {"num_classes": num_classes, "train": n(imagenet_train), "val": n(imagenet_val)},
+        "coco": {"train": n(coco_train, 3 if quirks else 1), "val": n(coco_val)},
+        "ade20k": {"train": n(ade_train), "val": n(ade_val)},
+    }
+    start = time.monotonic()
+    summary: dict = {"root": str(out), "seed": seed}
+    for name in layouts:
+        _claim(out / name, overwrite=overwrite, seed=seed)
+        summary[name] = LAYOUTS[name](out / name, seed=seed, image_size=tuple(image_size), quirks=quirks,
+                                      **args[name])
+        logger.info("synth %s: %s", name, summary[name])
+    summary["seconds"] = round(time.monotonic() - start, 3)
+    logger.info("synth corpus written to %s in %.1f s", out, summary["seconds"])
+    return summary
