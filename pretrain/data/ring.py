@@ -14,6 +14,11 @@ uses (the storage use count is back to the ring's own references): a batch the c
 never overwritten. A worker with no free slot collates into fresh memory instead (counted in `fallbacks`), so
 nothing ever waits. Slots of batches the DataLoader discards (a re-iterated loader) are never received, hence never
 cleared: they are lost to the fallback path, never reused while in flight.
+
+Slots stay pageable on purpose: CUDA stages a copy from pageable memory before `.to(device, non_blocking=True)`
+returns, so a slot is free to reuse once its tensors are dropped. Pinned slots would make that copy asynchronous and
+need a CUDA event per slot before reuse. Each slot keeps one shared-memory file descriptor open per field (e.g.
+8 workers × 5 slots × 2 seg fields = 80 per task and process).
 """
 
 from __future__ import annotations
