@@ -79,9 +79,9 @@ def test_a_slot_is_freed_only_when_no_view_of_it_is_left() -> None:
 
 def test_small_tensors_travel_by_value_and_big_ones_stay_tensors() -> None:
     batch = {"labels": torch.arange(5), "targets": [{"boxes": torch.ones(2, 4)}], "keys": ["a"],
-             "big": torch.zeros(64, 1024), "n": 3}
+             "big": torch.zeros(64, 1024), "bf16": torch.ones(3, dtype=torch.bfloat16), "n": 3}
     packed = pack_small(batch)
     assert not isinstance(packed["labels"], torch.Tensor) and not isinstance(packed["targets"][0]["boxes"],
                                                                             torch.Tensor)
-    assert isinstance(packed["big"], torch.Tensor)
+    assert isinstance(packed["big"], torch.Tensor) and isinstance(packed["bf16"], torch.Tensor)
     assert _same(unpack_small(packed), batch)

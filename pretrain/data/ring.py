@@ -32,6 +32,8 @@ import torch.utils.data
 
 SLOT_KEY = "_ring_slot"
 BY_VALUE_BYTES = 1 << 16  # larger tensors (a fallback batch's images) keep the shared-memory path
+_NUMPY_DTYPES = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                           torch.float32, torch.float64})  # bfloat16 has no numpy twin: it keeps the tensor path
 
 
 def _use_count(t: torch.Tensor) -> int:
@@ -50,7 +52,8 @@ class _ByValue:
 
 def pack_small(obj: Any) -> Any:
     """Worker side: small tensors inside dicts/lists/tuples → `_ByValue` numpy arrays."""
-    if isinstance(obj, torch.Tensor) and obj.numel() * obj.element_size() <= BY_VALUE_BYTES:
+    if (isinstance(obj, torch.Tensor) and obj.dtype in _NUMPY_DTYPES
+            and obj.numel() * obj.element_size() <= BY_VALUE_BYTES):
         return _ByValue(obj.numpy())
     if isinstance(obj, dict):
         return {k: pack_small(v) for k, v in obj.items()}
