@@ -2,7 +2,7 @@
 
 Images stay uint8 (the model normalises: 4× fewer bytes through worker queues). Every batch also carries `keys`
 (the samples' WebDataset keys); the pipeline adds `skipped` (see sources.py). `out` (training workers, ring.py):
-preallocated tensors to stack "images" (and "masks") into; `RING_FIELDS` gives their shapes.
+preallocated tensors to stack "images" (and "masks") into; `ring_fields` gives their shapes.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Training (`make_train_loader`): ResampledShards (deterministic) → tar samples (only whitelisted extensions are read)
 → shuffle buffer → decode + joint transform → collate into fixed-size batches. Every random choice (shard draws,
 shuffle, augmentation) comes from a seed derived from (seed, task, rank, worker, start_step, epoch of the iterator),
-so each (rank, worker) draws its own stream and no node/worker splitting is needed.
+so each (rank, worker) draws its own stream and no node/worker splitting is needed. With workers, batches reach the
+main process through reused shared-memory slots (ring.py; `reuse_buffers=False` gives the DataLoader's transport).
 
 Evaluation (`make_eval_loader`): the sorted shard list split by rank (explicit `rank`/`world_size`, not the
 environment), then by DataLoader worker; each sample is seen by exactly one (rank, worker); the last partial batch is
