@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,7 +48,11 @@ def decode_rgb(data: bytes) -> torch.Tensor:
     """
     if not data:
         raise ValueError("empty image bytes")
-    buf_U = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    # a zero-copy view (decode_image only reads it): copying ~100 KB per sample cost ~1% of loader throughput.
+    # torch warns once per process that the bytes are not writable; that is known and harmless here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        buf_U = torch.frombuffer(data, dtype=torch.uint8)
     img_3HW = decode_image(buf_U, mode=ImageReadMode.RGB)
     if img_3HW.dtype == torch.uint16:
         img_3HW = (img_3HW >> 8).to(torch.uint8)
