@@ -297,6 +297,20 @@ def test_train_streams_are_deterministic_per_seed_rank_and_resume_step(tmp_path:
     assert keys(r1) != keys(a) and keys(first(seed=8)) != keys(a) and keys(first(rank=1, world_size=2)) != keys(a)
 
 
+def test_deferred_image_reads_give_the_same_batches(tmp_path: Path, monkeypatch) -> None:
+    """Images read right before decoding (tar.MemberRef) or with their headers: the same stream, byte for byte."""
+    import pretrain.data.sources as sources
+
+    root = write_split(tmp_path / "s", "seg", n=12, per_shard=4)
+    batches = {}
+    for defer in (1, 1 << 30):  # every member deferred / none
+        monkeypatch.setattr(sources, "_DEFER_BYTES", defer)
+        it = iter(make_train_loader("seg", root, batch_size=4, img_size=32, seed=5, shuffle_buffer=6))
+        batches[defer] = [next(it) for _ in range(4)]
+    for a, b in zip(*batches.values()):
+        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"]) and torch.equal(a["masks"], b["masks"])
+
+
 def test_two_workers_partition_eval_and_draw_distinct_train_streams(tmp_path: Path) -> None:
     root = write_split(tmp_path / "c", "cls", n=20, per_shard=2)  # 10 shards
     seen = []

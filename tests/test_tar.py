@@ -4,6 +4,7 @@ members it never decodes, truncated and corrupt shards counted and named."""
 from __future__ import annotations
 
 import io
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -13,7 +14,7 @@ import webdataset as wds
 
 from pretrain.data.decode import is_allowed_member
 from pretrain.data.sources import make_eval_loader
-from pretrain.data.tar import TarFormatError, TarSamples, iter_members
+from pretrain.data.tar import MemberRef, TarFormatError, TarSamples, iter_members, read_refs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_data import write_split  # noqa: E402
@@ -46,6 +47,28 @@ def test_tar_reader_groups_like_webdataset_in_ustar_pax_and_gnu_shards(tmp_path:
         assert ours == ref, fmt
         assert [s["__key__"] for s in ours] == ["a/k1", f"{long_dir}/k2", "k4"], fmt
         assert ours[0]["cls"] == b"1" and "pth" not in ours[0] and ours[2]["jpg"] == b"j4" * 700
+        # deferred: members >= 1000 bytes arrive as references, read on demand, equal to the eager bytes
+        lazy = list(TarSamples(select=is_allowed_member, handler=lambda e: False, defer_bytes=1000)(
+            iter([{"url": url}])))
+        assert isinstance(lazy[2]["jpg"], MemberRef) and lazy[0]["jpg"] == b"j1"
+        assert [read_refs(s) for s in lazy] == ref, fmt
+
+
+def test_deferred_members_are_checked_at_header_time_and_release_their_file(tmp_path: Path) -> None:
+    path = _write_tar(tmp_path / "t.tar", [("k1.jpg", b"a" * 3000), ("k2.jpg", b"b" * 3000)], tarfile.USTAR_FORMAT)
+    fds = len(os.listdir("/proc/self/fd"))
+    samples = list(TarSamples(select=is_allowed_member, handler=lambda e: False, defer_bytes=1)(
+        iter([{"url": str(path)}])))
+    assert len(os.listdir("/proc/self/fd")) == fds + 1  # one shared descriptor for the shard's references
+    assert read_refs(samples[1]) == {"__key__": "k2", "__url__": str(path), "jpg": b"b" * 3000}
+    del samples
+    assert len(os.listdir("/proc/self/fd")) == fds
+    path.write_bytes(path.read_bytes()[:3584 + 512 + 100])  # cut inside k2's data (k2's header is at 3584)
+    errors: list[BaseException] = []
+    got = list(TarSamples(select=is_allowed_member, handler=lambda e: errors.append(e) or True, defer_bytes=1)(
+        iter([{"url": str(path)}])))
+    assert [s["__key__"] for s in got] == [] and len(errors) == 1  # k1 is dropped with the shard's open sample
+    assert isinstance(errors[0], TarFormatError) and "t.tar: truncated: member at byte 3584" in str(errors[0])
 
 
 class _CountingReader(io.BytesIO):

@@ -41,7 +41,7 @@ from pretrain.data.decode import (
     is_allowed_member,
 )
 from pretrain.data.ring import SLOT_KEY, BatchRing, RingLoader, pack_small
-from pretrain.data.tar import TarSamples
+from pretrain.data.tar import TarSamples, read_refs
 from pretrain.data.transforms import transform_cls, transform_det, transform_seg
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ INFO_NAME = "_info.json"
 TASK_IDS = {"cls": 0, "det": 1, "seg": 2}  # integer ids for seeding (no string hashing)
 _WARN_LIMIT = 5  # warnings per worker before skips are only counted
 _SHARDS, _SHUFFLE, _AUG = 0, 1, 2  # seed purposes
+_DEFER_BYTES = 16384  # image/mask members at least this large are read right before decoding (tar.py)
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ class _DecodeTransform:
         for raw in src:
             key = raw.get("__key__", "?")
             try:
-                sample = self.source.decode(raw, **self.decoder_kwargs)
+                sample = self.source.decode(read_refs(raw), **self.decoder_kwargs)
                 out = self.source.transform(sample, rng=rng, size=self.img_size, train=self.train, **self.aug)
             except Exception as exn:  # any failure on untrusted data (or a transform bug) skips and counts
                 self.counter.record(exn, key=f"{key} ({raw.get('__url__', '?')})")
@@ -305,7 +306,7 @@ def make_train_loader(task: str, shard_dir: str | Path, *, batch_size: int, img_
         ring = BatchRing(num_workers, _RING_SLOTS, ring_fields(task, batch_size, img_size))
     pipeline = wds.DataPipeline(
         wds.ResampledShards(info["urls"], seed=seed, worker_seed=stream.shard_seed, deterministic=True),
-        TarSamples(select=is_allowed_member, handler=counter),
+        TarSamples(select=is_allowed_member, handler=counter, defer_bytes=_DEFER_BYTES),
         _Shuffle(shuffle_buffer, stream),
         _DecodeTransform(source, decoder_kwargs=source.decoder_kwargs(info), train=True, img_size=img_size, aug=aug,
                          stream=stream, counter=counter),
@@ -332,7 +333,7 @@ def make_eval_loader(task: str, shard_dir: str | Path, *, batch_size: int, img_s
         wds.SimpleShardList(info["urls"]),
         _SplitByRank(rank, world_size),
         wds.split_by_worker,
-        TarSamples(select=is_allowed_member, handler=counter),
+        TarSamples(select=is_allowed_member, handler=counter, defer_bytes=_DEFER_BYTES),
         _DecodeTransform(source, decoder_kwargs=source.decoder_kwargs(info), train=False, img_size=img_size, aug={},
                          stream=None, counter=counter),
         _Batch(batch_size, source.collate, partial=True, counter=counter),
