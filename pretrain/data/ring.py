@@ -23,6 +23,7 @@ need a CUDA event per slot before reuse. Each slot keeps one shared-memory file 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
+logger = logging.getLogger(__name__)
 SLOT_KEY = "_ring_slot"
 BY_VALUE_BYTES = 1 << 16  # larger tensors (a fallback batch's images) keep the shared-memory path
 _NUMPY_DTYPES = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
@@ -104,6 +106,9 @@ class BatchRing:
                 self._next[worker] = (slot + 1) % self.slots
                 return {SLOT_KEY: (worker, slot), **{n: b[worker][slot] for n, b in self.buffers.items()}}
         self.fallbacks += 1
+        if self.fallbacks == 1:  # slower, never wrong: worth one line in the log, not one per batch
+            logger.warning("data worker %d: all %d ring slots still in use (batches kept past the next one?); "
+                           "collating into fresh shared memory until one is free", worker, self.slots)
         return None
 
     # ------------------------------------------------------------------ main side
