@@ -24,7 +24,7 @@ need a CUDA event per slot before reuse. Each slot keeps one shared-memory file 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -52,27 +52,30 @@ class _ByValue:
         self.array = array
 
 
-def pack_small(obj: Any) -> Any:
-    """Worker side: small tensors inside dicts/lists/tuples → `_ByValue` numpy arrays."""
+def _map_leaves(obj: Any, leaf: Callable[[Any], Any]) -> Any:
+    """`leaf` applied to every non-container value inside dicts/lists/tuples (structure kept)."""
+    if isinstance(obj, dict):
+        return {k: _map_leaves(v, leaf) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_leaves(v, leaf) for v in obj)
+    return leaf(obj)
+
+
+def _pack(obj: Any) -> Any:
     if (isinstance(obj, torch.Tensor) and obj.dtype in _NUMPY_DTYPES
             and obj.numel() * obj.element_size() <= BY_VALUE_BYTES):
         return _ByValue(obj.numpy())
-    if isinstance(obj, dict):
-        return {k: pack_small(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(pack_small(v) for v in obj)
     return obj
+
+
+def pack_small(obj: Any) -> Any:
+    """Worker side: small tensors inside dicts/lists/tuples → `_ByValue` numpy arrays."""
+    return _map_leaves(obj, _pack)
 
 
 def unpack_small(obj: Any) -> Any:
     """Main side: inverse of `pack_small` (zero-copy `torch.from_numpy`)."""
-    if isinstance(obj, _ByValue):
-        return torch.from_numpy(obj.array)
-    if isinstance(obj, dict):
-        return {k: unpack_small(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(unpack_small(v) for v in obj)
-    return obj
+    return _map_leaves(obj, lambda v: torch.from_numpy(v.array) if isinstance(v, _ByValue) else v)
 
 
 class BatchRing:
@@ -141,6 +144,3 @@ class RingLoader:
             if slot is not None:
                 batch.update(self.ring.receive(*slot))
             yield batch
-
-    def __len__(self) -> int:
-        return len(self.loader)
