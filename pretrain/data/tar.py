@@ -74,11 +74,6 @@ class MemberRef:
                                  f"bytes, {len(data)} left (file changed after its headers were read?)")
         return data
 
-    def __eq__(self, other: object) -> bool:  # compares as its bytes (tests against webdataset's reader)
-        return self.read() == (other.read() if isinstance(other, MemberRef) else other)
-
-    __hash__ = None  # type: ignore[assignment]
-
 
 def read_refs(sample: dict[str, Any]) -> dict[str, Any]:
     """`sample` with every `MemberRef` replaced by its bytes (raises TarFormatError on a short read)."""
@@ -225,8 +220,9 @@ def _shard_samples(url: str, *, select: Callable[[str], bool], handler: Callable
                    defer_bytes: int | None) -> Iterator[dict[str, Any]]:
     """Samples of one shard; a duplicate extension is reported to `handler` and dropped."""
     current: dict[str, Any] | None = None
-    with open(url, "rb", buffering=_READ_BUFFER) as f:
-        defer = _SharedFd(url) if defer_bytes is not None else None
+    defer = _SharedFd(url) if defer_bytes is not None else None
+    # one open per shard: with deferred reads, headers are read through the references' descriptor
+    with open(url if defer is None else defer.fd, "rb", buffering=_READ_BUFFER, closefd=defer is None) as f:
         for name, data in iter_members(f, url=url, select=lambda n: not _is_meta(n) and select(n), defer=defer,
                                        defer_bytes=defer_bytes or 0):
             parts = _split_name(name)
