@@ -150,7 +150,8 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     raise ValueError("JPEG: no frame header (SOF) before the scan data or the end")
 
 
-def _open_png(data: bytes) -> Image.Image:
+def open_checked_png(data: bytes) -> Image.Image:
+    """PIL image (lazy) of PNG bytes that passed `check_png`; raises ValueError before PIL sees bad bytes."""
     check_png(data)
     with warnings.catch_warnings():  # the pixel limit is ours (checked above), not PIL's warning
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -158,7 +159,7 @@ def _open_png(data: bytes) -> Image.Image:
 
 
 def _decode_png_rgb(data: bytes) -> torch.Tensor:
-    with _open_png(data) as im:
+    with open_checked_png(data) as im:
         if im.mode.startswith("I"):  # 16-bit grey: keep the high byte (PIL's RGB conversion would clip at 255)
             arr = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
             arr_HW3 = np.repeat(arr[..., None], 3, axis=2)
@@ -195,7 +196,7 @@ def decode_mask(data: bytes) -> torch.Tensor:
     The PNG is checked like any image (`check_png`, pixel limit). Mode "L" and palette mode "P" are both read as raw
     indices; any other mode is an error, not a guess.
     """
-    with _open_png(data) as im:
+    with open_checked_png(data) as im:
         if im.mode not in ("L", "P"):
             raise ValueError(f"label PNG has mode {im.mode!r}, expected 8-bit 'L' or 'P'")
         arr_HW = np.array(im, dtype=np.uint8)
@@ -212,7 +213,8 @@ def decode_int(data: bytes) -> int:
     return int(data.decode("ascii").strip())
 
 
-def _image_bytes(sample: Mapping[str, Any]) -> bytes:
+def image_bytes(sample: Mapping[str, Any]) -> bytes:
+    """The image member of a raw sample (`jpg`, `jpeg` or `png`); KeyError naming the keys when there is none."""
     for key in IMAGE_KEYS:
         if key in sample:
             return sample[key]
@@ -224,7 +226,7 @@ def decode_cls_sample(sample: Mapping[str, Any], *, num_classes: int) -> dict[st
     label = decode_int(sample["cls"])
     if not 0 <= label < num_classes:
         raise ValueError(f"cls label {label} outside [0, {num_classes})")
-    return {"image": decode_rgb(_image_bytes(sample)), "label": label}
+    return {"image": decode_rgb(image_bytes(sample)), "label": label}
 
 
 def _finite_number(v: Any) -> bool:
@@ -257,7 +259,7 @@ def decode_det_sample(sample: Mapping[str, Any], *, cat_id_to_label: Mapping[int
          "iscrowd": bool [n], "image_id": int, "annotations": the kept annotations (original ids)}
     """
     meta = decode_json(sample["json"])
-    image_3HW = decode_rgb(_image_bytes(sample))
+    image_3HW = decode_rgb(image_bytes(sample))
     height, width = image_3HW.shape[1:]
     kept, boxes = [], []
     for ann in meta["annotations"]:
@@ -284,7 +286,7 @@ def decode_seg_sample(sample: Mapping[str, Any], *, num_classes: int) -> dict[st
     top = int(mask_HW.max()) if mask_HW.numel() else 0
     if top > num_classes:
         raise ValueError(f"{MASK_KEY} holds value {top} > num_classes {num_classes}")
-    image_3HW = decode_rgb(_image_bytes(sample))
+    image_3HW = decode_rgb(image_bytes(sample))
     if tuple(image_3HW.shape[1:]) != tuple(mask_HW.shape):
         raise ValueError(f"image {tuple(image_3HW.shape[1:])} and {MASK_KEY} {tuple(mask_HW.shape)} sizes differ")
     return {"image": image_3HW, "mask": reduce_zero_label(mask_HW)}
