@@ -137,16 +137,17 @@ def rgb_to_hsv_cv(image_3HW: torch.Tensor) -> torch.Tensor:
 
 
 def hsv_cv_to_rgb(hsv_3HW: torch.Tensor) -> torch.Tensor:
-    """uint8 HSV (OpenCV 8-bit convention, see rgb_to_hsv_cv) → uint8 RGB, rounded."""
+    """uint8 HSV (OpenCV 8-bit convention, see rgb_to_hsv_cv) → uint8 RGB, rounded.
+
+    Closed form of the six-sector rule: channel = v − v·s·clip(min(k, 4 − k), 0, 1), k = (n + h/60) mod 6 with
+    n = 5, 3, 1 for R, G, B (one expression per channel instead of six candidate maps).
+    """
     h, s, v = hsv_3HW.to(torch.float32)
-    h6 = (h * 2.0 / 60.0) % 6.0
-    sector = h6.floor()
-    f, s = h6 - sector, s / 255.0
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    # rows: sectors 0..5; columns: R, G, B
-    table = torch.stack([torch.stack(c) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])
-    idx = sector.to(torch.int64)[None, None].expand(1, 3, *h.shape)
-    return torch.round(table.gather(0, idx)[0]).clamp_(0, 255).to(torch.uint8)
+    h6_1HW = (h * (2.0 / 60.0))[None]
+    k_3HW = (torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1) + h6_1HW) % 6.0
+    ramp_3HW = torch.minimum(k_3HW, 4.0 - k_3HW).clamp_(0.0, 1.0)
+    rgb_3HW = v[None] - (v * s / 255.0)[None] * ramp_3HW
+    return torch.round(rgb_3HW).clamp_(0, 255).to(torch.uint8)
 
 
 def photometric_distortion(image_3HW: torch.Tensor, rng: random.Random) -> torch.Tensor:
