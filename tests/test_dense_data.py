@@ -355,6 +355,10 @@ def test_old_protocol_resizes_and_keeps_original_targets(tmp_path: Path) -> None
     orig = batch["orig_targets"][0]
     assert orig["semseg"].shape == (H, W) and orig["semseg"].dtype == torch.int64 and orig["normals"].shape == (3, H, W)
     assert (orig["human_parts"] == 255).all()  # sample 0 has no person: the whole map is ignored
+    normals = batch["targets"]["normals"]  # bicubic, then unit length (ASTMT FixedResize); invalid class → 255
+    valid = (normals != 255.0).all(1)
+    assert valid.float().mean() > 0.5 and ((normals != 255.0).any(1) == valid).all()
+    assert torch.allclose(normals.norm(dim=1)[valid], torch.ones(int(valid.sum())), atol=1e-4)
     train = next(iter(make_dense_train_loader("pascal_context", root, batch_size=2, seed=0, protocol="old",
                                               crop_size=(20, 24), shuffle_buffer=2)))
     assert train["images"].shape == (2, 3, 20, 24) and train["targets"]["normals"].shape == (2, 3, 20, 24)

@@ -159,6 +159,8 @@ class DenseTask:
         divide_by_scale: values are distances that shrink as the image grows (depth, RandomScaling).
         zero_norm_ignored: AddIgnoreRegions: zero vectors (invalid normals, padding) → 255 on all channels.
         ignore_without_foreground: AddIgnoreRegions: a map with only {0, 255} → all 255 (no person in the image).
+        old_resize_unit: old protocol FixedResize is bicubic, then vectors renormalised to unit length (ASTMT
+            normals); every other map is resized nearest.
     """
 
     member: str
@@ -170,6 +172,7 @@ class DenseTask:
     divide_by_scale: bool = False
     zero_norm_ignored: bool = False
     ignore_without_foreground: bool = False
+    old_resize_unit: bool = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -184,7 +187,7 @@ DENSE_TASKS: dict[str, DenseTask] = {
     "edge": DenseTask("edge.png", _decode_edge, 1, float(IGNORE_INDEX), index_map=False),
     "depth": DenseTask("depth.npy", _decode_depth, 1, 0.0, index_map=False, divide_by_scale=True),
     "normals": DenseTask("normals.png", _decode_normals, 3, 0.0, index_map=False, negate_x_on_flip=True,
-                         zero_norm_ignored=True),
+                         zero_norm_ignored=True, old_resize_unit=True),
 }
 
 

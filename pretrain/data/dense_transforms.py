@@ -6,6 +6,9 @@ PhotoMetricDistortion (uint8) → centred pad → AddIgnoreRegions. Eval = centr
 `crop_box` (top, left, h, w) to cut predictions back to the original image exactly.
 "old" (ASTMT / MTL-PyTorch: M3ViT, Mod-Squad): train = hflip → FixedResize; eval = FixedResize, with
 `orig_targets` (full-resolution maps) so predictions resized back to `orig_size` are scored on the original labels.
+FixedResize follows ASTMT's FLAGVALS: image and normals bicubic (normals renormalised to unit length), every label
+nearest. ASTMT's ScaleNRotate (PASCAL: rotation ±20°, scale 0.75–1.25; NYUD: scale {1, 1.2, 1.5}) between flip
+and FixedResize is not implemented: old-protocol training here is flip + FixedResize only.
 
 Random parameters come from an explicit `random.Random` (see transforms.py for why not torch's global RNG). Images
 stay uint8: padding is the ImageNet mean (`PAD_RGB`, ≈ 0 after the model's normalisation, which is what the
@@ -40,8 +43,23 @@ Targets = dict[str, torch.Tensor]
 
 
 def _resize(image_3HW: torch.Tensor, targets: Targets, hw: tuple[int, int]) -> tuple[torch.Tensor, Targets]:
+    """New protocol's RandomScaling geometry: image bilinear (cv2.INTER_LINEAR), every map nearest."""
     image = F.resize(image_3HW, list(hw), interpolation=InterpolationMode.BILINEAR, antialias=False)
     return image, {t: F.resize(x, list(hw), interpolation=InterpolationMode.NEAREST) for t, x in targets.items()}
+
+
+def _fixed_resize(image_3HW: torch.Tensor, targets: Targets, hw: tuple[int, int]) -> tuple[torch.Tensor, Targets]:
+    """Old protocol's FixedResize (ASTMT FLAGVALS): image bicubic, normals bicubic + unit length, labels nearest."""
+    image = F.resize(image_3HW, list(hw), interpolation=InterpolationMode.BICUBIC, antialias=False)
+    out = {}
+    for name, x_CHW in targets.items():
+        if DENSE_TASKS[name].old_resize_unit:
+            x_CHW = F.resize(x_CHW, list(hw), interpolation=InterpolationMode.BICUBIC, antialias=False)
+            x_CHW = x_CHW / (x_CHW.norm(dim=0, keepdim=True) + torch.finfo(torch.float32).eps)
+        else:
+            x_CHW = F.resize(x_CHW, list(hw), interpolation=InterpolationMode.NEAREST)
+        out[name] = x_CHW
+    return image, out
 
 
 def _crop_ratio_ok(semseg_1HW: torch.Tensor, ratio: float) -> bool:
@@ -206,13 +224,13 @@ def _train_old(image: torch.Tensor, targets: Targets, rng: random.Random, size: 
                **_: Any) -> dict[str, Any]:
     if rng.random() < 0.5:
         image, targets = _flip(image, targets)
-    image, targets = _resize(image, targets, size)
+    image, targets = _fixed_resize(image, targets, size)
     return {"image": image, "targets": add_ignore_regions(targets)}
 
 
 def _eval_old(image: torch.Tensor, targets: Targets, size: tuple[int, int]) -> dict[str, Any]:
     h, w = image.shape[1:]
-    resized, resized_targets = _resize(image, targets, size)
+    resized, resized_targets = _fixed_resize(image, targets, size)
     return {"image": resized, "targets": add_ignore_regions(resized_targets), "crop_box": (0, 0, *size),
             "orig_size": (h, w), "orig_targets": add_ignore_regions(targets)}
 
