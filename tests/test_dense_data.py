@@ -26,6 +26,7 @@ from pretrain.data.dense_transforms import (
     hsv_cv_to_rgb,
     photometric_distortion,
     rgb_to_hsv_cv,
+    scale_rotate,
     transform_dense,
 )
 from pretrain.data.sources import TASK_IDS
@@ -394,3 +395,32 @@ def test_loader_arguments_are_checked(tmp_path: Path) -> None:
         make_dense_train_loader("nyud", root, batch_size=1, seed=0, protocol="newest")
     batch = next(iter(make_dense_eval_loader("nyud", root, batch_size=2, tasks=("depth",))))
     assert list(batch["targets"]) == ["depth"] and batch["images"].shape == (2, 3, 448, 576)  # the default size
+
+
+def test_scale_rotate_matches_cv2_warp_affine_geometry() -> None:
+    """Hand-derived cv2.getRotationMatrix2D((w/2, h/2), angle, scale) + warpAffine outputs on a 5×5 label map."""
+    src = (torch.arange(5)[:, None] * 10 + torch.arange(5)[None]).to(torch.uint8)[None]  # value = 10·row + col
+    image = torch.zeros(3, 5, 5, dtype=torch.uint8)
+    _, zoom = scale_rotate(image, {"semseg": src}, angle=0.0, scale=2.0)
+    near = [1, 2, 2, 3, 3]  # output x samples (x − 2.5)/2 + 2.5 → 1.25, 1.75, 2.25, 2.75, 3.25 → nearest
+    assert zoom["semseg"][0].tolist() == [[10 * r + c for c in near] for r in near]
+    _, rot = scale_rotate(image, {"semseg": src}, angle=90.0, scale=1.0)
+    # M = [[0, 1, 0], [-1, 0, 5]]: output (x, y) samples source column 5 − y, row x; column 5 is outside → 0
+    assert rot["semseg"][0, 0].tolist() == [0] * 5
+    assert rot["semseg"][0, 1:].tolist() == [[int(src[0, x, 5 - y]) for x in range(5)] for y in range(1, 5)]
+    normals = torch.tensor([0.6, 0.0, 0.8])[:, None, None].expand(3, 5, 5).clone()
+    _, out = scale_rotate(image, {"normals": normals}, angle=90.0, scale=1.0)
+    assert torch.allclose(out["normals"][:, 2, 2], torch.tensor([0.0, -0.6, 0.8]), atol=1e-5)  # in-plane rotation
+    assert (out["normals"][:, 0] == 0).all()  # outside the source: zero vector (then ignored)
+
+
+def test_old_protocol_training_draws_astmt_ranges() -> None:
+    sample = _decoded("pascal_context", 1)
+    outs = [transform_dense(sample, rng=random.Random(seed), size=(20, 24), train=True, protocol="old",
+                            scale_rotate_ranges=PASCAL.old_scale_rotate) for seed in range(6)]
+    plain = [transform_dense(sample, rng=random.Random(seed), size=(20, 24), train=True, protocol="old")
+             for seed in range(6)]
+    assert all(a["image"].shape == (3, 20, 24) and a["targets"]["sal"].shape == (1, 20, 24) for a in outs)
+    assert sum(not torch.equal(a["image"], b["image"]) for a, b in zip(outs, plain)) == 6  # U(−20°, 20°) ≠ 0
+    nyud = NYUD.old_scale_rotate
+    assert nyud.discrete and nyud.rotations == (0.0,) and nyud.scales == (1.0, 1.2, 1.5)

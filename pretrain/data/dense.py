@@ -140,7 +140,8 @@ def make_dense_train_loader(dataset: str, shard_dir: str | Path, *, tasks: Seque
     source = _source(spec, info["tasks"])
     stream = StreamId(seed=seed, task=dataset, rank=rank, start_step=start_step)
     counter = ErrorCounter(dataset, max_consecutive=max_consecutive_errors)
-    aug = {"protocol": protocol, "scale_range": tuple(scale_range), "cat_max_ratio": cat_max_ratio}
+    aug = {"protocol": protocol, "scale_range": tuple(scale_range), "cat_max_ratio": cat_max_ratio,
+           "scale_rotate_ranges": spec.old_scale_rotate}
     pipeline = wds.DataPipeline(
         wds.ResampledShards(info["urls"], seed=seed, worker_seed=stream.shard_seed, deterministic=True),
         TarSamples(select=is_allowed_member, handler=counter, defer_bytes=_DEFER_BYTES),

@@ -41,6 +41,16 @@ _NPY_MAGIC = b"\x93NUMPY"
 
 
 @dataclass(frozen=True)
+class ScaleRotate:
+    """ASTMT's ScaleNRotate ranges (old protocol training): (min, max) drawn uniformly, or value lists to choose from
+    when `discrete` (degrees, counter-clockwise as cv2.getRotationMatrix2D; scale factors)."""
+
+    rotations: tuple[float, ...]
+    scales: tuple[float, ...]
+    discrete: bool
+
+
+@dataclass(frozen=True)
 class DenseDataset:
     """One dense multi-task dataset: its tasks, label conventions and default sizes (h, w).
 
@@ -49,6 +59,7 @@ class DenseDataset:
         semseg_zero_is_ignore: raw semseg 0 means unlabelled (NYUD): reduce-zero-label, raw range 0..C.
         normals_valid_member: a 0/1 mask member; normals are zeroed (→ ignored) where it is 0.
         train_size / eval_size: new protocol crop and pad targets; old_size: the old protocol's FixedResize.
+        old_scale_rotate: the old protocol's ScaleNRotate ranges (ASTMT get_transformations).
     """
 
     name: str
@@ -58,6 +69,7 @@ class DenseDataset:
     train_size: tuple[int, int]
     eval_size: tuple[int, int]
     old_size: tuple[int, int]
+    old_scale_rotate: ScaleRotate
     normals_valid_member: str | None = None
     label_range: dict[str, int] = field(default_factory=dict)  # derived: largest raw label value accepted
 
@@ -71,11 +83,14 @@ class DenseDataset:
 DENSE_DATASETS: dict[str, DenseDataset] = {
     "nyud": DenseDataset(name="nyud", tasks=("semseg", "depth", "normals", "edge"),
                          num_classes={"semseg": 40}, semseg_zero_is_ignore=True, train_size=(448, 576),
-                         eval_size=(448, 576), old_size=(480, 640)),
+                         eval_size=(448, 576), old_size=(480, 640),
+                         old_scale_rotate=ScaleRotate(rotations=(0.0,), scales=(1.0, 1.2, 1.5), discrete=True)),
     "pascal_context": DenseDataset(name="pascal_context", tasks=("semseg", "human_parts", "sal", "normals", "edge"),
                                    num_classes={"semseg": 21, "human_parts": 7, "sal": 2},
                                    semseg_zero_is_ignore=False, train_size=(512, 512), eval_size=(512, 512),
-                                   old_size=(512, 512), normals_valid_member="normals_valid.png"),
+                                   old_size=(512, 512), normals_valid_member="normals_valid.png",
+                                   old_scale_rotate=ScaleRotate(rotations=(-20.0, 20.0), scales=(0.75, 1.25),
+                                                                discrete=False)),
 }
 
 
@@ -159,8 +174,8 @@ class DenseTask:
         divide_by_scale: values are distances that shrink as the image grows (depth, RandomScaling).
         zero_norm_ignored: AddIgnoreRegions: zero vectors (invalid normals, padding) → 255 on all channels.
         ignore_without_foreground: AddIgnoreRegions: a map with only {0, 255} → all 255 (no person in the image).
-        old_resize_unit: old protocol FixedResize is bicubic, then vectors renormalised to unit length (ASTMT
-            normals); every other map is resized nearest.
+        old_normals: old protocol (ASTMT FLAGVALS): resampled bicubic, rotated in-plane by ScaleNRotate, unit length
+            after FixedResize; every other map is resampled nearest.
     """
 
     member: str
@@ -172,7 +187,7 @@ class DenseTask:
     divide_by_scale: bool = False
     zero_norm_ignored: bool = False
     ignore_without_foreground: bool = False
-    old_resize_unit: bool = False
+    old_normals: bool = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -187,7 +202,7 @@ DENSE_TASKS: dict[str, DenseTask] = {
     "edge": DenseTask("edge.png", _decode_edge, 1, float(IGNORE_INDEX), index_map=False),
     "depth": DenseTask("depth.npy", _decode_depth, 1, 0.0, index_map=False, divide_by_scale=True),
     "normals": DenseTask("normals.png", _decode_normals, 3, 0.0, index_map=False, negate_x_on_flip=True,
-                         zero_norm_ignored=True, old_resize_unit=True),
+                         zero_norm_ignored=True, old_normals=True),
 }
 
 

@@ -6,9 +6,9 @@ PhotoMetricDistortion (uint8) → centred pad → AddIgnoreRegions. Eval = centr
 `crop_box` (top, left, h, w) to cut predictions back to the original image exactly.
 "old" (ASTMT / MTL-PyTorch: M3ViT, Mod-Squad): train = hflip → FixedResize; eval = FixedResize, with
 `orig_targets` (full-resolution maps) so predictions resized back to `orig_size` are scored on the original labels.
-FixedResize follows ASTMT's FLAGVALS: image and normals bicubic (normals renormalised to unit length), every label
-nearest. ASTMT's ScaleNRotate (PASCAL: rotation ±20°, scale 0.75–1.25; NYUD: scale {1, 1.2, 1.5}) between flip
-and FixedResize is not implemented: old-protocol training here is flip + FixedResize only.
+Old training = hflip → ScaleNRotate (PASCAL: rotation ±20°, scale 0.75–1.25; NYUD: scale {1, 1.2, 1.5}; about the
+centre, zero border like cv2.warpAffine's default; normals rotated in-plane) → FixedResize. Resampling follows
+ASTMT's FLAGVALS: image and normals bicubic (normals back to unit length after FixedResize), every label nearest.
 
 Random parameters come from an explicit `random.Random` (see transforms.py for why not torch's global RNG). Images
 stay uint8: padding is the ImageNet mean (`PAD_RGB`, ≈ 0 after the model's normalisation, which is what the
@@ -19,15 +19,17 @@ scaled sizes truncated (`int(h * s)`).
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as NF
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
-from pretrain.data.dense_decode import DENSE_TASKS
+from pretrain.data.dense_decode import DENSE_TASKS, ScaleRotate
 from pretrain.data.transforms import PAD_RGB
 
 IGNORE = 255.0
@@ -53,7 +55,7 @@ def _fixed_resize(image_3HW: torch.Tensor, targets: Targets, hw: tuple[int, int]
     image = F.resize(image_3HW, list(hw), interpolation=InterpolationMode.BICUBIC, antialias=False)
     out = {}
     for name, x_CHW in targets.items():
-        if DENSE_TASKS[name].old_resize_unit:
+        if DENSE_TASKS[name].old_normals:
             x_CHW = F.resize(x_CHW, list(hw), interpolation=InterpolationMode.BICUBIC, antialias=False)
             x_CHW = x_CHW / (x_CHW.norm(dim=0, keepdim=True) + torch.finfo(torch.float32).eps)
         else:
@@ -190,10 +192,66 @@ def photometric_distortion(image_3HW: torch.Tensor, rng: random.Random) -> torch
     return x
 
 
+# ---------------------------------------------------------------- old protocol: ScaleNRotate
+
+def _warp_grid(h: int, w: int, angle: float, scale: float) -> torch.Tensor:
+    """grid_sample grid [1,H,W,2] of cv2.warpAffine with getRotationMatrix2D((w/2, h/2), angle, scale).
+
+    cv2 maps source → output by M = [[a, b, (1−a)cx − b·cy], [−b, a, b·cx + (1−a)cy]] (a = s·cos, b = s·sin) and
+    samples each output pixel at M⁻¹·(x, y); pixel centres are integer coordinates, hence align_corners=True.
+    """
+    rad = math.radians(angle)
+    a, b = scale * math.cos(rad), scale * math.sin(rad)
+    cx, cy = w / 2, h / 2
+    tx, ty = (1 - a) * cx - b * cy, b * cx + (1 - a) * cy
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    det = a * a + b * b
+    sx = (a * (xs - tx) - b * (ys - ty)) / det
+    sy = (b * (xs - tx) + a * (ys - ty)) / det
+    gx = 2 * sx / max(w - 1, 1) - 1
+    gy = 2 * sy / max(h - 1, 1) - 1
+    return torch.stack([gx, gy], dim=-1)[None]
+
+
+def _warp(x_CHW: torch.Tensor, grid_1HW2: torch.Tensor, mode: str) -> torch.Tensor:
+    out_CHW = NF.grid_sample(x_CHW[None].to(torch.float32), grid_1HW2, mode=mode, padding_mode="zeros",
+                             align_corners=True)[0]
+    if x_CHW.dtype == torch.uint8:
+        out_CHW = out_CHW.round().clamp_(0, 255).to(torch.uint8)
+    return out_CHW
+
+
+def scale_rotate(image_3HW: torch.Tensor, targets: Targets, *, angle: float,
+                 scale: float) -> tuple[torch.Tensor, Targets]:
+    """ASTMT ScaleNRotate with fixed parameters: rotate by `angle` degrees (counter-clockwise) and zoom by `scale`
+    about the image centre, same size, zeros outside (cv2's default border; zero normals become ignore). Image and
+    normals bicubic, labels nearest; normals' in-plane (x, y) components rotate with the image."""
+    grid_1HW2 = _warp_grid(*image_3HW.shape[1:], angle, scale)
+    out = {}
+    for name, x_CHW in targets.items():
+        if DENSE_TASKS[name].old_normals:
+            rad = math.radians(angle)
+            nx, ny = x_CHW[0], x_CHW[1]
+            x_CHW = torch.stack([nx * math.cos(rad) + ny * math.sin(rad), ny * math.cos(rad) - nx * math.sin(rad),
+                                 *x_CHW[2:]])
+            out[name] = _warp(x_CHW, grid_1HW2, "bicubic")
+        else:
+            out[name] = _warp(x_CHW, grid_1HW2, "nearest")
+    return _warp(image_3HW, grid_1HW2, "bicubic"), out
+
+
+def _draw_scale_rotate(rng: random.Random, ranges: ScaleRotate) -> tuple[float, float]:
+    if ranges.discrete:
+        return ranges.rotations[rng.randrange(len(ranges.rotations))], ranges.scales[rng.randrange(len(ranges.scales))]
+    rot_span, scale_span = ranges.rotations[1] - ranges.rotations[0], ranges.scales[1] - ranges.scales[0]
+    # ASTMT centres both ranges on 0° and scale 1, whatever their bounds
+    return rot_span * rng.random() - rot_span / 2, scale_span * rng.random() - scale_span / 2 + 1
+
+
 # ---------------------------------------------------------------- protocols
 
 def _train_new(image: torch.Tensor, targets: Targets, rng: random.Random, size: tuple[int, int], *,
-               scale_range: tuple[float, float], cat_max_ratio: float) -> dict[str, Any]:
+               scale_range: tuple[float, float], cat_max_ratio: float, **_: Any) -> dict[str, Any]:
     s = rng.uniform(*scale_range)
     if s != 1.0:
         h, w = image.shape[1:]
@@ -220,10 +278,14 @@ def _eval_new(image: torch.Tensor, targets: Targets, size: tuple[int, int]) -> d
     return {"image": image, "targets": add_ignore_regions(targets), "crop_box": crop_box, "orig_size": (h, w)}
 
 
-def _train_old(image: torch.Tensor, targets: Targets, rng: random.Random, size: tuple[int, int],
-               **_: Any) -> dict[str, Any]:
+def _train_old(image: torch.Tensor, targets: Targets, rng: random.Random, size: tuple[int, int], *,
+               scale_rotate_ranges: ScaleRotate | None, **_: Any) -> dict[str, Any]:
     if rng.random() < 0.5:
         image, targets = _flip(image, targets)
+    if scale_rotate_ranges is not None:
+        angle, scale = _draw_scale_rotate(rng, scale_rotate_ranges)
+        if angle != 0.0 or scale != 1.0:
+            image, targets = scale_rotate(image, targets, angle=angle, scale=scale)
     image, targets = _fixed_resize(image, targets, size)
     return {"image": image, "targets": add_ignore_regions(targets)}
 
@@ -240,12 +302,14 @@ PROTOCOLS = {"new": (_train_new, _eval_new), "old": (_train_old, _eval_old)}
 
 def transform_dense(sample: Mapping[str, Any], *, rng: random.Random, size: tuple[int, int], train: bool,
                     protocol: str = "new", scale_range: tuple[float, float] = SCALE_RANGE,
-                    cat_max_ratio: float = CAT_MAX_RATIO) -> dict[str, Any]:
+                    cat_max_ratio: float = CAT_MAX_RATIO,
+                    scale_rotate_ranges: ScaleRotate | None = None) -> dict[str, Any]:
     """One decoded dense sample → fixed-size image and maps (module docstring for the two protocols).
 
     Args:
         sample: {"image": uint8 [3,H,W], "targets": {task: [C,H,W]}} from `decode_dense_sample`.
         size: (h, w) of the output: the train crop, the new protocol's eval pad target or the old FixedResize.
+        scale_range, cat_max_ratio: new protocol training; scale_rotate_ranges: old protocol training (None: off).
     Returns:
         {"image": uint8 [3,h,w], "targets": {task: [C,h,w]}} (+ eval: "crop_box" (top, left, height, width) of the
         original image inside the output, "orig_size" (H, W); old protocol eval also "orig_targets" at (H, W)).
@@ -255,5 +319,6 @@ def transform_dense(sample: Mapping[str, Any], *, rng: random.Random, size: tupl
     image, targets = sample["image"], dict(sample["targets"])
     train_fn, eval_fn = PROTOCOLS[protocol]
     if train:
-        return train_fn(image, targets, rng, tuple(size), scale_range=scale_range, cat_max_ratio=cat_max_ratio)
+        return train_fn(image, targets, rng, tuple(size), scale_range=scale_range, cat_max_ratio=cat_max_ratio,
+                        scale_rotate_ranges=scale_rotate_ranges)
     return eval_fn(image, targets, tuple(size))
