@@ -168,6 +168,8 @@ def test_decoders_refuse_bad_labels_and_unsafe_arrays() -> None:
     unlisted = {**missing, "json": json.dumps({"id": "x", "tasks": ["semseg", "depth", "normals"]}).encode()}
     edge = decode_dense_sample(unlisted, dataset=NYUD, tasks=NYUD.tasks)["targets"]["edge"]
     assert edge.shape == (1, H, W) and (edge == 255.0).all()  # a task the sample lacks is all ignore
+    with pytest.raises(ValueError, match="no 'tasks' list"):
+        decode(json=json.dumps({"id": "x"}).encode())
 
 
 # ---------------------------------------------------------------- transforms

@@ -213,7 +213,9 @@ def decode_dense_sample(sample: Mapping[str, Any], *, dataset: DenseDataset,
     Every label map must have the image's size. Tasks absent from the json's "tasks" get a map of their fill value.
     """
     meta = decode_json(sample["json"])
-    listed = set(meta.get("tasks", ()))
+    if not isinstance(meta.get("tasks"), list):
+        raise ValueError(f"json has no 'tasks' list (got {meta.get('tasks')!r}); the schema requires one")
+    listed = set(meta["tasks"])
     image_3HW = decode_rgb(image_bytes(sample))
     hw = tuple(image_3HW.shape[1:])
     targets: dict[str, torch.Tensor] = {}
