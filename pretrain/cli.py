@@ -53,16 +53,44 @@ def _train(args: argparse.Namespace) -> int:
     return train_main(cfg, dry_run=args.dry_run)
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config
+    from pretrain.finetune.config import FinetuneConfig
+
+    cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)  # errors surface before heavy imports
+    from pretrain.finetune.train import main as finetune_main
+
+    return finetune_main(cfg, dry_run=args.dry_run)
+
+
+def _is_finetune_config(path: Path) -> bool:
+    """A fine-tuning config has a top-level `finetune:` section (pretraining configs never do)."""
+    from omegaconf import OmegaConf
+
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception:  # a broken file: load_config reports it with its line number
+        return False
+    return hasattr(loaded, "keys") and "finetune" in loaded.keys()
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
 
     target = Path(args.target)
+    overrides = list(args.overrides)
     if target.is_dir():
         if not (target / "config.yaml").is_file():
             raise UserError(f"{target} is not a run directory: no config.yaml in it")
-        cfg = load_config(target / "config.yaml", [f"output_dir={target}", *args.overrides])
-    else:
-        cfg = load_config(target, args.overrides)
+        target, overrides = target / "config.yaml", [f"output_dir={target}", *overrides]
+    if _is_finetune_config(target):
+        from pretrain.finetune.config import FinetuneConfig
+
+        cfg = load_config(target, overrides, schema=FinetuneConfig)
+        from pretrain.finetune.evaluate import main as finetune_evaluate
+
+        return finetune_evaluate(cfg)
+    cfg = load_config(target, overrides)
     from pretrain.evaluate import main as evaluate_main
 
     return evaluate_main(cfg)
@@ -97,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     p.add_argument("--dry-run", action="store_true", help="build everything, print the config and parameter counts")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a backbone on a dense multi-task dataset (NYUD-v2, PASCAL-Context)")
+    p.add_argument("config", help="YAML overlay, e.g. configs/debug/finetune.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.init_from=runs/debug")
+    p.add_argument("--dry-run", action="store_true", help="build everything, print the config and parameter counts")
+    p.set_defaults(func=_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a run directory (its latest checkpoint) or a config")
     p.add_argument("target", help="RUN_DIR or CONFIG")
