@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_DEMO_STAGE = 4  # a stage of `pretrain demo` failed (its own message is above)
 
 
 class UserError(Exception):
@@ -93,7 +94,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(target, overrides)
     from pretrain.evaluate import main as evaluate_main
 
-    return evaluate_main(cfg)
+    return evaluate_main(cfg, random_init=args.random_init)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pretrain.demo import DemoError
+    from pretrain.demo import main as demo_main
+
+    try:
+        return demo_main(Path(args.out), pretrain_config=args.pretrain_config, finetune_config=args.finetune_config,
+                         fast=args.fast)
+    except DemoError as exc:
+        print(f"pretrain demo: error: {exc}", file=sys.stderr)
+        return EXIT_DEMO_STAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,9 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="build everything, print the config and parameter counts")
     p.set_defaults(func=_finetune)
 
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded corpus, ending in a report.md")
+    p.add_argument("--out", default="runs/demo", help="folder for everything the demo writes (re-runs resume)")
+    p.add_argument("--pretrain-config", default="configs/debug/pretrain.yaml")
+    p.add_argument("--finetune-config", default="configs/debug/finetune.yaml")
+    p.add_argument("--fast", action="store_true", help="few steps per stage (a smoke test of the pipeline)")
+    p.set_defaults(func=_demo)
+
     p = sub.add_parser("evaluate", help="evaluate a run directory (its latest checkpoint) or a config")
     p.add_argument("target", help="RUN_DIR or CONFIG")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--random-init", action="store_true",
+                   help="evaluate the model at its random initialisation (a baseline; no checkpoint needed)")
     p.set_defaults(func=_evaluate)
     return parser
 

@@ -89,6 +89,7 @@ class MoEConfig:
 class ModelConfig:
     size: str = "vit_b16"  # key of models.BACKBONE_SIZES
     patch_size: int = 0  # 0 = the size's default
+    img_size: int = 0  # grid the position embedding is stored for (0 = the size's default; 384 for AugReg-384)
     drop_path: float = 0.1
     task_embed: bool = True
     upcycle_from: str = ""  # dense timm ViT state dict (.safetensors/.pth); empty = random init
@@ -107,7 +108,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0
-    loss_weighting: str = "fixed"  # fixed | uncertainty (Mod-Squad's AutomaticWeightedLoss)
+    loss_weighting: str = "fixed"  # Mod-Squad's AutomaticWeightedLoss is "uncertainty"
+    schedule: str = "cosine"  # after linear warmup: cosine to min_lr_ratio, or poly (1 - s/S)^poly_power (MLoRE)
+    poly_power: float = 0.9
 
 
 @dataclass
@@ -170,6 +173,7 @@ CHOICES = {
     "moe.backend": ("native", "deepspeed"),
     "model.upcycle_mode": ("copy", "slice"),
     "optim.loss_weighting": ("fixed", "uncertainty"),
+    "optim.schedule": ("cosine", "poly"),
     "engine.zero_stage": (0, 1, 2),
     "engine.precision": ("fp32", "bf16"),
     "engine.backend": ("auto", "nccl", "gloo"),
@@ -244,6 +248,7 @@ def check_train(t: TrainConfig, o: OptimConfig) -> None:
     need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     need(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
+    need(o.poly_power > 0, "optim.poly_power", o.poly_power, "must be > 0")
 
 
 def check_tasks(tasks: dict[str, Any], known: tuple[str, ...], *, sampling: str | None = None) -> None:

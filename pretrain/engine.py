@@ -32,6 +32,7 @@ How DeepSpeed is made to treat our native `MoEMlp` experts as expert-parallel pa
 # ruff: noqa: E402  (DS_ACCELERATOR must be set before DeepSpeed is first imported)
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -85,7 +86,7 @@ def make_ds_config(engine: EngineConfig, optim: OptimConfig, *, max_steps: int, 
     """
     o, e = optim, engine
     warmup = max(o.warmup_steps, 1)
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": e.grad_accum,
         "train_batch_size": e.grad_accum * world_size,
@@ -97,17 +98,57 @@ def make_ds_config(engine: EngineConfig, optim: OptimConfig, *, max_steps: int, 
         # ZeRO-2 with MoE asserts contiguous gradients and reduce-scatter (stage_1_and_2._configure_moe_settings)
         "zero_optimization": {"stage": e.zero_stage, "contiguous_gradients": True, "reduce_scatter": True},
         "checkpoint": {"tag_validation": "Fail"},
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max_steps,
-                "warmup_min_ratio": 0.0 if o.warmup_steps > 0 else 1.0,
-                "warmup_num_steps": warmup,
-                "warmup_type": "linear",
-                "cos_min_ratio": o.min_lr_ratio,
-            },
+    }
+    if o.schedule == "poly":
+        return config  # WarmupPolyLR is passed to deepspeed.initialize (DeepSpeed has no polynomial schedule)
+    config["scheduler"] = {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": max_steps,
+            "warmup_min_ratio": 0.0 if o.warmup_steps > 0 else 1.0,
+            "warmup_num_steps": warmup,
+            "warmup_type": "linear",
+            "cos_min_ratio": o.min_lr_ratio,
         },
     }
+    return config
+
+
+class WarmupPolyLR:
+    """lr = base · w(s) · (1 − s/S)^power, w a linear warmup from 0 over `warmup_num_steps` (1 when 0): the poly
+    schedule of the dense multi-task references (MLoRE/TaskPrompter: power 0.9, no warmup).
+
+    Follows DeepSpeed's scheduler interface (`step(last_batch_iteration)`, `get_lr`, `last_batch_iteration`,
+    `state_dict`), so the engine checkpoints and resumes it like its own schedules.
+    """
+
+    def __init__(self, optimizer, *, total_num_steps: int, warmup_num_steps: int, power: float) -> None:
+        self.optimizer = optimizer
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.total, self.warmup, self.power = total_num_steps, warmup_num_steps, power
+        self.last_batch_iteration = -1
+
+    def factor(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup > 0 else 1.0
+        return warm * max(0.0, 1.0 - step / self.total) ** self.power
+
+    def get_lr(self) -> list[float]:
+        return [lr * self.factor(max(self.last_batch_iteration, 0)) for lr in self.base_lrs]
+
+    def get_last_lr(self) -> list[float]:
+        return self.get_lr()
+
+    def step(self, last_batch_iteration: int | None = None) -> None:
+        self.last_batch_iteration = self.last_batch_iteration + 1 if last_batch_iteration is None \
+            else last_batch_iteration
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+
+    def state_dict(self) -> dict:
+        return {"last_batch_iteration": self.last_batch_iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_batch_iteration = int(state["last_batch_iteration"])
 
 
 def stacked_expert_params(model: nn.Module) -> set[int]:
@@ -240,7 +281,12 @@ def build_engine(model: nn.Module, *, engine: EngineConfig, optim: OptimConfig, 
     _wire_expert_parallel(model, ep_size=e.ep_size, world_size=world_size)
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     ds_config = make_ds_config(e, o, max_steps=max_steps, world_size=world_size)
-    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    scheduler = None
+    if o.schedule == "poly":
+        scheduler = functools.partial(WarmupPolyLR, total_num_steps=max_steps, warmup_num_steps=o.warmup_steps,
+                                      power=o.poly_power)
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                              lr_scheduler=scheduler)
     if type(ds_engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise RuntimeError("expected DeepSpeed's TorchCheckpointEngine, got "
                            f"{type(ds_engine.checkpoint_engine).__name__}")

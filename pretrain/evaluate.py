@@ -128,9 +128,9 @@ def evaluate_model(cfg: RunConfig, model: torch.nn.Module, spec: DataSpec, info:
     return metrics
 
 
-def main(cfg: RunConfig) -> int:
+def main(cfg: RunConfig, *, random_init: bool = False) -> int:
     """Load the latest checkpoint of `cfg.output_dir` in this process (no DeepSpeed for the native MoE backend) and
-    evaluate every enabled task."""
+    evaluate every enabled task; `random_init`: the config's model as initialised from `seed` (a baseline, step 0)."""
     from pretrain.runs import build_run_model, find_tag
 
     info = dist.resolve()
@@ -138,12 +138,15 @@ def main(cfg: RunConfig) -> int:
     setup_logging(info.rank)
     run_dir = Path(cfg.output_dir)
     spec = check_shards(cfg.data, cfg.tasks)
-    tag_dir = find_tag(run_dir / "checkpoints", None)
+    torch.manual_seed(cfg.seed)  # the same initial weights `pretrain train` starts from
     model = build_run_model(cfg, num_classes=spec.num_classes, rank=0, single_process=True)
-    from pretrain.checkpoint import TAG_RE, load_model_weights
+    step = 0
+    if not random_init:
+        from pretrain.checkpoint import TAG_RE, load_model_weights
 
-    load_model_weights(tag_dir, model)
-    step = int(TAG_RE.match(tag_dir.name).group(1))
+        tag_dir = find_tag(run_dir / "checkpoints", None)
+        load_model_weights(tag_dir, model)
+        step = int(TAG_RE.match(tag_dir.name).group(1))
     if info.world_size > 1:  # metrics are reduced across ranks: that needs a process group
         dist.init_process_group(cfg.engine.backend)
     metrics = evaluate_model(cfg, model, spec, info)

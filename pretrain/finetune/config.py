@@ -104,6 +104,7 @@ CHOICES = {
     "engine.backend": ("auto", "nccl", "gloo"),
     "logging.wandb": ("auto", "online", "offline", "disabled"),
     "optim.loss_weighting": ("fixed", "uncertainty"),
+    "optim.schedule": ("cosine", "poly"),
 }
 
 

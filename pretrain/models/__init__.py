@@ -40,6 +40,8 @@ def _size(model: ModelConfig) -> dict[str, Any]:
     size = dict(BACKBONE_SIZES[model.size])
     if model.patch_size:
         size["patch_size"] = model.patch_size
+    if model.img_size:
+        size["img_size"] = model.img_size
     return size
 
 
