@@ -10,23 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pretrain.prepare.images import CheckedImage, ImageError, try_load_image
-from pretrain.prepare.shards import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_COUNT,
-    LayoutError,
-    ShardSink,
-    check_split,
-    encode_json,
-    prepare_output_dir,
-    run_ordered,
-    sample_key,
-    shuffled,
-)
+from pretrain.prepare.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, LayoutError, encode_json, sample_key
+from pretrain.prepare.skeleton import Converter, Listing, Sample, Skip, run_converter
 
 logger = logging.getLogger(__name__)
 
@@ -98,19 +87,62 @@ def _sample_json(image: dict, annotations: list[dict]) -> bytes:
                         "height": image["height"], "annotations": annotations})
 
 
-def _problem(image: dict, result: CheckedImage | ImageError, image_dir: Path, *, has_annotations: bool
-             ) -> tuple[str, str] | None:
-    """(reason, detail) when the image listed in the JSON cannot become a sample, else None."""
-    where = f"image id {image['id']}"
-    if isinstance(result, ImageError):
-        missing = not (image_dir / image["file_name"]).exists()
-        return ("missing_file" if missing else result.reason), f"{where}: {result.detail}"
-    if (result.width, result.height) != (image["width"], image["height"]):
-        return "size_mismatch", (f"{where}: file is {result.width}x{result.height}, "
-                                 f"JSON says {image['width']}x{image['height']}")
-    if not has_annotations:
-        return "no_annotations", f"{where} has no annotations"
-    return None
+_Job = tuple[dict, Path]  # the image's JSON entry, its file
+
+
+def _load(job: _Job) -> CheckedImage | ImageError:
+    image, path = job
+    return try_load_image((path, image["file_name"]))
+
+
+class CocoConverter(Converter):
+    """COCO instances JSON: one job per listed image, its annotations in the sample json."""
+
+    dataset = "coco"
+    load = staticmethod(_load)
+
+    def __init__(self, src: Path, split: str, *, keep_unannotated: bool = True) -> None:
+        super().__init__(src, split)
+        self.keep_unannotated = keep_unannotated
+        self.unannotated = 0
+
+    def list_jobs(self) -> Listing:
+        self.ann_path, self.image_dir = _locate(self.src, self.split)
+        self.coco = load_instances(self.ann_path)
+        jobs = [(image, self.image_dir / image["file_name"]) for image in self.coco["images"]]
+        return Listing(jobs=jobs, source={"layout": "coco", "annotations": self.ann_path.name})
+
+    def to_sample(self, job: _Job, loaded: CheckedImage | ImageError) -> Sample | Skip:
+        image, path = job
+        rel = f"{self.split}2017/{image['file_name']}"
+        annotations = self.coco["by_image"][image["id"]]
+        where = f"image id {image['id']}"
+        if isinstance(loaded, ImageError):
+            return Skip(rel, "missing_file" if not path.exists() else loaded.reason, f"{where}: {loaded.detail}")
+        if (loaded.width, loaded.height) != (image["width"], image["height"]):
+            return Skip(rel, "size_mismatch", f"{where}: file is {loaded.width}x{loaded.height}, "
+                                              f"JSON says {image['width']}x{image['height']}")
+        if not annotations and not self.keep_unannotated:
+            return Skip(rel, "no_annotations", f"{where} has no annotations")
+        return Sample(sample_key(Path(image["file_name"]).stem),
+                      {loaded.ext: loaded.data, "json": _sample_json(image, annotations)},
+                      f"{loaded.ext}/{loaded.mode}")
+
+    def written(self, sample: Sample) -> None:
+        super().written(sample)
+        self.unannotated += not json.loads(sample.fields["json"])["annotations"]
+
+    def extra(self) -> dict:
+        return {"categories": self.coco["categories"], "num_categories": len(self.coco["categories"]),
+                "images_without_annotations": self.unannotated, "orphan_annotations": self.coco["orphans"],
+                "image_kinds": dict(sorted(self.image_kinds.items())),
+                "sample_keys": {"jpg|png": "original image bytes",
+                                "json": "{image_id, file_name, width, height, annotations: [{id, bbox (xywh), "
+                                        "category_id (original id), iscrowd, area, segmentation}]}"}}
+
+    def summary_extra(self) -> dict:
+        logger.info("coco/%s: %d written images have no annotations", self.split, self.unannotated)
+        return {"images_without_annotations": self.unannotated}
 
 
 def convert_coco(
@@ -131,36 +163,6 @@ def convert_coco(
     Images listed in the JSON whose file is missing, undecodable or of a different size than listed are
     skipped with a reason; images without annotations are kept (and counted) unless ``keep_unannotated=False``.
     """
-    src, out = Path(src), Path(out)
-    check_split(split)
-    ann_path, image_dir = _locate(src, split)
-    coco = load_instances(ann_path)
-    images = shuffled(coco["images"])
-    prepare_output_dir(out, overwrite=overwrite)
-    kinds: Counter[str] = Counter()
-    unannotated = 0
-    with ShardSink(out, dataset="coco", split=split, src=src, expected=len(images), max_count=max_count,
-                   max_bytes=max_bytes, min_shards=min_shards) as sink:
-        loads = [(image_dir / image["file_name"], image["file_name"]) for image in images]
-        results = run_ordered(try_load_image, loads, workers=workers, desc=f"coco/{split}", progress=progress)
-        for image, result in zip(images, results):
-            rel = f"{split}2017/{image['file_name']}"
-            annotations = coco["by_image"][image["id"]]
-            problem = _problem(image, result, image_dir, has_annotations=bool(annotations) or keep_unannotated)
-            if problem is not None:
-                sink.skip(rel, *problem)
-                continue
-            assert isinstance(result, CheckedImage)
-            if sink.write(sample_key(Path(image["file_name"]).stem), {result.ext: result.data,
-                                                                       "json": _sample_json(image, annotations)}):
-                kinds[f"{result.ext}/{result.mode}"] += 1
-                unannotated += not annotations
-        extra = {"categories": coco["categories"], "num_categories": len(coco["categories"]),
-                 "images_without_annotations": unannotated, "orphan_annotations": coco["orphans"],
-                 "image_kinds": dict(sorted(kinds.items())),
-                 "sample_keys": {"jpg|png": "original image bytes",
-                                 "json": "{image_id, file_name, width, height, annotations: [{id, bbox (xywh), "
-                                         "category_id (original id), iscrowd, area, segmentation}]}"}}
-        summary = sink.finish(source={"layout": "coco", "annotations": ann_path.name}, extra=extra)
-    logger.info("coco/%s: %d written images have no annotations", split, unannotated)
-    return {**summary, "images_without_annotations": unannotated}
+    return run_converter(CocoConverter(src, split, keep_unannotated=keep_unannotated), out, overwrite=overwrite,
+                         workers=workers, max_count=max_count, max_bytes=max_bytes, min_shards=min_shards,
+                         progress=progress)

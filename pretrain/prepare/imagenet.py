@@ -10,23 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.prepare.images import IMAGE_SUFFIXES, CheckedImage, ImageError, try_load_image
-from pretrain.prepare.shards import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_COUNT,
-    LayoutError,
-    ShardSink,
-    check_split,
-    encode_json,
-    prepare_output_dir,
-    run_ordered,
-    sample_key,
-    shuffled,
-)
+from pretrain.prepare.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, LayoutError, encode_json, sample_key
+from pretrain.prepare.skeleton import Converter, Listing, Sample, Skip, run_converter, skip_for
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +91,37 @@ def _list_split(src: Path, split: str, known: set[str]) -> tuple[list[_Job], lis
     return jobs, strays
 
 
+class ImageNetConverter(Converter):
+    """ImageNet class folders: one job per image file, class index from the sorted wnids."""
+
+    dataset = "imagenet"
+
+    def list_jobs(self) -> Listing:
+        self.classes = imagenet_classes(self.src)
+        self.index = {c["wnid"]: c["index"] for c in self.classes}
+        jobs, strays = _list_split(self.src, self.split, set(self.index))
+        return Listing(jobs=jobs, skips=[Skip(*stray) for stray in strays],
+                       source={"layout": "imagenet", "mapping": (self.src / MAPPING_NAME).is_file()})
+
+    @staticmethod
+    def load(job: _Job) -> CheckedImage | ImageError:
+        return try_load_image((job.path, job.rel))
+
+    def to_sample(self, job: _Job, loaded: CheckedImage | ImageError) -> Sample | Skip:
+        skip = skip_for(job.rel, loaded)
+        if skip is not None:
+            return skip
+        fields = {loaded.ext: loaded.data, "cls": str(self.index[job.wnid]).encode("ascii"),
+                  "json": encode_json({"wnid": job.wnid, "file": job.rel})}
+        return Sample(sample_key(job.path.stem), fields, f"{loaded.ext}/{loaded.mode}")
+
+    def extra(self) -> dict:
+        return {"num_classes": len(self.classes), "classes": self.classes,
+                "image_kinds": dict(sorted(self.image_kinds.items())),
+                "sample_keys": {"jpg|png": "original image bytes", "cls": "class index (ASCII int)",
+                                "json": "{wnid, file}"}}
+
+
 def convert_imagenet(
     src: Path,
     out: Path,
@@ -120,30 +140,5 @@ def convert_imagenet(
     ``{out}/skipped.jsonl``. Raises LayoutError for a source that does not match the layout and
     OutputNotEmptyError for a non-empty ``out`` without ``overwrite``.
     """
-    src, out = Path(src), Path(out)
-    check_split(split)
-    classes = imagenet_classes(src)
-    index = {c["wnid"]: c["index"] for c in classes}
-    jobs, strays = _list_split(src, split, set(index))
-    jobs = shuffled(jobs)
-    prepare_output_dir(out, overwrite=overwrite)
-    modes: Counter[str] = Counter()
-    with ShardSink(out, dataset="imagenet", split=split, src=src, expected=len(jobs), max_count=max_count,
-                   max_bytes=max_bytes, min_shards=min_shards) as sink:
-        for rel, reason, detail in strays:
-            sink.skip(rel, reason, detail)
-        loads = [(job.path, job.rel) for job in jobs]
-        for job, result in zip(jobs, run_ordered(try_load_image, loads, workers=workers, desc=f"imagenet/{split}",
-                                                 progress=progress)):
-            if isinstance(result, ImageError):
-                sink.skip(job.rel, result.reason, result.detail)
-                continue
-            assert isinstance(result, CheckedImage)
-            fields = {result.ext: result.data, "cls": str(index[job.wnid]).encode("ascii"),
-                      "json": encode_json({"wnid": job.wnid, "file": job.rel})}
-            if sink.write(sample_key(job.path.stem), fields):
-                modes[f"{result.ext}/{result.mode}"] += 1
-        extra = {"num_classes": len(classes), "classes": classes, "image_kinds": dict(sorted(modes.items())),
-                 "sample_keys": {"jpg|png": "original image bytes", "cls": "class index (ASCII int)",
-                                 "json": "{wnid, file}"}}
-        return sink.finish(source={"layout": "imagenet", "mapping": (src / MAPPING_NAME).is_file()}, extra=extra)
+    return run_converter(ImageNetConverter(src, split), out, overwrite=overwrite, workers=workers,
+                         max_count=max_count, max_bytes=max_bytes, min_shards=min_shards, progress=progress)
