@@ -10,10 +10,10 @@ Sample: ``__key__`` (file stem), ``jpg`` (original bytes), ``seg.png`` (original
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from pretrain.prepare.images import IMAGE_SUFFIXES, CheckedImage, ImageError, load_image, load_label_png
+from pretrain.prepare.paths import SYMLINKED_DIR, scan
 from pretrain.prepare.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, LayoutError, encode_json, sample_key
 from pretrain.prepare.skeleton import Converter, Listing, Sample, Skip, run_converter, skip_for
 
@@ -35,17 +35,19 @@ def _find_root(src: Path) -> Path:
                       f"folders were found there or in {src}")
 
 
-def _list_files(folder: Path, suffixes: frozenset[str]) -> tuple[dict[str, str], list[str]]:
-    """``{stem: file name}`` of the wanted files in ``folder``, and the names of everything else."""
+def _list_files(folder: Path, suffixes: frozenset[str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """``{stem: file name}`` of the wanted files in ``folder``, the names of everything else, and the directory
+    symlinks (never followed)."""
     wanted: dict[str, str] = {}
     strays: list[str] = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    entries, links = scan(folder)
+    for entry in entries:
         suffix = Path(entry.name).suffix.lower()
-        if entry.is_dir() or entry.name.startswith(".") or suffix not in suffixes:
+        if entry.is_dir or entry.name.startswith(".") or suffix not in suffixes:
             strays.append(entry.name)
         else:
             wanted[Path(entry.name).stem] = entry.name
-    return wanted, strays
+    return wanted, strays, [e.name for e in links]
 
 
 def _list_split(src: Path, split: str) -> tuple[Path, list[_Job], list[tuple[str, str, str]]]:
@@ -56,12 +58,14 @@ def _list_split(src: Path, split: str) -> tuple[Path, list[_Job], list[tuple[str
     for folder in (image_dir, ann_dir):
         if not folder.is_dir():
             raise LayoutError(f"expected ADE20K folder {folder} for split {split!r}, but it is not a directory")
-    images, image_strays = _list_files(image_dir, IMAGE_SUFFIXES)
-    anns, ann_strays = _list_files(ann_dir, frozenset({".png"}))
+    images, image_strays, image_links = _list_files(image_dir, IMAGE_SUFFIXES)
+    anns, ann_strays, ann_links = _list_files(ann_dir, frozenset({".png"}))
     if not images:
         raise LayoutError(f"expected ADE20K images in {image_dir}/*.jpg, found none")
     skips = [(f"images/{sub}/{n}", "not_an_image", "stray file") for n in image_strays]
     skips += [(f"annotations/{sub}/{n}", "not_an_image", "stray file") for n in ann_strays]
+    skips += [(f"{kind}/{sub}/{n}", SYMLINKED_DIR, "directory symlink (not followed)")
+              for kind, links in (("images", image_links), ("annotations", ann_links)) for n in links]
     jobs: list[_Job] = []
     for stem, name in images.items():
         if stem not in anns:

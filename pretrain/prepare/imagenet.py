@@ -9,11 +9,11 @@ Sample: ``__key__`` (file stem), ``jpg`` or ``png`` (original bytes; the key fol
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.prepare.images import IMAGE_SUFFIXES, CheckedImage, ImageError, try_load_image
+from pretrain.prepare.paths import SYMLINKED_DIR, scan
 from pretrain.prepare.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, LayoutError, encode_json, sample_key
 from pretrain.prepare.skeleton import Converter, Listing, Sample, Skip, run_converter, skip_for
 
@@ -45,7 +45,8 @@ def read_synset_mapping(path: Path) -> dict[str, str]:
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    """Names of the real (not symlinked) class folders; directory symlinks are never followed."""
+    return [e.name for e in scan(split_dir)[0] if e.is_dir and not e.name.startswith(".")]
 
 
 def imagenet_classes(src: Path) -> list[dict]:
@@ -69,8 +70,9 @@ def _list_split(src: Path, split: str, known: set[str]) -> tuple[list[_Job], lis
     expected = f"expected ImageNet layout {split_dir}/<wnid>/*.JPEG"
     if not split_dir.is_dir():
         raise LayoutError(f"{expected}, but {split_dir} is not a directory")
-    wnids = _class_dirs(split_dir)
-    loose = sorted(e.name for e in os.scandir(split_dir) if not e.is_dir())
+    entries, links = scan(split_dir)
+    wnids = [e.name for e in entries if e.is_dir and not e.name.startswith(".")]
+    loose = [e.name for e in entries if not e.is_dir]
     if not wnids:
         hint = " (val images must be sorted into <wnid>/ folders first)" if loose else ""
         raise LayoutError(f"{expected}, but {split_dir} has no class folders{hint}")
@@ -78,11 +80,14 @@ def _list_split(src: Path, split: str, known: set[str]) -> tuple[list[_Job], lis
     if unknown:
         raise LayoutError(f"{split_dir}/{unknown[0]}: class folder not listed in {src / MAPPING_NAME}")
     strays = [(f"{split}/{name}", "not_an_image", "file outside the class folders") for name in loose]
+    strays += [(f"{split}/{e.name}", SYMLINKED_DIR, "directory symlink (not followed)") for e in links]
     jobs: list[_Job] = []
     for wnid in wnids:
-        for entry in sorted(os.scandir(split_dir / wnid), key=lambda e: e.name):
+        entries, links = scan(split_dir / wnid)
+        strays += [(f"{split}/{wnid}/{e.name}", SYMLINKED_DIR, "directory symlink (not followed)") for e in links]
+        for entry in entries:
             rel = f"{split}/{wnid}/{entry.name}"
-            if entry.is_dir():
+            if entry.is_dir:
                 strays.append((rel, "not_an_image", "unexpected directory inside a class folder"))
             elif entry.name.startswith(".") or Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
                 strays.append((rel, "not_an_image", "not an image file name (stray file)"))
