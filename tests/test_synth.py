@@ -14,10 +14,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pretrain.prepare import PREPARERS
-from pretrain.synth import ADE_CLASS_IDS, ADE_FLOOR_ID, COCO_CATEGORY_IDS, LAYOUTS, imagenet_wnid, synthesize
+from pretrain.synth import ADE_CLASS_IDS, ADE_FLOOR_ID, COCO_CATEGORY_IDS, FOLDERS, LAYOUTS, imagenet_wnid, synthesize
 
 TINY = {"imagenet_train": 3, "imagenet_val": 1, "coco_train": 5, "coco_val": 2, "ade_train": 4, "ade_val": 2,
-        "num_classes": 4, "image_size": (48, 64)}
+        "num_classes": 4, "image_size": (48, 64), "nyud_train": 3, "nyud_val": 2, "pascal_train": 3, "pascal_val": 2,
+        "dense_size": (48, 64)}
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -101,7 +102,7 @@ def test_converters_report_what_synth_expects(corpus, tmp_path):
     for name in LAYOUTS:
         for split in ("train", "val"):
             out = tmp_path / name / split
-            result = PREPARERS[name](root / name, out, split, progress=False)
+            result = PREPARERS[name](root / FOLDERS[name], out, split, progress=False)
             expected = summary[name][split]
             assert (result["written"], result["skipped"]) == (expected["expected_samples"],
                                                               expected["expected_skipped"]), (name, split)
@@ -133,4 +134,4 @@ def test_arguments_checked(tmp_path):
     small = synthesize(tmp_path / "e", **{**TINY, "scale": 0.1}, layouts=("coco", "ade20k"))
     assert small["coco"]["train"]["files"] == 2 and small["ade20k"]["val"]["files"] == 1  # 3 listed, 1 missing
     with pytest.raises(ValueError, match="unknown layout"):
-        synthesize(tmp_path / "d", layouts=("nyud",))
+        synthesize(tmp_path / "d", layouts=("kitti",))
