@@ -57,7 +57,8 @@ def test_nyud_tree_quirks_and_members(dense_raw, tmp_path):
     assert [(r["file"], r["reason"]) for r in rows] == [("depth/0002.npy", "missing_file"),
                                                         ("images/0001.png", "oversized")]
     assert info["validation"]["oversized"] == [{"id": "0001", "width": 640, "height": 480, "kept": False}]
-    assert info["validation"]["split_counts"] == {"train": {"listed": 5, "release": 795}}
+    assert info["validation"]["split_counts"] == {"train": {"listed": 5, "release": 795},
+                                                  "val": {"listed": 3, "release": 654}}
     assert info["dataset"] == "nyud" and info["tasks"] == ["semseg", "depth", "normals", "edge"]
     assert info["num_classes"] == {"semseg": 40} and len(info["semseg_classes"]) == 40
     sample = samples["0003"]
@@ -132,6 +133,16 @@ def test_pascal_tree_quirks_and_members(dense_raw, tmp_path):
     assert np.array_equal(valid, (~np.isin(labels, [360, 25])).astype(np.uint8))
 
 
+def test_dense_workers_give_identical_shards(dense_raw, tmp_path):
+    root, _ = dense_raw
+    convert_pascal_context(root / "PASCALContext", tmp_path / "w0", "train", max_count=3, progress=False)
+    convert_pascal_context(root / "PASCALContext", tmp_path / "w2", "train", max_count=3, workers=2, progress=False)
+    names = sorted(p.name for p in (tmp_path / "w0").iterdir() if p.name != "_info.json")
+    assert len(names) == 3 and names == sorted(p.name for p in (tmp_path / "w2").iterdir() if p.name != "_info.json")
+    for name in names:
+        assert (tmp_path / "w0" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
+
+
 def test_pascal_bad_label_files(dense_raw, tmp_path):
     root, _ = dense_raw
     src = tmp_path / "PASCALContext"
@@ -187,6 +198,10 @@ def test_parts_map_without_person_parts_is_ignore(tmp_path):
     bad = [("person", 15, _mask(slice(0, 2), slice(0, 2)), [("tail", _mask(slice(0, 1), slice(0, 1)))])]
     with pytest.raises(LabelFileError, match="unknown person part name 'tail'"):
         parts_map(_mat_roundtrip(parts_mat("x", bad), tmp_path), (4, 5))
+    good = [("person", 15, _mask(slice(0, 2), slice(0, 2)), [("head", _mask(slice(0, 1), slice(0, 1)))])]
+    with pytest.raises(LabelFileError, match=r"mask is \(4, 5\), image is \(3, 5\)") as err:
+        parts_map(_mat_roundtrip(parts_mat("x", good), tmp_path), (3, 5))
+    assert err.value.reason == "size_mismatch"
 
 
 def test_edge_map_transcribes_laplacian_and_thinning():

@@ -152,6 +152,18 @@ class DenseConverter(Converter):
         return Skip(candidates[0].format(id=ident), "missing_file",
                     f"id {ident}: none of {', '.join(c.format(id=ident) for c in candidates)} exists")
 
+    def _split_counts(self, root: Path) -> dict[str, dict[str, int]]:
+        """Ids listed per split next to the release's count (information: a small or partial copy is allowed)."""
+        counts = {}
+        for split, release in self.layout.expected.items():
+            path = root / self.layout.split_list.format(split=split)
+            if path.is_file():
+                counts[split] = {"listed": len(_read_ids(path)), "release": release}
+                if counts[split]["listed"] != release:
+                    logger.info("%s/%s: %d ids listed, the release has %d (information only)", self.dataset, split,
+                                counts[split]["listed"], release)
+        return counts
+
     def list_jobs(self) -> Listing:
         root = _find_root(self.src, self.layout, self.split)
         self.root = root
@@ -167,12 +179,8 @@ class DenseConverter(Converter):
                 skips.append(bad[0])
             else:
                 jobs.append(DenseJob(ident, files, self.tasks))
-        self.validation = {"split_counts": {self.split: {"listed": len(ids),
-                                                         "release": self.layout.expected[self.split]}},
-                           "missing_task_folders": missing_folders, "pad_target_hw": list(self.layout.pad_hw)}
-        if len(ids) != self.layout.expected[self.split]:
-            logger.info("%s/%s: %d ids listed, the release has %d (information only)", self.dataset, self.split,
-                        len(ids), self.layout.expected[self.split])
+        self.validation = {"split_counts": self._split_counts(root), "missing_task_folders": missing_folders,
+                           "pad_target_hw": list(self.layout.pad_hw)}
         return Listing(jobs=jobs, skips=skips, source={"layout": self.dataset, "root": str(root)})
 
     def to_sample(self, job: DenseJob, loaded: Any) -> Sample | Skip:

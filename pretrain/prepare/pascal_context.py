@@ -74,7 +74,7 @@ def _derived(job: DenseJob, hw: tuple[int, int]) -> dict[str, bytes]:
             if "normals" in job.tasks:
                 fields["normals_valid.png"] = png_bytes(normals_valid(labels_HW))
     except LabelFileError as err:
-        raise ImageError("bad_label_format", f"{name}: {err}") from None
+        raise ImageError(err.reason, f"{name}: {err}") from None
     return fields
 
 

@@ -43,7 +43,12 @@ _LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float64)
 
 
 class LabelFileError(ValueError):
-    """A ``.mat`` whose content does not have the expected structure; the message names what is wrong."""
+    """A ``.mat`` whose content does not have the expected structure (``reason`` ``bad_label_format``) or size
+    (``size_mismatch``); the message names what is wrong."""
+
+    def __init__(self, message: str, reason: str = "bad_label_format") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def parts_map(mat: dict, shape_HW: tuple[int, int]) -> np.ndarray:
@@ -69,7 +74,8 @@ def parts_map(mat: dict, shape_HW: tuple[int, int]) -> np.ndarray:
                     raise LabelFileError(f"unknown person part name {name!r}")
                 mask = np.asarray(part[1]).astype(bool)
                 if mask.shape != tuple(shape_HW):
-                    raise LabelFileError(f"part {name!r} mask is {mask.shape}, image is {tuple(shape_HW)}")
+                    raise LabelFileError(f"part {name!r} mask is {mask.shape}, image is {tuple(shape_HW)}",
+                                         "size_mismatch")
                 target[mask] = PART_CLASSES[name]
     except (KeyError, IndexError, TypeError) as err:
         raise LabelFileError(f"not a PASCAL-Part anno struct ({type(err).__name__}: {err})") from None

@@ -56,6 +56,19 @@ def _claim(folder: Path, *, overwrite: bool, seed: int) -> None:
     write_file(folder / MARKER_NAME, json.dumps({"generator": "pretrain.synth", "seed": seed}).encode())
 
 
+def _check_arguments(layouts: Sequence[str], image_size: tuple[int, int], dense_size: tuple[int, int],
+                     scale: float) -> None:
+    unknown = [name for name in layouts if name not in LAYOUTS]
+    if unknown:
+        raise ValueError(f"unknown layout(s) {unknown}; expected some of {sorted(LAYOUTS)}")
+    if not 8 <= image_size[0] <= image_size[1]:
+        raise ValueError(f"image_size={image_size} must be (min, max) with 8 <= min <= max")
+    if min(dense_size) < 16:
+        raise ValueError(f"dense_size={dense_size} must be (height, width), both >= 16")
+    if scale <= 0:
+        raise ValueError(f"scale={scale} must be > 0")
+
+
 def synthesize(
     out: Path,
     *,
@@ -88,13 +101,7 @@ def synthesize(
     unless ``overwrite``.
     """
     out = Path(out)
-    unknown = [name for name in layouts if name not in LAYOUTS]
-    if unknown:
-        raise ValueError(f"unknown layout(s) {unknown}; expected some of {sorted(LAYOUTS)}")
-    if not 8 <= image_size[0] <= image_size[1]:
-        raise ValueError(f"image_size={image_size} must be (min, max) with 8 <= min <= max")
-    if scale <= 0:
-        raise ValueError(f"scale={scale} must be > 0")
+    _check_arguments(layouts, image_size, dense_size, scale)
 
     def n(count: int, least: int = 1) -> int:
         return max(least, round(count * scale)) if scale != 1.0 else count

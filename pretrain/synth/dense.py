@@ -47,6 +47,14 @@ def _plane(rng: np.random.Generator, h: int, w: int, base: float, tilt: float) -
     return (base + gx * xx + gy * yy).astype(np.float32), normal / np.linalg.norm(normal)
 
 
+def _floor(h: int, w: int, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """A floor plane coming closer towards the bottom rows (3 m at row ``top``, 1.5 m nearer per image height)."""
+    gy = -1.5 / h
+    yy = np.mgrid[0:h, 0:w][0].astype(np.float32)
+    normal = np.array([0.0, -gy * FOCAL, 1.0], np.float32)
+    return (3.0 + gy * (yy - top)).astype(np.float32), normal / np.linalg.norm(normal)
+
+
 def draw_scene(rng: np.random.Generator, h: int, w: int, *, floor: bool, shapes: list[int] | None = None) -> Scene:
     """Draw a scene of ``h`` x ``w`` pixels; ``shapes`` fixes the shape indices (default: 1-3 random ones)."""
     canvas = background(rng, h, w)
@@ -54,11 +62,10 @@ def draw_scene(rng: np.random.Generator, h: int, w: int, *, floor: bool, shapes:
     depth, n_wall = _plane(rng, h, w, rng.uniform(4.0, 6.0), 1.0)
     normals = np.broadcast_to(n_wall, (h, w, 3)).copy()
     if floor:
-        band = np.arange(h)[:, None].repeat(w, 1) >= int(h * rng.uniform(0.65, 0.8))
-        rows = np.arange(h, dtype=np.float32)[:, None].repeat(w, 1)
-        floor_depth = 3.0 - 1.5 * (rows - rows[band].min()) / max(h, 1)
-        part[band], depth[band] = 1, floor_depth[band]
-        normals[band] = np.array([0.0, -0.8, 0.6], np.float32)
+        top = int(h * rng.uniform(0.65, 0.8))
+        band = np.arange(h)[:, None].repeat(w, 1) >= top
+        floor_depth, n_floor = _floor(h, w, top)
+        part[band], depth[band], normals[band] = 1, floor_depth[band], n_floor
         canvas[band] = canvas[band] * 0.6 + 40
     chosen = shapes if shapes is not None else [int(rng.integers(len(SHAPES))) for _ in range(rng.integers(1, 4))]
     masks = []
