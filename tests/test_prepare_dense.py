@@ -149,10 +149,16 @@ def test_pascal_bad_label_files(dense_raw, tmp_path):
     shutil.copytree(root / "PASCALContext", src)
     (src / "human_parts/2009_000001.mat").write_bytes(b"not a mat file")
     scipy.io.savemat(src / "pascal-context/trainval/2009_000002.mat", {"LabelMap": np.zeros((5, 5), np.uint16)})
+    semseg = src / "semseg/VOC12/2009_000003.png"
+    values = _array(semseg.read_bytes())
+    Image.open(semseg).convert("P").save(semseg)  # a palette PNG: its indices are the labels
+    assert Image.open(semseg).mode == "P" and np.array_equal(_array(semseg.read_bytes()), values)
     (src / "ImageSets/Context/val.txt").write_text("2009_000001\n2009_000002\n2009_000003\n../../../etc/passwd\n")
     convert_pascal_context(src, tmp_path / "out", "val", progress=False)
     _, samples, rows = _read(tmp_path / "out")
     assert list(samples) == ["2009_000003"]
+    stored = Image.open(io.BytesIO(samples["2009_000003"]["semseg.png"]))
+    assert stored.mode == "L" and np.array_equal(np.asarray(stored), values)
     assert [(r["file"], r["reason"]) for r in rows] == [
         ("JPEGImages/../../../etc/passwd.jpg", "outside_src"), ("JPEGImages/2009_000001.jpg", "unreadable_mat"),
         ("JPEGImages/2009_000002.jpg", "size_mismatch")]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pretrain.prepare.images import ImageError, decode_image, read_bytes
+from pretrain.prepare.images import ImageError, decode_image, load_image, read_bytes
 from pretrain.prepare.paths import OUTSIDE_SRC, confined
 from pretrain.prepare.shards import LayoutError, PrepareError, encode_json, sample_key
 from pretrain.prepare.skeleton import Converter, Listing, Sample, Skip
@@ -84,6 +84,28 @@ def png_member(path: Path, name: str, mode: str, image_hw: tuple[int, int]) -> b
         raise ImageError("bad_label_format", f"{name}: expected a {mode} PNG, found {checked.ext}/{checked.mode}")
     check_size(name, (checked.height, checked.width), image_hw)
     return checked.data
+
+
+Member = Callable[[DenseJob, tuple[int, int], dict], dict[str, bytes]]  # (job, image [H, W], per-job cache)
+
+
+def load_members(job: DenseJob, image_name: str, members: dict[str, Member]
+                 ) -> tuple[dict[str, bytes], int, int, str] | ImageError:
+    """Worker body shared by the dense datasets: decode the image, then build each task's members from the
+    ``members`` table; the first problem comes back as the ImageError (returned, not raised, for the pool).
+
+    Returns:
+        ({member: bytes} including the image's ``jpg``/``png``, width, height, image kind ``"jpg/RGB"``).
+    """
+    try:
+        image = load_image(job.files["image"], name=image_name.format(id=job.id))
+        hw = (image.height, image.width)
+        fields, cache = {image.ext: image.data}, {}
+        for task in job.tasks:
+            fields.update(members[task](job, hw, cache))
+    except ImageError as err:
+        return err
+    return fields, image.width, image.height, f"{image.ext}/{image.mode}"
 
 
 def _find_root(src: Path, layout: DenseLayout, split: str) -> Path:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.prepare.dense import DenseConverter, DenseJob, DenseLayout, check_size, png_member
-from pretrain.prepare.images import ImageError, load_image, load_label_png, read_bytes
+from pretrain.prepare.dense import DenseConverter, DenseJob, DenseLayout, check_size, load_members, png_member
+from pretrain.prepare.images import ImageError, load_label_png, read_bytes
 from pretrain.prepare.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT
 from pretrain.prepare.skeleton import run_converter
 
@@ -46,26 +46,25 @@ def _depth(path: Path, name: str, image_hw: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
+def _semseg(job: DenseJob, hw: tuple[int, int], cache: dict) -> dict[str, bytes]:
+    name = f"segmentation/{job.id}.png"
+    label, labels_HW = load_label_png(job.files["semseg"], name=name, max_value=NUM_CLASSES)
+    check_size(name, labels_HW.shape, hw)
+    return {"semseg.png": label.data}
+
+
+MEMBERS = {  # task -> members of the sample (DENSE_SCHEMA)
+    "semseg": _semseg,
+    "depth": lambda job, hw, cache: {"depth.npy": _depth(job.files["depth"], f"depth/{job.id}.npy", hw)},
+    "normals": lambda job, hw, cache: {
+        "normals.png": png_member(job.files["normals"], f"normals/{job.id}.png", "RGB", hw)},
+    "edge": lambda job, hw, cache: {"edge.png": png_member(job.files["edge"], f"edge/{job.id}.png", "L", hw)},
+}
+
+
 def load_nyud(job: DenseJob) -> tuple[dict[str, bytes], int, int, str] | ImageError:
     """Decode and check every file of one NYUD id (worker function); ImageError on the first problem."""
-    try:
-        image = load_image(job.files["image"], name=f"images/{job.id}.png")
-        hw = (image.height, image.width)
-        fields = {image.ext: image.data}
-        if "semseg" in job.tasks:
-            name = f"segmentation/{job.id}.png"
-            label, labels_HW = load_label_png(job.files["semseg"], name=name, max_value=NUM_CLASSES)
-            check_size(name, labels_HW.shape, hw)
-            fields["semseg.png"] = label.data
-        if "depth" in job.tasks:
-            fields["depth.npy"] = _depth(job.files["depth"], f"depth/{job.id}.npy", hw)
-        if "normals" in job.tasks:
-            fields["normals.png"] = png_member(job.files["normals"], f"normals/{job.id}.png", "RGB", hw)
-        if "edge" in job.tasks:
-            fields["edge.png"] = png_member(job.files["edge"], f"edge/{job.id}.png", "L", hw)
-    except ImageError as err:
-        return err
-    return fields, image.width, image.height, f"{image.ext}/{image.mode}"
+    return load_members(job, "images/{id}.png", MEMBERS)
 
 
 NYUD = DenseLayout(

@@ -10,14 +10,22 @@ Derived at conversion (`pascal_labels.py`): ``human_parts.png``, ``edge.png`` (0
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import scipy.io
 
-from pretrain.prepare.dense import DenseConverter, DenseJob, DenseLayout, check_size, png_bytes, png_member
-from pretrain.prepare.images import ImageError, decode_image, load_image, read_bytes
+from pretrain.prepare.dense import (
+    DenseConverter,
+    DenseJob,
+    DenseLayout,
+    check_size,
+    load_members,
+    png_bytes,
+    png_member,
+)
+from pretrain.prepare.images import ImageError, decode_image, read_bytes
 from pretrain.prepare.pascal_labels import (
     NORMALS_VALID_CLASSES,
     NUM_PART_CLASSES,
@@ -58,42 +66,47 @@ def _semseg(path: Path, name: str, image_hw: tuple[int, int]) -> bytes:
     return checked.data if checked.mode == "L" else png_bytes(labels_HW)
 
 
-def _derived(job: DenseJob, hw: tuple[int, int]) -> dict[str, bytes]:
-    """human_parts.png, edge.png, normals_valid.png from the two .mat files."""
-    fields = {}
+def _semseg_name(job: DenseJob) -> str:
+    return f"semseg/{job.files['semseg'].parent.name}/{job.id}.png"  # VOC12 or the pascal-context fallback
+
+
+def _mat_labels(fn: Callable[[dict, tuple[int, int]], np.ndarray], job: DenseJob, role: str, name: str,
+                hw: tuple[int, int]) -> np.ndarray:
+    """``fn(loadmat(file))`` with a LabelFileError turned into the ImageError of its reason."""
     try:
-        if "human_parts" in job.tasks:
-            name = f"human_parts/{job.id}.mat"
-            fields["human_parts.png"] = png_bytes(parts_map(_load_mat(job.files["parts"], name), hw))
-        if "edge" in job.tasks or "normals" in job.tasks:
-            name = f"pascal-context/trainval/{job.id}.mat"
-            labels_HW = label_map(_load_mat(job.files["labelmap"], name))
-            check_size(name, labels_HW.shape, hw)
-            if "edge" in job.tasks:
-                fields["edge.png"] = png_bytes(edge_map(labels_HW).astype(np.uint8) * 255)
-            if "normals" in job.tasks:
-                fields["normals_valid.png"] = png_bytes(normals_valid(labels_HW))
+        return fn(_load_mat(job.files[role], name), hw)
     except LabelFileError as err:
         raise ImageError(err.reason, f"{name}: {err}") from None
-    return fields
+
+
+def _labels(job: DenseJob, hw: tuple[int, int], cache: dict) -> np.ndarray:
+    """The LabelMap, loaded once per job (edge and normals both need it)."""
+    if "labels" not in cache:
+        name = f"pascal-context/trainval/{job.id}.mat"
+        labels_HW = _mat_labels(lambda mat, _: label_map(mat), job, "labelmap", name, hw)
+        check_size(name, labels_HW.shape, hw)
+        cache["labels"] = labels_HW
+    return cache["labels"]
+
+
+def _parts(job: DenseJob, hw: tuple[int, int], cache: dict) -> dict[str, bytes]:
+    return {"human_parts.png": png_bytes(_mat_labels(parts_map, job, "parts", f"human_parts/{job.id}.mat", hw))}
+
+
+MEMBERS = {  # task -> members of the sample (DENSE_SCHEMA)
+    "semseg": lambda job, hw, cache: {"semseg.png": _semseg(job.files["semseg"], _semseg_name(job), hw)},
+    "human_parts": _parts,
+    "sal": lambda job, hw, cache: {"sal.png": png_member(job.files["sal"], f"sal_distill/{job.id}.png", "L", hw)},
+    "normals": lambda job, hw, cache: {
+        "normals.png": png_member(job.files["normals"], f"normals_distill/{job.id}.png", "RGB", hw),
+        "normals_valid.png": png_bytes(normals_valid(_labels(job, hw, cache)))},
+    "edge": lambda job, hw, cache: {"edge.png": png_bytes(edge_map(_labels(job, hw, cache)).astype(np.uint8) * 255)},
+}
 
 
 def load_pascal_context(job: DenseJob) -> tuple[dict[str, bytes], int, int, str] | ImageError:
     """Decode, check and derive every member of one PASCAL-Context id (worker function)."""
-    try:
-        image = load_image(job.files["image"], name=f"JPEGImages/{job.id}.jpg")
-        hw = (image.height, image.width)
-        fields = {image.ext: image.data}
-        if "semseg" in job.tasks:
-            fields["semseg.png"] = _semseg(job.files["semseg"], f"semseg/{job.id}.png", hw)
-        if "sal" in job.tasks:
-            fields["sal.png"] = png_member(job.files["sal"], f"sal_distill/{job.id}.png", "L", hw)
-        if "normals" in job.tasks:
-            fields["normals.png"] = png_member(job.files["normals"], f"normals_distill/{job.id}.png", "RGB", hw)
-        fields.update(_derived(job, hw))
-    except ImageError as err:
-        return err
-    return fields, image.width, image.height, f"{image.ext}/{image.mode}"
+    return load_members(job, "JPEGImages/{id}.jpg", MEMBERS)
 
 
 PASCAL_CONTEXT = DenseLayout(
