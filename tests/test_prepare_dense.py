@@ -224,3 +224,18 @@ def test_edge_map_transcribes_laplacian_and_thinning():
 def test_normals_valid_classes():
     labels = np.array([[440, 360, 427], [284, 0, 158]])  # wall, sky, tvmonitor / person, none, floor
     assert normals_valid(labels).tolist() == [[1, 0, 1], [1, 0, 1]]
+
+
+# rows of a 12x14 LabelMap (w = 440) and thin(|cv2.Laplacian(labels, cv2.CV_64F)| > 0) computed with OpenCV
+# 4.14 + scikit-image 0.26 (the reference's own calls; OpenCV is not a dependency here, so the result is stored)
+_CV2_LABELS = ["1111111111wwww", "1111111111wwww", "1112222221wwww", "11122222211111", "11122222211111",
+               "11122233333311", "11122233333311", "11122233333311", "11111133333311", "22221133333311",
+               "22221133333311", "22221111111111"]
+_CV2_EDGE = ["..............", "..............", "...#####......", "..#.....#..##.", "..#....#.##...",
+             "..#...###..#..", "..#..#.....#..", "...##.#....#..", "..#..#.....#..", "##...#.....#..",
+             "....#.#....#..", "...#...####..."]
+
+
+def test_edge_map_matches_opencv_reference():
+    labels = np.array([[440 if c == "w" else int(c) for c in row] for row in _CV2_LABELS], np.uint16)
+    assert ["".join("#" if v else "." for v in row) for row in edge_map(labels)] == _CV2_EDGE

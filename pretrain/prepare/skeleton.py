@@ -9,6 +9,7 @@ same crash safety.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ class Listing:
     source: dict[str, Any] = field(default_factory=dict)
 
 
-class Converter:
+class Converter(ABC):
     """One dataset's part of a conversion; a fresh instance per (src, split) run.
 
     Subclasses set ``dataset`` and ``load`` (a module-level function ``job -> loaded | ImageError``, run in the
@@ -76,21 +77,21 @@ class Converter:
         self.split = check_split(split)
         self.image_kinds: Counter[str] = Counter()
 
+    @abstractmethod
     def list_jobs(self) -> Listing:
         """Read the layout; raise LayoutError for a source that does not match it (nothing written yet)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def to_sample(self, job: Any, loaded: Any) -> Sample | Skip:
         """Turn a loaded job (or the ImageError its load returned) into a sample or a skip."""
-        raise NotImplementedError
 
     def written(self, sample: Sample) -> None:
         """Called after ``sample`` was written (not for a duplicate key)."""
         self.image_kinds[sample.kind] += 1
 
+    @abstractmethod
     def extra(self) -> dict[str, Any]:
         """Dataset-specific ``_info.json`` keys."""
-        raise NotImplementedError
 
     def summary_extra(self) -> dict[str, Any]:
         """Keys added to the returned summary (besides ``ShardSink.finish``'s)."""
