@@ -36,9 +36,11 @@ def _prepare(args: argparse.Namespace) -> int:
 
     setup_logging()
     try:
+        extra = ({"tasks": args.tasks, "keep_oversized": args.keep_oversized}
+                 if args.dataset in ("nyud", "pascal_context") else {})
         PREPARERS[args.dataset](
             Path(args.src), Path(args.out), args.split, overwrite=args.overwrite, workers=args.workers,
-            max_count=args.shard_max_count, max_bytes=args.shard_max_bytes, min_shards=args.min_shards,
+            max_count=args.shard_max_count, max_bytes=args.shard_max_bytes, min_shards=args.min_shards, **extra,
         )
     except PrepareError as exc:
         raise UserError(str(exc)) from None
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("synth", help="write the embedded corpus (ImageNet/COCO/ADE20K raw layouts)")
+    p = sub.add_parser("synth", help="write the embedded corpus (raw layouts of all five datasets)")
     p.add_argument("--out", required=True, help="output folder for the raw layouts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="multiply the default dataset sizes")
@@ -121,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("prepare", help="convert a raw dataset layout into WebDataset shards")
-    p.add_argument("dataset", choices=["imagenet", "coco", "ade20k"])
+    p.add_argument("dataset", choices=["imagenet", "coco", "ade20k", "nyud", "pascal_context"])
     p.add_argument("--src", required=True, help="dataset root in its standard release layout")
     p.add_argument("--out", required=True, help="output folder for shards + _info.json")
     p.add_argument("--split", required=True, choices=["train", "val"])
@@ -131,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-max-bytes", type=int, default=512 * 2**20, help="bytes per shard at most")
     p.add_argument("--min-shards", type=int, default=1,
                    help="at least this many shards (readers need >= ranks × workers shards per split)")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="nyud/pascal_context: convert only these tasks (a missing task folder is an error otherwise)")
+    p.add_argument("--keep-oversized", action="store_true",
+                   help="nyud/pascal_context: keep images larger than the pad target (reported either way)")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("train", help="pretrain on the task mixture with DeepSpeed")
