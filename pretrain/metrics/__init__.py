@@ -19,6 +19,7 @@ Cross-rank communication is injected so this package never imports torch.distrib
 from pretrain.metrics.classification import ClassificationMeter
 from pretrain.metrics.depth import DepthMeter
 from pretrain.metrics.detection import CocoDetectionMeter, category_ids_from_gt
+from pretrain.metrics.edges import EDGE_DATASETS, EdgeMeter
 from pretrain.metrics.multitask import PRIMARY, delta_m, primary_metrics
 from pretrain.metrics.normals import NormalsMeter
 from pretrain.metrics.predictions import save_predictions
@@ -32,6 +33,8 @@ __all__ = [
     "category_ids_from_gt",
     "reduce_zero_label",
     "DepthMeter",
+    "EdgeMeter",
+    "EDGE_DATASETS",
     "NormalsMeter",
     "SaliencyMeter",
     "PRIMARY",
