@@ -47,7 +47,8 @@ from pretrain.data.transforms import transform_cls, transform_det, transform_seg
 logger = logging.getLogger(__name__)
 
 INFO_NAME = "_info.json"
-TASK_IDS = {"cls": 0, "det": 1, "seg": 2}  # integer ids for seeding (no string hashing)
+# integer ids for seeding (no string hashing): pretraining tasks, then the dense fine-tuning datasets (dense.py)
+TASK_IDS = {"cls": 0, "det": 1, "seg": 2, "nyud": 3, "pascal_context": 4}
 _WARN_LIMIT = 5  # warnings per worker before skips are only counted
 _SHARDS, _SHUFFLE, _AUG = 0, 1, 2  # seed purposes
 _DEFER_BYTES = 16384  # image/mask members at least this large are read right before decoding (tar.py)

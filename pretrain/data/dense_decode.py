@@ -1,0 +1,233 @@
+"""Dense multi-task samples (NYUD-v2, PASCAL-Context) → image + per-task label tensors at the original resolution.
+
+Shard schema: /work/wt/_notes/DENSE_SCHEMA.md (summarised in DATA.md). Two tables drive everything:
+`DENSE_TASKS` says how each task's member decodes, what pads it and how geometry treats it; `DENSE_DATASETS` says
+which tasks a dataset has, its class counts, label conventions and default sizes. Only whitelisted members are read
+(`decode.is_allowed_member`); `.npy` goes through `np.load(allow_pickle=False)` after a magic/dtype/shape check.
+
+Label conventions (what the references' loaders do, evaluation.md §2):
+- semseg: NYUD raw 0..40 → reduce-zero-label (0 → 255, c → c − 1); PASCAL 0..20 kept, 255 ignore.
+- human_parts 0..6, 255 ignore; sal = v/255 > 0.5 (0/1); edge = v/255; depth = metres, 0 invalid;
+  normals n = 2·v/255 − 1, zeroed where PASCAL's `normals_valid.png` is 0 (AddIgnoreRegions then marks 255).
+A task the sample's json does not list gets a map of its padding value (ignored by its loss and metric); a listed
+task whose member is missing or malformed raises, and the pipeline skips and counts the sample.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain.data.decode import (
+    IGNORE_INDEX,
+    MAX_IMAGE_PIXELS,
+    decode_json,
+    decode_mask,
+    decode_rgb,
+    image_bytes,
+    open_checked_png,
+    reduce_zero_label,
+)
+
+logger = logging.getLogger(__name__)
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+@dataclass(frozen=True)
+class ScaleRotate:
+    """ASTMT's ScaleNRotate ranges (old protocol training): (min, max) drawn uniformly, or value lists to choose from
+    when `discrete` (degrees, counter-clockwise as cv2.getRotationMatrix2D; scale factors)."""
+
+    rotations: tuple[float, ...]
+    scales: tuple[float, ...]
+    discrete: bool
+
+
+@dataclass(frozen=True)
+class DenseDataset:
+    """One dense multi-task dataset: its tasks, label conventions and default sizes (h, w).
+
+    Attributes:
+        num_classes: per class-map task; semseg's is the count AFTER any reduce-zero-label.
+        semseg_zero_is_ignore: raw semseg 0 means unlabelled (NYUD): reduce-zero-label, raw range 0..C.
+        normals_valid_member: a 0/1 mask member; normals are zeroed (→ ignored) where it is 0.
+        train_size / eval_size: new protocol crop and pad targets; old_size: the old protocol's FixedResize.
+        old_scale_rotate: the old protocol's ScaleNRotate ranges (ASTMT get_transformations).
+    """
+
+    name: str
+    tasks: tuple[str, ...]
+    num_classes: dict[str, int]
+    semseg_zero_is_ignore: bool
+    train_size: tuple[int, int]
+    eval_size: tuple[int, int]
+    old_size: tuple[int, int]
+    old_scale_rotate: ScaleRotate
+    normals_valid_member: str | None = None
+    label_range: dict[str, int] = field(default_factory=dict)  # derived: largest raw label value accepted
+
+    def __post_init__(self) -> None:
+        top = {t: n - 1 for t, n in self.num_classes.items()}
+        if self.semseg_zero_is_ignore:
+            top["semseg"] = self.num_classes["semseg"]  # raw 1..C are classes, 0 unlabelled
+        object.__setattr__(self, "label_range", top)
+
+
+DENSE_DATASETS: dict[str, DenseDataset] = {
+    "nyud": DenseDataset(name="nyud", tasks=("semseg", "depth", "normals", "edge"),
+                         num_classes={"semseg": 40}, semseg_zero_is_ignore=True, train_size=(448, 576),
+                         eval_size=(448, 576), old_size=(480, 640),
+                         old_scale_rotate=ScaleRotate(rotations=(0.0,), scales=(1.0, 1.2, 1.5), discrete=True)),
+    "pascal_context": DenseDataset(name="pascal_context", tasks=("semseg", "human_parts", "sal", "normals", "edge"),
+                                   num_classes={"semseg": 21, "human_parts": 7, "sal": 2},
+                                   semseg_zero_is_ignore=False, train_size=(512, 512), eval_size=(512, 512),
+                                   old_size=(512, 512), normals_valid_member="normals_valid.png",
+                                   old_scale_rotate=ScaleRotate(rotations=(-20.0, 20.0), scales=(0.75, 1.25),
+                                                                discrete=False)),
+}
+
+
+def _class_map(data: bytes, *, top: int, member: str) -> torch.Tensor:
+    """8-bit label PNG → uint8 [1,H,W]; values must be 0..top or 255."""
+    mask_HW = decode_mask(data)
+    bad = (mask_HW > top) & (mask_HW != IGNORE_INDEX)
+    if bool(bad.any()):
+        raise ValueError(f"{member} holds value {int(mask_HW[bad].max())} outside 0..{top} and {IGNORE_INDEX}")
+    return mask_HW[None]
+
+
+def _decode_semseg(sample: Mapping[str, Any], ds: DenseDataset) -> torch.Tensor:
+    raw_1HW = _class_map(sample["semseg.png"], top=ds.label_range["semseg"], member="semseg.png")
+    return reduce_zero_label(raw_1HW) if ds.semseg_zero_is_ignore else raw_1HW
+
+
+def _decode_parts(sample: Mapping[str, Any], ds: DenseDataset) -> torch.Tensor:
+    return _class_map(sample["human_parts.png"], top=ds.label_range["human_parts"], member="human_parts.png")
+
+
+def _decode_sal(sample: Mapping[str, Any], ds: DenseDataset) -> torch.Tensor:
+    return (decode_mask(sample["sal.png"]) > 127)[None].to(torch.uint8)  # v/255 > 0.5 ⇔ v ≥ 128
+
+
+def _decode_edge(sample: Mapping[str, Any], ds: DenseDataset) -> torch.Tensor:
+    return (decode_mask(sample["edge.png"]).to(torch.float32) / 255.0)[None]
+
+
+def _decode_normals(sample: Mapping[str, Any], ds: DenseDataset) -> torch.Tensor:
+    with open_checked_png(sample["normals.png"]) as im:
+        if im.mode != "RGB":
+            raise ValueError(f"normals.png has mode {im.mode!r}, expected 8-bit 'RGB'")
+        arr_HW3 = np.asarray(im, dtype=np.uint8)
+    normals_3HW = torch.from_numpy(arr_HW3.transpose(2, 0, 1).astype(np.float32)) * (2.0 / 255.0) - 1.0
+    if ds.normals_valid_member is not None:
+        valid_HW = decode_mask(sample[ds.normals_valid_member])
+        if bool((valid_HW > 1).any()):
+            raise ValueError(f"{ds.normals_valid_member} must hold 0/1, found {int(valid_HW.max())}")
+        if valid_HW.shape != normals_3HW.shape[1:]:
+            raise ValueError(f"{ds.normals_valid_member} {tuple(valid_HW.shape)} and normals.png "
+                             f"{tuple(normals_3HW.shape[1:])} sizes differ")
+        normals_3HW = normals_3HW * valid_HW[None]
+    return normals_3HW
+
+
+def decode_npy_depth(data: bytes) -> torch.Tensor:
+    """`.npy` bytes of a float depth map [H,W] (or [H,W,1]) in metres → float32 [1,H,W]; never unpickles.
+
+    Refuses: non-npy bytes (an `.npz` zip would make np.load return an archive), object/integer dtypes, other
+    shapes, more than MAX_IMAGE_PIXELS values, non-finite or negative depths.
+    """
+    if not data.startswith(_NPY_MAGIC):
+        raise ValueError(f"depth.npy is not a .npy array (starts with {bytes(data[:8]).hex()})")
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if arr.dtype not in (np.float32, np.float64, np.float16):
+        raise ValueError(f"depth.npy has dtype {arr.dtype}, expected float32")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2 or arr.size == 0 or arr.size > MAX_IMAGE_PIXELS:
+        raise ValueError(f"depth.npy has shape {arr.shape}, expected [H, W]")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        raise ValueError("depth.npy holds non-finite or negative values (0 marks invalid pixels)")
+    return torch.from_numpy(np.ascontiguousarray(arr))[None]
+
+
+def _decode_depth(sample: Mapping[str, Any], ds: DenseDataset) -> torch.Tensor:
+    return decode_npy_depth(sample["depth.npy"])
+
+
+@dataclass(frozen=True)
+class DenseTask:
+    """How one dense task decodes, pads and moves with the geometry.
+
+    Attributes:
+        channels: C of the per-sample map [C,H,W]; index maps (int64 [B,H,W] in the batch) have C = 1.
+        fill: value of padding and of a map for a task the sample lacks.
+        index_map: class ids (uint8 in the pipeline, int64 [B,H,W] in the batch) vs float32 [B,C,H,W].
+        negate_x_on_flip: channel 0 is a horizontal direction (surface normals).
+        divide_by_scale: values are distances that shrink as the image grows (depth, RandomScaling).
+        zero_norm_ignored: AddIgnoreRegions: zero vectors (invalid normals, padding) → 255 on all channels.
+        ignore_without_foreground: AddIgnoreRegions: a map with only {0, 255} → all 255 (no person in the image).
+        old_normals: old protocol (ASTMT FLAGVALS): resampled bicubic, rotated in-plane by ScaleNRotate, unit length
+            after FixedResize; every other map is resampled nearest.
+    """
+
+    member: str
+    decode: Callable[[Mapping[str, Any], DenseDataset], torch.Tensor]
+    channels: int
+    fill: float
+    index_map: bool
+    negate_x_on_flip: bool = False
+    divide_by_scale: bool = False
+    zero_norm_ignored: bool = False
+    ignore_without_foreground: bool = False
+    old_normals: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8 if self.index_map else torch.float32
+
+
+DENSE_TASKS: dict[str, DenseTask] = {
+    "semseg": DenseTask("semseg.png", _decode_semseg, 1, IGNORE_INDEX, index_map=True),
+    "human_parts": DenseTask("human_parts.png", _decode_parts, 1, IGNORE_INDEX, index_map=True,
+                             ignore_without_foreground=True),
+    "sal": DenseTask("sal.png", _decode_sal, 1, IGNORE_INDEX, index_map=True),
+    "edge": DenseTask("edge.png", _decode_edge, 1, float(IGNORE_INDEX), index_map=False),
+    "depth": DenseTask("depth.npy", _decode_depth, 1, 0.0, index_map=False, divide_by_scale=True),
+    "normals": DenseTask("normals.png", _decode_normals, 3, 0.0, index_map=False, negate_x_on_flip=True,
+                         zero_norm_ignored=True, old_normals=True),
+}
+
+
+def decode_dense_sample(sample: Mapping[str, Any], *, dataset: DenseDataset,
+                        tasks: tuple[str, ...]) -> dict[str, Any]:
+    """Raw dense sample → {"image": uint8 [3,H,W], "targets": {task: [C,H,W] (uint8 or float32)}, "id": str}.
+
+    Every label map must have the image's size. Tasks absent from the json's "tasks" get a map of their fill value.
+    """
+    meta = decode_json(sample["json"])
+    if not isinstance(meta.get("tasks"), list):
+        raise ValueError(f"json has no 'tasks' list (got {meta.get('tasks')!r}); the schema requires one")
+    listed = set(meta["tasks"])
+    image_3HW = decode_rgb(image_bytes(sample))
+    hw = tuple(image_3HW.shape[1:])
+    targets: dict[str, torch.Tensor] = {}
+    for name in tasks:
+        task = DENSE_TASKS[name]
+        if name not in listed:
+            targets[name] = torch.full((task.channels, *hw), task.fill, dtype=task.dtype)
+            continue
+        if task.member not in sample:
+            raise KeyError(f"json lists task {name!r} but the sample has no {task.member} member")
+        target_CHW = task.decode(sample, dataset)
+        if tuple(target_CHW.shape[1:]) != hw:
+            raise ValueError(f"{task.member} is {tuple(target_CHW.shape[1:])}, image is {hw}")
+        targets[name] = target_CHW
+    return {"image": image_3HW, "targets": targets, "id": str(meta.get("id", ""))}
