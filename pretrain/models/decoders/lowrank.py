@@ -7,9 +7,9 @@ expert is one linear map whose C×C×3×3 kernel is K_i[o, c] = Σ_j M_i[o, j] W
 The E shared experts are stored stacked along the rank axis (R = Σ r_i) so the whole mixture runs as
   - `forward_lowrank`: one 3×3 conv C→R, per-image scaling of each expert's r_i channels by its gate, one 1×1
     conv R→C (never the E separate full-width outputs the official code computes and sums), or
-  - `forward_merged`: per-image kernels Σ_i g_i K_i from one GEMM [B, E]×[E, C·C·9] and one grouped conv
-    (groups = B); with `kernels()` built under autograd each step this is also a training form in which the
-    gradient reaches every W_i and M_i through the kernel product.
+  - merged: per-image kernels Σ_i g_i K_i from one GEMM [B, E]×[E, C·C·9] over `kernels()` and one
+    `grouped_conv` (groups = B); with `kernels()` built under autograd each step this is also a training form in
+    which the gradient reaches every W_i and M_i through the kernel product (mlore_block.py).
 """
 
 from __future__ import annotations
@@ -93,16 +93,6 @@ class LowRankExperts(nn.Module):
         kernels_EF = torch.stack([(m_CR @ w_RF_e).flatten() for m_CR, w_RF_e in zip(m_parts, w_parts)])
         bias_EC = torch.stack([m_CR @ b_R for m_CR, b_R in zip(m_parts, b_parts)]) + self.m_bias
         return kernels_EF, bias_EC
-
-    def forward_merged(self, x_BCHW: Tensor, gates_BE: Tensor, kernels: tuple[Tensor, Tensor]) -> Tensor:
-        """Σ_i g_i K_i * x as one grouped conv with per-image kernels from one GEMM.
-
-        Args: x_BCHW [B, C, H, W]; gates_BE [B, E]; kernels: `kernels()` output. Returns [B, C, H, W].
-        """
-        kernels_EF, bias_EC = kernels
-        b = x_BCHW.shape[0]
-        kernel_BOF = (gates_BE @ kernels_EF).view(b, self.channels, -1)
-        return grouped_conv(x_BCHW, kernel_BOF, gates_BE @ bias_EC, self.kernel_size)
 
 
 class LowRankConv(nn.Module):

@@ -66,25 +66,37 @@ class MLoREBlock(nn.Module):
 
     def forward(self, x_by_task: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Args: x_by_task {task: [B, C, H, W]}. Returns ({task: [B, C, H, W]}, {task: gates [B, E]})."""
-        kernels = self.experts.kernels() if self.train_form == "merged" and not self.merged else None
-        out, gates = {}, {}
+        u, gates, prob_mix = {}, {}, {}
         for task, x_BCHW in x_by_task.items():
-            u_BCHW = self.task_in[task](x_BCHW)
-            gates_BE, prob_mix_B = self.router[task](u_BCHW)
-            if self.merged:
-                y_BCHW = self._forward_merged(u_BCHW, task, gates_BE, prob_mix_B)
-            else:
-                if kernels is not None:
-                    mix_BCHW = self.experts.forward_merged(u_BCHW, gates_BE, kernels)
-                else:
-                    mix_BCHW = self.experts.forward_lowrank(u_BCHW, gates_BE)
-                task_BCHW = self.task_expert[task](u_BCHW) * prob_mix_B[:, None, None, None]
-                y_BCHW = self.expert_norm[task](mix_BCHW) + task_BCHW + self.generic(u_BCHW.detach())
-            out[task] = self.tail_proj[task](F.gelu(self.tail_norm[task](y_BCHW)))
-            gates[task] = gates_BE
-        return out, gates
+            u[task] = self.task_in[task](x_BCHW)
+            gates[task], prob_mix[task] = self.router[task](u[task])
+        if self.merged:
+            y = {t: self.merged_conv(u[t], t, gates[t], prob_mix[t]) for t in u}
+        else:
+            y = {t: self.expert_norm[t](mix) + self.task_expert[t](u[t]) * prob_mix[t][:, None, None, None]
+                 + self.generic(u[t].detach()) for t, mix in self.expert_mix(u, gates).items()}
+        return {t: self.tail_proj[t](F.gelu(self.tail_norm[t](y[t]))) for t in y}, gates
 
-    def _forward_merged(self, u_BCHW: Tensor, task: str, gates_BE: Tensor, prob_mix_B: Tensor) -> Tensor:
+    def expert_mix(self, u: dict[str, Tensor], gates: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Σ_i g_i M_i W_i u per task in the `train_form`; merged: kernels for every task's images in one GEMM.
+
+        Args: u {task: [B, C, H, W]}; gates {task: [B, E]}. Returns {task: [B, C, H, W]}.
+        """
+        if self.train_form == "lowrank":
+            return {t: self.experts.forward_lowrank(u[t], gates[t]) for t in u}
+        kernels_EF, bias_EC = self.experts.kernels()  # once per block forward, shared by the tasks
+        gates_RE = torch.cat(list(gates.values()))
+        c, rows = self.experts.channels, [g.shape[0] for g in gates.values()]
+        kernel_ROF = (gates_RE @ kernels_EF).view(gates_RE.shape[0], c, -1).split(rows)
+        bias_RO = (gates_RE @ bias_EC).split(rows)
+        k = self.experts.kernel_size
+        return {t: grouped_conv(u[t], kern, bias, k) for t, kern, bias in zip(u, kernel_ROF, bias_RO)}
+
+    def merged_conv(self, u_BCHW: Tensor, task: str, gates_BE: Tensor, prob_mix_B: Tensor) -> Tensor:
+        """After `merge()`: expert_norm(mix) + prob_mix·task expert + generic as one grouped conv → [B, C, H, W].
+
+        Args: u_BCHW [B, C, H, W] (after task_in); gates_BE [B, E]; prob_mix_B [B].
+        """
         t = self.tasks.index(task)
         b, c = u_BCHW.shape[:2]
         kernel_BOF = (gates_BE @ self.merged_kernels_EF).view(b, c, -1)
