@@ -54,7 +54,7 @@ class LowRankExperts(nn.Module):
         self.m_weight = nn.Parameter(torch.empty(channels, total))
         self.m_bias = nn.Parameter(torch.zeros(len(self.ranks), channels))
         self.register_buffer("expert_of_rank_R", torch.repeat_interleave(
-            torch.arange(len(self.ranks)), torch.tensor(self.ranks)), persistent=False)
+            torch.arange(len(self.ranks)), torch.tensor(self.ranks), output_size=total), persistent=False)
         self.reset_parameters()
 
     @property
