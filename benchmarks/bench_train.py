@@ -64,7 +64,7 @@ from torch.utils.flop_counter import (
 from pretrain.config import RunConfig, load_config
 from pretrain.models import BACKBONE_SIZES, build_model
 from pretrain.models.moe_losses import collect_aux_losses, moe_modules
-from pretrain.tasks import build_task_loss
+from pretrain.objective import build_objective
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
@@ -83,8 +83,8 @@ class TrainStep:
     def __init__(self, cfg: RunConfig) -> None:
         torch.manual_seed(0)
         self.cfg = cfg
-        self.model = build_model(cfg, num_classes=NUM_CLASSES).train()
-        self.task_loss = build_task_loss(cfg)
+        self.model = build_model(model=cfg.model, moe=cfg.moe, tasks=cfg.tasks, num_classes=NUM_CLASSES,
+                                 objective=build_objective(cfg.tasks, cfg.optim, cfg.moe)).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
         self.batches: dict[str, tuple[Tensor, Any]] = {}
@@ -95,7 +95,7 @@ class TrainStep:
         images, targets = self.batches[task]
         t0 = time.perf_counter()
         losses = self.model(task, images, targets)
-        loss, _ = self.task_loss({task: losses}, collect_aux_losses(self.model))
+        loss, _ = self.model.objective({task: losses}, collect_aux_losses(self.model))
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -225,7 +225,7 @@ def section_debug(threads_list: list[int], rounds: int, out: dict) -> None:
     steps = build_steps(DEBUG_CONFIG, {"dense": ["moe.placement=dense"],
                                        "modsquad": [*moe, f"moe.expert_hidden={equal_hidden}"], "modsquad_cfg": moe})
     gen = torch.Generator().manual_seed(0)
-    tasks = {t: getattr(cfg.tasks, t) for t in ("cls", "det", "seg")}
+    tasks = {t: cfg.tasks[t] for t in ("cls", "det", "seg")}
     for task, tcfg in tasks.items():
         batch = synthetic_batch(task, tcfg.batch_size, tcfg.img_size, NUM_CLASSES[task], gen)
         for step in steps.values():

@@ -17,7 +17,10 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from pretrain.durable import atomic_write
 
-TASKS = ("cls", "det", "seg")  # task id = index here; routers, task embeddings and usage buffers use this order
+# The pretraining tasks. Task id = index here: routers, task embeddings and usage buffers have one row per entry, so
+# checkpoints keep their shapes when a task is switched off. Per-concern tables keyed by these names live beside the
+# code they serve (`data.sources.SOURCES`, `models.HEADS`, `evaluate.EVALUATORS`, ...).
+TASKS = ("cls", "det", "seg")
 
 
 class ConfigError(ValueError):
@@ -34,17 +37,20 @@ class TaskConfig:
     weight: float = 1.0  # sampling weight when data.sampling == "fixed"
     loss_weight: float = 1.0  # fixed loss weight (ignored by uncertainty weighting)
     eval_batch_size: int = 8
+    num_classes: int = 0  # 0 = from the shards' _info.json (det: foreground classes)
+    head: str = ""  # the task's head kind: one of HEAD_CHOICES[task]
+    aug_range: tuple[float, float] = (0.0, 1.0)  # cls RandomResizedCrop area range, det/seg scale-jitter range
 
 
-@dataclass
-class TasksConfig:
-    cls: TaskConfig = field(default_factory=lambda: TaskConfig(shards="imagenet/train", val_shards="imagenet/val"))
-    det: TaskConfig = field(
-        default_factory=lambda: TaskConfig(shards="coco/train", val_shards="coco/val", batch_size=2, img_size=512)
-    )
-    seg: TaskConfig = field(
-        default_factory=lambda: TaskConfig(shards="ade20k/train", val_shards="ade20k/val", batch_size=4, img_size=512)
-    )
+def default_tasks() -> dict[str, TaskConfig]:
+    return {
+        "cls": TaskConfig(shards="imagenet/train", val_shards="imagenet/val", num_classes=1000, head="linear",
+                          aug_range=(0.08, 1.0)),
+        "det": TaskConfig(shards="coco/train", val_shards="coco/val", batch_size=2, img_size=512, num_classes=0,
+                          head="fasterrcnn", aug_range=(0.1, 2.0)),  # large-scale jitter (ViTDet)
+        "seg": TaskConfig(shards="ade20k/train", val_shards="ade20k/val", batch_size=4, img_size=512, num_classes=150,
+                          head="fpn", aug_range=(0.5, 2.0)),  # mmseg's ADE20K ratio range
+    }
 
 
 @dataclass
@@ -55,9 +61,6 @@ class DataConfig:
     all_tasks_per_step: bool = False  # every task in every step, as per-task sub-batches
     num_workers: int = 2
     shuffle_buffer: int = 1000
-    cls_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    det_jitter: tuple[float, float] = (0.1, 2.0)  # large-scale jitter (ViTDet)
-    seg_jitter: tuple[float, float] = (0.5, 2.0)  # mmseg's ADE20K ratio range
 
 
 @dataclass
@@ -86,18 +89,14 @@ class MoEConfig:
 class ModelConfig:
     size: str = "vit_b16"  # key of models.BACKBONE_SIZES
     patch_size: int = 0  # 0 = the size's default
+    img_size: int = 0  # grid the position embedding is stored for (0 = the size's default; 384 for AugReg-384)
     drop_path: float = 0.1
     task_embed: bool = True
     upcycle_from: str = ""  # dense timm ViT state dict (.safetensors/.pth); empty = random init
-    upcycle_mode: str = "copy"  # copy | slice
-    det_head: str = "fasterrcnn"  # fasterrcnn | retinanet
+    upcycle_mode: str = "copy"
     det_min_size: int = 512
     det_max_size: int = 512
-    seg_head: str = "fpn"  # fpn | upernet
     pyramid_dim: int = 256
-    cls_classes: int = 1000  # 0 = from the shards' _info.json
-    det_classes: int = 80
-    seg_classes: int = 150
 
 
 @dataclass
@@ -109,7 +108,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0
-    loss_weighting: str = "fixed"  # fixed | uncertainty (Mod-Squad's AutomaticWeightedLoss)
+    loss_weighting: str = "fixed"  # Mod-Squad's AutomaticWeightedLoss is "uncertainty"
+    schedule: str = "cosine"  # after linear warmup: cosine to min_lr_ratio, or poly (1 - s/S)^poly_power (MLoRE)
+    poly_power: float = 0.9
 
 
 @dataclass
@@ -150,7 +151,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
-    tasks: TasksConfig = field(default_factory=TasksConfig)
+    tasks: dict[str, TaskConfig] = field(default_factory=default_tasks)
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -160,6 +161,10 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+HEAD_CHOICES = {"cls": ("linear",), "det": ("fasterrcnn", "retinanet"), "seg": ("fpn", "upernet")}
+
+# Allowed values of string/int fields; tests/test_config.py checks these against the tables the values select
+# (models.PLACEMENTS, HEADS, ...), so a choice is written once in code and once here, never in a comment.
 CHOICES = {
     "data.sampling": ("fixed", "size", "temperature"),
     "moe.placement": ("modsquad", "m3vit", "dense"),
@@ -167,9 +172,8 @@ CHOICES = {
     "moe.router_init": ("zero", "normal"),
     "moe.backend": ("native", "deepspeed"),
     "model.upcycle_mode": ("copy", "slice"),
-    "model.det_head": ("fasterrcnn", "retinanet"),
-    "model.seg_head": ("fpn", "upernet"),
     "optim.loss_weighting": ("fixed", "uncertainty"),
+    "optim.schedule": ("cosine", "poly"),
     "engine.zero_stage": (0, 1, 2),
     "engine.precision": ("fp32", "bf16"),
     "engine.backend": ("auto", "nccl", "gloo"),
@@ -186,8 +190,8 @@ def _all_keys(schema: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _suggest(bad_key: str) -> str:
-    valid = _all_keys(RunConfig())
+def _suggest(bad_key: str, schema: type) -> str:
+    valid = _all_keys(schema())
     leaf = bad_key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(bad_key, valid, n=1, cutoff=0.6)
     close = close or [k for k in valid if k.rsplit(".", 1)[-1] in difflib.get_close_matches(leaf, [
@@ -195,26 +199,31 @@ def _suggest(bad_key: str) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
+def _omegaconf_error(exc: OmegaConfBaseException, source: str, schema: type) -> ConfigError:
     key = getattr(exc, "full_key", "") or ""
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
-        return ConfigError(f"{source}: unknown config key '{key}'{_suggest(key)}")
+        return ConfigError(f"{source}: unknown config key '{key}'{_suggest(key, schema)}")
     if isinstance(exc, ValidationError):
         msg = str(exc).splitlines()[0]
         return ConfigError(f"{source}: bad value for '{key}': {msg}")
     return ConfigError(f"{source}: {str(exc).splitlines()[0]}")
 
 
-def _check_ranges(cfg: RunConfig) -> None:
-    def need(ok: bool, key: str, value: Any, rule: str) -> None:
-        if not ok:
-            raise ConfigError(f"config value {key}={value!r} is out of range: {rule}")
+def need(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise the one-line `ConfigError` for `key=value` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"config value {key}={value!r} is out of range: {rule}")
 
-    for key, allowed in CHOICES.items():
+
+def check_choices(cfg: Any, choices: dict[str, tuple]) -> None:
+    """Every `section.name` in `choices` holds one of its allowed values."""
+    for key, allowed in choices.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         need(value in allowed, key, value, f"must be one of {', '.join(map(str, allowed))}")
-    m = cfg.moe
+
+
+def check_moe(m: MoEConfig, engine: EngineConfig) -> None:
     need(m.num_experts >= 1, "moe.num_experts", m.num_experts, "must be >= 1")
     need(1 <= m.top_k <= m.num_experts, "moe.top_k", m.top_k, f"must be in 1..moe.num_experts={m.num_experts}")
     need(1 <= m.attn_top_k <= m.attn_num_experts, "moe.attn_top_k", m.attn_top_k,
@@ -223,42 +232,67 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(0 <= m.mi_ema < 1, "moe.mi_ema", m.mi_ema, "must be in [0, 1)")
     for name in ("w_mi", "w_cv", "w_switch", "w_z"):
         need(getattr(m, name) >= 0, f"moe.{name}", getattr(m, name), "must be >= 0")
-    need(cfg.engine.ep_size >= 1 and m.num_experts % cfg.engine.ep_size == 0, "engine.ep_size", cfg.engine.ep_size,
+    need(engine.ep_size >= 1 and m.num_experts % engine.ep_size == 0, "engine.ep_size", engine.ep_size,
          f"must divide moe.num_experts={m.num_experts}")
-    need(cfg.engine.grad_accum >= 1, "engine.grad_accum", cfg.engine.grad_accum, "must be >= 1")
-    t = cfg.train
+    need(engine.grad_accum >= 1, "engine.grad_accum", engine.grad_accum, "must be >= 1")
+
+
+def check_train(t: TrainConfig, o: OptimConfig) -> None:
     need(t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1")
     need(t.ckpt_every >= 1, "train.ckpt_every", t.ckpt_every, "must be >= 1")
     need(t.keep_last >= 1, "train.keep_last", t.keep_last, "must be >= 1")
     need(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
     need(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = never)")
     need(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
-    o = cfg.optim
     need(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     need(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
-    need(cfg.data.temperature > 0, "data.temperature", cfg.data.temperature, "must be > 0")
-    need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "must be >= 0")
-    enabled = [name for name in TASKS if getattr(cfg.tasks, name).enabled]
-    need(bool(enabled), "tasks", "all disabled", "enable at least one of cls, det, seg")
-    for name in TASKS:
-        task = getattr(cfg.tasks, name)
+    need(o.poly_power > 0, "optim.poly_power", o.poly_power, "must be > 0")
+
+
+def check_tasks(tasks: dict[str, Any], known: tuple[str, ...], *, sampling: str | None = None) -> None:
+    """Task names are known, at least one is enabled, per-task values in range."""
+    unknown = sorted(set(tasks) - set(known))
+    need(not unknown, "tasks", unknown, f"unknown task(s); expected {', '.join(known)}")
+    enabled = [name for name in known if name in tasks and tasks[name].enabled]
+    need(bool(enabled), "tasks", "all disabled", f"enable at least one of {', '.join(known)}")
+    for name, task in tasks.items():
         need(task.weight >= 0, f"tasks.{name}.weight", task.weight, "sampling weights must be >= 0")
         need(task.loss_weight >= 0, f"tasks.{name}.loss_weight", task.loss_weight, "must be >= 0")
         need(task.batch_size >= 1, f"tasks.{name}.batch_size", task.batch_size, "must be >= 1")
-        need(task.img_size >= 16, f"tasks.{name}.img_size", task.img_size, "must be >= 16")
-    if cfg.data.sampling == "fixed":
-        need(sum(getattr(cfg.tasks, n).weight for n in enabled) > 0, "tasks.*.weight", 0,
+        need(task.num_classes >= 0, f"tasks.{name}.num_classes", task.num_classes, "must be >= 0 (0 = from shards)")
+    if sampling == "fixed":
+        need(sum(tasks[n].weight for n in enabled) > 0, "tasks.*.weight", 0,
              "fixed sampling needs a positive weight on an enabled task")
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Merge schema defaults ← YAML file ← `key=value` overrides, then validate.
+def _check_run(cfg: RunConfig) -> None:
+    check_choices(cfg, CHOICES)
+    check_moe(cfg.moe, cfg.engine)
+    check_train(cfg.train, cfg.optim)
+    need(cfg.data.temperature > 0, "data.temperature", cfg.data.temperature, "must be > 0")
+    need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "must be >= 0")
+    check_tasks(cfg.tasks, TASKS, sampling=cfg.data.sampling)
+    for name, task in cfg.tasks.items():
+        need(task.img_size >= 16, f"tasks.{name}.img_size", task.img_size, "must be >= 16")
+        need(task.head in HEAD_CHOICES[name], f"tasks.{name}.head", task.head,
+             f"must be one of {', '.join(HEAD_CHOICES[name])}")
+        lo, hi = task.aug_range
+        need(0 <= lo <= hi, f"tasks.{name}.aug_range", list(task.aug_range), "must be [lo, hi] with 0 <= lo <= hi")
 
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+                schema: type | None = None) -> Any:
+    """Merge `schema` defaults ← YAML file ← `key=value` overrides, then validate.
+
+    Args:
+        schema: a dataclass schema (default `RunConfig`); its validator is `VALIDATORS[schema]`, registered by the
+            module that defines the schema (the fine-tuning stage registers its own).
     Raises `ConfigError` (one line naming the file, key or value) on any problem.
     """
-    merged: DictConfig = OmegaConf.structured(RunConfig)
+    schema = schema or RunConfig
+    merged: DictConfig = OmegaConf.structured(schema)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -270,25 +304,28 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             merged = OmegaConf.merge(merged, overlay)
         except OmegaConfBaseException as exc:
-            raise _omegaconf_error(exc, str(path)) from None
+            raise _omegaconf_error(exc, str(path), schema) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
-            raise _omegaconf_error(exc, f"override '{item}'") from None
-    cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    _check_ranges(cfg)
+            raise _omegaconf_error(exc, f"override '{item}'", schema) from None
+    cfg = OmegaConf.to_object(merged)
+    VALIDATORS[schema](cfg)
     return cfg
 
 
-def to_yaml(cfg: RunConfig) -> str:
+VALIDATORS: dict[type, Any] = {RunConfig: _check_run}
+
+
+def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML (what `save_resolved` writes into the run directory)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def save_resolved(cfg: RunConfig, run_dir: str | Path) -> Path:
+def save_resolved(cfg: Any, run_dir: str | Path) -> Path:
     """Write `config.yaml` (the fully resolved config) atomically into the run directory."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -297,6 +334,6 @@ def save_resolved(cfg: RunConfig, run_dir: str | Path) -> Path:
     return out
 
 
-def enabled_tasks(cfg: RunConfig) -> list[str]:
-    """Enabled task names in canonical order (their ids are `TASKS.index(name)`)."""
-    return [name for name in TASKS if getattr(cfg.tasks, name).enabled]
+def enabled_tasks(tasks: dict[str, Any], order: tuple[str, ...] = TASKS) -> list[str]:
+    """Enabled task names of a `tasks` section in canonical `order` (pretraining ids are `TASKS.index(name)`)."""
+    return [name for name in order if name in tasks and tasks[name].enabled]

@@ -122,6 +122,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def resolve_backend(backend: str) -> str:
+    """`engine.backend` → torch.distributed backend: auto = nccl with CUDA, gloo without."""
+    import torch
+
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"engine.backend={backend!r} is not one of auto, nccl, gloo")
+    return backend
+
+
+def init_process_group(backend: str = "auto") -> None:
+    """Plain torch.distributed init from the exported env (for processes without a DeepSpeed engine)."""
+    import torch
+    import torch.distributed as tdist
+
+    name = resolve_backend(backend)
+    if name == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    tdist.init_process_group(name)
+
+
 def _multi_process() -> bool:
     import torch.distributed as tdist
 

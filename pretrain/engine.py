@@ -26,7 +26,7 @@ How DeepSpeed is made to treat our native `MoEMlp` experts as expert-parallel pa
   does for `load_checkpoint`: model, ZeRO optimizer and expert files): tensors and containers only, plus the three
   plain DeepSpeed classes its files hold (`DS_SAFE_GLOBALS`).
 - EP groups are DeepSpeed's (`groups._create_expert_and_data_parallel`): consecutive ranks [0..ep-1], [ep..2ep-1]…
-  form an EP group, so this rank's expert-parallel rank is `rank % ep_size` (`moe_mlp_factory` binds it).
+  form an EP group, so this rank's expert-parallel rank is `rank % ep_size` (`layers.moe_mlp_factory` binds it).
 """
 
 # ruff: noqa: E402  (DS_ACCELERATOR must be set before DeepSpeed is first imported)
@@ -36,7 +36,6 @@ import functools
 import logging
 import os
 import pickle
-from collections.abc import Callable
 
 import torch
 
@@ -55,7 +54,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
 from pretrain import dist
-from pretrain.config import RunConfig
+from pretrain.config import EngineConfig, OptimConfig
 from pretrain.ds_moe import DeepSpeedMoEMlp
 from pretrain.expert_parallel import ExpertComm, apply_expert_parallel, make_stats_reducer
 from pretrain.models.moe import MoEMlp
@@ -66,18 +65,9 @@ logger = logging.getLogger(__name__)
 STEPS_PER_PRINT = 1 << 30  # DeepSpeed's own progress print is off; the training loop logs
 
 
-def resolve_backend(backend: str) -> str:
-    """`engine.backend` → torch.distributed backend: auto = nccl with CUDA, gloo without."""
-    if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend not in ("nccl", "gloo"):
-        raise ValueError(f"engine.backend={backend!r} is not one of auto, nccl, gloo")
-    return backend
-
-
 def init_distributed(backend: str = "auto") -> None:
     """Initialise torch.distributed through DeepSpeed from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (`dist.export`)."""
-    deepspeed.init_distributed(dist_backend=resolve_backend(backend), auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(dist_backend=dist.resolve_backend(backend), auto_mpi_discovery=False, verbose=False)
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -85,7 +75,7 @@ def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
 
 
-def make_ds_config(cfg: RunConfig, world_size: int) -> dict:
+def make_ds_config(engine: EngineConfig, optim: OptimConfig, *, max_steps: int, world_size: int) -> dict:
     """The DeepSpeed JSON for this run, generated from the config (never hand-kept).
 
     Batches are per task and vary in size, so DeepSpeed's batch bookkeeping is nominal: one "micro-batch" is one
@@ -94,9 +84,9 @@ def make_ds_config(cfg: RunConfig, world_size: int) -> dict:
     the accumulation steps. WarmupCosineLR's values are ratios of the optimizer's lr; `warmup_steps=0` becomes a
     warmup starting at ratio 1 (DeepSpeed requires a positive warmup length).
     """
-    o, e = cfg.optim, cfg.engine
+    o, e = optim, engine
     warmup = max(o.warmup_steps, 1)
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": e.grad_accum,
         "train_batch_size": e.grad_accum * world_size,
@@ -108,17 +98,57 @@ def make_ds_config(cfg: RunConfig, world_size: int) -> dict:
         # ZeRO-2 with MoE asserts contiguous gradients and reduce-scatter (stage_1_and_2._configure_moe_settings)
         "zero_optimization": {"stage": e.zero_stage, "contiguous_gradients": True, "reduce_scatter": True},
         "checkpoint": {"tag_validation": "Fail"},
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": cfg.train.max_steps,
-                "warmup_min_ratio": 0.0 if o.warmup_steps > 0 else 1.0,
-                "warmup_num_steps": warmup,
-                "warmup_type": "linear",
-                "cos_min_ratio": o.min_lr_ratio,
-            },
+    }
+    if o.schedule == "poly":
+        return config  # WarmupPolyLR is passed to deepspeed.initialize (DeepSpeed has no polynomial schedule)
+    config["scheduler"] = {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": max_steps,
+            "warmup_min_ratio": 0.0 if o.warmup_steps > 0 else 1.0,
+            "warmup_num_steps": warmup,
+            "warmup_type": "linear",
+            "cos_min_ratio": o.min_lr_ratio,
         },
     }
+    return config
+
+
+class WarmupPolyLR:
+    """lr = base · w(s) · (1 − s/S)^power, w a linear warmup from 0 over `warmup_num_steps` (1 when 0): the poly
+    schedule of the dense multi-task references (MLoRE/TaskPrompter: power 0.9, no warmup).
+
+    Follows DeepSpeed's scheduler interface (`step(last_batch_iteration)`, `get_lr`, `last_batch_iteration`,
+    `state_dict`), so the engine checkpoints and resumes it like its own schedules.
+    """
+
+    def __init__(self, optimizer, *, total_num_steps: int, warmup_num_steps: int, power: float) -> None:
+        self.optimizer = optimizer
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.total, self.warmup, self.power = total_num_steps, warmup_num_steps, power
+        self.last_batch_iteration = -1
+
+    def factor(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup > 0 else 1.0
+        return warm * max(0.0, 1.0 - step / self.total) ** self.power
+
+    def get_lr(self) -> list[float]:
+        return [lr * self.factor(max(self.last_batch_iteration, 0)) for lr in self.base_lrs]
+
+    def get_last_lr(self) -> list[float]:
+        return self.get_lr()
+
+    def step(self, last_batch_iteration: int | None = None) -> None:
+        self.last_batch_iteration = self.last_batch_iteration + 1 if last_batch_iteration is None \
+            else last_batch_iteration
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+
+    def state_dict(self) -> dict:
+        return {"last_batch_iteration": self.last_batch_iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_batch_iteration = int(state["last_batch_iteration"])
 
 
 def stacked_expert_params(model: nn.Module) -> set[int]:
@@ -199,39 +229,6 @@ def check_expert_layers(model: nn.Module, *, ep_size: int, ep_rank: int) -> int:
     return len(layers)
 
 
-def build_native_moe_mlp(*, ep_size: int, ep_rank: int, **kwargs) -> MoEMlp:
-    """`MoEMlp` holding this rank's experts, initialised as the slice of an ep_size=1 layer.
-
-    The full layer is built first so the RNG stream (and hence every weight of the model) is the same for every
-    ep_size; the EP layer itself is built under a forked RNG.
-    """
-    full = MoEMlp(**kwargs)
-    if ep_size == 1:
-        return full
-    with torch.random.fork_rng(devices=[]):
-        layer = MoEMlp(**kwargs, ep_size=ep_size, ep_rank=ep_rank)
-    first = ep_rank * layer.num_local_experts
-    state = {k: v[first:first + layer.num_local_experts] if k.startswith("experts.") else v
-             for k, v in full.state_dict().items()}
-    layer.load_state_dict(state)
-    return layer
-
-
-def moe_mlp_factory(cfg: RunConfig, *, rank: int | None = None) -> Callable[..., nn.Module]:
-    """The MoE MLP factory `build_model(cfg, moe_mlp_layer=...)` needs: backend, ep_size and this rank's EP rank bound.
-
-    Args:
-        cfg: reads `moe.backend`, `moe.capacity_factor`, `engine.ep_size`.
-        rank: global rank (default: from the environment, `dist.resolve()`); EP rank = rank % ep_size.
-    """
-    ep_size = cfg.engine.ep_size
-    ep_rank = (dist.resolve().rank if rank is None else rank) % ep_size
-    if cfg.moe.backend == "deepspeed":
-        return functools.partial(DeepSpeedMoEMlp, ep_size=ep_size, ep_rank=ep_rank,
-                                 capacity_factor=cfg.moe.capacity_factor)
-    return functools.partial(build_native_moe_mlp, ep_size=ep_size, ep_rank=ep_rank)
-
-
 def _wire_expert_parallel(model: nn.Module, *, ep_size: int, world_size: int) -> None:
     """EP groups, layer checks, expert marking, and comm / stats-reducer injection (before `deepspeed.initialize`)."""
     ensure_expert_groups(ep_size)
@@ -264,13 +261,14 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
                                    f"state classes (a tampered or foreign checkpoint?): {exc}") from exc
 
 
-def build_engine(cfg: RunConfig, model: nn.Module, *, world_size: int) -> deepspeed.DeepSpeedEngine:
+def build_engine(model: nn.Module, *, engine: EngineConfig, optim: OptimConfig, max_steps: int,
+                 world_size: int) -> deepspeed.DeepSpeedEngine:
     """Wire expert parallelism into `model`, build AdamW over `param_groups`, and return the DeepSpeed engine.
 
     torch.distributed must be initialised (`init_distributed`). The lr schedule is advanced once so that
     optimizer step s (0-based) runs at schedule iteration s (DeepSpeed's scheduler starts at iteration -1).
     """
-    e, o = cfg.engine, cfg.optim
+    e, o = engine, optim
     if e.ep_size > 1 and e.zero_stage == 0 and o.grad_clip > 0:
         raise ValueError("engine.zero_stage=0 with engine.ep_size>1 clips by DeepSpeed's per-rank norm average, which "
                          "is wrong when ranks hold different experts: use zero_stage 1 or 2, or optim.grad_clip=0")
@@ -282,11 +280,18 @@ def build_engine(cfg: RunConfig, model: nn.Module, *, world_size: int) -> deepsp
         raise ValueError(f"world_size={world_size} but torch.distributed has {tdist.get_world_size()} ranks")
     _wire_expert_parallel(model, ep_size=e.ep_size, world_size=world_size)
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=make_ds_config(cfg, world_size))
-    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        raise RuntimeError(f"expected DeepSpeed's TorchCheckpointEngine, got {type(engine.checkpoint_engine).__name__}")
-    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
-    engine.lr_scheduler.step()
+    ds_config = make_ds_config(e, o, max_steps=max_steps, world_size=world_size)
+    scheduler = None
+    if o.schedule == "poly":
+        scheduler = functools.partial(WarmupPolyLR, total_num_steps=max_steps, warmup_num_steps=o.warmup_steps,
+                                      power=o.poly_power)
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                              lr_scheduler=scheduler)
+    if type(ds_engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError("expected DeepSpeed's TorchCheckpointEngine, got "
+                           f"{type(ds_engine.checkpoint_engine).__name__}")
+    ds_engine.checkpoint_engine = WeightsOnlyCheckpointEngine(ds_engine._config)
+    ds_engine.lr_scheduler.step()
     logger.info("DeepSpeed engine: ZeRO-%d, %s, ep_size=%d, world=%d, grad_accum=%d", e.zero_stage, e.precision,
                 e.ep_size, world_size, e.grad_accum)
-    return engine
+    return ds_engine

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pretrain import checkpoint
-from pretrain.models import build_model
+from pretrain.runs import build_run_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,11 +91,12 @@ def test_save_resume_bit_exact_and_single_process_export(tmp_path):
         with safe_open(str(tag_dir / "experts_ep1.safetensors"), framework="pt") as f:
             assert "backbone.blocks.1.mlp.experts.w1.3" in f.keys() and f.metadata()["ep_rank"] == "1"
         torch.manual_seed(99)  # other weights than the checkpoint's
-        model = build_model(cfg)
+        model = build_run_model(cfg, num_classes=None, rank=0)
         assert checkpoint.load_model_weights(ckpt, model) == tag_dir
         ref = load_file(str(tmp_path / f"ref_zero{zero}.safetensors"))["logits"]
         torch.testing.assert_close(eval_logits(model), ref, rtol=0, atol=1e-5)
-    strict = build_model(make_cfg("engine.ep_size=1"))  # no noise routers: the checkpoint has extra keys
+    # no noise routers: the checkpoint has extra keys
+    strict = build_run_model(make_cfg("engine.ep_size=1"), num_classes=None, rank=0)
     with pytest.raises(RuntimeError, match="unexpected keys.*noise_weight"):
         checkpoint.load_model_weights(tmp_path / "zero1" / "ckpt", strict)
     check_weights_only_loading(tmp_path)

@@ -28,7 +28,7 @@ def test_every_config_loads_and_has_header(path):
 def test_overrides_round_trip(tmp_path):
     cfg = load_config(ROOT / "configs/debug/pretrain.yaml",
                       ["moe.top_k=3", "tasks.det.batch_size=5", "train.max_steps=7", "optim.betas=[0.9,0.95]"])
-    assert (cfg.moe.top_k, cfg.tasks.det.batch_size, cfg.train.max_steps) == (3, 5, 7)
+    assert (cfg.moe.top_k, cfg.tasks["det"].batch_size, cfg.train.max_steps) == (3, 5, 7)
     assert tuple(cfg.optim.betas) == (0.9, 0.95)
     saved = save_resolved(cfg, tmp_path)
     again = load_config(saved)

@@ -18,14 +18,19 @@ import pretrain.engine as engine_mod
 from pretrain import checkpoint
 from pretrain.config import load_config
 from pretrain.ds_moe import DeepSpeedMoEMlp
-from pretrain.engine import apply_expert_marking, build_engine, make_ds_config, moe_mlp_factory, param_groups
-from pretrain.models import build_model
+from pretrain.engine import apply_expert_marking, build_engine, make_ds_config, param_groups
+from pretrain.layers import moe_mlp_factory
+from pretrain.models import build_model as build_from_sections
 from pretrain.models.moe import MoEMlp
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "dist_scripts"
 sys.path.insert(0, str(SCRIPTS))
 from engine_common import eval_logits, make_cfg  # noqa: E402
+
+
+def build_model(cfg, **kwargs):
+    return build_from_sections(model=cfg.model, moe=cfg.moe, tasks=cfg.tasks, **kwargs)
 
 
 def free_port() -> int:
@@ -51,7 +56,7 @@ def test_ds_config_is_generated_from_the_schema():
     cfg = load_config(None, ["engine.zero_stage=2", "engine.precision=bf16", "engine.grad_accum=3",
                              "optim.warmup_steps=7", "optim.min_lr_ratio=0.05", "optim.grad_clip=0.5",
                              "train.max_steps=123"])
-    ds = make_ds_config(cfg, world_size=4)
+    ds = make_ds_config(cfg.engine, cfg.optim, max_steps=cfg.train.max_steps, world_size=4)
     batch_keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
     assert [ds[k] for k in batch_keys] == [1, 3, 12]
     assert ds["zero_optimization"] == {"stage": 2, "contiguous_gradients": True, "reduce_scatter": True}
@@ -61,7 +66,8 @@ def test_ds_config_is_generated_from_the_schema():
         "total_num_steps": 123, "warmup_min_ratio": 0.0, "warmup_num_steps": 7, "warmup_type": "linear",
         "cos_min_ratio": 0.05}}
     assert "optimizer" not in ds  # AdamW is built by build_engine (no JIT-compiled CPU FusedAdam)
-    fp32 = make_ds_config(load_config(None, ["engine.precision=fp32", "optim.warmup_steps=0"]), world_size=1)
+    fp32_cfg = load_config(None, ["engine.precision=fp32", "optim.warmup_steps=0"])
+    fp32 = make_ds_config(fp32_cfg.engine, fp32_cfg.optim, max_steps=fp32_cfg.train.max_steps, world_size=1)
     assert fp32["bf16"] == {"enabled": False}
     assert fp32["scheduler"]["params"]["warmup_min_ratio"] == 1.0  # no warmup: the ramp starts at the full lr
 
@@ -70,7 +76,7 @@ def test_ds_config_is_accepted_by_deepspeed():
     from deepspeed.runtime.config import DeepSpeedConfig
 
     cfg = load_config(None, ["engine.zero_stage=1", "engine.grad_accum=2"])
-    parsed = DeepSpeedConfig(make_ds_config(cfg, world_size=1))
+    parsed = DeepSpeedConfig(make_ds_config(cfg.engine, cfg.optim, max_steps=cfg.train.max_steps, world_size=1))
     assert (parsed.train_batch_size, parsed.zero_optimization_stage, parsed.scheduler_name) == (2, 1, "WarmupCosineLR")
     assert parsed.scheduler_params["warmup_type"] == "linear" and parsed.checkpoint_tag_validation_fail
 
@@ -107,10 +113,10 @@ def test_param_groups_names_weight_decay_and_moe_split():
 def test_moe_mlp_factory_initialises_identically_for_every_ep_size():
     cfg1, cfg2 = make_cfg("engine.ep_size=1"), make_cfg("engine.ep_size=2")
     torch.manual_seed(0)
-    full = build_model(cfg1, moe_mlp_layer=moe_mlp_factory(cfg1, rank=0)).state_dict()
+    full = build_model(cfg1, moe_mlp_layer=moe_mlp_factory(cfg1.moe, cfg1.engine, rank=0)).state_dict()
     for rank in (0, 1):
         torch.manual_seed(0)
-        part = build_model(cfg2, moe_mlp_layer=moe_mlp_factory(cfg2, rank=rank)).state_dict()
+        part = build_model(cfg2, moe_mlp_layer=moe_mlp_factory(cfg2.moe, cfg2.engine, rank=rank)).state_dict()
         assert part.keys() == full.keys()
         for key, value in part.items():
             expect = full[key][2 * rank:2 * rank + 2] if ".mlp.experts." in key else full[key]
@@ -120,9 +126,10 @@ def test_moe_mlp_factory_initialises_identically_for_every_ep_size():
 def test_build_engine_refuses_zero0_clipping_under_ep():
     cfg = make_cfg("engine.ep_size=2", "engine.zero_stage=0", "optim.grad_clip=1.0")
     with pytest.raises(ValueError, match="zero_stage=0 with engine.ep_size>1"):
-        build_engine(cfg, torch.nn.Linear(2, 2), world_size=2)
+        build_engine(torch.nn.Linear(2, 2), engine=cfg.engine, optim=cfg.optim, max_steps=1, world_size=2)
+    cfg = make_cfg("engine.ep_size=2")
     with pytest.raises(ValueError, match="must divide the world size 3"):
-        build_engine(make_cfg("engine.ep_size=2"), torch.nn.Linear(2, 2), world_size=3)
+        build_engine(torch.nn.Linear(2, 2), engine=cfg.engine, optim=cfg.optim, max_steps=1, world_size=3)
 
 
 # ---------------------------------------------------------------- DeepSpeed backend layer (one process)
@@ -182,7 +189,7 @@ def test_deepspeed_backend_trains_on_two_ranks_and_checkpoints_every_expert(tmp_
         assert ids == {0, 1, 2, 3}, (layer, ids)
     cfg = make_cfg("moe.backend=deepspeed", "engine.ep_size=1", "moe.capacity_factor=1.0")
     torch.manual_seed(123)
-    model = build_model(cfg, moe_mlp_layer=moe_mlp_factory(cfg, rank=0))
+    model = build_model(cfg, moe_mlp_layer=moe_mlp_factory(cfg.moe, cfg.engine, rank=0))
     checkpoint.load_model_weights(tmp_path / "ckpt", model)
     ref = load_file(str(tmp_path / "ref_ds.safetensors"))["logits"]
     torch.testing.assert_close(eval_logits(model), ref, rtol=0, atol=1e-5)

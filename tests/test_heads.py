@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pretrain.config import TASKS, RunConfig
-from pretrain.models import DET_HEADS, SEG_HEADS, build_model
+from pretrain.models import DET_HEADS, SEG_HEADS
+from pretrain.models import build_model as build_from_sections
 from pretrain.models.heads import ClsHead, SegHead, SimpleFeaturePyramid
 from pretrain.models.moe import MoEMlp
 from pretrain.models.moe_attention import MoEAttention
@@ -19,11 +20,16 @@ def small_cfg(placement: str = "modsquad", det_head: str = "fasterrcnn", seg_hea
     cfg.model.size, cfg.model.drop_path = "vit_debug", 0.0
     cfg.moe.placement = placement
     cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.attn_num_experts, cfg.moe.attn_top_k = 4, 2, 8, 4
-    cfg.model.det_head, cfg.model.seg_head = det_head, seg_head
+    cfg.tasks["det"].head, cfg.tasks["seg"].head = det_head, seg_head
     cfg.model.det_min_size = cfg.model.det_max_size = 96
     cfg.model.pyramid_dim = 64
-    cfg.model.cls_classes, cfg.model.det_classes, cfg.model.seg_classes = 10, 5, 150
+    for task, classes in {"cls": 10, "det": 5, "seg": 150}.items():
+        cfg.tasks[task].num_classes = classes
     return cfg
+
+
+def build_model(cfg: RunConfig, **kwargs):
+    return build_from_sections(model=cfg.model, moe=cfg.moe, tasks=cfg.tasks, **kwargs)
 
 
 def images(b: int = 2, h: int = 64, w: int = 64) -> torch.Tensor:
@@ -174,9 +180,9 @@ def test_state_dict_holds_the_backbone_once():
 
 def test_build_model_enabled_tasks_and_class_counts():
     cfg = small_cfg("dense")
-    cfg.tasks.det.enabled = False
-    cfg.model.cls_classes = 0
-    with pytest.raises(ValueError, match="task 'cls' has 0 classes"):
+    cfg.tasks["det"].enabled = False
+    cfg.tasks["cls"].num_classes = cfg.tasks["seg"].num_classes = 0
+    with pytest.raises(ValueError, match="task 'cls' has no class count"):
         build_model(cfg)
     model = build_model(cfg, num_classes={"cls": 4, "seg": 3})
     assert sorted(model.heads) == ["cls", "seg"] and model.task_ids == {"cls": 0, "seg": 2}

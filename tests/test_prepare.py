@@ -16,6 +16,8 @@ from pretrain.prepare import shards as shards_module
 from pretrain.prepare.ade20k import convert_ade20k
 from pretrain.prepare.coco import convert_coco
 from pretrain.prepare.imagenet import convert_imagenet
+from pretrain.prepare.nyud import convert_nyud
+from pretrain.prepare.pascal_context import convert_pascal_context
 
 
 def _image_bytes(w: int, h: int, *, mode: str = "RGB", fmt: str = "JPEG", seed: int = 0) -> bytes:
@@ -358,7 +360,8 @@ def test_ade20k_val_and_root_forms(ade_src, tmp_path):
 
 
 def test_preparers_dict():
-    assert PREPARERS == {"imagenet": convert_imagenet, "coco": convert_coco, "ade20k": convert_ade20k}
+    assert PREPARERS == {"imagenet": convert_imagenet, "coco": convert_coco, "ade20k": convert_ade20k,
+                         "nyud": convert_nyud, "pascal_context": convert_pascal_context}
     assert issubclass(LayoutError, ValueError) and issubclass(OutputNotEmptyError, PrepareError)
 
 

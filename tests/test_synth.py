@@ -10,14 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pretrain.prepare import PREPARERS
-from pretrain.synth import ADE_CLASS_IDS, ADE_FLOOR_ID, COCO_CATEGORY_IDS, LAYOUTS, imagenet_wnid, synthesize
+from pretrain.synth import ADE_CLASS_IDS, ADE_FLOOR_ID, COCO_CATEGORY_IDS, FOLDERS, LAYOUTS, imagenet_wnid, synthesize
 
 TINY = {"imagenet_train": 3, "imagenet_val": 1, "coco_train": 5, "coco_val": 2, "ade_train": 4, "ade_val": 2,
-        "num_classes": 4, "image_size": (48, 64)}
+        "num_classes": 4, "image_size": (48, 64), "nyud_train": 3, "nyud_val": 2, "pascal_train": 3, "pascal_val": 2,
+        "dense_size": (48, 64)}
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -101,7 +103,7 @@ def test_converters_report_what_synth_expects(corpus, tmp_path):
     for name in LAYOUTS:
         for split in ("train", "val"):
             out = tmp_path / name / split
-            result = PREPARERS[name](root / name, out, split, progress=False)
+            result = PREPARERS[name](root / FOLDERS[name], out, split, progress=False)
             expected = summary[name][split]
             assert (result["written"], result["skipped"]) == (expected["expected_samples"],
                                                               expected["expected_skipped"]), (name, split)
@@ -133,4 +135,41 @@ def test_arguments_checked(tmp_path):
     small = synthesize(tmp_path / "e", **{**TINY, "scale": 0.1}, layouts=("coco", "ade20k"))
     assert small["coco"]["train"]["files"] == 2 and small["ade20k"]["val"]["files"] == 1  # 3 listed, 1 missing
     with pytest.raises(ValueError, match="unknown layout"):
-        synthesize(tmp_path / "d", layouts=("nyud",))
+        synthesize(tmp_path / "d", layouts=("kitti",))
+
+
+def _png_array(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_dense_labels_agree(corpus):
+    """NYUD: normals are the depth planes' normals, every class change is an edge; PASCAL: saliency = objects,
+    parts lie on persons only."""
+    from scipy import ndimage
+
+    from pretrain.synth.dense import FOCAL
+
+    root, _ = corpus
+    nyud = root / "NYUDv2"
+    for name in (nyud / "gt_sets/val.txt").read_text().split():
+        depth = np.load(nyud / f"depth/{name}.npy", allow_pickle=False)
+        normals = 2 * _png_array(nyud / f"normals/{name}.png").astype(np.float64) / 255.0 - 1
+        edge = _png_array(nyud / f"edge/{name}.png") > 0
+        gy, gx = np.gradient(depth.astype(np.float64))
+        from_depth = np.stack([-gx * FOCAL, -gy * FOCAL, np.ones_like(gx)], -1)
+        from_depth /= np.linalg.norm(from_depth, axis=-1, keepdims=True)
+        inner = ~ndimage.binary_dilation(edge | (depth == 0), iterations=2)
+        inner[[0, -1], :] = inner[:, [0, -1]] = False
+        cos = np.clip((from_depth * normals).sum(-1) / np.linalg.norm(normals, axis=-1), -1, 1)
+        assert inner.mean() > 0.5 and np.degrees(np.arccos(cos[inner])).max() < 2.0, name
+    pascal = root / "PASCALContext"
+    for name in (pascal / "ImageSets/Context/val.txt").read_text().split():
+        folder = "VOC12" if (pascal / f"semseg/VOC12/{name}.png").exists() else "pascal-context"
+        semseg = _png_array(pascal / f"semseg/{folder}/{name}.png")
+        sal = _png_array(pascal / f"sal_distill/{name}.png")
+        assert np.array_equal(sal > 127, semseg != 0)
+        objects = scipy.io.loadmat(pascal / f"human_parts/{name}.mat")["anno"][0][0][1][0]
+        for obj in objects:
+            for part in (obj[3][0] if len(obj[3]) else []):
+                assert obj[1][0][0] in (15, 12)  # persons, and the dog whose head must be ignored
+                assert np.isin(semseg[part[1].astype(bool)], [obj[1][0][0], 255]).all()

@@ -36,17 +36,9 @@ def _run(cmd, timeout=300):
 
 
 def _final_weights(run_dir) -> dict[str, torch.Tensor]:
-    from pretrain.checkpoint import load_model_weights
-    from pretrain.config import load_config
-    from pretrain.data.build import build_data
-    from pretrain.models import build_model
-    from pretrain.tasks import build_task_loss
+    from pretrain.runs import load_run
 
-    cfg = load_config(Path(run_dir) / "config.yaml")
-    model = build_model(cfg, num_classes=build_data(cfg).num_classes)
-    model.task_loss = build_task_loss(cfg)
-    load_model_weights(Path(run_dir) / "checkpoints", model)
-    return model.state_dict()
+    return load_run(run_dir).model.state_dict()
 
 
 def test_dry_run_prints_param_counts(shards):

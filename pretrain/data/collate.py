@@ -31,11 +31,14 @@ def _stack_images(samples: Sequence[dict[str, Any]], out: Out) -> torch.Tensor:
     return _stack([s["image"] for s in samples], None if out is None else out["images"])
 
 
+# per task: the fixed-size batch tensors besides "images" (name → dtype; shape [B, S, S]) that ring slots hold
+_RING_EXTRA: dict[str, dict[str, torch.dtype]] = {"cls": {}, "det": {}, "seg": {"masks": torch.int64}}
+
+
 def ring_fields(task: str, batch_size: int, img_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shapes and dtypes of the fixed-size tensors of a full training batch (what `out` must hold)."""
     fields = {"images": ((batch_size, 3, img_size, img_size), torch.uint8)}
-    if task == "seg":
-        fields["masks"] = ((batch_size, img_size, img_size), torch.int64)
+    fields.update({name: ((batch_size, img_size, img_size), dtype) for name, dtype in _RING_EXTRA[task].items()})
     return fields
 
 
@@ -75,6 +78,9 @@ def collate_seg(samples: Sequence[dict[str, Any]], out: Out = None) -> dict[str,
         batch["orig_masks"] = [s["orig_mask"].to(torch.int64) for s in samples]
     return batch
 
+
+# task → the batch key holding what the model's training forward takes as `targets`
+TARGET_KEYS: dict[str, str] = {"cls": "labels", "det": "targets", "seg": "masks"}
 
 COLLATE: dict[str, Callable[..., dict[str, Any]]] = {
     "cls": collate_cls,

@@ -150,8 +150,18 @@ class MixedStream:
             else:
                 yield step, tasks[0], batches[0]
 
+    def restart(self) -> None:
+        """Reseed every loader from (seed, current step), keeping the counters.
+
+        Called at every checkpoint: the batches after step s then depend only on (seed, s), so a run resumed from
+        the checkpoint of step s sees exactly the batches the uninterrupted run saw.
+        """
+        self.start_step = self.step
+        self.close()
+
     def state_dict(self) -> dict[str, Any]:
-        """Next step, realised task counts and skip counts; resume with `MixedStream(start_step=state["step"])`."""
+        """Next step, realised task counts and this rank's skip counts (JSON-able); resume with
+        `MixedStream(start_step=state["step"])` + `load_state_dict(state)`."""
         return {"step": self.step, "counts": dict(self.sampler.counts), "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -160,7 +170,7 @@ class MixedStream:
             raise ValueError(f"state step {state['step']} != start_step {self.start_step}: build the stream with "
                              f"start_step={state['step']}")
         self.sampler.load_state_dict(state)
-        self.skipped = {t: int(state["skipped"].get(t, 0)) for t in self.sampler.tasks}
+        self.skipped = {t: int(state.get("skipped", {}).get(t, 0)) for t in self.sampler.tasks}
 
     def close(self) -> None:
         """Drop the loader iterators (shuts their worker processes down)."""

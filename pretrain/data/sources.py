@@ -63,6 +63,7 @@ class Source:
     transform: Callable[..., dict[str, Any]]
     aug_name: str  # the transform's augmentation-range kwarg
     collate: Callable[..., dict[str, Any]]
+    describe: Callable[[Mapping[str, Any]], dict[str, Any]]  # `_info.json` → what the model/evaluator need
 
 
 def _num_classes(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,10 +74,15 @@ def _coco_maps(info: Mapping[str, Any]) -> dict[str, Any]:
     return {"cat_id_to_label": coco_label_maps(info["categories"])[0]}
 
 
+def _coco_categories(info: Mapping[str, Any]) -> dict[str, Any]:
+    ids = coco_label_maps(info["categories"])[1]
+    return {"categories": info["categories"], "contiguous_to_cat_id": ids, "num_classes": len(ids)}
+
+
 SOURCES: dict[str, Source] = {
-    "cls": Source(decode_cls_sample, _num_classes, transform_cls, "scale", COLLATE["cls"]),
-    "det": Source(decode_det_sample, _coco_maps, transform_det, "jitter", COLLATE["det"]),
-    "seg": Source(decode_seg_sample, _num_classes, transform_seg, "jitter", COLLATE["seg"]),
+    "cls": Source(decode_cls_sample, _num_classes, transform_cls, "scale", COLLATE["cls"], _num_classes),
+    "det": Source(decode_det_sample, _coco_maps, transform_det, "jitter", COLLATE["det"], _coco_categories),
+    "seg": Source(decode_seg_sample, _num_classes, transform_seg, "jitter", COLLATE["seg"], _num_classes),
 }
 
 
@@ -103,16 +109,12 @@ def read_shard_info(shard_dir: str | Path) -> dict[str, Any]:
 
 
 def task_info(task: str, shard_dir: str | Path) -> dict[str, Any]:
-    """What the evaluator needs from `_info.json`: "num_samples", plus cls/seg "num_classes", det "categories" and
+    """What the model and evaluator need from `_info.json`: "num_samples", "num_classes", and for det "categories" and
     "contiguous_to_cat_id" (K original ids; label l ↔ entry l − 1)."""
+    if task not in SOURCES:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(SOURCES)}")
     info = read_shard_info(shard_dir)
-    out: dict[str, Any] = {"num_samples": int(info["num_samples"])}
-    if task == "det":
-        out["categories"] = info["categories"]
-        out["contiguous_to_cat_id"] = coco_label_maps(info["categories"])[1]
-    else:
-        out.update(_num_classes(info))
-    return out
+    return {"num_samples": int(info["num_samples"]), **SOURCES[task].describe(info)}
 
 
 def _worker_id() -> int:

@@ -1,7 +1,8 @@
-"""Model building: plain dicts of sizes and heads, and `build_model(cfg)` (the only reader of the run config here).
+"""Model building: plain dicts of sizes and heads, and the `build_*` functions (the only readers of config here).
 
 Task ids are `TASKS.index(name)` for every task, enabled or not, so routers and task embeddings always have
-T = len(TASKS) rows and checkpoints keep their shapes when a task is switched off.
+T = len(TASKS) rows and checkpoints keep their shapes when a task is switched off. Builders take the config sections
+they read (`model`, `moe`, the `tasks` table), never the whole run config.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from pretrain.config import TASKS, RunConfig, enabled_tasks
+from pretrain.config import TASKS, ModelConfig, MoEConfig, TaskConfig, enabled_tasks
 from pretrain.models.heads import DET_HEADS, SEG_HEADS, ClsHead, DetHead, SegHead
 from pretrain.models.moe import MoEMlp
 from pretrain.models.moe_attention import MoEAttention
@@ -30,26 +31,28 @@ BACKBONE_SIZES: dict[str, dict[str, Any]] = {
     "vit_l16": {"patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_ratio": 4.0, "img_size": 224},
 }
 
-__all__ = ["BACKBONE_SIZES", "DET_HEADS", "SEG_HEADS", "MultiTaskModel", "build_backbone", "build_model"]
+__all__ = ["BACKBONE_SIZES", "DET_HEADS", "HEADS", "SEG_HEADS", "MultiTaskModel", "build_backbone", "build_model"]
 
 
-def _size(cfg: RunConfig) -> dict[str, Any]:
-    if cfg.model.size not in BACKBONE_SIZES:
-        raise ValueError(f"model.size={cfg.model.size!r} is not one of {', '.join(BACKBONE_SIZES)}")
-    size = dict(BACKBONE_SIZES[cfg.model.size])
-    if cfg.model.patch_size:
-        size["patch_size"] = cfg.model.patch_size
+def _size(model: ModelConfig) -> dict[str, Any]:
+    if model.size not in BACKBONE_SIZES:
+        raise ValueError(f"model.size={model.size!r} is not one of {', '.join(BACKBONE_SIZES)}")
+    size = dict(BACKBONE_SIZES[model.size])
+    if model.patch_size:
+        size["patch_size"] = model.patch_size
+    if model.img_size:
+        size["img_size"] = model.img_size
     return size
 
 
-def _moe_kwargs(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Keyword arguments of the MoE MLP and MoE attention layers (beyond dim/num_tasks) for this config.
+def moe_kwargs(model: ModelConfig, moe: MoEConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword arguments of the MoE MLP and MoE attention layers (beyond dim/num_tasks) for these sections.
 
     `moe.expert_hidden=0` → mlp_ratio·dim/top_k (k active experts: MLP FLOPs equal the dense MLP's);
-    `moe.attn_head_dim=0` → dim/num_heads. ep_size/ep_rank are not set here: the rank is a runtime fact, so the
-    engine binds them in the `moe_mlp_layer` factory it passes to `build_model`.
+    `moe.attn_head_dim=0` → dim/num_heads. ep_size/ep_rank are not set here: the rank is a runtime fact, so
+    `pretrain.layers.moe_mlp_factory` binds them in the `moe_mlp_layer` factory passed to `build_model`.
     """
-    size, m = _size(cfg), cfg.moe
+    size, m = _size(model), moe
     dim = size["embed_dim"]
     hidden = m.expert_hidden or max(1, int(size["mlp_ratio"] * dim / m.top_k))
     common = {"gate": m.gate, "noisy": m.noisy, "router_init": m.router_init, "usage_momentum": m.usage_momentum,
@@ -60,45 +63,59 @@ def _moe_kwargs(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return mlp, attn
 
 
-def build_backbone(cfg: RunConfig, *, moe_mlp_layer: Callable[..., nn.Module] | None = None) -> VisionTransformer:
-    """The ViT of `cfg.model.size` with `cfg.moe.placement`; upcycled from `cfg.model.upcycle_from` when set."""
-    mlp_kwargs, attn_kwargs = _moe_kwargs(cfg)
-    vit = VisionTransformer(**_size(cfg), drop_path=cfg.model.drop_path, num_tasks=len(TASKS),
-                            task_embed=cfg.model.task_embed, placement=cfg.moe.placement,
+def build_backbone(model: ModelConfig, moe: MoEConfig, *, moe_mlp_layer: Callable[..., nn.Module] | None = None
+                   ) -> VisionTransformer:
+    """The ViT of `model.size` with `moe.placement`; upcycled from `model.upcycle_from` when set."""
+    mlp_kwargs, attn_kwargs = moe_kwargs(model, moe)
+    vit = VisionTransformer(**_size(model), drop_path=model.drop_path, num_tasks=len(TASKS),
+                            task_embed=model.task_embed, placement=moe.placement,
                             moe_mlp_layer=moe_mlp_layer or MoEMlp, moe_mlp_kwargs=mlp_kwargs,
                             moe_attn_layer=MoEAttention, moe_attn_kwargs=attn_kwargs)
-    if cfg.model.upcycle_from:
-        upcycle_vit(vit, cfg.model.upcycle_from, mode=cfg.model.upcycle_mode)
+    if model.upcycle_from:
+        upcycle_vit(vit, model.upcycle_from, mode=model.upcycle_mode)
     return vit
 
 
-def build_model(cfg: RunConfig, *, num_classes: dict[str, int] | None = None,
-                moe_mlp_layer: Callable[..., nn.Module] | None = None) -> MultiTaskModel:
-    """Backbone + a head for each enabled task.
+def _cls_head(vit: VisionTransformer, *, task_id: int, kind: str, num_classes: int, model: ModelConfig) -> nn.Module:
+    return ClsHead(dim=vit.embed_dim, num_classes=num_classes, num_prefix_tokens=vit.num_prefix_tokens)
+
+
+def _det_head(vit: VisionTransformer, *, task_id: int, kind: str, num_classes: int, model: ModelConfig) -> nn.Module:
+    return DetHead(vit=vit, task_id=task_id, kind=kind, num_classes=num_classes, min_size=model.det_min_size,
+                   max_size=model.det_max_size, out_channels=model.pyramid_dim)
+
+
+def _seg_head(vit: VisionTransformer, *, task_id: int, kind: str, num_classes: int, model: ModelConfig) -> nn.Module:
+    return SegHead(in_dim=vit.embed_dim, num_classes=num_classes, kind=kind, pyramid_dim=model.pyramid_dim)
+
+
+# task → head builder (vit, task_id=, kind=tasks.<t>.head, num_classes=, model=section)
+HEADS: dict[str, Callable[..., nn.Module]] = {"cls": _cls_head, "det": _det_head, "seg": _seg_head}
+
+
+def build_model(*, model: ModelConfig, moe: MoEConfig, tasks: dict[str, TaskConfig],
+                num_classes: dict[str, int] | None = None, moe_mlp_layer: Callable[..., nn.Module] | None = None,
+                objective: nn.Module | None = None) -> MultiTaskModel:
+    """Backbone + a head for each enabled task (+ the training objective, part of the checkpointed state).
 
     Args:
-        cfg: the run config (model, moe, tasks sections).
-        num_classes: task → class count overriding `model.{cls,det,seg}_classes` (e.g. from the shards'
-            `_info.json`; required for cls when `model.cls_classes=0`). det counts foreground classes.
+        model, moe: config sections. tasks: the task table (enabled flags, head kinds, class counts).
+        num_classes: task → class count for tasks whose `tasks.<t>.num_classes` is 0 (e.g. from the shards'
+            `_info.json`: `DataSpec.num_classes`); det counts foreground classes.
         moe_mlp_layer: MoE MLP factory with the contract's keywords (default `MoEMlp`).
+        objective: the loss module (`pretrain.objective.Objective`): a child of the model, so its parameters
+            (uncertainty weights) are optimised and checkpointed with it.
     """
-    classes = {"cls": cfg.model.cls_classes, "det": cfg.model.det_classes, "seg": cfg.model.seg_classes}
-    classes.update(num_classes or {})
-    vit = build_backbone(cfg, moe_mlp_layer=moe_mlp_layer)
-    m = cfg.model
+    vit = build_backbone(model, moe, moe_mlp_layer=moe_mlp_layer)
     heads: dict[str, nn.Module] = {}
-    for task in enabled_tasks(cfg):
-        if classes[task] < 1:
-            raise ValueError(f"task {task!r} has {classes[task]} classes: set model.{task}_classes or pass "
+    for task in enabled_tasks(tasks):
+        classes = tasks[task].num_classes or (num_classes or {}).get(task, 0)
+        if classes < 1:
+            raise ValueError(f"task {task!r} has no class count: set tasks.{task}.num_classes or pass "
                              f"num_classes={{'{task}': N}} (e.g. from the shards' _info.json)")
-        if task == "cls":
-            heads[task] = ClsHead(dim=vit.embed_dim, num_classes=classes[task], num_prefix_tokens=vit.num_prefix_tokens)
-        elif task == "det":
-            heads[task] = DetHead(vit=vit, task_id=TASKS.index("det"), kind=m.det_head, num_classes=classes[task],
-                                  min_size=m.det_min_size, max_size=m.det_max_size, out_channels=m.pyramid_dim)
-        else:
-            heads[task] = SegHead(in_dim=vit.embed_dim, num_classes=classes[task], kind=m.seg_head,
-                                  pyramid_dim=m.pyramid_dim)
-    model = MultiTaskModel(vit, heads, {t: TASKS.index(t) for t in heads})
-    logger.info("built %s (%s placement, tasks %s): %s", m.size, cfg.moe.placement, list(heads), model.param_counts())
-    return model
+        heads[task] = HEADS[task](vit, task_id=TASKS.index(task), kind=tasks[task].head, num_classes=classes,
+                                  model=model)
+    built = MultiTaskModel(vit, heads, {t: TASKS.index(t) for t in heads}, objective=objective)
+    logger.info("built %s (%s placement, tasks %s): %s", model.size, moe.placement, list(heads),
+                built.param_counts())
+    return built

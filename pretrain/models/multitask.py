@@ -1,8 +1,13 @@
-"""The shared backbone and its task heads behind one forward: `model(task, images_uint8, targets)`."""
+"""The shared backbone, its task heads and the training objective behind one forward: `model(task, images, targets)`.
+
+How a task's head meets the backbone is a table (`FORWARDS`): cls pools the final tokens, seg reads the last block's
+map, det hands float images to a torchvision detector that calls the backbone itself.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,28 +27,58 @@ def _count(modules: list[nn.Module]) -> int:
     return sum(seen.values())
 
 
+def _forward_cls(model: MultiTaskModel, head: nn.Module, images: Tensor, task_B: Tensor, targets: Any):
+    out = head(model.backbone.forward_features(model.normalize(images), task_B))
+    return head.loss(out, targets) if model.training else out
+
+
+def _forward_seg(model: MultiTaskModel, head: nn.Module, images: Tensor, task_B: Tensor, targets: Any):
+    (feat_BDhw,) = model.backbone.forward_intermediates(model.normalize(images), task_B, indices=1, norm=True,
+                                                         intermediates_only=True)
+    out = head(feat_BDhw, tuple(images.shape[-2:]))
+    return head.loss(out, targets) if model.training else out
+
+
+def _forward_det(model: MultiTaskModel, head: nn.Module, images: Tensor, task_B: Tensor, targets: Any):
+    images_f = list(images.float().div(255.0))
+    if model.input_dtype() == torch.float32:
+        return head(images_f, targets if model.training else None)
+    # low-precision weights (DeepSpeed bf16): torchvision's NMS has no bf16 kernel; under autocast its registered
+    # autocast wrappers run NMS / RoIAlign in fp32 while convs and linears run in bf16
+    with torch.autocast(device_type=images.device.type, dtype=model.input_dtype()):
+        return head(images_f, targets if model.training else None)
+
+
+# task → how its head runs on the backbone: (model, head, uint8 images, task_B, targets) → losses | predictions
+FORWARDS: dict[str, Callable[..., Any]] = {"cls": _forward_cls, "det": _forward_det, "seg": _forward_seg}
+
+
 class MultiTaskModel(nn.Module):
-    """A task-routed ViT (`backbone`) and one head per task (`heads[name]`).
+    """A task-routed ViT (`backbone`), one head per task (`heads[name]`) and the training objective.
 
     Args:
         backbone: the shared `VisionTransformer`.
         heads: task name → head (`ClsHead`, `DetHead`, `SegHead`); the det head already references `backbone`.
         tasks: task name → task id (the routers' / task embedding's row); same keys as `heads`.
+        objective: the loss module combining task and auxiliary losses (`pretrain.objective.Objective`), or None for
+            a model that is only evaluated. A child module, so its parameters are trained and checkpointed.
 
     Batches are single-task (one `forward` per task batch). Images arrive as uint8 [B,3,H,W]; cls/seg normalise
     here with ImageNet mean/std, the detector inside torchvision's transform (after its resize).
     """
 
-    def __init__(self, backbone: VisionTransformer, heads: dict[str, nn.Module], tasks: dict[str, int]) -> None:
+    def __init__(self, backbone: VisionTransformer, heads: dict[str, nn.Module], tasks: dict[str, int],
+                 objective: nn.Module | None = None) -> None:
         super().__init__()
         if set(heads) != set(tasks):
             raise ValueError(f"heads {sorted(heads)} and tasks {sorted(tasks)} must name the same tasks")
-        unknown = set(heads) - {"cls", "det", "seg"}
+        unknown = set(heads) - set(FORWARDS)
         if unknown:
-            raise ValueError(f"unknown task heads {sorted(unknown)}; expected cls, det, seg")
+            raise ValueError(f"unknown task heads {sorted(unknown)}; expected {', '.join(FORWARDS)}")
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
         self.task_ids = dict(tasks)
+        self.objective = objective
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
 
@@ -60,7 +95,7 @@ class MultiTaskModel(nn.Module):
         """Run one task batch.
 
         Args:
-            task: `cls` | `det` | `seg` (must have a head).
+            task: a task with a head (`cls` | `det` | `seg`).
             images: uint8 [B,3,H,W].
             targets: cls int64 labels [B]; det list of {"boxes" [n,4] xyxy float, "labels" [n] int64 in 1..K};
                 seg int64 masks [B,H,W] (255 = ignore). Required in training mode, ignored in eval mode.
@@ -75,24 +110,8 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"images must be uint8 [B,3,H,W], got {images.dtype} {tuple(images.shape)}")
         if self.training and targets is None:
             raise ValueError(f"training forward for task {task!r} needs targets")
-        head = self.heads[task]
-        if task == "det":
-            images_f = list(images.float().div(255.0))
-            if self.input_dtype() == torch.float32:
-                return head(images_f, targets if self.training else None)
-            # low-precision weights (DeepSpeed bf16): torchvision's NMS has no bf16 kernel; under autocast its
-            # registered autocast wrappers run NMS / RoIAlign in fp32 while convs and linears run in bf16
-            with torch.autocast(device_type=images.device.type, dtype=self.input_dtype()):
-                return head(images_f, targets if self.training else None)
-        x = self.normalize(images)
-        task_B = torch.full((x.shape[0],), self.task_ids[task], dtype=torch.long, device=x.device)
-        if task == "cls":
-            out = head(self.backbone.forward_features(x, task_B))
-        else:
-            (feat_BDhw,) = self.backbone.forward_intermediates(x, task_B, indices=1, norm=True,
-                                                               intermediates_only=True)
-            out = head(feat_BDhw, tuple(images.shape[-2:]))
-        return head.loss(out, targets) if self.training else out
+        task_B = torch.full((images.shape[0],), self.task_ids[task], dtype=torch.long, device=images.device)
+        return FORWARDS[task](self, self.heads[task], images, task_B, targets)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this model) excluded from weight decay (besides biases and norms)."""

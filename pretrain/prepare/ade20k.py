@@ -10,23 +10,12 @@ Sample: ``__key__`` (file stem), ``jpg`` (original bytes), ``seg.png`` (original
 from __future__ import annotations
 
 import logging
-import os
-from collections import Counter
 from pathlib import Path
 
 from pretrain.prepare.images import IMAGE_SUFFIXES, CheckedImage, ImageError, load_image, load_label_png
-from pretrain.prepare.shards import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_COUNT,
-    LayoutError,
-    ShardSink,
-    check_split,
-    encode_json,
-    prepare_output_dir,
-    run_ordered,
-    sample_key,
-    shuffled,
-)
+from pretrain.prepare.paths import SYMLINKED_DIR, scan
+from pretrain.prepare.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, LayoutError, encode_json, sample_key
+from pretrain.prepare.skeleton import Converter, Listing, Sample, Skip, run_converter, skip_for
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +35,19 @@ def _find_root(src: Path) -> Path:
                       f"folders were found there or in {src}")
 
 
-def _list_files(folder: Path, suffixes: frozenset[str]) -> tuple[dict[str, str], list[str]]:
-    """``{stem: file name}`` of the wanted files in ``folder``, and the names of everything else."""
+def _list_files(folder: Path, suffixes: frozenset[str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """``{stem: file name}`` of the wanted files in ``folder``, the names of everything else, and the directory
+    symlinks (never followed)."""
     wanted: dict[str, str] = {}
     strays: list[str] = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    entries, links = scan(folder)
+    for entry in entries:
         suffix = Path(entry.name).suffix.lower()
-        if entry.is_dir() or entry.name.startswith(".") or suffix not in suffixes:
+        if entry.is_dir or entry.name.startswith(".") or suffix not in suffixes:
             strays.append(entry.name)
         else:
             wanted[Path(entry.name).stem] = entry.name
-    return wanted, strays
+    return wanted, strays, [e.name for e in links]
 
 
 def _list_split(src: Path, split: str) -> tuple[Path, list[_Job], list[tuple[str, str, str]]]:
@@ -67,12 +58,14 @@ def _list_split(src: Path, split: str) -> tuple[Path, list[_Job], list[tuple[str
     for folder in (image_dir, ann_dir):
         if not folder.is_dir():
             raise LayoutError(f"expected ADE20K folder {folder} for split {split!r}, but it is not a directory")
-    images, image_strays = _list_files(image_dir, IMAGE_SUFFIXES)
-    anns, ann_strays = _list_files(ann_dir, frozenset({".png"}))
+    images, image_strays, image_links = _list_files(image_dir, IMAGE_SUFFIXES)
+    anns, ann_strays, ann_links = _list_files(ann_dir, frozenset({".png"}))
     if not images:
         raise LayoutError(f"expected ADE20K images in {image_dir}/*.jpg, found none")
     skips = [(f"images/{sub}/{n}", "not_an_image", "stray file") for n in image_strays]
     skips += [(f"annotations/{sub}/{n}", "not_an_image", "stray file") for n in ann_strays]
+    skips += [(f"{kind}/{sub}/{n}", SYMLINKED_DIR, "directory symlink (not followed)")
+              for kind, links in (("images", image_links), ("annotations", ann_links)) for n in links]
     jobs: list[_Job] = []
     for stem, name in images.items():
         if stem not in anns:
@@ -101,6 +94,34 @@ def load_pair(job: _Job) -> tuple[CheckedImage, CheckedImage] | ImageError:
     return image, label
 
 
+class Ade20kConverter(Converter):
+    """ADE20K SceneParsing: one job per (image, label map) pair."""
+
+    dataset = "ade20k"
+    load = staticmethod(load_pair)
+
+    def list_jobs(self) -> Listing:
+        root, jobs, skips = _list_split(self.src, self.split)
+        return Listing(jobs=jobs, skips=[Skip(*s) for s in skips], source={"layout": "ade20k", "root": str(root)})
+
+    def to_sample(self, job: _Job, loaded: tuple[CheckedImage, CheckedImage] | ImageError) -> Sample | Skip:
+        skip = skip_for(job[1], loaded)
+        if skip is not None:
+            return skip
+        image, label = loaded
+        fields = {image.ext: image.data, "seg.png": label.data,
+                  "json": encode_json({"file": job[1], "width": image.width, "height": image.height})}
+        return Sample(sample_key(job[0].stem), fields, f"{image.ext}/{image.mode}")
+
+    def extra(self) -> dict:
+        return {"num_classes": NUM_CLASSES, "reduce_zero_label": True,
+                "label_note": "seg.png holds raw ids: 0 = other (ignore), 1..150 = classes; reduce-zero-label "
+                              "maps 0 -> 255 and c -> c-1",
+                "image_kinds": dict(sorted(self.image_kinds.items())),
+                "sample_keys": {"jpg|png": "original image bytes", "seg.png": "original L-mode label PNG",
+                                "json": "{file, width, height}"}}
+
+
 def convert_ade20k(
     src: Path,
     out: Path,
@@ -118,30 +139,5 @@ def convert_ade20k(
     Label PNG bytes are stored unchanged; pairs with a missing, non-L-mode, out-of-range or wrongly sized
     label map are skipped with a reason in ``{out}/skipped.jsonl``.
     """
-    src, out = Path(src), Path(out)
-    check_split(split)
-    root, jobs, skips = _list_split(src, split)
-    jobs = shuffled(jobs)
-    prepare_output_dir(out, overwrite=overwrite)
-    kinds: Counter[str] = Counter()
-    with ShardSink(out, dataset="ade20k", split=split, src=src, expected=len(jobs), max_count=max_count,
-                   max_bytes=max_bytes, min_shards=min_shards) as sink:
-        for rel, reason, detail in skips:
-            sink.skip(rel, reason, detail)
-        for job, result in zip(jobs, run_ordered(load_pair, jobs, workers=workers, desc=f"ade20k/{split}",
-                                                 progress=progress)):
-            if isinstance(result, ImageError):
-                sink.skip(job[1], result.reason, result.detail)
-                continue
-            image, label = result
-            fields = {image.ext: image.data, "seg.png": label.data,
-                      "json": encode_json({"file": job[1], "width": image.width, "height": image.height})}
-            if sink.write(sample_key(job[0].stem), fields):
-                kinds[f"{image.ext}/{image.mode}"] += 1
-        extra = {"num_classes": NUM_CLASSES, "reduce_zero_label": True,
-                 "label_note": "seg.png holds raw ids: 0 = other (ignore), 1..150 = classes; reduce-zero-label "
-                               "maps 0 -> 255 and c -> c-1",
-                 "image_kinds": dict(sorted(kinds.items())),
-                 "sample_keys": {"jpg|png": "original image bytes", "seg.png": "original L-mode label PNG",
-                                 "json": "{file, width, height}"}}
-        return sink.finish(source={"layout": "ade20k", "root": str(root)}, extra=extra)
+    return run_converter(Ade20kConverter(src, split), out, overwrite=overwrite, workers=workers,
+                         max_count=max_count, max_bytes=max_bytes, min_shards=min_shards, progress=progress)

@@ -9,24 +9,13 @@ Sample: ``__key__`` (file stem), ``jpg`` or ``png`` (original bytes; the key fol
 from __future__ import annotations
 
 import logging
-import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.prepare.images import IMAGE_SUFFIXES, CheckedImage, ImageError, try_load_image
-from pretrain.prepare.shards import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_COUNT,
-    LayoutError,
-    ShardSink,
-    check_split,
-    encode_json,
-    prepare_output_dir,
-    run_ordered,
-    sample_key,
-    shuffled,
-)
+from pretrain.prepare.paths import SYMLINKED_DIR, scan
+from pretrain.prepare.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, LayoutError, encode_json, sample_key
+from pretrain.prepare.skeleton import Converter, Listing, Sample, Skip, run_converter, skip_for
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +45,8 @@ def read_synset_mapping(path: Path) -> dict[str, str]:
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    """Names of the real (not symlinked) class folders; directory symlinks are never followed."""
+    return [e.name for e in scan(split_dir)[0] if e.is_dir and not e.name.startswith(".")]
 
 
 def imagenet_classes(src: Path) -> list[dict]:
@@ -80,8 +70,9 @@ def _list_split(src: Path, split: str, known: set[str]) -> tuple[list[_Job], lis
     expected = f"expected ImageNet layout {split_dir}/<wnid>/*.JPEG"
     if not split_dir.is_dir():
         raise LayoutError(f"{expected}, but {split_dir} is not a directory")
-    wnids = _class_dirs(split_dir)
-    loose = sorted(e.name for e in os.scandir(split_dir) if not e.is_dir())
+    entries, links = scan(split_dir)
+    wnids = [e.name for e in entries if e.is_dir and not e.name.startswith(".")]
+    loose = [e.name for e in entries if not e.is_dir]
     if not wnids:
         hint = " (val images must be sorted into <wnid>/ folders first)" if loose else ""
         raise LayoutError(f"{expected}, but {split_dir} has no class folders{hint}")
@@ -89,17 +80,51 @@ def _list_split(src: Path, split: str, known: set[str]) -> tuple[list[_Job], lis
     if unknown:
         raise LayoutError(f"{split_dir}/{unknown[0]}: class folder not listed in {src / MAPPING_NAME}")
     strays = [(f"{split}/{name}", "not_an_image", "file outside the class folders") for name in loose]
+    strays += [(f"{split}/{e.name}", SYMLINKED_DIR, "directory symlink (not followed)") for e in links]
     jobs: list[_Job] = []
     for wnid in wnids:
-        for entry in sorted(os.scandir(split_dir / wnid), key=lambda e: e.name):
+        entries, links = scan(split_dir / wnid)
+        strays += [(f"{split}/{wnid}/{e.name}", SYMLINKED_DIR, "directory symlink (not followed)") for e in links]
+        for entry in entries:
             rel = f"{split}/{wnid}/{entry.name}"
-            if entry.is_dir():
+            if entry.is_dir:
                 strays.append((rel, "not_an_image", "unexpected directory inside a class folder"))
             elif entry.name.startswith(".") or Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
                 strays.append((rel, "not_an_image", "not an image file name (stray file)"))
             else:
                 jobs.append(_Job(rel=rel, path=Path(entry.path), wnid=wnid))
     return jobs, strays
+
+
+class ImageNetConverter(Converter):
+    """ImageNet class folders: one job per image file, class index from the sorted wnids."""
+
+    dataset = "imagenet"
+
+    def list_jobs(self) -> Listing:
+        self.classes = imagenet_classes(self.src)
+        self.index = {c["wnid"]: c["index"] for c in self.classes}
+        jobs, strays = _list_split(self.src, self.split, set(self.index))
+        return Listing(jobs=jobs, skips=[Skip(*stray) for stray in strays],
+                       source={"layout": "imagenet", "mapping": (self.src / MAPPING_NAME).is_file()})
+
+    @staticmethod
+    def load(job: _Job) -> CheckedImage | ImageError:
+        return try_load_image((job.path, job.rel))
+
+    def to_sample(self, job: _Job, loaded: CheckedImage | ImageError) -> Sample | Skip:
+        skip = skip_for(job.rel, loaded)
+        if skip is not None:
+            return skip
+        fields = {loaded.ext: loaded.data, "cls": str(self.index[job.wnid]).encode("ascii"),
+                  "json": encode_json({"wnid": job.wnid, "file": job.rel})}
+        return Sample(sample_key(job.path.stem), fields, f"{loaded.ext}/{loaded.mode}")
+
+    def extra(self) -> dict:
+        return {"num_classes": len(self.classes), "classes": self.classes,
+                "image_kinds": dict(sorted(self.image_kinds.items())),
+                "sample_keys": {"jpg|png": "original image bytes", "cls": "class index (ASCII int)",
+                                "json": "{wnid, file}"}}
 
 
 def convert_imagenet(
@@ -120,30 +145,5 @@ def convert_imagenet(
     ``{out}/skipped.jsonl``. Raises LayoutError for a source that does not match the layout and
     OutputNotEmptyError for a non-empty ``out`` without ``overwrite``.
     """
-    src, out = Path(src), Path(out)
-    check_split(split)
-    classes = imagenet_classes(src)
-    index = {c["wnid"]: c["index"] for c in classes}
-    jobs, strays = _list_split(src, split, set(index))
-    jobs = shuffled(jobs)
-    prepare_output_dir(out, overwrite=overwrite)
-    modes: Counter[str] = Counter()
-    with ShardSink(out, dataset="imagenet", split=split, src=src, expected=len(jobs), max_count=max_count,
-                   max_bytes=max_bytes, min_shards=min_shards) as sink:
-        for rel, reason, detail in strays:
-            sink.skip(rel, reason, detail)
-        loads = [(job.path, job.rel) for job in jobs]
-        for job, result in zip(jobs, run_ordered(try_load_image, loads, workers=workers, desc=f"imagenet/{split}",
-                                                 progress=progress)):
-            if isinstance(result, ImageError):
-                sink.skip(job.rel, result.reason, result.detail)
-                continue
-            assert isinstance(result, CheckedImage)
-            fields = {result.ext: result.data, "cls": str(index[job.wnid]).encode("ascii"),
-                      "json": encode_json({"wnid": job.wnid, "file": job.rel})}
-            if sink.write(sample_key(job.path.stem), fields):
-                modes[f"{result.ext}/{result.mode}"] += 1
-        extra = {"num_classes": len(classes), "classes": classes, "image_kinds": dict(sorted(modes.items())),
-                 "sample_keys": {"jpg|png": "original image bytes", "cls": "class index (ASCII int)",
-                                 "json": "{wnid, file}"}}
-        return sink.finish(source={"layout": "imagenet", "mapping": (src / MAPPING_NAME).is_file()}, extra=extra)
+    return run_converter(ImageNetConverter(src, split), out, overwrite=overwrite, workers=workers,
+                         max_count=max_count, max_bytes=max_bytes, min_shards=min_shards, progress=progress)

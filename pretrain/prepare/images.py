@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pretrain.prepare.pngcheck import PNG_MAGIC, PngDamage, verify_png
+
 logger = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Extensions a converter treats as images; anything else in an image folder is a stray file (.DS_Store, .txt).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 
@@ -74,6 +75,8 @@ def read_bytes(path: Path) -> bytes:
 def decode_image(data: bytes, *, name: str) -> tuple[CheckedImage, Image.Image]:
     """Decode ``data`` completely (``load()``, not ``verify()``) and return it with the loaded PIL image.
 
+    A PNG is first checked chunk by chunk (CRCs, full inflate: ``pngcheck.verify_png``), which PIL does not do.
+
     Args:
         data: raw file bytes.
         name: file name used in error messages.
@@ -86,6 +89,11 @@ def decode_image(data: bytes, *, name: str) -> tuple[CheckedImage, Image.Image]:
     ext = sniff_format(data)
     if ext is None:
         raise ImageError("unsupported_format", f"{name}: not a JPEG or PNG (starts with {data[:8].hex()})")
+    if ext == "png":
+        try:
+            verify_png(data, name=name)
+        except PngDamage as err:
+            raise ImageError(err.reason, err.detail) from None
     try:
         with warnings.catch_warnings():
             # A decompression-bomb warning is not a decode failure; real datasets have a few very large images.

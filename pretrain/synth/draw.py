@@ -18,7 +18,7 @@ ADE_CLASS_IDS = (12, 25, 37, 56, 74, 93, 117, 142)  # shape i -> ADE20K label id
 ADE_FLOOR_ID = 4
 JPEG_QUALITY = 90
 DS_STORE = b"\x00\x00\x00\x01Bud1" + bytes(24)  # the magic of a macOS .DS_Store; any content would do
-DATASET_CODES = {"imagenet": 1, "coco": 2, "ade20k": 3}
+DATASET_CODES = {"imagenet": 1, "coco": 2, "ade20k": 3, "nyud": 4, "pascal_context": 5}
 SPLIT_CODES = {"train": 0, "val": 1}
 
 

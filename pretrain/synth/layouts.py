@@ -211,6 +211,3 @@ def write_ade20k(root: Path, *, seed: int, train: int, val: int, image_size: tup
                 write_file(base / "annotations" / sub / f"{stem}.png", buf.getvalue())
         result[split] = {"files": count, "expected_samples": count - int(quirky), "expected_skipped": int(quirky)}
     return result
-
-
-LAYOUTS = {"imagenet": write_imagenet, "coco": write_coco, "ade20k": write_ade20k}

@@ -56,7 +56,8 @@ def check_masters(model: torch.nn.Module, what: str) -> None:
 def new_engine(cfg, rank: int, seed: int):
     cfg.seed = seed
     model = build(cfg, rank)
-    engine = build_engine(cfg, model, world_size=2)
+    engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, max_steps=cfg.train.max_steps,
+                          world_size=2)
     assert isinstance(engine.checkpoint_engine, WeightsOnlyCheckpointEngine), type(engine.checkpoint_engine)
     return model, engine
 

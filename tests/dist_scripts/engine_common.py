@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pretrain.config import RunConfig, load_config
-from pretrain.engine import moe_mlp_factory
+from pretrain.layers import moe_mlp_factory
 from pretrain.models import build_model
 from pretrain.models.moe_losses import collect_aux_losses
 
@@ -19,16 +19,18 @@ W_MI = 0.01
 
 
 def make_cfg(*overrides: str) -> RunConfig:
-    base = ["model.size=vit_debug", "model.drop_path=0.0", f"model.cls_classes={CLASSES}", "tasks.det.enabled=false",
-            "tasks.seg.enabled=false", f"tasks.cls.img_size={IMG}", "moe.num_experts=4", "moe.top_k=2",
-            "moe.attn_num_experts=4", "moe.attn_top_k=2", "moe.router_init=normal", "engine.precision=fp32",
-            "optim.lr=1e-2", "optim.warmup_steps=2", "train.max_steps=20", "optim.grad_clip=1.0"]
+    base = ["model.size=vit_debug", "model.drop_path=0.0", f"tasks.cls.num_classes={CLASSES}",
+            "tasks.det.enabled=false", "tasks.seg.enabled=false", f"tasks.cls.img_size={IMG}", "moe.num_experts=4",
+            "moe.top_k=2", "moe.attn_num_experts=4", "moe.attn_top_k=2", "moe.router_init=normal",
+            "engine.precision=fp32", "optim.lr=1e-2", "optim.warmup_steps=2", "train.max_steps=20",
+            "optim.grad_clip=1.0"]
     return load_config(None, base + list(overrides))
 
 
 def build(cfg: RunConfig, rank: int) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
-    return build_model(cfg, moe_mlp_layer=moe_mlp_factory(cfg, rank=rank))
+    return build_model(model=cfg.model, moe=cfg.moe, tasks=cfg.tasks,
+                       moe_mlp_layer=moe_mlp_factory(cfg.moe, cfg.engine, rank=rank))
 
 
 def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

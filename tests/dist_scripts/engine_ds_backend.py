@@ -32,7 +32,8 @@ def main() -> None:
     layers = [m for m in model.modules() if isinstance(m, DeepSpeedMoEMlp)]
     assert layers and all((m.ep_size, m.ep_rank, m.num_local_experts) == (2, rank, 2) for m in layers)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    engine = build_engine(cfg, model, world_size=2)
+    engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, max_steps=cfg.train.max_steps,
+                          world_size=2)
     assert engine.has_moe_layers
     for step in range(STEPS):
         loss = train_step(engine, model, step, rank)

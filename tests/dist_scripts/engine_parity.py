@@ -27,7 +27,8 @@ def run(ep_size: int, zero: int, rank: int) -> tuple[torch.nn.Module, dict, list
     cfg = make_cfg(f"engine.ep_size={ep_size}", f"engine.zero_stage={zero}", clip)
     model = build(cfg, rank)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    engine = build_engine(cfg, model, world_size=2)
+    engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, max_steps=cfg.train.max_steps,
+                          world_size=2)
     groups = engine.optimizer.optimizer.param_groups if zero else engine.optimizer.param_groups
     moe_groups = [g for g in groups if g.get("moe")]
     assert moe_groups and all(g["name"] == f"ep_size_{ep_size}" for g in moe_groups), [g["name"] for g in groups]

@@ -4,13 +4,13 @@ import math
 
 import torch
 
+from pretrain.objective import Objective
 from pretrain.plots import plot_losses, plot_usage
 from pretrain.routing_stats import mutual_information, routing_metrics
-from pretrain.tasks import TaskLoss
 
 
 def test_fixed_weighting_and_aux():
-    tl = TaskLoss(tasks=["cls", "det"], weights={"cls": 2.0, "det": 0.5}, mode="fixed",
+    tl = Objective(tasks=["cls", "det"], weights={"cls": 2.0, "det": 0.5}, mode="fixed",
                   aux_weights={"mi": 0.1, "z": 0.0})
     losses = {"cls": {"cls": torch.tensor(1.0)}, "det": {"a": torch.tensor(2.0), "b": torch.tensor(4.0)}}
     total, parts = tl(losses, {"mi": torch.tensor(-3.0), "z": torch.tensor(7.0)})
@@ -20,7 +20,7 @@ def test_fixed_weighting_and_aux():
 
 
 def test_uncertainty_weighting_matches_modsquad():
-    tl = TaskLoss(tasks=["cls", "seg"], weights={}, mode="uncertainty", aux_weights={})
+    tl = Objective(tasks=["cls", "seg"], weights={}, mode="uncertainty", aux_weights={})
     with torch.no_grad():
         tl.sigma.copy_(torch.tensor([2.0, 0.5]))
     total, _ = tl({"cls": {"cls": torch.tensor(3.0)}, "seg": {"seg": torch.tensor(1.0)}}, {})

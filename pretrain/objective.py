@@ -1,7 +1,9 @@
-"""Task loss weighting: fixed weights or Mod-Squad's uncertainty weighting, plus the auxiliary MoE losses.
+"""The training objective of both loops: task loss weighting (fixed or Mod-Squad's uncertainty) + auxiliary losses.
 
 The model returns, per forward, a dict of named loss terms for one task (detection returns torchvision's four
-terms). `TaskLoss` sums a task's terms, weights tasks and adds the weighted auxiliary losses.
+terms). `Objective` sums a task's terms, weights tasks and adds the weighted auxiliary losses (MoE balance/MI losses,
+a decoder's balance loss). It is a child module of the model (`model.objective`), so its parameters are trained
+and checkpointed with the model.
 """
 
 from __future__ import annotations
@@ -9,12 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pretrain.config import RunConfig, enabled_tasks
+from pretrain.config import MoEConfig, OptimConfig, TaskConfig, enabled_tasks
 
-AUX_KEYS = ("mi", "cv", "switch", "z")
+WEIGHTINGS = ("fixed", "uncertainty")
 
 
-class TaskLoss(nn.Module):
+class Objective(nn.Module):
     """Combine per-task losses into the training objective.
 
     `mode="fixed"`: Σ_t w_t·L_t. `mode="uncertainty"` (Mod-Squad `AutomaticWeightedLoss`, σ learnable, init 1):
@@ -24,12 +26,12 @@ class TaskLoss(nn.Module):
 
     def __init__(self, *, tasks: list[str], weights: dict[str, float], mode: str, aux_weights: dict[str, float]):
         super().__init__()
-        if mode not in ("fixed", "uncertainty"):
-            raise ValueError(f"loss weighting mode must be fixed or uncertainty, got {mode!r}")
+        if mode not in WEIGHTINGS:
+            raise ValueError(f"loss weighting mode must be one of {WEIGHTINGS}, got {mode!r}")
         self.tasks = list(tasks)
         self.mode = mode
         self.weights = dict(weights)
-        self.aux_weights = {k: float(aux_weights.get(k, 0.0)) for k in AUX_KEYS}
+        self.aux_weights = {k: float(v) for k, v in aux_weights.items()}
         self.sigma = nn.Parameter(torch.ones(len(tasks))) if mode == "uncertainty" else None
 
     def task_term(self, task: str, loss: Tensor) -> Tensor:
@@ -43,7 +45,7 @@ class TaskLoss(nn.Module):
         """Args: task_losses {task: {term: scalar}}, aux {"mi"|"cv"|"switch"|"z": scalar} (unweighted).
 
         Returns (total, parts) where parts holds detached scalars for logging: `loss/<task>`, `loss/<task>/<term>`,
-        `aux/<key>` (unweighted) and `loss/total`.
+        `aux/<key>` (unweighted) and `loss/total`. Aux keys without a weight are logged and not added.
         """
         total: Tensor | float = 0.0  # stays on the losses' device (no CPU zero tensor on GPU runs)
         parts: dict[str, Tensor] = {}
@@ -64,8 +66,11 @@ class TaskLoss(nn.Module):
         return total, parts
 
 
-def build_task_loss(cfg: RunConfig) -> TaskLoss:
-    tasks = enabled_tasks(cfg)
-    return TaskLoss(tasks=tasks, weights={t: getattr(cfg.tasks, t).loss_weight for t in tasks},
-                    mode=cfg.optim.loss_weighting,
-                    aux_weights={"mi": cfg.moe.w_mi, "cv": cfg.moe.w_cv, "switch": cfg.moe.w_switch, "z": cfg.moe.w_z})
+def build_objective(tasks: dict[str, TaskConfig], optim: OptimConfig, moe: MoEConfig,
+                    extra_aux: dict[str, float] | None = None, order: tuple[str, ...] | None = None) -> Objective:
+    """The objective for the enabled tasks of a `tasks` table (loss weights), `optim.loss_weighting` and the MoE
+    auxiliary-loss weights (plus `extra_aux`, e.g. a decoder's balance-loss weight)."""
+    names = enabled_tasks(tasks, order) if order else enabled_tasks(tasks)
+    aux = {"mi": moe.w_mi, "cv": moe.w_cv, "switch": moe.w_switch, "z": moe.w_z, **(extra_aux or {})}
+    return Objective(tasks=names, weights={t: tasks[t].loss_weight for t in names}, mode=optim.loss_weighting,
+                     aux_weights=aux)

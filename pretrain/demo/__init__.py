@@ -1,0 +1,122 @@
+"""Stage 4: `pretrain demo` — the whole pipeline on the embedded corpus, as the commands a user would type.
+
+synth → prepare (five datasets) → train → evaluate (and the same model at random init) → export → extract (one
+submodel per pretraining task, and `seg` calibrated on NYUD) → finetune on NYUD-v2 with MLoRE from (a) the extracted
+submodel, (b) the full pretrained model, (c) random initialisation → evaluate → `report.md`.
+
+Each stage runs one user-facing command in a subprocess (printed first, so it can be repeated by hand) and, when it
+succeeds, leaves `stages/<name>.json` (command, seconds, parsed output). A re-run skips every stage whose record
+exists; a killed demo resumes at the stage it was in, and the commands themselves resume (training continues from
+its last checkpoint). Nothing here reaches into the package's internals: the report reads the files the commands wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrain.durable import atomic_write
+
+PRETRAIN_TASKS = ("cls", "det", "seg")
+DENSE = ("nyud", "pascal_context")
+RAW_DIRS = {"imagenet": "imagenet", "coco": "coco", "ade20k": "ade20k", "nyud": "NYUDv2",
+            "pascal_context": "PASCALContext"}
+INITS = {"extracted": "extract/seg_nyud.safetensors", "pretrained": "model.safetensors", "random": ""}
+
+
+@dataclass
+class Stage:
+    """One command of the pipeline. `name` names its record; `parse` turns its stdout into the record's data."""
+
+    name: str
+    argv: list[str]
+    weight: float = 1.0  # expected share of the demo's time (for the overall ETA)
+    parse: str = ""  # "json_last_line": the command prints one JSON object last
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def pipeline(out: Path, *, pretrain_config: str, finetune_config: str, fast: bool) -> list[Stage]:
+    """Every stage in order (paths inside `out`)."""
+    p = [sys.executable, "-m", "pretrain"]
+    shards, raw = out / "shards", out / "raw"
+    stages = [Stage("synth", [*p, "synth", "--out", str(raw), "--overwrite"], 1.0)]
+    for dataset, folder in RAW_DIRS.items():
+        for split in ("train", "val"):
+            stages.append(Stage(f"prepare_{dataset}_{split}", [
+                *p, "prepare", dataset, "--src", str(raw / folder), "--out", str(shards / dataset / split),
+                "--split", split, "--overwrite", "--min-shards", "2"], 0.3))
+    quick = ["train.max_steps=40", "train.ckpt_every=20"] if fast else []
+    run = out / "pretrain"
+    stages += [
+        Stage("train", [*p, "train", pretrain_config, f"data.root={shards}", f"output_dir={run}", *quick], 12.0),
+        Stage("evaluate", [*p, "evaluate", str(run)], 1.0, "json_last_line"),
+        Stage("evaluate_random", [*p, "evaluate", pretrain_config, f"data.root={shards}",
+                                  f"output_dir={out / 'random_init'}", "--random-init"], 1.0, "json_last_line"),
+        Stage("export", [*p, "export", str(run), "--out", str(out / "model.safetensors")], 0.5),
+    ]
+    for task in PRETRAIN_TASKS:
+        stages.append(Stage(f"extract_{task}", [*p, "extract", str(out / "model.safetensors"), "--task", task,
+                                                "--out", str(out / "extract" / f"{task}.safetensors"),
+                                                "--data-root", str(shards)], 1.5))
+    stages.append(Stage("extract_seg_nyud", [*p, "extract", str(out / "model.safetensors"), "--task", "seg",
+                                             "--calibrate", str(shards / "nyud" / "train"),
+                                             "--out", str(out / INITS["extracted"]), "--data-root", str(shards)], 1.5))
+    ft_quick = ["train.max_steps=20", "train.ckpt_every=10", "train.eval_every=0"] if fast else []
+    for init, source in INITS.items():
+        ft = out / "finetune" / init
+        init_arg = f"finetune.init_from={out / source}" if source else "finetune.init_from="
+        stages.append(Stage(f"finetune_{init}", [*p, "finetune", finetune_config, f"data.root={shards}",
+                                                 f"output_dir={ft}", init_arg, *ft_quick], 6.0))
+        stages.append(Stage(f"evaluate_finetune_{init}", [*p, "evaluate", str(ft)], 0.5, "json_last_line"))
+    return stages
+
+
+def run_stage(stage: Stage, records: Path, index: int, total: int, eta: float | None) -> dict:
+    """Run one stage (skipped when its record exists); returns its record."""
+    record_path = records / f"{stage.name}.json"
+    if record_path.is_file():
+        print(f"[{index}/{total}] {stage.name}: done earlier, skipped", flush=True)
+        return json.loads(record_path.read_text())
+    eta_text = f", demo ETA {eta / 60:.1f} min" if eta is not None else ""
+    print(f"[{index}/{total}] {stage.name}{eta_text}\n  $ {shlex.join(stage.argv)}", flush=True)
+    start = time.monotonic()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **stage.env}
+    proc = subprocess.run(stage.argv, env=env, stdout=subprocess.PIPE, text=True)  # stderr (progress bars) shows
+    print(proc.stdout, end="", flush=True)
+    if proc.returncode != 0:
+        raise DemoError(f"stage {stage.name} failed (exit {proc.returncode}); re-run `pretrain demo` to resume "
+                        f"from it, or run the command above by hand to see the problem")
+    record = {"name": stage.name, "command": shlex.join(stage.argv), "seconds": round(time.monotonic() - start, 1)}
+    if stage.parse == "json_last_line":
+        record["output"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    atomic_write(record_path, json.dumps(record, indent=1))
+    return record
+
+
+class DemoError(RuntimeError):
+    """A stage failed: one line naming it (exit code 4)."""
+
+
+def main(out: Path, *, pretrain_config: str, finetune_config: str, fast: bool = False) -> int:
+    from pretrain.demo.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    records = out / "stages"
+    records.mkdir(exist_ok=True)
+    stages = pipeline(out, pretrain_config=pretrain_config, finetune_config=finetune_config, fast=fast)
+    done, spent, weight_done = {}, 0.0, 0.0
+    total_weight = sum(s.weight for s in stages)
+    for i, stage in enumerate(stages, 1):
+        eta = spent / weight_done * (total_weight - weight_done) if weight_done else None
+        done[stage.name] = run_stage(stage, records, i, len(stages), eta)
+        spent += done[stage.name]["seconds"]
+        weight_done += stage.weight
+    report = write_report(out, done)
+    print(f"report: {report}")
+    return 0

@@ -1,0 +1,104 @@
+"""The fine-tuning run from its config: shard checks (`DenseData`), the dense model (backbone + decoder + objective,
+frozen parts), the resumable training stream and the eval loader."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pretrain import dist
+from pretrain.data.build import resolve_shards
+from pretrain.data.dense import DENSE_DATASETS, make_dense_eval_loader, make_dense_train_loader
+from pretrain.data.mixture import MixedStream, TaskSampler
+from pretrain.data.sources import read_shard_info
+from pretrain.dist import DistInfo
+from pretrain.finetune.config import DENSE_TASKS, FinetuneConfig, enabled_dense_tasks
+from pretrain.finetune.init import build_finetune_backbone
+from pretrain.finetune.losses import build_losses
+from pretrain.models.decoders import DECODERS
+from pretrain.models.dense import DenseModel
+from pretrain.models.moe_losses import moe_modules
+from pretrain.objective import build_objective
+
+logger = logging.getLogger(__name__)
+
+# output channels of each task's prediction (semseg / human_parts: the dataset's class count)
+OUT_CHANNELS = {"sal": 2, "normals": 3, "edge": 1, "depth": 1}
+
+
+@dataclass
+class DenseData:
+    """What the dense shards say: folders, sizes, class counts per task."""
+
+    dataset: str
+    train_dir: Path
+    val_dir: Path
+    num_samples: int
+    num_classes: dict[str, int]
+
+
+def check_dense_shards(cfg: FinetuneConfig) -> DenseData:
+    """Check the train/val shard sets and that they hold every enabled task (errors name the folder and task)."""
+    d = cfg.data
+    train_dir = resolve_shards(d.root, d.train_shards or f"{d.dataset}/train")
+    val_dir = resolve_shards(d.root, d.val_shards or f"{d.dataset}/val")
+    info = read_shard_info(train_dir)
+    read_shard_info(val_dir)
+    have = set(info.get("tasks", DENSE_DATASETS[d.dataset].tasks))
+    missing = [t for t in enabled_dense_tasks(cfg) if t not in have]
+    if missing:
+        raise ValueError(f"{train_dir}: the shards hold no {', '.join(missing)} labels (tasks {sorted(have)}); "
+                         f"disable them with tasks.<task>.enabled=false")
+    return DenseData(d.dataset, train_dir, val_dir, int(info["num_samples"]), dict(info.get("num_classes", {})))
+
+
+def apply_trainable_(model: DenseModel, trainable: str) -> None:
+    """Freeze what `finetune.trainable` leaves out (frozen parameters get no gradient and no optimizer state)."""
+    if trainable == "all":
+        return
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    if trainable == "routers+decoder":
+        for _, layer in moe_modules(model.backbone):
+            for p in layer.router.parameters():
+                p.requires_grad_(True)
+
+
+def build_dense_model(cfg: FinetuneConfig, data: DenseData) -> DenseModel:
+    """Backbone (with one router row per dense task, or one shared) + decoder + objective, frozen parts applied."""
+    tasks = enabled_dense_tasks(cfg)
+    backbone = build_finetune_backbone(cfg, tasks)
+    channels = {t: OUT_CHANNELS.get(t) or data.num_classes[t] for t in tasks}
+    decoder = DECODERS[cfg.finetune.decoder](embed_dim=backbone.embed_dim, depth=backbone.depth, tasks=channels,
+                                             **cfg.finetune.decoder_options)
+    objective = build_objective(cfg.tasks, cfg.optim, cfg.moe, extra_aux=decoder.aux_weights, order=DENSE_TASKS)
+    model = DenseModel(backbone=backbone, decoder=decoder, tasks=tasks, routing=cfg.finetune.routing,
+                       losses=build_losses(tasks, edge_pos_weight=cfg.finetune.edge_pos_weight), objective=objective)
+    apply_trainable_(model, cfg.finetune.trainable)
+    if torch.cuda.is_available() and dist.resolve().world_size > 1 and cfg.engine.backend != "gloo":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over every GPU, as the references do
+    return model
+
+
+def make_stream(cfg: FinetuneConfig, data: DenseData, info: DistInfo, *, start_micro_step: int) -> MixedStream:
+    """The resumable training stream (one dataset: every step draws it) from `start_micro_step`."""
+    d = cfg.data
+    kwargs = {data.dataset: {"shard_dir": data.train_dir, "tasks": enabled_dense_tasks(cfg),
+                             "batch_size": d.batch_size, "crop_size": tuple(d.train_size),
+                             "shuffle_buffer": d.shuffle_buffer, "protocol": d.protocol}}
+    sampler = TaskSampler([data.dataset], [1.0], seed=cfg.seed)
+    return MixedStream(sampler, kwargs, rank=info.rank, world_size=info.world_size, num_workers=d.num_workers,
+                       start_step=start_micro_step, seed=cfg.seed, make_loader=make_dense_train_loader)
+
+
+def make_eval_loader(cfg: FinetuneConfig, data: DenseData, info: DistInfo):
+    d = cfg.data
+    return make_dense_eval_loader(data.dataset, data.val_dir, tasks=enabled_dense_tasks(cfg),
+                                  batch_size=d.eval_batch_size, eval_size=tuple(d.eval_size), protocol=d.protocol,
+                                  rank=info.rank, world_size=info.world_size, num_workers=cfg.eval.num_workers)
+
+

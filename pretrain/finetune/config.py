@@ -1,0 +1,136 @@
+"""The fine-tuning schema: the core's shared sections (model, moe, optim, engine, train, eval, logging) plus the dense
+data, the dense task table and the fine-tuning choices (initialisation, routing, what trains, decoder).
+
+Registered in `pretrain.config.VALIDATORS`, so `load_config(path, overrides, schema=FinetuneConfig)` merges, checks
+and reports errors exactly as for pretraining.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pretrain.config import (
+    VALIDATORS,
+    EngineConfig,
+    EvalConfig,
+    LoggingConfig,
+    ModelConfig,
+    MoEConfig,
+    OptimConfig,
+    TrainConfig,
+    check_choices,
+    check_moe,
+    check_tasks,
+    check_train,
+    need,
+)
+
+# every dense task the fine-tuning stage knows, in id order (the dense model's router rows follow the enabled ones)
+DENSE_TASKS = ("semseg", "human_parts", "sal", "normals", "edge", "depth")
+
+
+@dataclass
+class DenseTaskConfig:
+    enabled: bool = True
+    loss_weight: float = 1.0
+    # unused by dense tasks, present so the shared task checks apply to both schemas
+    weight: float = 1.0
+    batch_size: int = 1
+    num_classes: int = 0
+
+
+def nyud_tasks() -> dict[str, DenseTaskConfig]:
+    """NYUD-v2's four tasks with the current protocol's loss weights (evaluation.md §4)."""
+    return {"semseg": DenseTaskConfig(loss_weight=1.0), "depth": DenseTaskConfig(loss_weight=1.0),
+            "normals": DenseTaskConfig(loss_weight=10.0), "edge": DenseTaskConfig(loss_weight=50.0)}
+
+
+@dataclass
+class DenseDataConfig:
+    root: str = "corpus/shards"
+    dataset: str = "nyud"  # nyud | pascal_context
+    train_shards: str = ""  # "" = <dataset>/train under root
+    val_shards: str = ""  # "" = <dataset>/val under root
+    protocol: str = "new"  # new: pad to eval_size, random scale/crop (InvPT/MLoRE); old: fixed resize (ASTMT/M3ViT)
+    train_size: tuple[int, int] = (448, 576)  # crop (new) or resize (old) size, (h, w)
+    eval_size: tuple[int, int] = (448, 576)  # pad-to (new) or resize (old) size
+    batch_size: int = 2
+    eval_batch_size: int = 2
+    num_workers: int = 2
+    shuffle_buffer: int = 500
+
+
+@dataclass
+class FinetuneSection:
+    init_from: str = ""  # run dir | exported/extracted .safetensors | dense timm ViT (.safetensors/.pth) | "" = random
+    router_from: str = "seg"  # pretraining task whose router (and task embedding) each dense task's router starts from
+    routing: str = "per_task"  # per_task: a router per dense task, the backbone runs once per task | shared: once
+    trainable: str = "all"  # all | decoder (backbone frozen) | routers+decoder (Mod-Squad's cheap adaptation)
+    decoder: str = "heads"  # key of pretrain.models.decoders.DECODERS
+    decoder_options: dict[str, Any] = field(default_factory=dict)  # keyword options of that decoder's builder
+    edge_pos_weight: float = 0.95  # balanced BCE weight w of the edge loss (MLoRE: 0.95 PASCAL, 0.88 NYUD)
+    baselines: dict[str, float] = field(default_factory=dict)  # single-task metrics for Δm, keyed by task
+    save_predictions: bool = False  # write 8-bit PNGs per task at original size in `pretrain evaluate`
+    grid_images: int = 4  # val images in the prediction grid PNG (0 = none)
+
+
+@dataclass
+class FinetuneConfig:
+    output_dir: str = "runs/finetune"
+    seed: int = 0
+    data: DenseDataConfig = field(default_factory=DenseDataConfig)
+    tasks: dict[str, DenseTaskConfig] = field(default_factory=nyud_tasks)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES = {
+    "data.dataset": ("nyud", "pascal_context"),
+    "data.protocol": ("new", "old"),
+    "finetune.router_from": ("cls", "det", "seg"),
+    "finetune.routing": ("per_task", "shared"),
+    "finetune.trainable": ("all", "decoder", "routers+decoder"),
+    "finetune.decoder": ("heads", "mlore"),
+    "moe.placement": ("modsquad", "m3vit", "dense"),
+    "engine.zero_stage": (0, 1, 2),
+    "engine.precision": ("fp32", "bf16"),
+    "engine.backend": ("auto", "nccl", "gloo"),
+    "logging.wandb": ("auto", "online", "offline", "disabled"),
+    "optim.loss_weighting": ("fixed", "uncertainty"),
+    "optim.schedule": ("cosine", "poly"),
+}
+
+
+def _check(cfg: FinetuneConfig) -> None:
+    check_choices(cfg, CHOICES)
+    check_moe(cfg.moe, cfg.engine)
+    check_train(cfg.train, cfg.optim)
+    check_tasks(cfg.tasks, DENSE_TASKS)
+    need(cfg.engine.ep_size == 1, "engine.ep_size", cfg.engine.ep_size,
+         "fine-tuning holds every expert on every rank: must be 1")
+    d = cfg.data
+    need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    need(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
+    need(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    for key in ("train_size", "eval_size"):
+        h, w = getattr(d, key)
+        need(h >= 16 and w >= 16, f"data.{key}", [h, w], "must be [h, w] with both >= 16")
+    need(0 < cfg.finetune.edge_pos_weight < 1, "finetune.edge_pos_weight", cfg.finetune.edge_pos_weight,
+         "must be in (0, 1)")
+    unknown = sorted(set(cfg.finetune.baselines) - set(DENSE_TASKS))
+    need(not unknown, "finetune.baselines", unknown, f"unknown task(s); expected {', '.join(DENSE_TASKS)}")
+
+
+VALIDATORS[FinetuneConfig] = _check
+
+
+def enabled_dense_tasks(cfg: FinetuneConfig) -> list[str]:
+    """Enabled dense tasks in `DENSE_TASKS` order (the dense model's router row order)."""
+    return [t for t in DENSE_TASKS if t in cfg.tasks and cfg.tasks[t].enabled]

@@ -1,0 +1,179 @@
+"""Dense evaluation: the meter table (`DENSE_METERS`), crop-back of padded predictions, Δm, the prediction grid.
+
+Every rank evaluates its disjoint part of the val shards; meters pool sums/counts and are reduced across ranks once at
+the end. Predictions are compared at the original resolution: the new protocol pads each image (centred) and the
+loader gives the crop box of the original inside it; the old protocol resizes, and its box is the whole input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pretrain import dist
+from pretrain.finetune.config import FinetuneConfig
+from pretrain.log import progress
+from pretrain.metrics import DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegmentationMeter
+from pretrain.metrics.multitask import PRIMARY, delta_m
+
+logger = logging.getLogger(__name__)
+
+EDGE_MAX_DIST = {"nyud": 0.011, "pascal_context": 0.0075}  # SEISM maxDist per dataset (evaluation.md §5)
+
+
+@dataclass(frozen=True)
+class DenseMeter:
+    """How one task is scored: `make(cfg, num_classes)` → meter; `update(meter, pred [1,C,h,w], target [1,...])`."""
+
+    make: Callable[[FinetuneConfig, dict[str, int]], Any]
+    update: Callable[[Any, Tensor, Tensor], None]
+
+
+def _seg(task: str) -> DenseMeter:
+    return DenseMeter(lambda cfg, nc: SegmentationMeter(num_classes=nc[task]),
+                      lambda m, pred, gt: m.update(pred.argmax(1), gt))
+
+
+DENSE_METERS: dict[str, DenseMeter] = {
+    "semseg": _seg("semseg"),
+    "human_parts": _seg("human_parts"),
+    "sal": DenseMeter(lambda cfg, nc: SaliencyMeter(mode=cfg.data.protocol),
+                      lambda m, pred, gt: m.update(pred.float().softmax(1)[:, 1], gt)),
+    "normals": DenseMeter(lambda cfg, nc: NormalsMeter(mode=cfg.data.protocol), lambda m, pred, gt: m.update(pred, gt)),
+    "depth": DenseMeter(lambda cfg, nc: DepthMeter(), lambda m, pred, gt: m.update(pred, gt)),
+    "edge": DenseMeter(lambda cfg, nc: EdgeMeter(max_dist=EDGE_MAX_DIST[cfg.data.dataset], mode=cfg.data.protocol),
+                       lambda m, pred, gt: m.update(pred.float().sigmoid(), gt)),
+}
+
+
+def crop(x_BCHW: Tensor, box: list[int]) -> Tensor:
+    """The original image's region (top, left, h, w) of a padded [B,C,H,W] map."""
+    top, left, h, w = box
+    return x_BCHW[..., top:top + h, left:left + w]
+
+
+def as_map(target: Tensor) -> Tensor:
+    """[B,H,W] targets → [B,1,H,W] so that one crop handles every task."""
+    return target.unsqueeze(1) if target.dim() == 3 else target
+
+
+@torch.no_grad()
+def evaluate_dense(cfg: FinetuneConfig, model: torch.nn.Module, loader, tasks: list[str], num_classes: dict[str, int],
+                   info: dist.DistInfo, *, max_images: int = 0,
+                   on_batch: Callable[[dict, dict[str, Tensor]], None] | None = None) -> dict[str, float]:
+    """Score every task on the val loader; returns `eval/<task>/<metric>` plus `eval/delta_m` when baselines are
+    configured. `on_batch(batch, preds)` sees every batch (saving predictions, the grid)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    meters = {t: DENSE_METERS[t].make(cfg, num_classes) for t in tasks}
+    seen = 0
+    for batch in progress(loader, desc="eval", enabled=info.is_main):
+        if max_images and seen >= max_images:
+            break
+        preds = model(batch["images"].to(device))
+        for b, box in enumerate(batch["crop_box"].tolist()):
+            for task in tasks:
+                target = crop(as_map(batch["targets"][task][b:b + 1]), box).to(device)
+                DENSE_METERS[task].update(meters[task], crop(preds[task][b:b + 1], box),
+                                          target.squeeze(1) if batch["targets"][task].dim() == 3 else target)
+        if on_batch is not None:
+            on_batch(batch, preds)
+        seen += len(batch["images"])
+    metrics: dict[str, float] = {}
+    for task, meter in meters.items():
+        meter.sync(dist.all_reduce_sum)
+        metrics.update({f"eval/{task}/{k}": float(v) for k, v in meter.compute().items()})
+    baselines = cfg.finetune.baselines
+    if baselines and set(tasks) <= set(baselines):
+        key_of = {t: PRIMARY[t][0] for t in tasks}
+        lower = {t for t in tasks if PRIMARY[t][1]}
+        metrics["eval/delta_m"] = delta_m({t: metrics[f"eval/{t}/{key_of[t]}"] for t in tasks},
+                                          {t: baselines[t] for t in tasks}, lower)
+    model.train(was_training)
+    logger.info("evaluation: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    return metrics
+
+
+def plot_grid(batch: dict, preds: dict[str, Tensor], tasks: list[str], out: Path, limit: int) -> Path | None:
+    """PNG grid: per image (row) the image, then ground truth and prediction of every task."""
+    from pretrain.plots import _pyplot
+
+    n = min(limit, len(batch["images"]))
+    if n == 0:
+        return None
+    plt = _pyplot()
+    cols = 1 + 2 * len(tasks)
+    fig, axes = plt.subplots(n, cols, figsize=(1.8 * cols, 1.8 * n), squeeze=False)
+    for b, box in enumerate(batch["crop_box"][:n].tolist()):
+        axes[b, 0].imshow(crop(batch["images"][b:b + 1], box)[0].permute(1, 2, 0).numpy())
+        for i, task in enumerate(tasks):
+            gt = crop(as_map(batch["targets"][task][b:b + 1]), box)[0].float()
+            pred = crop(preds[task][b:b + 1].float().cpu(), box)[0]
+            for j, img in enumerate((_show(task, gt, target=True), _show(task, pred, target=False))):
+                axes[b, 1 + 2 * i + j].imshow(img, cmap=None if img.dim() == 3 else "viridis")
+                axes[0, 1 + 2 * i + j].set_title(f"{task} {'gt' if j == 0 else 'pred'}", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def _show(task: str, x_CHW: Tensor, *, target: bool) -> Tensor:
+    """A displayable map: class ids, [0,1] probabilities, normals as RGB, depth; ignore pixels as 0."""
+    if task == "normals":
+        valid = (x_CHW != 255).all(0, keepdim=True)
+        n = torch.nn.functional.normalize(x_CHW * valid, dim=0)
+        return ((n + 1) / 2 * valid).permute(1, 2, 0).clamp(0, 1)
+    if not target and x_CHW.shape[0] > 1:
+        return x_CHW.argmax(0).float()
+    x = x_CHW[0]
+    if not target and task in ("edge",):
+        return x.sigmoid()
+    return torch.where(x == 255, torch.zeros_like(x), x)
+
+
+def main(cfg: FinetuneConfig) -> int:
+    """`pretrain evaluate RUN_DIR` of a fine-tuning run: its latest checkpoint on the val shards, in this process."""
+    from pretrain.checkpoint import TAG_RE, load_model_weights
+    from pretrain.finetune.build import build_dense_model, check_dense_shards, make_eval_loader
+    from pretrain.finetune.config import enabled_dense_tasks
+    from pretrain.log import MetricsWriter, setup_logging
+    from pretrain.runs import find_tag
+
+    info = dist.resolve()
+    dist.export(info)
+    setup_logging(info.rank)
+    run_dir = Path(cfg.output_dir)
+    data = check_dense_shards(cfg)
+    tag_dir = find_tag(run_dir / "checkpoints", None)
+    model = build_dense_model(cfg, data)
+    load_model_weights(tag_dir, model)
+    if info.world_size > 1:
+        dist.init_process_group(cfg.engine.backend)
+    saver = None
+    if cfg.finetune.save_predictions:
+        from pretrain.metrics.predictions import save_predictions
+
+        out_dir = run_dir / "predictions"
+
+        def saver(batch: dict, preds: dict[str, Tensor]) -> None:
+            for b, (key, box) in enumerate(zip(batch["keys"], batch["crop_box"].tolist())):
+                save_predictions(out_dir, key, {t: crop(p[b:b + 1].float().cpu(), box)[0] for t, p in preds.items()})
+
+    metrics = evaluate_dense(cfg, model, make_eval_loader(cfg, data, info), enabled_dense_tasks(cfg),
+                             data.num_classes, info, max_images=cfg.eval.max_samples, on_batch=saver)
+    step = int(TAG_RE.match(tag_dir.name).group(1))
+    if info.is_main:
+        MetricsWriter(run_dir / "eval.jsonl").write(step, metrics)
+        print(json.dumps({"step": step, **{k: round(v, 4) for k, v in metrics.items()}}))
+    return 0

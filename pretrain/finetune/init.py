@@ -1,0 +1,101 @@
+"""Where a fine-tuning backbone comes from (`finetune.init_from`), and how its routers become the dense tasks'.
+
+Sources: a pretraining run directory (`runs.load_run`), a file written by `pretrain export` / `pretrain extract`
+(their loader), a dense timm ViT state dict (`.safetensors` / `.pth`, weights only: sparse-upcycled into the configured
+placement), or nothing (random init). Position embeddings are resampled to the fine-tuning grid on the fly by the
+backbone itself. Each dense task's router row and task-embedding row start from those of one pretraining task
+(`finetune.router_from`), or one shared row serves every task (`finetune.routing=shared`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pretrain.config import TASKS
+from pretrain.finetune.config import FinetuneConfig
+from pretrain.layers import moe_mlp_factory
+from pretrain.models import build_backbone
+from pretrain.models.moe_losses import moe_modules
+from pretrain.models.vit import VisionTransformer
+
+logger = logging.getLogger(__name__)
+
+
+def _is_pretrain_file(path: Path) -> bool:
+    """A safetensors file written by `pretrain export` / `pretrain extract` (it carries our metadata)."""
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return "pretrain.format" in (f.metadata() or {})
+
+
+def load_source_backbone(cfg: FinetuneConfig) -> VisionTransformer:
+    """The backbone `finetune.init_from` names (with its pretraining task rows), or a fresh one. A run directory's
+    `model`/`moe` sections replace `cfg`'s (in place), so the fine-tuning run's config describes its backbone."""
+    src = cfg.finetune.init_from
+    path = Path(src)
+    if not src:
+        logger.info("backbone: random initialisation (%s, %s placement)", cfg.model.size, cfg.moe.placement)
+        return build_backbone(cfg.model, cfg.moe, moe_mlp_layer=moe_mlp_factory(cfg.moe, cfg.engine, rank=0))
+    if path.is_dir():
+        from pretrain.runs import load_run
+
+        run = load_run(path)
+        logger.info("backbone: run %s at step %d (its model/moe sections replace the config's)", path, run.step)
+        cfg.model, cfg.moe = run.cfg.model, run.cfg.moe  # the saved config.yaml then describes this backbone
+        return run.model.backbone
+    if not path.is_file():
+        raise FileNotFoundError(f"finetune.init_from={src}: no such run directory or file")
+    if _is_pretrain_file(path):
+        from pretrain.portable import load_backbone
+
+        logger.info("backbone: %s (exported or extracted model)", path)
+        return load_backbone(path)
+    logger.info("backbone: dense ViT weights %s, upcycled into the %s placement", path, cfg.moe.placement)
+    model = replace(cfg.model, upcycle_from=str(path))
+    return build_backbone(model, cfg.moe, moe_mlp_layer=moe_mlp_factory(cfg.moe, cfg.engine, rank=0))
+
+
+@torch.no_grad()
+def select_task_rows_(vit: VisionTransformer, rows: list[int]) -> VisionTransformer:
+    """Keep task rows `rows` (in this order, repeats allowed) of every router, usage buffer and the task embedding.
+
+    Args:
+        vit: a backbone whose routed layers hold [T_old, ...] per-task parameters and buffers.
+        rows: old row index of each new task row.
+    """
+    old = vit.num_tasks
+    index = torch.tensor(rows, dtype=torch.long)
+    for _, layer in moe_modules(vit):
+        for module in layer.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if param.dim() >= 1 and param.shape[0] == old and name in ("weight", "noise_weight") \
+                        and module is getattr(layer, "router", None):
+                    setattr(module, name, nn.Parameter(param[index].clone()))
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf is not None and buf.dim() >= 1 and buf.shape[0] == old:
+                    module.register_buffer(name, buf[index].clone())
+        layer.num_tasks = len(rows)
+    if vit.task_embed is not None:
+        vit.task_embed = nn.Parameter(vit.task_embed[index].clone())
+    vit.num_tasks = len(rows)
+    return vit
+
+
+def build_finetune_backbone(cfg: FinetuneConfig, tasks: list[str]) -> VisionTransformer:
+    """The source backbone with one router row per dense task (per_task) or one shared row, all copied from the
+    pretraining task `finetune.router_from`."""
+    vit = load_source_backbone(cfg)
+    source = TASKS.index(cfg.finetune.router_from)
+    if source >= vit.num_tasks:  # an extracted submodel keeps only its own tasks' rows: use its first
+        logger.warning("backbone has %d task rows; dense routers start from row 0", vit.num_tasks)
+        source = 0
+    count = len(tasks) if cfg.finetune.routing == "per_task" else 1
+    return select_task_rows_(vit, [source] * count)

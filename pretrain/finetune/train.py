@@ -1,0 +1,164 @@
+"""`pretrain finetune`: dense multi-task fine-tuning on the same engine as pretraining.
+
+`main` builds (shards → backbone from `finetune.init_from` → decoder → engine → resume); `finetune_loop` reads top to
+bottom like the pretraining loop, on the pieces of `pretrain/loop.py`: per step forward every task, agree across
+ranks, backward/step, log, checkpoint, evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from pretrain import checkpoint, dist
+from pretrain.config import save_resolved, to_yaml
+from pretrain.finetune.build import DenseData, build_dense_model, check_dense_shards, make_eval_loader, make_stream
+from pretrain.finetune.config import FinetuneConfig, enabled_dense_tasks
+from pretrain.finetune.evaluate import evaluate_dense, plot_grid
+from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
+from pretrain.loop import LossWindow, NonFiniteGuard, TaskTimer, agree, clock, skip_micro_batch, to_device
+from pretrain.models.moe_losses import collect_aux_losses
+from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE, StopFlag
+from pretrain.tracking import Tracker, wandb_mode
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(cfg: FinetuneConfig, model, data: DenseData, info: dist.DistInfo, *, grid: Path | None = None) -> dict:
+    """Metrics on the val shards (and the prediction grid PNG of the first batch, on rank 0)."""
+    tasks, first = enabled_dense_tasks(cfg), {}
+
+    def keep_first(batch: dict, preds: dict) -> None:
+        if not first:
+            first.update(batch=batch, preds={t: p.cpu() for t, p in preds.items()})
+
+    loader = make_eval_loader(cfg, data, info)
+    metrics = evaluate_dense(cfg, model, loader, tasks, data.num_classes, info, max_images=cfg.eval.max_samples,
+                             on_batch=keep_first)
+    if grid is not None and info.is_main and first and cfg.finetune.grid_images:
+        plot_grid(first["batch"], first["preds"], tasks, grid, cfg.finetune.grid_images)
+    return metrics
+
+
+def finetune_loop(cfg: FinetuneConfig, engine, model, data: DenseData, info: dist.DistInfo, start_step: int,
+                  stream_state: dict | None) -> int:
+    run_dir, accum = Path(cfg.output_dir), cfg.engine.grad_accum
+    mixed = make_stream(cfg, data, info, start_micro_step=start_step * accum)
+    if stream_state:
+        mixed.load_state_dict(stream_state)
+    stream = iter(mixed)
+    writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_main)
+    tracker = Tracker(run_dir=run_dir, mode=wandb_mode(cfg.logging.wandb), project=cfg.logging.project,
+                      config=json.loads(json.dumps(cfg, default=vars)), enabled=info.is_main)
+    stop = StopFlag().install()
+    window, timer, guard = LossWindow(), TaskTimer(["all"]), NonFiniteGuard(cfg.train.max_bad_steps)
+    exit_code, step = 0, start_step
+    bar = progress(total=cfg.train.max_steps, initial=start_step, desc="finetune", enabled=info.is_main)
+    while step < cfg.train.max_steps:
+        # 1. forward: every task's prediction from one batch (per_task routing runs the backbone once per task)
+        step_ok, stopping, parts_sum = True, False, {}
+        for _micro in range(accum):
+            t0 = clock(engine.device)
+            _, _, batch = next(stream)
+            task_losses, decoder_aux = engine(to_device(batch["images"], engine.device),
+                                              to_device(batch["targets"], engine.device))
+            loss, parts = model.objective(task_losses, {**collect_aux_losses(model), **decoder_aux})
+            timer.add(["all"], clock(engine.device) - t0, {"all": len(batch["images"])})
+            # 2. agree across ranks on finiteness and stop requests
+            finite, stopping = agree(loss, stop.requested)
+            if not finite:
+                step_ok = False
+                skip_micro_batch(engine, model, accum)
+                continue
+            # 3. backward + optimizer step at the accumulation boundary
+            t0 = clock(engine.device)
+            engine.backward(loss)
+            engine.step()
+            timer.add(["all"], clock(engine.device) - t0)
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + float(value) / accum
+        step += 1
+        bar.update(1)
+        # 4. non-finite bookkeeping
+        if guard.update(step_ok, step):
+            exit_code = EXIT_ABORT
+            break
+        if step_ok:
+            window.add(parts_sum)
+        # 5. log
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            record = {**window.pop(), "lr": engine.get_lr()[0], "skipped_steps": guard.total, **timer.pop()}
+            record.update({f"data/skipped/{t}": n for t, n in mixed.skipped.items()})
+            writer.write(step, record)
+            tracker.log(step, record)
+            bar.set_postfix(loss=f"{record.get('loss/total', float('nan')):.3f}")
+        # 6. checkpoint: periodic, at the end, or on a signal (then exit with the requeue code)
+        if (step % cfg.train.ckpt_every == 0 and step_ok) or step == cfg.train.max_steps or stopping:
+            checkpoint.save(engine, run_dir / "checkpoints", step, client_state={"step": step},
+                            rank_state={**checkpoint.capture_rng(), "stream": mixed.state_dict()},
+                            keep_last=cfg.train.keep_last)
+            mixed.restart()
+        if stopping:
+            logger.warning("stopped by signal after step %d; exit %d so the job is requeued", step, EXIT_REQUEUE)
+            exit_code = EXIT_REQUEUE
+            break
+        # 7. evaluation: periodic and at the end
+        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps:
+            metrics = evaluate(cfg, engine.module, data, info,
+                               grid=run_dir / "predictions.png" if step == cfg.train.max_steps else None)
+            writer.write(step, metrics)
+            tracker.log(step, metrics)
+    bar.close()
+    stop.uninstall()
+    writer.close()
+    tracker.finish()
+    if info.is_main and cfg.logging.plots:
+        from pretrain.plots import plot_losses
+
+        plot_losses(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_curves.png")
+    return exit_code
+
+
+def main(cfg: FinetuneConfig, dry_run: bool = False) -> int:
+    """Build data, model and engine, resume from `output_dir` if it holds a checkpoint, and fine-tune."""
+    info = dist.resolve()
+    dist.export(info)
+    run_dir = Path(cfg.output_dir)
+    setup_logging(info.rank, log_file=None if dry_run else run_dir / "logs" / f"rank{info.rank}.log")
+    if cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+    data = check_dense_shards(cfg)  # every shard set and task checked before anything heavy starts
+    torch.manual_seed(cfg.seed)
+    model = build_dense_model(cfg, data)
+    if dry_run:
+        print(to_yaml(cfg))
+        print(json.dumps({"params": model.param_counts()}))
+        return 0
+    if checkpoint.read_latest(run_dir / "checkpoints") is not None:
+        done = checkpoint.read_latest(run_dir / "checkpoints")
+        if int(checkpoint.TAG_RE.match(done).group(1)) >= cfg.train.max_steps:
+            logger.info("run already complete (%s): nothing to do", done)
+            return 0
+    from pretrain.engine import build_engine, init_distributed, make_ds_config
+
+    ds_config = make_ds_config(cfg.engine, cfg.optim, max_steps=cfg.train.max_steps, world_size=info.world_size)
+    if info.is_main:
+        save_resolved(cfg, run_dir)
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    init_distributed(cfg.engine.backend)
+    engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, max_steps=cfg.train.max_steps,
+                          world_size=info.world_size)
+    resumed = checkpoint.load_latest(engine, run_dir / "checkpoints")
+    start_step, stream_state = 0, None
+    if resumed is not None:
+        start_step, _, rank_state = resumed
+        checkpoint.restore_rng(rank_state)
+        stream_state = rank_state.get("stream")
+        logger.info("resumed from step %d in %s", start_step, run_dir / "checkpoints")
+    else:
+        torch.manual_seed(cfg.seed * 1000 + info.rank + 1)
+    logger.info("params %s; fine-tuning steps %d → %d", model.param_counts(), start_step, cfg.train.max_steps)
+    return finetune_loop(cfg, engine, model, data, info, start_step, stream_state)

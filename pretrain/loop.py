@@ -1,0 +1,111 @@
+"""What every training loop shares: rank agreement, the non-finite streak, the loss window, per-task timing.
+
+Both loops (`pretrain train`, `pretrain finetune`) read top to bottom in their own module and call these pieces;
+nothing here owns the loop. Agreement is collective: every rank calls `agree` once per micro-batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from pretrain import dist
+
+logger = logging.getLogger(__name__)
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move the tensors of a batch (nested dicts/lists) to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_device(v, device) for v in obj]
+    return obj
+
+
+def clock(device: torch.device) -> float:
+    """Wall time after the device's queued work finished (CUDA runs asynchronously; timing needs a sync)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def agree(loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    """(every rank's loss is finite, some rank was asked to stop): one all-reduce, identical on every rank, so a
+    non-finite loss skips the step everywhere and a signal on one rank stops all of them after the same step."""
+    flags = dist.all_reduce_max(torch.tensor([float(not torch.isfinite(loss)), float(stop_requested)]))
+    return bool(flags[0] == 0), bool(flags[1] > 0)
+
+
+def skip_micro_batch(engine, model: torch.nn.Module, grad_accum: int) -> None:
+    """A skipped micro-batch still advances DeepSpeed's micro-step count under accumulation (zero gradient)."""
+    if grad_accum > 1:
+        engine.backward(sum(p.view(-1)[0] * 0 for p in model.parameters() if p.requires_grad))
+        engine.step()
+
+
+class NonFiniteGuard:
+    """Counts non-finite steps; `update(ok)` returns True when `max_in_row` came in a row (abort the run)."""
+
+    def __init__(self, max_in_row: int) -> None:
+        self.max_in_row, self.in_row, self.total = max_in_row, 0, 0
+
+    def update(self, ok: bool, step: int) -> bool:
+        if ok:
+            self.in_row = 0
+            return False
+        self.in_row, self.total = self.in_row + 1, self.total + 1
+        logger.warning("step %d: non-finite loss, skipped (%d in a row, %d total)", step, self.in_row, self.total)
+        if self.in_row >= self.max_in_row:
+            logger.error("aborting: %d consecutive non-finite steps; last good checkpoint kept", self.in_row)
+            return True
+        return False
+
+
+class LossWindow:
+    """Per-key sums and counts over a logging window: a task's loss averages the steps that trained it."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, tuple[float, int]] = {}
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            total, count = self._sums.get(key, (0.0, 0))
+            self._sums[key] = (total + float(value), count + 1)
+
+    def pop(self) -> dict[str, float]:
+        """The window's means; starts a new window."""
+        means = {k: total / count for k, (total, count) in self._sums.items()}
+        self._sums = {}
+        return means
+
+
+class TaskTimer:
+    """Images and seconds per task over a logging window → `img_per_s/<task>`."""
+
+    def __init__(self, tasks: Iterable[str]) -> None:
+        self.tasks = list(tasks)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.images = dict.fromkeys(self.tasks, 0)
+        self.seconds = dict.fromkeys(self.tasks, 0.0)
+
+    def add(self, tasks: Iterable[str], seconds: float, images: dict[str, int] | None = None) -> None:
+        """Split `seconds` evenly over `tasks`; count `images` per task."""
+        tasks = list(tasks)
+        for task in tasks:
+            self.seconds[task] += seconds / len(tasks)
+        for task, n in (images or {}).items():
+            self.images[task] += n
+
+    def pop(self) -> dict[str, float]:
+        rates = {f"img_per_s/{t}": self.images[t] / self.seconds[t] for t in self.tasks if self.seconds[t] > 0}
+        self._reset()
+        return rates

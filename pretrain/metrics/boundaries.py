@@ -1,0 +1,192 @@
+"""Boundary-map operations of the SEISM / BSDS boundary benchmark, in numpy + scipy (no MATLAB, no mex files).
+
+- `edge_nms`: SEISM's `read_one_cont_png` pre-processing (Piotr Dollár's `edgesNmsMex` with the orientation from a
+  triangle-smoothed map), used by the new protocol before thresholding.
+- `thin`: MATLAB `bwmorph(B, 'thin', Inf)` (Guo & Hall's two-subiteration algorithm as given by Lam, Lee & Suen
+  1992), written here with a 256-entry lookup table per subiteration so it needs only scipy; scikit-image's
+  `morphology.thin` implements the same algorithm (the tests compare against it when it is installed).
+- `seg2bmap`: SEISM / BSDS `seg2bmap`, boundaries of a label image (a pixel differing from its E, S or SE neighbour).
+- `match_count`: how many pixels `correspondPixels` (BSDS, CSA min-cost assignment) matches between two boundary maps
+  at tolerance r pixels. Its cost model makes every unmatched pixel cost outlierCost = 100·r, far more than any match
+  (≤ r), so the minimum-cost assignment has the maximum number of matched pairs; the count of a maximum-cardinality
+  matching (Hopcroft–Karp, scipy) is therefore the same number (which pixels get matched may differ, the counts
+  cannot). `match_count_distance` is the cheaper approximation (a pixel counts if ANY pixel of the other map lies
+  within r), which over-counts when several predicted pixels crowd around one GT pixel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import maximum_bipartite_matching
+
+# Neighbour weights for the 8-bit neighbourhood code: bit k-1 is Lam et al.'s x_k, counter-clockwise from east
+# (x1 E, x2 NE, x3 N, x4 NW, x5 W, x6 SW, x7 S, x8 SE; north = the row above).
+_NEIGHBOUR_BITS = np.array([[8, 4, 2], [16, 0, 1], [32, 64, 128]])
+
+
+def _thin_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Deletion tables of the two subiterations, indexed by the neighbourhood code."""
+    first, second = np.zeros(256, dtype=bool), np.zeros(256, dtype=bool)
+    for code in range(256):
+        x = [None] + [(code >> k) & 1 for k in range(8)] + [code & 1]  # x[1..8], x[9] = x[1]
+        crossings = sum(1 for i in range(1, 5) if not x[2 * i - 1] and (x[2 * i] or x[2 * i + 1]))
+        n1 = sum(x[2 * k - 1] | x[2 * k] for k in range(1, 5))
+        n2 = sum(x[2 * k] | x[2 * k + 1] for k in range(1, 5))
+        if crossings != 1 or not 2 <= min(n1, n2) <= 3:
+            continue
+        first[code] = ((x[2] | x[3] | (1 - x[8])) & x[1]) == 0
+        second[code] = ((x[6] | x[7] | (1 - x[4])) & x[5]) == 0
+    return first, second
+
+
+_THIN_TABLES = _thin_tables()
+
+
+def thin(mask_HW: np.ndarray) -> np.ndarray:
+    """MATLAB `bwmorph(mask, 'thin', Inf)`: thin a binary map to 1-pixel-wide lines (outside the image is 0).
+
+    Args:
+        mask_HW: [H, W] boolean (or 0/1) map.
+
+    Returns:
+        [H, W] bool thinned map.
+    """
+    skel = np.asarray(mask_HW, dtype=bool).copy()
+    while True:
+        removed = 0
+        for table in _THIN_TABLES:
+            code = ndimage.correlate(skel.astype(np.uint8), _NEIGHBOUR_BITS, mode="constant", cval=0)
+            delete = skel & table[code]
+            removed += int(delete.sum())
+            skel &= ~delete
+        if removed == 0:
+            return skel
+
+
+def seg2bmap(labels_HW: np.ndarray) -> np.ndarray:
+    """SEISM `seg2bmap`: True where a pixel's label differs from its east, south or south-east neighbour.
+
+    The last row compares with the east neighbour only, the last column with the south one only, and the bottom-right
+    pixel is never a boundary (as in the MATLAB code, whose out-of-image neighbours are 0).
+
+    Args:
+        labels_HW: [H, W] label image (any dtype; distinct values are distinct regions).
+
+    Returns:
+        [H, W] bool boundary map.
+    """
+    seg = np.asarray(labels_HW)
+    east, south, south_east = (np.zeros_like(seg) for _ in range(3))
+    east[:, :-1] = seg[:, 1:]
+    south[:-1, :] = seg[1:, :]
+    south_east[:-1, :-1] = seg[1:, 1:]
+    bmap = (seg != east) | (seg != south) | (seg != south_east)
+    bmap[-1, :] = seg[-1, :] != east[-1, :]
+    bmap[:, -1] = seg[:, -1] != south[:, -1]
+    bmap[-1, -1] = False
+    return bmap
+
+
+def _smooth_triangle(image_HW: np.ndarray, radius: int) -> np.ndarray:
+    """Piotr's `convTri(I, r)` for integer r > 1: separable [1..r, r+1, r..1]/(r+1)² with symmetric padding."""
+    kernel = np.concatenate([np.arange(1, radius + 2), np.arange(radius, 0, -1)]).astype(np.float32) / (radius + 1) ** 2
+    out = ndimage.correlate1d(image_HW, kernel, axis=0, mode="reflect")  # scipy "reflect" = MATLAB "symmetric"
+    return ndimage.correlate1d(out, kernel, axis=1, mode="reflect")
+
+
+def _bilinear(image_HW: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """edgesNmsMex `interp`: bilinear sample at (x = column, y = row), coordinates clamped to [0, size − 1.001]."""
+    h, w = image_HW.shape
+    x = np.clip(x, 0, w - 1.001).astype(np.float32)
+    y = np.clip(y, 0, h - 1.001).astype(np.float32)
+    x0, y0 = x.astype(np.int64), y.astype(np.int64)
+    dx, dy = x - x0, y - y0
+    return (image_HW[y0, x0] * (1 - dx) * (1 - dy) + image_HW[y0, x0 + 1] * dx * (1 - dy)
+            + image_HW[y0 + 1, x0] * (1 - dx) * dy + image_HW[y0 + 1, x0 + 1] * dx * dy)
+
+
+def edge_nms(edges_HW: np.ndarray, *, radius: int = 1, border: int = 5, multiplier: float = 1.01) -> np.ndarray:
+    """SEISM `read_one_cont_png` before its threshold: orientation from convTri(E, 4), then `edgesNmsMex(E, O, 1, 5,
+    1.01)`: a pixel is zeroed if ANY sample at distance 1..radius along its normal exceeds multiplier·value, and values
+    within `border` pixels of the image edge are scaled by distance / border (0 on the outermost row and column).
+
+    Args:
+        edges_HW: [H, W] float edge strengths in [0, 1] (what SEISM reads: png / 255).
+
+    Returns:
+        [H, W] float32 suppressed map.
+    """
+    e0 = np.asarray(edges_HW, dtype=np.float32)
+    smooth = _smooth_triangle(e0, 4)
+    oy, ox = np.gradient(smooth)  # piotr gradient2: central differences inside, one-sided at the border
+    oxx = np.gradient(ox, axis=1)
+    oyy, oxy = np.gradient(oy)
+    orient = np.mod(np.arctan(oyy * np.sign(-oxy) / (oxx + 1e-5)), np.pi).astype(np.float32)
+    rows, cols = np.nonzero(e0)
+    cos_o, sin_o = np.cos(orient[rows, cols]), np.sin(orient[rows, cols])
+    keep = np.ones(rows.shape, dtype=bool)
+    for d in (d for d in range(-radius, radius + 1) if d):
+        keep &= ~(e0[rows, cols] * np.float32(multiplier) < _bilinear(e0, cols + d * cos_o, rows + d * sin_o))
+    out = np.zeros_like(e0)
+    out[rows[keep], cols[keep]] = e0[rows[keep], cols[keep]]
+    h, w = out.shape
+    border = min(border, w // 2, h // 2)
+    for i in range(border):  # same order and overlap as the mex loops
+        out[:, i] *= i / border
+        out[:, w - 1 - i] *= i / border
+    for i in range(border):
+        out[i, :] *= i / border
+        out[h - 1 - i, :] *= i / border
+    return out
+
+
+def _disk_offsets(radius: float) -> np.ndarray:
+    r = int(np.ceil(radius))
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    inside = dy**2 + dx**2 <= radius**2
+    return np.stack([dy[inside], dx[inside]], axis=1)
+
+
+def match_count(pred_HW: np.ndarray, gt_HW: np.ndarray, radius: float) -> int:
+    """Pixels matched one-to-one between two boundary maps at distance <= radius (correspondPixels' count).
+
+    Args:
+        pred_HW, gt_HW: [H, W] boolean boundary maps.
+        radius: tolerance in pixels (SEISM: maxDist · image diagonal).
+
+    Returns:
+        Size of a maximum-cardinality bipartite matching (= matched predicted pixels = matched GT pixels).
+    """
+    pred_y, pred_x = np.nonzero(pred_HW)
+    gt_index = np.full(gt_HW.shape, -1, dtype=np.int64)
+    gt_index[gt_HW] = np.arange(int(gt_HW.sum()))
+    if pred_y.size == 0 or gt_index.max() < 0:
+        return 0
+    h, w = gt_HW.shape
+    rows, cols = [], []
+    for dy, dx in _disk_offsets(radius):
+        y, x = pred_y + dy, pred_x + dx
+        inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+        target = np.full(pred_y.shape, -1, dtype=np.int64)
+        target[inside] = gt_index[y[inside], x[inside]]
+        hit = target >= 0
+        rows.append(np.nonzero(hit)[0])
+        cols.append(target[hit])
+    rows_E, cols_E = np.concatenate(rows), np.concatenate(cols)
+    graph = csr_matrix((np.ones(rows_E.size, dtype=np.int8), (rows_E, cols_E)), shape=(pred_y.size, gt_index.max() + 1))
+    return int((maximum_bipartite_matching(graph, perm_type="column") >= 0).sum())
+
+
+def match_count_distance(pred_HW: np.ndarray, gt_HW: np.ndarray, radius: float) -> tuple[int, int]:
+    """Approximation of `match_count` by distance transforms (not one-to-one).
+
+    Returns:
+        (predicted pixels within radius of some GT pixel, GT pixels within radius of some predicted pixel).
+    """
+    if not pred_HW.any() or not gt_HW.any():
+        return 0, 0
+    to_gt = ndimage.distance_transform_edt(~gt_HW)
+    to_pred = ndimage.distance_transform_edt(~pred_HW)
+    return int((to_gt[pred_HW] <= radius).sum()), int((to_pred[gt_HW] <= radius).sum())

@@ -1,0 +1,108 @@
+"""NYUD-v2 multi-task release (``NYUDv2.tar.gz``, ``.png`` layout) -> dense shards (``DENSE_SCHEMA``).
+
+Layout: ``{src}/NYUDv2/`` (or ``{src}`` itself) with ``images/<id>.png``, ``segmentation/<id>.png`` (raw 0..40,
+0 = unlabelled), ``depth/<id>.npy`` (float metres, 0 = invalid), ``normals/<id>.png``, ``edge/<id>.png`` and
+``gt_sets/{train,val}.txt``. Sample members: ``png`` (or ``jpg``), ``semseg.png``, ``depth.npy``, ``normals.png``,
+``edge.png``, ``json``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pretrain.prepare.dense import DenseConverter, DenseJob, DenseLayout, check_size, load_members, png_member
+from pretrain.prepare.images import ImageError, load_label_png, read_bytes
+from pretrain.prepare.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT
+from pretrain.prepare.skeleton import run_converter
+
+NUM_CLASSES = 40
+SEMSEG_CLASSES = (  # NYUv2 40-class names (Gupta et al.), raw value v is class v - 1
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture", "counter",
+    "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat", "clothes", "ceiling",
+    "books", "refridgerator", "television", "paper", "towel", "shower curtain", "box", "whiteboard", "person",
+    "night stand", "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop",
+)
+
+
+def _depth(path: Path, name: str, image_hw: tuple[int, int]) -> bytes:
+    try:
+        depth = np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+    except ImageError:
+        raise
+    except Exception as err:  # numpy raises ValueError, OSError, EOFError, ... for a damaged .npy
+        raise ImageError("decode_error", f"{name}: {type(err).__name__}: {err}") from None
+    if depth.ndim != 2 or depth.dtype.kind != "f":
+        raise ImageError("bad_label_format", f"{name}: depth must be a 2-D float array, got {depth.dtype} "
+                                             f"{depth.shape}")
+    check_size(name, depth.shape, image_hw)
+    if not np.isfinite(depth).all() or (depth < 0).any():
+        raise ImageError("bad_label_format", f"{name}: depth has NaN, infinite or negative values")
+    buf = io.BytesIO()
+    np.save(buf, depth.astype(np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _semseg(job: DenseJob, hw: tuple[int, int], cache: dict) -> dict[str, bytes]:
+    name = f"segmentation/{job.id}.png"
+    label, labels_HW = load_label_png(job.files["semseg"], name=name, max_value=NUM_CLASSES)
+    check_size(name, labels_HW.shape, hw)
+    return {"semseg.png": label.data}
+
+
+MEMBERS = {  # task -> members of the sample (DENSE_SCHEMA)
+    "semseg": _semseg,
+    "depth": lambda job, hw, cache: {"depth.npy": _depth(job.files["depth"], f"depth/{job.id}.npy", hw)},
+    "normals": lambda job, hw, cache: {
+        "normals.png": png_member(job.files["normals"], f"normals/{job.id}.png", "RGB", hw)},
+    "edge": lambda job, hw, cache: {"edge.png": png_member(job.files["edge"], f"edge/{job.id}.png", "L", hw)},
+}
+
+
+def load_nyud(job: DenseJob) -> tuple[dict[str, bytes], int, int, str] | ImageError:
+    """Decode and check every file of one NYUD id (worker function); ImageError on the first problem."""
+    return load_members(job, "images/{id}.png", MEMBERS)
+
+
+NYUD = DenseLayout(
+    dataset="nyud", root_name="NYUDv2", split_list="gt_sets/{split}.txt", image=("images/{id}.png",),
+    roles={"semseg": ("segmentation/{id}.png",), "depth": ("depth/{id}.npy",), "normals": ("normals/{id}.png",),
+           "edge": ("edge/{id}.png",)},
+    tasks={"semseg": ("semseg",), "depth": ("depth",), "normals": ("normals",), "edge": ("edge",)},
+    pad_hw=(448, 576), expected={"train": 795, "val": 654}, load=load_nyud,
+    info={"num_classes": {"semseg": NUM_CLASSES}, "semseg_classes": list(SEMSEG_CLASSES),
+          "label_note": "semseg.png raw 0..40: class = v - 1, 0 -> 255 ignore; depth.npy float32 metres, 0 = "
+                        "invalid; normals n = 2 v / 255 - 1; edge v / 255"},
+)
+
+
+class NyudConverter(DenseConverter):
+    layout = NYUD
+
+
+def convert_nyud(
+    src: Path,
+    out: Path,
+    split: str,
+    *,
+    overwrite: bool = False,
+    workers: int = 0,
+    max_count: int = DEFAULT_MAX_COUNT,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    min_shards: int = 1,
+    tasks: Sequence[str] | None = None,
+    keep_oversized: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Convert one NYUD-v2 split to dense shards in ``out``; returns the summary (see ``ShardSink.finish``).
+
+    ``tasks`` limits the converted tasks (default all four; a missing task folder is a LayoutError unless its task
+    is left out). An image larger than the 448x576 pad target is reported in ``_info.json`` ``validation`` and
+    skipped (``oversized``) unless ``keep_oversized``.
+    """
+    return run_converter(NyudConverter(src, split, tasks=tasks, keep_oversized=keep_oversized), out,
+                         overwrite=overwrite, workers=workers, max_count=max_count, max_bytes=max_bytes,
+                         min_shards=min_shards, progress=progress)

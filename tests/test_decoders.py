@@ -1,0 +1,123 @@
+"""The dense-decoder interface (`DECODERS`) and the baseline per-task PUP heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pretrain.models.decoders import DECODERS
+from pretrain.models.decoders.heads import HeadsDecoder
+
+TASKS = {"semseg": 5, "depth": 1, "normals": 3}
+SMALL_MLORE = {"channels": 16, "ranks": (2, 3, 4), "spe_rank": 2, "top_k": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convs on a shared 2-core machine: one thread avoids OpenMP barriers stalled by preempted vCPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(name: str, depth: int = 8, **options) -> nn.Module:
+    if name == "mlore":
+        options = {**SMALL_MLORE, **options}
+    return DECODERS[name](embed_dim=24, depth=depth, tasks=TASKS, **options)
+
+
+def tapped(decoder: nn.Module, batch: int = 2, hw: int = 4) -> list[torch.Tensor]:
+    return [torch.randn(batch, 24, hw, hw) for _ in decoder.taps]
+
+
+def test_decoders_dict_and_taps():
+    assert set(DECODERS) == {"heads", "mlore"}
+    assert build("heads", depth=12).taps == (11,)
+    assert build("mlore", depth=24).taps == (5, 11, 17, 23)
+    assert build("mlore", depth=12).taps == (2, 5, 8, 11)
+
+
+@pytest.mark.parametrize("name", ["heads", "mlore"])
+def test_shapes_aux_and_predictor_modules(name):
+    decoder = build(name)
+    feats = tapped(decoder)
+    preds, aux = decoder({t: feats for t in TASKS}, (40, 48))
+    assert {t: tuple(p.shape) for t, p in preds.items()} == {t: (2, n, 40, 48) for t, n in TASKS.items()}
+    assert set(aux) == set(decoder.aux_weights)
+    assert all(a.dim() == 0 and torch.isfinite(a) for a in aux.values())
+    predictors = decoder.predictor_modules()
+    assert set(predictors) == set(TASKS)
+    # heads: the final 1×1 conv; mlore: the whole ConvHead (official count of "heads"); both end in C_t channels
+    last = [mods[-1] if name == "heads" else mods[-1].pred for mods in predictors.values()]
+    assert [(m.out_channels, m.kernel_size) for m in last] == [(n, (1, 1)) for n in TASKS.values()]
+    if name == "heads":
+        assert aux == {} and decoder.aux_weights == {}
+    else:
+        assert decoder.aux_weights == {"mlore_balance": 1e-4}
+
+
+def test_heads_decoder_layout_is_m3vit_pup():
+    head = HeadsDecoder(embed_dim=24, depth=4, tasks={"semseg": 5}).heads["semseg"]
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == \
+        [(24, 256, (3, 3))] + [(256, 256, (3, 3))] * 3 + [(256, 5, (1, 1))]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in head.modules()) == 4
+    out = head(torch.randn(1, 24, 3, 5))
+    assert out.shape == (1, 5, 48, 80)  # four ×2 upsamplings
+
+
+@pytest.mark.parametrize(("name", "options"), [("heads", {}), ("mlore", {"train_form": "merged"}),
+                                               ("mlore", {"train_form": "lowrank"}),
+                                               ("mlore", {"router_pool": "linear", "router_hw": (4, 4)}),
+                                               ("mlore", {"router_pool": "mean", "pre_softmax": True})])
+def test_every_parameter_gets_a_gradient(name, options):
+    torch.manual_seed(0)
+    decoder = build(name, **options)
+    feats = {t: tapped(decoder) for t in TASKS}  # one backbone pass per task: separate lists
+    preds, aux = decoder(feats, (16, 16))
+    loss = sum(p.pow(2).mean() for p in preds.values())
+    loss = loss + sum(decoder.aux_weights[k] * v for k, v in aux.items())
+    loss.backward()
+    missing = [n for n, p in decoder.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+def test_shared_tap_list_is_projected_once_per_level():
+    decoder = build("mlore")
+    calls = []
+    for proj in decoder.proj:
+        proj.register_forward_hook(lambda *_: calls.append(1))
+    shared = tapped(decoder)
+    decoder({t: shared for t in TASKS}, (16, 16))
+    assert len(calls) == 4
+    decoder({t: tapped(decoder) for t in TASKS}, (16, 16))
+    assert len(calls) == 4 + 4 * len(TASKS)
+
+
+def test_bad_options_and_inputs_are_named():
+    with pytest.raises(ValueError, match="preset"):
+        build("mlore", preset="pascal_vitx")
+    with pytest.raises(ValueError, match="train_form"):
+        build("mlore", train_form="fast")
+    with pytest.raises(ValueError, match="router_pool"):
+        build("mlore", router_pool="max")
+    decoder = build("mlore")
+    with pytest.raises(ValueError, match="4 tapped maps"):
+        decoder({t: tapped(decoder)[:3] for t in TASKS}, (16, 16))
+    heads = build("heads")
+    with pytest.raises(ValueError, match="one tapped map"):
+        heads({"semseg": tapped(heads)}, (16, 16))
+
+
+def test_mlore_options_override_preset_defaults():
+    decoder = DECODERS["mlore"](embed_dim=24, depth=12, tasks={"semseg": 5}, preset="nyud_vitl", channels=16,
+                                ranks=(2, 4, 6), spe_rank=2, top_k=2)
+    block = decoder.blocks[0][0]
+    assert block.experts.ranks == (2, 4, 6) and block.router["semseg"].pre_softmax is True
+    assert decoder.aux_weights == {"mlore_balance": 5e-4}
+    default = DECODERS["mlore"](embed_dim=24, depth=12, tasks={"semseg": 5}, channels=16, ranks=(2, 4, 6),
+                                spe_rank=2, top_k=2)
+    assert default.aux_weights == {"mlore_balance": 1e-4}  # PASCAL ViT-S config
+    assert default.blocks[0][0].router["semseg"].pre_softmax is False

@@ -1,0 +1,80 @@
+"""Fine-tuning pieces that need no data: the schema, the dense losses (hand-computed values), router-row selection,
+frozen parts."""
+
+import math
+
+import pytest
+import torch
+
+from pretrain.config import ConfigError, load_config
+from pretrain.finetune import losses
+from pretrain.finetune.config import FinetuneConfig
+from pretrain.finetune.init import select_task_rows_
+from pretrain.models import build_backbone
+from pretrain.models.moe_losses import moe_modules
+
+
+def test_schema_shares_sections_and_reports_errors():
+    cfg = load_config(None, ["optim.lr=2e-5", "finetune.decoder=mlore", "tasks.depth.enabled=false"],
+                      schema=FinetuneConfig)
+    assert cfg.optim.lr == 2e-5 and cfg.finetune.decoder == "mlore" and not cfg.tasks["depth"].enabled
+    for bad, fragment in [("finetune.routing=sometimes", "finetune.routing"),
+                          ("tasks.cls.enabled=true", "unknown task"), ("data.train_size=[8,8]", "data.train_size"),
+                          ("engine.ep_size=2", "engine.ep_size"),
+                          ("finetune.edge_pos_weight=1.0", "edge_pos_weight"), ("finetune.nope=1", "finetune.nope")]:
+        with pytest.raises(ConfigError, match=fragment):
+            load_config(None, [bad], schema=FinetuneConfig)
+
+
+def test_cross_entropy_ignores_255_and_all_ignored_is_zero():
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])  # [1, 2 classes, 1, 2]
+    target = torch.tensor([[[0, 255]]])
+    expected = -math.log(math.exp(2) / (math.exp(2) + 1))
+    assert math.isclose(float(losses.cross_entropy(logits, target)), expected, rel_tol=1e-6)
+    assert float(losses.cross_entropy(logits, torch.full_like(target, 255))) == 0.0
+
+
+def test_balanced_cross_entropy_weights_from_the_batch():
+    logits = torch.zeros(1, 2, 1, 4)  # p = 0.5 everywhere: per-pixel NLL = log 2
+    target = torch.tensor([[[1, 0, 0, 255]]])  # 1 of 3 labelled pixels is foreground: w = 2/3
+    # class 1 pixels weigh w = 2/3, class 0 pixels 1 - w = 1/3; mean over the 3 labelled pixels
+    expected = (2 / 3 + 1 / 3 + 1 / 3) * math.log(2) / 3
+    assert math.isclose(float(losses.balanced_cross_entropy(logits, target)), expected, rel_tol=1e-6)
+
+
+def test_balanced_bce_scales_positives():
+    pred = torch.zeros(1, 1, 1, 3)
+    target = torch.tensor([[[[1.0, 0.0, 255.0]]]])
+    w = 0.95
+    expected = (w / (1 - w) * math.log(2) + math.log(2)) / 2 * (1 - w)
+    assert math.isclose(float(losses.balanced_bce(pred, target, pos_weight=w)), expected, rel_tol=1e-6)
+
+
+def test_normals_l1_normalises_and_ignores():
+    pred = torch.tensor([[[[2.0, 1.0]], [[0.0, 0.0]], [[0.0, 0.0]]]])  # both normalise to (1, 0, 0)
+    target = torch.tensor([[[[0.0, 255.0]], [[1.0, 255.0]], [[0.0, 255.0]]]])
+    assert math.isclose(float(losses.normals_l1(pred, target)), 2.0 / 3, rel_tol=1e-6)  # |1-0| + |0-1| + 0 over 3
+
+
+def test_depth_l1_ignores_invalid():
+    pred = torch.tensor([[[[1.0, 5.0, 2.0]]]])
+    target = torch.tensor([[[[2.0, 0.0, 2.5]]]])
+    assert math.isclose(float(losses.depth_l1(pred, target)), 0.75, rel_tol=1e-6)
+
+
+def test_select_task_rows_copies_one_pretraining_router():
+    cfg = load_config(None, ["model.size=vit_debug", "moe.num_experts=4", "moe.top_k=2", "moe.attn_num_experts=4",
+                             "moe.attn_top_k=2", "moe.router_init=normal"])
+    torch.manual_seed(0)
+    vit = build_backbone(cfg.model, cfg.moe)
+    seg_rows = {name: m.router.weight[2].clone() for name, m in moe_modules(vit)}
+    seg_embed = vit.task_embed[2].clone()
+    select_task_rows_(vit, [2, 2, 2, 2])
+    assert vit.num_tasks == 4 and vit.task_embed.shape[0] == 4
+    for name, m in moe_modules(vit):
+        assert m.router.weight.shape[0] == 4 and m.usage_TE.shape[0] == 4 and m.num_tasks == 4
+        assert all(torch.equal(m.router.weight[t], seg_rows[name]) for t in range(4))
+    assert torch.equal(vit.task_embed[3], seg_embed)
+    x = torch.randn(2, 3, 32, 32)
+    out = vit.forward_features(x, torch.tensor([0, 3]))  # every new row routes
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
