@@ -75,9 +75,13 @@ def _decoder_kwargs(info: Mapping[str, Any], *, spec: DenseDataset, tasks: tuple
     return {"dataset": spec, "tasks": tasks}
 
 
+def _describe(info: Mapping[str, Any], *, spec: DenseDataset, tasks: tuple[str, ...]) -> dict[str, Any]:
+    return {"tasks": list(tasks), "num_classes": {t: n for t, n in spec.num_classes.items() if t in tasks}}
+
+
 def _source(spec: DenseDataset, tasks: tuple[str, ...]) -> Source:
     return Source(decode_dense_sample, partial(_decoder_kwargs, spec=spec, tasks=tasks), transform_dense,
-                  "scale_range", partial(collate_dense, dataset=spec.name))
+                  "scale_range", partial(collate_dense, dataset=spec.name), partial(_describe, spec=spec, tasks=tasks))
 
 
 def dense_info(dataset: str, shard_dir: str | Path, tasks: Sequence[str] | None = None) -> dict[str, Any]:
