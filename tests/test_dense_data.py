@@ -426,3 +426,28 @@ def test_old_protocol_training_draws_astmt_ranges() -> None:
     assert sum(not torch.equal(a["image"], b["image"]) for a, b in zip(outs, plain)) == 6  # U(−20°, 20°) ≠ 0
     nyud = NYUD.old_scale_rotate
     assert nyud.discrete and nyud.rotations == (0.0,) and nyud.scales == (1.0, 1.2, 1.5)
+
+
+def test_shards_from_the_dense_converters_load_without_skips(tmp_path: Path) -> None:
+    """The converters' real output (synth release trees → prepare) through both loaders: nothing skipped, ids in
+    range, crop boxes give back the original size."""
+    from pretrain.prepare.nyud import convert_nyud
+    from pretrain.prepare.pascal_context import convert_pascal_context
+    from pretrain.synth import synthesize
+
+    synthesize(tmp_path / "raw", seed=1, layouts=("nyud", "pascal_context"), nyud_train=2, nyud_val=3,
+               pascal_train=2, pascal_val=3, dense_size=(48, 64))
+    convert_nyud(tmp_path / "raw", tmp_path / "nyud", "val", progress=False)
+    convert_pascal_context(tmp_path / "raw", tmp_path / "pascal", "val", progress=False)
+    for dataset, top in (("nyud", 39), ("pascal_context", 20)):
+        root = tmp_path / ("nyud" if dataset == "nyud" else "pascal")
+        batches = list(make_dense_eval_loader(dataset, root, batch_size=2, eval_size=(64, 80)))
+        assert sum(b["skipped"] for b in batches) == 0 and sum(len(b["keys"]) for b in batches) >= 2
+        for b in batches:
+            sem = b["targets"]["semseg"]
+            assert ((sem <= top) | (sem == 255)).all() and (b["crop_box"][:, 2:] == b["orig_sizes"]).all()
+            valid = (b["targets"]["normals"] != 255).all(1)
+            assert valid.any() and (b["targets"]["normals"].permute(1, 0, 2, 3)[:, valid].abs() <= 1).all()
+        train = next(iter(make_dense_train_loader(dataset, root, batch_size=2, crop_size=(32, 32), seed=0,
+                                                  shuffle_buffer=2)))
+        assert train["skipped"] == 0 and train["images"].shape == (2, 3, 32, 32)
