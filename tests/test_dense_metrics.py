@@ -432,8 +432,9 @@ def test_seg2bmap_golden():
 
 
 def reference_correspond_count(pred: np.ndarray, gt: np.ndarray, radius: float) -> int:
-    """correspondPixels' formulation: min-cost perfect assignment, real pairs cost their distance (<= radius),
-    every pixel may instead go to an outlier at cost 100·radius; outliers pair with each other for free."""
+    """correspondPixels' graph with every outlier edge present (CSA samples a few at random): min-cost perfect
+    assignment, real pairs cost their distance (<= radius); any pixel may go to any outlier node of the other side,
+    and outlier nodes pair with each other, each such edge costing outlierCost = 100·radius."""
     from scipy.optimize import linear_sum_assignment
 
     p, g = np.argwhere(pred), np.argwhere(gt)
@@ -442,17 +443,23 @@ def reference_correspond_count(pred: np.ndarray, gt: np.ndarray, radius: float) 
     cost = np.zeros((n1 + n2, n2 + n1))
     dist = np.linalg.norm(p[:, None, :] - g[None, :, :], axis=2)
     cost[:n1, :n2] = np.where(dist <= radius, dist, forbidden)
-    cost[:n1, n2:] = np.where(np.eye(n1, dtype=bool), oc, forbidden)
-    cost[n1:, :n2] = np.where(np.eye(n2, dtype=bool), oc, forbidden)
+    cost[:n1, n2:] = oc
+    cost[n1:, :n2] = oc
+    cost[n1:, n2:] = oc
     rows, cols = linear_sum_assignment(cost)
     return int(((rows < n1) & (cols < n2)).sum())
 
 
 def test_match_count_equals_min_cost_assignment():
     rng = np.random.default_rng(5)
-    for _ in range(10):
-        pred, gt = rng.random((16, 18)) < 0.12, rng.random((16, 18)) < 0.12
-        assert match_count(pred, gt, 2.2) == reference_correspond_count(pred, gt, 2.2)
+    for density in (0.05, 0.12, 0.3):
+        for _ in range(4):
+            pred, gt = rng.random((16, 18)) < density, rng.random((16, 18)) < density
+            assert match_count(pred, gt, 2.2) == reference_correspond_count(pred, gt, 2.2)
+    # pairing predicted (0,1) with GT (0,2) would leave predicted (0,3) without a partner; the optimum pairs both
+    pred, gt = np.zeros((1, 5), dtype=bool), np.zeros((1, 5), dtype=bool)
+    pred[0, [1, 3]], gt[0, [0, 2]] = True, True
+    assert match_count(pred, gt, 1.0) == 2
 
 
 def reference_edge_nms(edges: np.ndarray) -> np.ndarray:
