@@ -26,9 +26,9 @@ from scipy import ndimage
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-# Neighbour weights for the 8-bit neighbourhood code: bit k-1 is Lam et al.'s x_k, counter-clockwise from east
-# (x1 E, x2 NE, x3 N, x4 NW, x5 W, x6 SW, x7 S, x8 SE; north = the row above).
-_NEIGHBOUR_BITS = np.array([[8, 4, 2], [16, 0, 1], [32, 64, 128]])
+# (dy, dx) of Lam et al.'s x1..x8, counter-clockwise from east (north = the row above); x_k is bit k − 1 of the
+# neighbourhood code.
+_NEIGHBOURS = ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1))
 
 
 def _thin_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -52,22 +52,30 @@ _THIN_TABLES = _thin_tables()
 def thin(mask_HW: np.ndarray) -> np.ndarray:
     """MATLAB `bwmorph(mask, 'thin', Inf)`: thin a binary map to 1-pixel-wide lines (outside the image is 0).
 
+    Neighbourhood codes are gathered at foreground pixels only (cost ∝ foreground pixels, not image area): a
+    thresholded edge map is sparse, and this runs once per threshold per image.
+
     Args:
         mask_HW: [H, W] boolean (or 0/1) map.
 
     Returns:
         [H, W] bool thinned map.
     """
-    skel = np.asarray(mask_HW, dtype=bool).copy()
+    skel = np.pad(np.asarray(mask_HW, dtype=bool), 1)
+    ys, xs = np.nonzero(skel)
     while True:
-        removed = 0
-        for table in _THIN_TABLES:
-            code = ndimage.correlate(skel.astype(np.uint8), _NEIGHBOUR_BITS, mode="constant", cval=0)
-            delete = skel & table[code]
-            removed += int(delete.sum())
-            skel &= ~delete
-        if removed == 0:
-            return skel
+        removed = False
+        for table in _THIN_TABLES:  # each subiteration decides all deletions on the same state
+            code = np.zeros(ys.size, dtype=np.uint8)
+            for bit, (dy, dx) in enumerate(_NEIGHBOURS):
+                code |= skel[ys + dy, xs + dx].astype(np.uint8) << bit
+            delete = table[code]
+            if delete.any():
+                skel[ys[delete], xs[delete]] = False
+                ys, xs = ys[~delete], xs[~delete]
+                removed = True
+        if not removed:
+            return skel[1:-1, 1:-1]
 
 
 def seg2bmap(labels_HW: np.ndarray) -> np.ndarray:
@@ -203,14 +211,26 @@ def match_count(pred_HW: np.ndarray, gt_HW: np.ndarray, radius: float) -> int:
     return int(((row_ind < n1) & (col_ind < n2)).sum())
 
 
+def _has_neighbour(target_HW: np.ndarray, ys: np.ndarray, xs: np.ndarray, radius: float) -> np.ndarray:
+    """[N] bool: whether target_HW has a True pixel within radius of each point (ys, xs)."""
+    h, w = target_HW.shape
+    found = np.zeros(ys.shape, dtype=bool)
+    for dy, dx in _disk_offsets(radius):
+        y, x = ys + dy, xs + dx
+        inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+        found[inside] |= target_HW[y[inside], x[inside]]
+    return found
+
+
 def match_count_distance(pred_HW: np.ndarray, gt_HW: np.ndarray, radius: float) -> tuple[int, int]:
-    """Approximation of `match_count` by distance transforms (not one-to-one).
+    """Approximation of `match_count` by proximity (not one-to-one).
 
     Returns:
         (predicted pixels within radius of some GT pixel, GT pixels within radius of some predicted pixel).
     """
-    if not pred_HW.any() or not gt_HW.any():
+    pred_y, pred_x = np.nonzero(pred_HW)
+    gt_y, gt_x = np.nonzero(gt_HW)
+    if pred_y.size == 0 or gt_y.size == 0:
         return 0, 0
-    to_gt = ndimage.distance_transform_edt(~gt_HW)
-    to_pred = ndimage.distance_transform_edt(~pred_HW)
-    return int((to_gt[pred_HW] <= radius).sum()), int((to_pred[gt_HW] <= radius).sum())
+    return (int(_has_neighbour(gt_HW, pred_y, pred_x, radius).sum()),
+            int(_has_neighbour(pred_HW, gt_y, gt_x, radius).sum()))
