@@ -1,7 +1,8 @@
 """Evaluation meters: top-k accuracy, COCO box AP, ADE20K mIoU, and the dense multi-task metrics (depth, normals,
 saliency, boundaries, Δm) of the NYUD / PASCAL-Context fine-tuning in both protocols ("new" / "old").
 
-Each meter has `update(...)` per batch, `sync(fn)` across ranks and `compute() -> dict[str, float]` (percent).
+Each meter has `update(...)` per batch, `sync(fn)` across ranks and `compute() -> dict[str, float]` (ratios in
+percent; depth in metres, normals in degrees).
 Cross-rank communication is injected so this package never imports torch.distributed or deepspeed; the caller
 (evaluate.py) passes e.g.
 

@@ -6,9 +6,10 @@ means the multi-task model is better on average. M3ViT `calculate_multi_task_per
 relative change (as a fraction); DenseMTL reports it ×100, as here.
 
 Which metric enters Δm per task (`PRIMARY[mode][task] = (key in that meter's compute(), lower_is_better)`):
-semseg and human_parts mIoU (SegmentationMeter), saliency maxF in the new protocol but mIoU in the old one (as
-M3ViT), normals mean angular error, depth RMSE, edge odsF (EdgeMeter, or the SEISM number). The baselines are the
-caller's: always state which single-task runs (same backbone, same protocol) were used.
+semseg and human_parts mIoU (SegmentationMeter; for human_parts, num_classes=7, it already is the person-only mIoU:
+an image without person parts is all 255 in the shards and adds nothing), saliency maxF in the new protocol but
+mIoU in the old one (as M3ViT), normals mean angular error, depth RMSE, edge odsF (EdgeMeter, or the SEISM number).
+The baselines are the caller's: always state which single-task runs (same backbone, same protocol) were used.
 """
 
 from __future__ import annotations
