@@ -76,10 +76,12 @@ class LowRankExperts(nn.Module):
 
         Args: x_BCHW [B, C, H, W]; gates_BE [B, E] (zeros for dropped experts). Returns [B, C, H, W].
         """
-        z_BRHW = F.conv2d(x_BCHW, self.w_weight, self.w_bias, padding=self.kernel_size // 2)
-        z_BRHW = z_BRHW * gates_BE[:, self.expert_of_rank_R, None, None]
-        bias_BC = gates_BE @ self.m_bias
-        return F.conv2d(z_BRHW, self.m_weight[:, :, None, None]) + bias_BC[:, :, None, None]
+        b, _, h, w = x_BCHW.shape
+        z_BRN = F.conv2d(x_BCHW, self.w_weight, self.w_bias, padding=self.kernel_size // 2).flatten(2)
+        z_BRN = z_BRN * gates_BE[:, self.expert_of_rank_R, None]
+        # the R→C 1×1 conv as a matmul: oneDNN has no fast path for a 1×1 conv on a view of [C, R] (slow_conv2d)
+        y_BCN = torch.baddbmm((gates_BE @ self.m_bias)[:, :, None], self.m_weight.expand(b, -1, -1), z_BRN)
+        return y_BCN.view(b, self.channels, h, w)
 
     def kernels(self) -> tuple[Tensor, Tensor]:
         """Each expert as one conv: kernels [E, C·C·k·k] (rows: output channel, input channel, ky, kx), biases [E, C].
