@@ -1,6 +1,7 @@
 """MLoRE block: merged inference and the two training forms vs a plain 3×3 conv and the official forms.
 
     python benchmarks/bench_mlore.py [--rounds 7] [--threads 1] [--json out.json] [--profile]
+                                     [--device cuda] [--decoder pascal_vitl]
 
 One block at C=192, 32×32, fp32 CPU. Ranks: the PASCAL ViT-S list 8, 12, ... extended linearly to N experts,
 top-k = round(0.6 N) (performance.md §4). Floor ("conv") = one plain 3×3 conv C→C.
@@ -13,6 +14,9 @@ top-k = round(0.6 N) (performance.md §4). Floor ("conv") = one plain 3×3 conv 
   rows run the transcription in pretrain/models/decoders/mlore_official.py.
 Keys: merged_n20_over_n5 (target ≤ 1.15), merged_n20_over_conv (≤ 1.5), train_n15_over_conv (≤ 2, the default
 `train_form`), their official_* counterparts, train_lowrank_n15_over_conv and block_* figures.
+--decoder PRESET adds the whole decoder (PASCAL tasks, or NYUD's for nyud_*) on shared ViT taps [2, D, 32, 32]:
+training step fwd+bwd per train_form and eval unmerged vs merged, with the merged/unmerged max relative error.
+--device cuda runs everything on the GPU (each timed call ends with a synchronize; PyTorch's default TF32 rules).
 Method (performance.md §0): variants round-robin, order reversed every other round, noisy rounds skipped, medians
 of per-round paired ratios (harness.py).
 """
@@ -26,11 +30,25 @@ from collections.abc import Callable
 import torch
 from harness import interleaved, paired, report, write_results
 
+from pretrain.models.decoders import MLORE_PRESETS, build_mlore
 from pretrain.models.decoders.mlore_block import MLoREBlock
 from pretrain.models.decoders.mlore_official import OfficialMoEBlock
 
 logger = logging.getLogger(__name__)
 C, HW, TASK = 192, 32, "t"
+DECODER_TASKS = {"pascal": {"semseg": 21, "human_parts": 7, "sal": 2, "normals": 3, "edge": 1},
+                 "nyud": {"semseg": 40, "depth": 1, "normals": 3, "edge": 1}}
+EMBED = {"vitl": 1024, "vitb": 768, "vits": 384}
+
+
+def synced(variants: dict[str, Callable[[], None]]) -> dict[str, Callable[[], None]]:
+    """On CUDA a timed call must include its kernels: synchronize after each."""
+    if torch.get_default_device().type != "cuda":
+        return variants
+
+    def wrap(fn: Callable[[], None]) -> Callable[[], None]:
+        return lambda: (fn(), torch.cuda.synchronize())
+    return {name: wrap(fn) for name, fn in variants.items()}
 
 
 def ranks(n: int) -> tuple[int, ...]:
@@ -77,8 +95,8 @@ def section_inference(rounds: int, out: dict) -> None:
         block[f"merged_n{n}"] = lambda o=ours: o({TASK: u})
         block[f"official_n{n}"] = lambda o=official: o.forward_merged_loop(u, TASK)
     with torch.no_grad():
-        res_core = interleaved(core, "conv", rounds)
-        res_block = interleaved(block, "conv", rounds)
+        res_core = interleaved(synced(core), "conv", rounds)
+        res_block = interleaved(synced(block), "conv", rounds)
     report("inference core, B=1 (ms; ratio = x conv)", res_core)
     report("inference whole block, B=1", res_block)
     out["merged_n20_over_n5"] = paired(res_core, "merged_n20", "merged_n5")
@@ -134,8 +152,8 @@ def training_variants(n: int) -> tuple[dict[str, Callable[[], None]], dict[str, 
 
 def section_training(rounds: int, out: dict, profile: bool) -> None:
     core, blocks = training_variants(15)
-    res_core = interleaved(core, "conv", rounds)
-    res_block = interleaved(blocks, "conv", rounds)
+    res_core = interleaved(synced(core), "conv", rounds)
+    res_block = interleaved(synced(blocks), "conv", rounds)
     report("training fwd+bwd core, N=15, B=2", res_core)
     report("training fwd+bwd whole block, N=15, B=2", res_block)
     fastest = min(("merged", "lowrank"), key=lambda f: res_block["ratio"][f])
@@ -157,20 +175,61 @@ def section_training(rounds: int, out: dict, profile: bool) -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
+def section_decoder(preset: str, rounds: int, out: dict) -> None:
+    """Whole decoder at a preset: training step per train_form, eval unmerged vs merged (and their difference)."""
+    dataset, size = preset.split("_")
+    dec = build_mlore(embed_dim=EMBED[size], depth=12, tasks=DECODER_TASKS[dataset], preset=preset)
+    taps = [torch.randn(2, EMBED[size], HW, HW) for _ in range(4)]
+    feats = {t: taps for t in dec.tasks}
+
+    def train_step(form: str) -> Callable[[], None]:
+        def run() -> None:
+            for level in dec.blocks:
+                for block in level:
+                    block.train_form = form
+            dec.zero_grad(set_to_none=True)
+            preds, aux = dec(feats, (4 * HW, 4 * HW))
+            (sum(p.pow(2).mean() for p in preds.values()) + 1e-4 * aux["mlore_balance"]).backward()
+        return run
+
+    dec.train()
+    res_train = interleaved(synced({"merged": train_step("merged"), "lowrank": train_step("lowrank")}), "merged",
+                            rounds)
+    report(f"decoder {preset} training step, B=2, {HW}x{HW} taps", res_train)
+    dec.eval()
+    merged_dec = build_mlore(embed_dim=EMBED[size], depth=12, tasks=DECODER_TASKS[dataset], preset=preset)
+    merged_dec.load_state_dict(dec.state_dict())
+    merged_dec.eval().merge()
+    with torch.no_grad():
+        res_inf = interleaved(synced({"unmerged": lambda: dec(feats, (4 * HW, 4 * HW)),
+                                      "merged": lambda: merged_dec(feats, (4 * HW, 4 * HW))}), "unmerged", rounds)
+        want, got = dec(feats, (4 * HW, 4 * HW))[0], merged_dec(feats, (4 * HW, 4 * HW))[0]
+    report(f"decoder {preset} inference, B=2", res_inf)
+    err = max(float((got[t] - want[t]).abs().max() / want[t].abs().max()) for t in want)
+    out[f"decoder_{preset}"] = {"train_lowrank_over_merged": res_train["ratio"]["lowrank"],
+                                "infer_merged_over_unmerged": res_inf["ratio"]["merged"], "merge_max_rel_err": err,
+                                "ms_train": res_train["ms"], "ms_infer": res_inf["ms"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the result keys to this path")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler top ops of the training forms")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--decoder", choices=list(MLORE_PRESETS), help="also time the whole decoder at this preset")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    torch.set_default_device(args.device)
     torch.manual_seed(0)
     out: dict = {}
     section_inference(args.rounds, out)
     section_training(args.rounds, out, args.profile)
-    write_results(out, args.json, rounds=args.rounds, threads=args.threads, channels=C, size=HW)
+    if args.decoder:
+        section_decoder(args.decoder, args.rounds, out)
+    write_results(out, args.json, rounds=args.rounds, threads=args.threads, channels=C, size=HW, device=args.device)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models.decoders import MLORE_PRESETS, build_mlore, load_strict, official_to_ours, ours_to_official
+from pretrain.models.decoders.lowrank import ExpertKernels, LowRankExperts
 from pretrain.models.decoders.mlore_block import MLoREBlock
 from pretrain.models.decoders.mlore_official import OfficialMoEBlock
 from pretrain.models.decoders.router import balance_loss, route_top_k
@@ -43,6 +44,33 @@ def randomize_bn(module: nn.Module, seed: int = 0) -> None:
                 bn.bias.copy_(torch.randn(n, generator=gen) * 0.1)
                 bn.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
                 bn.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+
+
+# ---------------------------------------------------------------- low-rank experts
+
+
+def test_expert_kernels_gradcheck_and_equal_to_the_product():
+    ranks = (2, 3, 1)
+    w = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    want = torch.stack([m_e @ w_e for m_e, w_e in zip(m.split(ranks, 1), w.split(ranks, 0))])
+    assert torch.equal(ExpertKernels.apply(w, m, ranks), want)
+    assert torch.autograd.gradcheck(lambda a, b: ExpertKernels.apply(a, b, ranks), (w, m))
+
+
+def test_lowrank_form_equals_per_expert_convs():
+    torch.manual_seed(0)
+    experts = LowRankExperts(channels=8, ranks=(1, 2, 3))
+    with torch.no_grad():
+        experts.w_bias.normal_()
+        experts.m_bias.normal_()
+    x, gates = torch.randn(2, 8, 5, 5), torch.rand(2, 3)
+    want = 0
+    for e, (w, b, m) in enumerate(zip(experts.w_weight.split(experts.ranks), experts.w_bias.split(experts.ranks),
+                                      experts.m_weight.split(experts.ranks, dim=1))):
+        y = F.conv2d(F.conv2d(x, w, b, padding=1), m[:, :, None, None], experts.m_bias[e])
+        want = want + gates[:, e, None, None, None] * y
+    assert rel_err(experts.forward_lowrank(x, gates), want) < 1e-5
 
 
 # ---------------------------------------------------------------- router

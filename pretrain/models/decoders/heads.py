@@ -24,6 +24,7 @@ class PUPHead(nn.Module):
         self.pred = nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x_BDhw: Tensor) -> Tensor:
+        """[B, D, h, w] → [B, out_channels, 2^num_ups·h, 2^num_ups·w]."""
         x = x_BDhw
         for stage in self.stages:
             x = F.interpolate(stage(x), scale_factor=2, mode="bilinear", align_corners=False)

@@ -158,6 +158,7 @@ class MLoREDecoder(nn.Module):
                 block.merge()
 
     def unmerge(self) -> None:
+        """Back to the `train_form` in every block (drops the merged kernels)."""
         for level_blocks in self.blocks:
             for block in level_blocks:
                 block.unmerge()

@@ -11,12 +11,13 @@ Per task t, input x [B, C, H, W] (stride 16):
 
 Forms of the expert sum (all exact, selected by `train_form` outside `merge()`):
   - "merged" (default): per-image kernels Σ_i g_i K_i built under autograd each step (K_i = M_i W_i, computed once
-    per block forward and shared by the tasks), one grouped conv. Measured faster than "lowrank" for training
-    (benchmarks/bench_mlore.py, RESULTS.md): its conv costs one C→C conv whatever the number of experts, while
-    "lowrank" convolves C→Σr_i (2.8× the width at the PASCAL ViT-S ranks); the kernel build is a pixel-free
-    C·Σr·C·9 GEMM.
-  - "lowrank": one 3×3 conv C→Σr_i, per-image rank scaling by the gates, one 1×1 conv Σr_i→C; cheaper when the
-    feature maps are small next to Σr_i (kernel build dominates) — the choice stays an option.
+    per block forward and shared by the tasks; one GEMM gives every task's per-image kernels), one grouped conv.
+    It is the faster training form: its conv is one C→C conv whatever the number of experts, while "lowrank"
+    convolves C→Σr_i (2.8× the width at the PASCAL ViT-S ranks); the kernel build is a pixel-free C·Σr·C·9 GEMM.
+    Measured (benchmarks/bench_mlore.py, C=192, 32×32, B=2, N=15, fwd+bwd, RESULTS.md): expert path + generic
+    conv 2.37× a plain 3×3 conv vs 3.97× for "lowrank" and 4.39× for the official all-experts form.
+  - "lowrank": one 3×3 conv C→Σr_i, per-image rank scaling by the gates, one 1×1 conv Σr_i→C; it wins only when
+    the feature maps are small next to Σr_i (the kernel build then dominates), so it stays an option.
 Inference: `merge()` (eval mode) folds experts, the eval BatchNorm `expert_norm[t]`, the task expert and the
 generic conv into one 3×3 kernel + bias per image: kernels from one GEMM [B, E]×[E, C·C·9], then the BN scale,
 prob_mix·K_task and K_generic added in place, and one grouped conv (groups = B). The merged tensors are
