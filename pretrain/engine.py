@@ -207,8 +207,13 @@ def ensure_expert_groups(ep_size: int, data_before_expert: bool = False) -> None
 
 
 def apply_expert_marking(model: nn.Module, *, ep_size: int) -> int:
-    """Mark native expert params as DeepSpeed expert params and attach the marker; returns the marked count."""
-    layers = [m for m in model.modules() if isinstance(m, MoEMlp)]
+    """Mark native expert params as DeepSpeed expert params and attach the marker; returns the marked count.
+
+    Frozen experts (fine-tuning with the backbone frozen) are left unmarked: they are in no optimizer group, and
+    ZeRO refuses a model with MoE layers whose optimizer holds no expert group.
+    """
+    layers = [m for m in model.modules()
+              if isinstance(m, MoEMlp) and any(p.requires_grad for p in m.experts.parameters())]
     for m in layers:
         for p in m.experts.parameters():
             p.allreduce = False

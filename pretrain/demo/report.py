@@ -78,14 +78,15 @@ def _finetune_section(done: dict) -> tuple[list[str], str]:
              "| metric | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     lines += [f"| {k.removeprefix('eval/')} | " + " | ".join(_fmt(r.get(k)) for r in results.values()) + " |"
               for k in keys]
-    tasks = sorted({k.split("/")[1] for k in keys if k.count("/") == 2 and k.split("/")[1] in PRIMARY})
-    primary = {init: {t: r.get(f"eval/{t}/{PRIMARY[t][0]}") for t in tasks} for init, r in results.items()}
-    lower = {t for t in tasks if PRIMARY[t][1]}
+    table = PRIMARY["new"]
+    tasks = sorted({k.split("/")[1] for k in keys if k.count("/") == 2 and k.split("/")[1] in table})
+    primary = {init: {t: r.get(f"eval/{t}/{table[t][0]}") for t in tasks} for init, r in results.items()}
+    lower = {t for t in tasks if table[t][1]}
     verdict = "Δm could not be computed (a primary metric is missing)."
     if all(v is not None for p in primary.values() for v in p.values()) and tasks:
         deltas = {init: delta_m(primary[init], primary["random"], lower) for init in ("extracted", "pretrained")}
         lines += ["", "Δm against the random-initialisation run (primary metric per task: "
-                  + ", ".join(f"{t} {PRIMARY[t][0]}" for t in tasks) + "): "
+                  + ", ".join(f"{t} {table[t][0]}" for t in tasks) + "): "
                   + ", ".join(f"{init} {d:+.2f}%" for init, d in deltas.items()) + "."]
         best = max(deltas.values())
         verdict = (f"Pretraining helped fine-tuning here: Δm {best:+.2f}% over random initialisation."

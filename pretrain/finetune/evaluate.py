@@ -21,40 +21,55 @@ from pretrain import dist
 from pretrain.finetune.config import FinetuneConfig
 from pretrain.log import progress
 from pretrain.metrics import DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegmentationMeter
+from pretrain.metrics.edges import EDGE_DATASETS
 from pretrain.metrics.multitask import PRIMARY, delta_m
 
 logger = logging.getLogger(__name__)
 
-EDGE_MAX_DIST = {"nyud": 0.011, "pascal_context": 0.0075}  # SEISM maxDist per dataset (evaluation.md §5)
-
 
 @dataclass(frozen=True)
 class DenseMeter:
-    """How one task is scored: `make(cfg, num_classes)` → meter; `update(meter, pred [1,C,h,w], target [1,...])`."""
+    """How one task is scored: `activate` turns the raw output [B,C,H,W] into the prediction the meter and the saved
+    PNGs take (class ids, probabilities, normals, metres); `make(cfg, num_classes)` builds the meter."""
 
+    activate: Callable[[Tensor], Tensor]
     make: Callable[[FinetuneConfig, dict[str, int]], Any]
-    update: Callable[[Any, Tensor, Tensor], None]
 
 
-def _seg(task: str) -> DenseMeter:
-    return DenseMeter(lambda cfg, nc: SegmentationMeter(num_classes=nc[task]),
-                      lambda m, pred, gt: m.update(pred.argmax(1), gt))
+def _classes(out_BCHW: Tensor) -> Tensor:
+    return out_BCHW.argmax(1)
+
+
+def _foreground(out_B2HW: Tensor) -> Tensor:
+    return out_B2HW.float().softmax(1)[:, 1]
+
+
+def _sigmoid(out_B1HW: Tensor) -> Tensor:
+    return out_B1HW.float().sigmoid()
+
+
+def _identity(out: Tensor) -> Tensor:
+    return out.float()
 
 
 DENSE_METERS: dict[str, DenseMeter] = {
-    "semseg": _seg("semseg"),
-    "human_parts": _seg("human_parts"),
-    "sal": DenseMeter(lambda cfg, nc: SaliencyMeter(mode=cfg.data.protocol),
-                      lambda m, pred, gt: m.update(pred.float().softmax(1)[:, 1], gt)),
-    "normals": DenseMeter(lambda cfg, nc: NormalsMeter(mode=cfg.data.protocol), lambda m, pred, gt: m.update(pred, gt)),
-    "depth": DenseMeter(lambda cfg, nc: DepthMeter(), lambda m, pred, gt: m.update(pred, gt)),
-    "edge": DenseMeter(lambda cfg, nc: EdgeMeter(max_dist=EDGE_MAX_DIST[cfg.data.dataset], mode=cfg.data.protocol),
-                       lambda m, pred, gt: m.update(pred.float().sigmoid(), gt)),
+    "semseg": DenseMeter(_classes, lambda cfg, nc: SegmentationMeter(num_classes=nc["semseg"])),
+    "human_parts": DenseMeter(_classes, lambda cfg, nc: SegmentationMeter(num_classes=nc["human_parts"])),
+    "sal": DenseMeter(_foreground, lambda cfg, nc: SaliencyMeter(mode=cfg.data.protocol)),
+    "normals": DenseMeter(_identity, lambda cfg, nc: NormalsMeter(mode=cfg.data.protocol)),
+    "depth": DenseMeter(_identity, lambda cfg, nc: DepthMeter()),
+    "edge": DenseMeter(_sigmoid, lambda cfg, nc: EdgeMeter(mode=cfg.data.protocol,
+                                                             **EDGE_DATASETS[cfg.data.dataset])),
 }
 
 
+def activate(preds: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Raw decoder outputs → predictions per task (see `DenseMeter.activate`)."""
+    return {t: DENSE_METERS[t].activate(p) for t, p in preds.items()}
+
+
 def crop(x_BCHW: Tensor, box: list[int]) -> Tensor:
-    """The original image's region (top, left, h, w) of a padded [B,C,H,W] map."""
+    """The original image's region (top, left, h, w) of a padded [..., H, W] map."""
     top, left, h, w = box
     return x_BCHW[..., top:top + h, left:left + w]
 
@@ -69,7 +84,7 @@ def evaluate_dense(cfg: FinetuneConfig, model: torch.nn.Module, loader, tasks: l
                    info: dist.DistInfo, *, max_images: int = 0,
                    on_batch: Callable[[dict, dict[str, Tensor]], None] | None = None) -> dict[str, float]:
     """Score every task on the val loader; returns `eval/<task>/<metric>` plus `eval/delta_m` when baselines are
-    configured. `on_batch(batch, preds)` sees every batch (saving predictions, the grid)."""
+    configured. `on_batch(batch, preds)` sees every batch with its activated predictions (saving, the grid)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -78,12 +93,11 @@ def evaluate_dense(cfg: FinetuneConfig, model: torch.nn.Module, loader, tasks: l
     for batch in progress(loader, desc="eval", enabled=info.is_main):
         if max_images and seen >= max_images:
             break
-        preds = model(batch["images"].to(device))
+        preds = activate(model(batch["images"].to(device)))
         for b, box in enumerate(batch["crop_box"].tolist()):
             for task in tasks:
-                target = crop(as_map(batch["targets"][task][b:b + 1]), box).to(device)
-                DENSE_METERS[task].update(meters[task], crop(preds[task][b:b + 1], box),
-                                          target.squeeze(1) if batch["targets"][task].dim() == 3 else target)
+                target = batch["targets"][task][b:b + 1]
+                meters[task].update(crop(preds[task][b:b + 1], box), crop(target, box).to(device))
         if on_batch is not None:
             on_batch(batch, preds)
         seen += len(batch["images"])
@@ -93,8 +107,9 @@ def evaluate_dense(cfg: FinetuneConfig, model: torch.nn.Module, loader, tasks: l
         metrics.update({f"eval/{task}/{k}": float(v) for k, v in meter.compute().items()})
     baselines = cfg.finetune.baselines
     if baselines and set(tasks) <= set(baselines):
-        key_of = {t: PRIMARY[t][0] for t in tasks}
-        lower = {t for t in tasks if PRIMARY[t][1]}
+        primary = PRIMARY[cfg.data.protocol]
+        key_of = {t: primary[t][0] for t in tasks}
+        lower = {t for t in tasks if primary[t][1]}
         metrics["eval/delta_m"] = delta_m({t: metrics[f"eval/{t}/{key_of[t]}"] for t in tasks},
                                           {t: baselines[t] for t in tasks}, lower)
     model.train(was_training)
@@ -115,9 +130,9 @@ def plot_grid(batch: dict, preds: dict[str, Tensor], tasks: list[str], out: Path
     for b, box in enumerate(batch["crop_box"][:n].tolist()):
         axes[b, 0].imshow(crop(batch["images"][b:b + 1], box)[0].permute(1, 2, 0).numpy())
         for i, task in enumerate(tasks):
-            gt = crop(as_map(batch["targets"][task][b:b + 1]), box)[0].float()
-            pred = crop(preds[task][b:b + 1].float().cpu(), box)[0]
-            for j, img in enumerate((_show(task, gt, target=True), _show(task, pred, target=False))):
+            gt = as_map(crop(batch["targets"][task][b:b + 1], box))[0].float()
+            pred = as_map(crop(preds[task][b:b + 1].float().cpu(), box))[0]
+            for j, img in enumerate((_show(gt), _show(pred))):
                 axes[b, 1 + 2 * i + j].imshow(img, cmap=None if img.dim() == 3 else "viridis")
                 axes[0, 1 + 2 * i + j].set_title(f"{task} {'gt' if j == 0 else 'pred'}", fontsize=7)
     for ax in axes.flat:
@@ -128,17 +143,14 @@ def plot_grid(batch: dict, preds: dict[str, Tensor], tasks: list[str], out: Path
     return out
 
 
-def _show(task: str, x_CHW: Tensor, *, target: bool) -> Tensor:
-    """A displayable map: class ids, [0,1] probabilities, normals as RGB, depth; ignore pixels as 0."""
-    if task == "normals":
+def _show(x_CHW: Tensor) -> Tensor:
+    """A displayable map of a target or an activated prediction: normals as RGB, anything else as one channel with
+    ignore pixels (255) shown as 0."""
+    if x_CHW.shape[0] == 3:
         valid = (x_CHW != 255).all(0, keepdim=True)
         n = torch.nn.functional.normalize(x_CHW * valid, dim=0)
         return ((n + 1) / 2 * valid).permute(1, 2, 0).clamp(0, 1)
-    if not target and x_CHW.shape[0] > 1:
-        return x_CHW.argmax(0).float()
     x = x_CHW[0]
-    if not target and task in ("edge",):
-        return x.sigmoid()
     return torch.where(x == 255, torch.zeros_like(x), x)
 
 
@@ -168,7 +180,7 @@ def main(cfg: FinetuneConfig) -> int:
 
         def saver(batch: dict, preds: dict[str, Tensor]) -> None:
             for b, (key, box) in enumerate(zip(batch["keys"], batch["crop_box"].tolist())):
-                save_predictions(out_dir, key, {t: crop(p[b:b + 1].float().cpu(), box)[0] for t, p in preds.items()})
+                save_predictions(out_dir, key, {t: p[b].cpu() for t, p in preds.items()}, crop_box=tuple(box))
 
     metrics = evaluate_dense(cfg, model, make_eval_loader(cfg, data, info), enabled_dense_tasks(cfg),
                              data.num_classes, info, max_images=cfg.eval.max_samples, on_batch=saver)

@@ -1,0 +1,128 @@
+"""`pretrain finetune` on the embedded NYUD-v2: losses fall, evaluation and saved predictions, exact resume after a
+signal, frozen parts stay bit-identical, backbones from every source."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pretrain.log import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/debug/finetune.yaml"
+FAST = ["data.num_workers=0", "data.train_size=[48,64]", "data.batch_size=2", "data.eval_batch_size=4",
+        "data.shuffle_buffer=8", "logging.wandb=disabled", "logging.plots=false", "train.log_every=1",
+        "engine.threads=1", "eval.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def dense_root(shards) -> Path:
+    """`<root>/nyud/{train,val}` converted from the NYUD-v2 tree the session corpus holds (shards' sibling raw/)."""
+    from pretrain.prepare import PREPARERS
+
+    for split in ("train", "val"):
+        out = shards / "nyud" / split
+        if not (out / "_info.json").is_file():
+            PREPARERS["nyud"](shards.parent / "raw" / "NYUDv2", out, split, min_shards=2, progress=False)
+    return shards
+
+
+def _env() -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_"))}
+    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _cmd(root: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pretrain", "finetune", CONFIG, f"data.root={root}", f"output_dir={out}", *FAST,
+            *extra]
+
+
+def _run(cmd: list[str], timeout: float = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from pretrain.checkpoint import MODEL_FILE, read_latest
+
+    tag = read_latest(run / "checkpoints")
+    return torch.load(run / "checkpoints" / tag / MODEL_FILE, map_location="cpu", weights_only=True)["module"]
+
+
+@pytest.mark.slow
+def test_finetune_losses_fall_then_evaluate_saves_predictions(dense_root, tmp_path):
+    run = tmp_path / "ft"
+    out = _run(_cmd(dense_root, run, "train.max_steps=24", "train.ckpt_every=24", "train.log_every=4",
+                    "logging.plots=true"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "loss/total" in r]
+    first, last = records[0], records[-1]
+    for task in ("semseg", "depth", "normals", "edge"):
+        assert last[f"loss/{task}"] < first[f"loss/{task}"], (task, first[f"loss/{task}"], last[f"loss/{task}"])
+    final = read_metrics(run / "metrics.jsonl")[-1]
+    assert {"eval/semseg/mIoU", "eval/depth/rmse", "eval/normals/mean", "eval/edge/odsF"} <= set(final)
+    with Image.open(run / "predictions.png") as grid:
+        assert grid.width > grid.height > 0
+    ev = _run([sys.executable, "-m", "pretrain", "evaluate", str(run), "finetune.save_predictions=true",
+               "eval.num_workers=0"])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    metrics = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert metrics["step"] == 24 and metrics["eval/semseg/mIoU"] == pytest.approx(final["eval/semseg/mIoU"])
+    for task, mode in (("semseg", "L"), ("depth", "I;16"), ("normals", "RGB"), ("edge", "L")):
+        files = sorted((run / "predictions" / task).glob("*.png"))
+        assert files, task
+        with Image.open(files[0]) as img:  # original size of the embedded NYUD images (96 × 128)
+            assert (img.mode, img.size) == (mode, (128, 96)), (task, img.mode, img.size)
+
+
+@pytest.mark.slow
+def test_signal_then_resume_is_bitwise_exact(dense_root, tmp_path):
+    steps = ["train.max_steps=6", "train.ckpt_every=100", "train.eval_every=0", "finetune.grid_images=0"]
+    full = _run(_cmd(dense_root, tmp_path / "full", *steps))
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc = subprocess.Popen(_cmd(dense_root, tmp_path / "cut", *steps), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (tmp_path / "cut" / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=600)
+    from pretrain.signals import EXIT_REQUEUE
+
+    assert proc.returncode == EXIT_REQUEUE, err[-3000:]
+    resumed = _run(_cmd(dense_root, tmp_path / "cut", *steps))
+    assert resumed.returncode == 0 and "resumed from step" in resumed.stderr, resumed.stderr[-3000:]
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainable", ["decoder", "routers+decoder"])
+def test_frozen_parts_stay_bit_identical(dense_root, tmp_path, trainable):
+    from pretrain.config import load_config
+    from pretrain.finetune.build import build_dense_model, check_dense_shards
+    from pretrain.finetune.config import FinetuneConfig
+
+    overrides = [f"data.root={dense_root}", f"output_dir={tmp_path}", f"finetune.trainable={trainable}", *FAST,
+                 "train.max_steps=2", "train.eval_every=0", "finetune.grid_images=0"]
+    out = _run([sys.executable, "-m", "pretrain", "finetune", CONFIG, *overrides])
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = load_config(CONFIG, overrides, schema=FinetuneConfig)
+    torch.manual_seed(cfg.seed)  # the run's initial weights
+    initial = build_dense_model(cfg, check_dense_shards(cfg)).state_dict()
+    trained = _weights(tmp_path)
+    changed = {k for k in initial if k.startswith("backbone.") and not torch.equal(initial[k], trained[k])}
+    routers = {k for k in initial if k.startswith("backbone.") and ".router." in k}
+    if trainable == "decoder":
+        assert not changed
+    else:
+        assert changed and changed <= routers, sorted(changed - routers)[:5]
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial if k.startswith("decoder."))
