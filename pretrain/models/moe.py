@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from pretrain.models import moe_losses
@@ -23,9 +24,11 @@ from pretrain.models import moe_losses
 logger = logging.getLogger(__name__)
 
 GATES = ("raw", "renorm")
-ROUTER_INITS = ("zero", "normal")
+ROUTER_INITS = ("zero", "normal", "trunc_normal", "uniform")
+EXPERT_INITS = ("timm", "modsquad", "m3vit")
 MI_TASK_WEIGHTINGS = ("uniform", "tokens")
 _NOISE_EPS = 1e-2  # Mod-Squad adds it to softplus(noise logits)
+_MAX_PENDING_FORWARDS = 256  # far above the T forwards of one micro-batch; bounds the graph kept alive
 
 
 class GroupedLinear(torch.autograd.Function):
@@ -119,26 +122,55 @@ def combine_slots(y_RD: Tensor, inverse_R: Tensor, order_R: Tensor, gates_SK: Te
     return torch.bmm(gates_SK.to(y_SKD.dtype).unsqueeze(1), y_SKD).squeeze(1)
 
 
+def init_experts_(w_EIO: Tensor, b_EO: Tensor | None, init: str) -> None:
+    """Initialise stacked expert weights w [E, in, out] and biases b [E, out] in place (EXPERT_INITS).
+
+    `timm`: trunc_normal(std 0.02) weights, zero biases (timm's ViT Linear init; the project's original).
+    `modsquad`: U(+-1/in) weights and U(+-1/sqrt(out)) biases (Mod-Squad's `ParallelExperts.reset_parameters`: the
+    bias bound comes from the fan-in of w[0] [in, out], which torch takes as out; `self.apply(_init_weights)` leaves
+    these non-Linear parameters alone).
+    `m3vit`: kaiming_uniform(a=sqrt 5) of FastMoE's [E, out, in] weight, i.e. U(+-1/sqrt(in*out)), zero biases.
+    """
+    _check_choice("init", init, EXPERT_INITS)
+    fan_in, fan_out = w_EIO.shape[1], w_EIO.shape[2]
+    if init == "timm":
+        nn.init.trunc_normal_(w_EIO, std=0.02)
+    elif init == "modsquad":
+        nn.init.uniform_(w_EIO, -1.0 / fan_in, 1.0 / fan_in)
+    else:
+        bound = (fan_in * fan_out) ** -0.5
+        nn.init.uniform_(w_EIO, -bound, bound)
+    if b_EO is not None:
+        if init == "modsquad":
+            nn.init.uniform_(b_EO, -fan_out**-0.5, fan_out**-0.5)
+        else:
+            nn.init.zeros_(b_EO)
+
+
 class GroupedExperts(nn.Module):
     """E_local two-layer MLP experts with stacked weights w1 [E, D, H], b1 [E, H], w2 [E, H, D], b2 [E, D]."""
 
     def __init__(self, *, num_experts: int, dim: int, hidden_dim: int, act_layer: Callable[[], nn.Module],
-                 bias: bool) -> None:
+                 bias: bool, init: str = "timm") -> None:
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, dim)) if bias else None
         self.act = act_layer()
-        self.reset_parameters()
+        self.reset_parameters(init)
 
-    def reset_parameters(self) -> None:
-        """timm ViT init for Linear layers: trunc_normal(std 0.02) weights, zero biases."""
-        for w in (self.w1, self.w2):
-            nn.init.trunc_normal_(w, std=0.02)
-        for b in (self.b1, self.b2):
-            if b is not None:
-                nn.init.zeros_(b)
+    def reset_parameters(self, init: str = "timm") -> None:
+        """`init_experts_` on both layers (timm: w1, w2 drawn first, then the biases, as before)."""
+        if init == "timm":  # the original draw order, kept so existing seeds give the same weights
+            for w in (self.w1, self.w2):
+                nn.init.trunc_normal_(w, std=0.02)
+            for b in (self.b1, self.b2):
+                if b is not None:
+                    nn.init.zeros_(b)
+            return
+        init_experts_(self.w1, self.b1, init)
+        init_experts_(self.w2, self.b2, init)
 
     def forward(self, x_RD: Tensor, counts: list[int]) -> Tensor:
         """x_RD [R, D] rows grouped by local expert, counts[e] rows each -> [R, D]."""
@@ -147,7 +179,12 @@ class GroupedExperts(nn.Module):
 
 
 class TaskRouter(nn.Module):
-    """One linear router per task: `weight` [T, E, D] (and `noise_weight` [T, E, D] for noisy gating)."""
+    """One linear router per task: `weight` [T, E, D] (and `noise_weight` [T, E, D] for noisy gating).
+
+    init (ROUTER_INITS): `zero`; `normal` (std 0.02); `trunc_normal` (timm's trunc_normal_ std 0.02 on the clean
+    and the noise rows: Mod-Squad's effective init, its zero init being overwritten by `self.apply(_init_weights)`);
+    `uniform` (U(+-1/sqrt(E)): M3ViT's kaiming_uniform(a=sqrt 5) of its [D, E] gate).
+    """
 
     def __init__(self, *, dim: int, num_experts: int, num_tasks: int, noisy: bool, init: str) -> None:
         super().__init__()
@@ -155,6 +192,13 @@ class TaskRouter(nn.Module):
         self.noise_weight = nn.Parameter(torch.zeros(num_tasks, num_experts, dim)) if noisy else None
         if init == "normal":
             nn.init.normal_(self.weight, std=0.02)
+        elif init == "trunc_normal":
+            for w in (self.weight, self.noise_weight):
+                if w is not None:
+                    trunc_normal_(w, std=0.02)
+        elif init == "uniform":
+            bound = num_experts**-0.5
+            nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x_BND: Tensor, task_B: Tensor, single_task: int | None = None) -> tuple[Tensor, Tensor | None]:
         """Clean logits [B, N, E] of each sample's task router, and softplus noise std [B, N, E] (None if not noisy).
@@ -185,10 +229,18 @@ class Routing:
 
 
 class TaskRoutedLayer(nn.Module):
-    """Shared routing, statistics and auxiliary-loss machinery of MoEMlp and MoEAttention."""
+    """Shared routing, statistics and auxiliary-loss machinery of MoEMlp and MoEAttention.
+
+    Statistics life cycle (MOE.md, "Statistics and the MI loss"): every training forward ADDS its statistics to
+    the layer's pending sums; `moe_losses.collect_aux_losses(model)` computes each layer's losses once over
+    everything pending (plus the detached earlier micro-batches of the optimizer step and the MI EMA), then clears;
+    `moe_losses.pop_routing_counts(model)` hands out and clears the selection counts. Eval forwards add nothing.
+    `aux` (the losses of the last forward alone) and `last_counts_TE` remain for inspection and tests.
+    """
 
     def __init__(self, *, dim: int, num_experts: int, top_k: int, num_tasks: int, gate: str, noisy: bool,
-                 router_init: str, usage_momentum: float, mi_ema: float, mi_task_weighting: str) -> None:
+                 router_init: str, usage_momentum: float, mi_ema: float, mi_task_weighting: str,
+                 prob_eps: float = 0.0, usage_in_eval: bool = False) -> None:
         super().__init__()
         _check_choice("gate", gate, GATES)
         _check_choice("router_init", router_init, ROUTER_INITS)
@@ -199,17 +251,24 @@ class TaskRoutedLayer(nn.Module):
             raise ValueError(f"num_tasks={num_tasks} must be >= 1")
         if not 0.0 <= mi_ema < 1.0 or not 0.0 <= usage_momentum < 1.0:
             raise ValueError(f"mi_ema={mi_ema} and usage_momentum={usage_momentum} must be in [0, 1)")
+        if not prob_eps >= 0.0:
+            raise ValueError(f"prob_eps={prob_eps} must be >= 0")
         self.num_experts, self.top_k, self.num_tasks = num_experts, top_k, num_tasks
         self.gate, self.noisy, self.usage_momentum = gate, noisy, usage_momentum
         self.mi_ema, self.mi_task_weighting = mi_ema, mi_task_weighting
+        self.prob_eps, self.usage_in_eval = prob_eps, usage_in_eval
         self.router = TaskRouter(dim=dim, num_experts=num_experts, num_tasks=num_tasks, noisy=noisy, init=router_init)
         self.register_buffer("usage_TE", torch.zeros(num_tasks, num_experts))
-        # decaying sums of the GLOBAL MI statistics of past steps (used when mi_ema > 0)
+        # decaying sums of the GLOBAL MI statistics of past optimizer steps (used when mi_ema > 0)
         self.register_buffer("mi_probs_TE", torch.zeros(num_tasks, num_experts))
         self.register_buffer("mi_counts_TE", torch.zeros(num_tasks, num_experts))
         self.stats_reducer: Callable[[Tensor], Tensor] | None = None
-        self.aux: dict[str, Tensor] = {}
         self.last_counts_TE: Tensor | None = None
+        self._last: moe_losses.RoutingStats | None = None  # the last forward's statistics (for `aux`)
+        self._pending: moe_losses.RoutingStats | None = None  # training forwards since the last collect
+        self._pending_forwards = 0
+        self._step_TE: tuple[Tensor, Tensor] | None = None  # detached (probs, counts) of earlier micro-batches
+        self._routed_TE: Tensor | None = None  # selection counts since the last pop_routing_counts
 
     def _check_inputs(self, x_BND: Tensor, task_B: Tensor) -> int | None:
         """Validate x_BND [B, N, D] and task_B [B]; return the task id when all samples share one, else None."""
@@ -228,7 +287,11 @@ class TaskRoutedLayer(nn.Module):
         return low if low == high else None
 
     def route(self, x_BND: Tensor, task_B: Tensor, single_task: int | None = None) -> Routing:
-        """Per-task softmax top-k routing of every token of x_BND [B, N, D]; see `Routing`."""
+        """Per-task softmax top-k routing of every token of x_BND [B, N, D]; see `Routing`.
+
+        `prob_eps` > 0 adds that constant to every probability after the softmax (Mod-Squad: 1e-4); it then enters
+        the gates (so the expert outputs), the top-k tie-breaking and every statistic.
+        """
         clean_BNE, noise_std_BNE = self.router(x_BND, task_B, single_task)
         clean_SE = clean_BNE.reshape(-1, self.num_experts).float()
         logits_SE = clean_SE
@@ -237,6 +300,8 @@ class TaskRoutedLayer(nn.Module):
             noise_std_SE = noise_std_BNE.reshape_as(clean_SE).float()
             logits_SE = clean_SE + torch.randn_like(clean_SE) * noise_std_SE
         probs_SE = logits_SE.softmax(dim=-1)
+        if self.prob_eps:
+            probs_SE = probs_SE + self.prob_eps
         gates_SK, idx_SK = probs_SE.topk(self.top_k, dim=-1)
         if self.gate == "renorm":
             gates_SK = gates_SK / gates_SK.sum(dim=-1, keepdim=True)
@@ -247,11 +312,11 @@ class TaskRoutedLayer(nn.Module):
         return Routing(logits_SE, probs_SE, gates_SK, idx_SK, load_E)
 
     def record_statistics(self, routing: Routing, task_B: Tensor) -> Tensor:
-        """Set `self.aux` and `self.last_counts_TE`, update the usage/MI buffers in training; return counts_E [E].
+        """Record this forward's statistics (added to the pending sums in training); return counts_E [E] (local).
 
         Calls `stats_reducer` once when set (collective: every rank must run the same MoE layers in order).
         """
-        num_e, num_t, k = self.num_experts, self.num_tasks, self.top_k
+        num_e, num_t = self.num_experts, self.num_tasks
         num_tokens = routing.idx_SK.shape[0]
         tokens_per_sample = num_tokens // max(task_B.numel(), 1)
         task_S = task_B.repeat_interleave(tokens_per_sample)
@@ -264,27 +329,83 @@ class TaskRoutedLayer(nn.Module):
         if self.stats_reducer is not None:
             probs_TE, counts_TE = moe_losses.reduce_statistics(probs_TE, counts_TE, self.stats_reducer)
         self.last_counts_TE = counts_TE.detach()  # this forward's (global when reduced) selection counts
+        importance_E = routing.gates_SK.new_zeros(num_e).index_add(
+            0, routing.idx_SK.reshape(-1), routing.gates_SK.reshape(-1))
+        self._last = moe_losses.RoutingStats(
+            probs_TE=probs_TE, counts_TE=counts_TE, importance_E=importance_E, load_E=routing.load_E,
+            probs_E=routing.probs_SE.sum(dim=0), counts_E=counts_E.float(),
+            lse_sq=torch.logsumexp(routing.logits_SE, dim=-1).pow(2).sum(), tokens=num_tokens)
+        if self.training:
+            self._accumulate(self._last)
+        if self.training or self.usage_in_eval:
+            with torch.no_grad():
+                moe_losses.update_usage_(self.usage_TE, self.last_counts_TE, self.usage_momentum)
+        return counts_E
+
+    def _accumulate(self, stats: moe_losses.RoutingStats) -> None:
+        self._pending = stats if self._pending is None else self._pending + stats
+        self._routed_TE = stats.counts_TE.detach() + (0 if self._routed_TE is None else self._routed_TE)
+        self._pending_forwards += 1
+        if self._pending_forwards > _MAX_PENDING_FORWARDS:  # nobody collects: keep the sums, drop the graph
+            if self._pending_forwards == _MAX_PENDING_FORWARDS + 1:
+                logger.warning("%s: %d training forwards without collect_aux_losses(model); their statistics are "
+                               "kept detached", type(self).__name__, _MAX_PENDING_FORWARDS)
+            self._pending = self._pending.detach()
+
+    def _losses(self, stats: moe_losses.RoutingStats, with_step: bool) -> dict[str, Tensor]:
+        """Unweighted losses of `stats` (+ the detached earlier micro-batches when `with_step`, + the MI EMA)."""
+        probs_TE, counts_TE = stats.probs_TE, stats.counts_TE
+        if with_step and self._step_TE is not None:
+            probs_TE, counts_TE = probs_TE + self._step_TE[0], counts_TE + self._step_TE[1]
         if self.mi_ema > 0:
             probs_TE = self.mi_ema * self.mi_probs_TE + probs_TE
             counts_TE = self.mi_ema * self.mi_counts_TE + counts_TE
         mi_probs_TE = probs_TE
         if self.mi_task_weighting == "uniform":
-            mi_probs_TE = moe_losses.balance_task_mass(probs_TE, counts_TE, k)
-        importance_E = routing.gates_SK.new_zeros(num_e).index_add(
-            0, routing.idx_SK.reshape(-1), routing.gates_SK.reshape(-1))
-        self.aux = {
-            "mi": moe_losses.mutual_information_loss(mi_probs_TE, counts_TE.sum(dim=0), k),
-            "cv": moe_losses.cv_loss(importance_E, routing.load_E),
-            "switch": moe_losses.switch_loss(routing.probs_SE.sum(dim=0), counts_E),
-            "z": moe_losses.z_loss(routing.logits_SE),
+            mi_probs_TE = moe_losses.balance_task_mass(probs_TE, counts_TE, self.top_k)
+        return {
+            "mi": moe_losses.mutual_information_loss(mi_probs_TE, counts_TE.sum(dim=0), self.top_k),
+            "cv": moe_losses.cv_loss(stats.importance_E, stats.load_E),
+            "switch": moe_losses.switch_loss(stats.probs_E, stats.counts_E),
+            "z": stats.lse_sq / stats.tokens,
         }
-        if self.training:
-            with torch.no_grad():
-                moe_losses.update_usage_(self.usage_TE, self.last_counts_TE, self.usage_momentum)
-                if self.mi_ema > 0:
-                    self.mi_probs_TE.copy_(probs_TE)
-                    self.mi_counts_TE.copy_(counts_TE)
-        return counts_E
+
+    @property
+    def aux(self) -> dict[str, Tensor]:
+        """Unweighted losses of the LAST forward alone (with the MI EMA); {} before any forward.
+
+        For inspection and single-forward uses; training reads `collect_aux_losses(model)`, which sees every
+        forward since the previous call.
+        """
+        return {} if self._last is None else self._losses(self._last, with_step=False)
+
+    def pop_aux_losses(self, end_of_step: bool = True) -> dict[str, Tensor]:
+        """Losses over every training forward since the last call (one MI over the summed statistics), then clear.
+
+        The pending statistics join the step's detached history, so later micro-batches of the same optimizer step
+        still see them in their MI statistics. `end_of_step` closes the optimizer step: the step's statistics
+        enter the MI EMA (skipped when non-finite) and the history is cleared. Returns {} when nothing is pending.
+        """
+        losses = {} if self._pending is None else self._losses(self._pending, with_step=True)
+        if self._pending is not None:
+            probs_TE, counts_TE = self._pending.probs_TE.detach(), self._pending.counts_TE
+            if self._step_TE is not None:
+                probs_TE, counts_TE = self._step_TE[0] + probs_TE, self._step_TE[1] + counts_TE
+            self._step_TE = (probs_TE, counts_TE)
+        self._pending, self._pending_forwards = None, 0
+        if end_of_step and self._step_TE is not None:
+            if self.mi_ema > 0:
+                with torch.no_grad():
+                    for buffer, step in zip((self.mi_probs_TE, self.mi_counts_TE), self._step_TE):
+                        blended = self.mi_ema * buffer + step
+                        buffer.copy_(torch.where(torch.isfinite(blended).all(), blended, buffer))
+            self._step_TE = None
+        return losses
+
+    def pop_routing_counts(self) -> Tensor | None:
+        """Selection counts [T, E] of the training forwards since the last call (global when reduced); clears."""
+        counts_TE, self._routed_TE = self._routed_TE, None
+        return counts_TE
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -297,24 +418,26 @@ class MoEMlp(TaskRoutedLayer):
 
     forward(x_BND [B, N, D], task_B [B] long) -> y_BND [B, N, D]; tokens of sample b use router task_B[b].
     Expert parameters live in `self.experts` (local experts only when ep_size > 1: local i = global
-    ep_rank * E_local + i); `self.comm` (an ExpertComm) must be injected when ep_size > 1.
+    ep_rank * E_local + i); `self.comm` (an ExpertComm) must be injected when ep_size > 1. `init` is the expert
+    init (EXPERT_INITS, `init_experts_`); `prob_eps`, `usage_in_eval`: see `TaskRoutedLayer`.
     """
 
     def __init__(self, *, dim: int, hidden_dim: int, num_experts: int, top_k: int, num_tasks: int,
                  gate: str = "raw", noisy: bool = False, router_init: str = "zero",
                  act_layer: Callable[[], nn.Module] = nn.GELU, bias: bool = True, ep_size: int = 1,
                  ep_rank: int = 0, usage_momentum: float = 0.95, mi_ema: float = 0.0,
-                 mi_task_weighting: str = "uniform") -> None:
+                 mi_task_weighting: str = "uniform", init: str = "timm", prob_eps: float = 0.0,
+                 usage_in_eval: bool = False) -> None:
         super().__init__(dim=dim, num_experts=num_experts, top_k=top_k, num_tasks=num_tasks, gate=gate, noisy=noisy,
                          router_init=router_init, usage_momentum=usage_momentum, mi_ema=mi_ema,
-                         mi_task_weighting=mi_task_weighting)
+                         mi_task_weighting=mi_task_weighting, prob_eps=prob_eps, usage_in_eval=usage_in_eval)
         if ep_size < 1 or num_experts % ep_size or not 0 <= ep_rank < ep_size:
             raise ValueError(f"num_experts={num_experts}, ep_size={ep_size}, ep_rank={ep_rank}: need ep_size to divide "
                              "num_experts and 0 <= ep_rank < ep_size")
         self.ep_size, self.ep_rank = ep_size, ep_rank
         self.num_local_experts = num_experts // ep_size
         self.experts = GroupedExperts(num_experts=self.num_local_experts, dim=dim, hidden_dim=hidden_dim,
-                                      act_layer=act_layer, bias=bias)
+                                      act_layer=act_layer, bias=bias, init=init)
         self.comm = None  # ExpertComm, injected by the engine when ep_size > 1
 
     def forward(self, x_BND: Tensor, task_B: Tensor) -> Tensor:
