@@ -18,7 +18,7 @@ from pretrain.models.moe import MoEMlp
 from pretrain.models.moe_attention import MoEAttention
 from pretrain.models.multitask import MultiTaskModel
 from pretrain.models.upcycle import upcycle_vit
-from pretrain.models.vit import VisionTransformer
+from pretrain.models.vit import PLACEMENT_INITS, VisionTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -46,25 +46,41 @@ def _moe_kwargs(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Keyword arguments of the MoE MLP and MoE attention layers (beyond dim/num_tasks) for this config.
 
     `moe.expert_hidden=0` → mlp_ratio·dim/top_k (k active experts: MLP FLOPs equal the dense MLP's);
-    `moe.attn_head_dim=0` → dim/num_heads. ep_size/ep_rank are not set here: the rank is a runtime fact, so the
-    engine binds them in the `moe_mlp_layer` factory it passes to `build_model`.
+    `moe.attn_head_dim=0` → dim/num_heads; `auto` inits resolve per placement (`vit.PLACEMENT_INITS`).
+    ep_size/ep_rank are not set here: the rank is a runtime fact, so the engine binds them in the
+    `moe_mlp_layer` factory it passes to `build_model`.
     """
     size, m = _size(cfg), cfg.moe
     dim = size["embed_dim"]
     hidden = m.expert_hidden or max(1, int(size["mlp_ratio"] * dim / m.top_k))
-    common = {"gate": m.gate, "noisy": m.noisy, "router_init": m.router_init, "usage_momentum": m.usage_momentum,
-              "mi_ema": m.mi_ema}
-    mlp = {"hidden_dim": hidden, "num_experts": m.num_experts, "top_k": m.top_k, **common}
+    common = {"gate": m.gate, "noisy": m.noisy, "router_init": _resolve(cfg, "router_init"),
+              "usage_momentum": m.usage_momentum, "mi_ema": m.mi_ema}
+    # options beyond the MoE factory contract travel only when set, so the DeepSpeed backend keeps working
+    extra = {k: v for k, v in (("prob_eps", m.prob_eps), ("usage_in_eval", m.usage_in_eval)) if v}
+    init = _resolve(cfg, "init")
+    mlp = {"hidden_dim": hidden, "num_experts": m.num_experts, "top_k": m.top_k, **common, **extra}
+    if m.backend == "deepspeed" and (extra or m.init not in ("auto", "timm")):
+        raise ValueError(f"moe.backend=deepspeed supports neither moe.prob_eps, moe.usage_in_eval nor moe.init="
+                         f"{m.init} (its experts keep the timm init): use moe.backend=native")
+    if init != "timm" and m.backend != "deepspeed":
+        mlp["init"] = init
     attn = {"num_experts": m.attn_num_experts, "top_k": m.attn_top_k,
-            "head_dim": m.attn_head_dim or dim // size["num_heads"], **common}
+            "head_dim": m.attn_head_dim or dim // size["num_heads"], **common, **extra, "init": init}
     return mlp, attn
+
+
+def _resolve(cfg: RunConfig, key: str) -> str:
+    """`moe.init`, `moe.router_init` or `model.task_embed_init`; `auto` = the placement's official choice."""
+    value = getattr(cfg.model if key == "task_embed_init" else cfg.moe, key)
+    return PLACEMENT_INITS[cfg.moe.placement][key] if value == "auto" else value
 
 
 def build_backbone(cfg: RunConfig, *, moe_mlp_layer: Callable[..., nn.Module] | None = None) -> VisionTransformer:
     """The ViT of `cfg.model.size` with `cfg.moe.placement`; upcycled from `cfg.model.upcycle_from` when set."""
     mlp_kwargs, attn_kwargs = _moe_kwargs(cfg)
     vit = VisionTransformer(**_size(cfg), drop_path=cfg.model.drop_path, num_tasks=len(TASKS),
-                            task_embed=cfg.model.task_embed, placement=cfg.moe.placement,
+                            task_embed=cfg.model.task_embed, task_embed_init=_resolve(cfg, "task_embed_init"),
+                            dense_attn_head_dim=cfg.moe.dense_attn_head_dim, placement=cfg.moe.placement,
                             moe_mlp_layer=moe_mlp_layer or MoEMlp, moe_mlp_kwargs=mlp_kwargs,
                             moe_attn_layer=MoEAttention, moe_attn_kwargs=attn_kwargs)
     if cfg.model.upcycle_from:
