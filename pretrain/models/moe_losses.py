@@ -185,7 +185,8 @@ def update_usage_(usage_TE: Tensor, counts_TE: Tensor, momentum: float) -> None:
 
 def moe_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every task-routed MoE layer (MoEMlp, MoEAttention) in `model`, in `named_modules` order."""
-    return [(name, m) for name, m in model.named_modules() if hasattr(m, "aux") and hasattr(m, "usage_TE")]
+    # `pop_aux_losses`, not the `aux` property: hasattr would compute the last forward's losses for nothing
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "pop_aux_losses") and hasattr(m, "usage_TE")]
 
 
 def collect_aux_losses(model: nn.Module, *, end_of_step: bool = True) -> dict[str, Tensor]:

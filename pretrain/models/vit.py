@@ -126,7 +126,8 @@ class VisionTransformer(nn.Module):
         placement: `modsquad` | `m3vit` | `dense` (module docstring).
         moe_mlp_layer: factory called with the MoE contract's keywords (`dim`, `hidden_dim`, `num_experts`,
             `top_k`, `num_tasks`, `gate`, `noisy`, `router_init`, `act_layer`, `bias`, `usage_momentum`,
-            `mi_ema`); required when the placement has MoE MLPs. The engine passes a DeepSpeed-backed one.
+            `mi_ema`, and only when set by the config: `init`, `prob_eps`, `usage_in_eval`); required when the
+            placement has MoE MLPs. The engine passes a DeepSpeed-backed one.
         moe_mlp_kwargs: keywords for `moe_mlp_layer` other than `dim`, `num_tasks`, `act_layer`, `bias`.
         moe_attn_layer, moe_attn_kwargs: the same for MoE attention (`modsquad` only).
     """
