@@ -94,7 +94,9 @@ class ModelConfig:
     patch_size: int = 0  # 0 = the size's default
     drop_path: float = 0.1
     task_embed: bool = True
-    task_embed_init: str = "auto"  # auto (modsquad placement → randn, else zero) | zero (no decay) | randn (decayed)
+    # zero (no weight decay: an upcycled model starts as the dense one, no task-constant std-1 offset dominating the
+    # residual stream at init) | randn (Mod-Squad: std 1, weight-decayed)
+    task_embed_init: str = "zero"
     upcycle_from: str = ""  # dense timm ViT state dict (.safetensors/.pth); empty = random init
     upcycle_mode: str = "copy"  # copy | slice
     det_head: str = "fasterrcnn"  # fasterrcnn | retinanet
@@ -173,7 +175,7 @@ CHOICES = {
     "moe.gate": ("raw", "renorm"),
     "moe.router_init": ("auto", "zero", "normal", "trunc_normal", "uniform"),
     "moe.init": ("auto", "timm", "modsquad", "m3vit"),
-    "model.task_embed_init": ("auto", "zero", "randn"),
+    "model.task_embed_init": ("zero", "randn"),
     "moe.backend": ("native", "deepspeed"),
     "model.upcycle_mode": ("copy", "slice"),
     "model.det_head": ("fasterrcnn", "retinanet"),

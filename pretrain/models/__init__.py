@@ -70,8 +70,8 @@ def _moe_kwargs(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _resolve(cfg: RunConfig, key: str) -> str:
-    """`moe.init`, `moe.router_init` or `model.task_embed_init`; `auto` = the placement's official choice."""
-    value = getattr(cfg.model if key == "task_embed_init" else cfg.moe, key)
+    """`moe.init` or `moe.router_init`; `auto` = the placement's official choice."""
+    value = getattr(cfg.moe, key)
     return PLACEMENT_INITS[cfg.moe.placement][key] if value == "auto" else value
 
 
@@ -79,7 +79,7 @@ def build_backbone(cfg: RunConfig, *, moe_mlp_layer: Callable[..., nn.Module] | 
     """The ViT of `cfg.model.size` with `cfg.moe.placement`; upcycled from `cfg.model.upcycle_from` when set."""
     mlp_kwargs, attn_kwargs = _moe_kwargs(cfg)
     vit = VisionTransformer(**_size(cfg), drop_path=cfg.model.drop_path, num_tasks=len(TASKS),
-                            task_embed=cfg.model.task_embed, task_embed_init=_resolve(cfg, "task_embed_init"),
+                            task_embed=cfg.model.task_embed, task_embed_init=cfg.model.task_embed_init,
                             dense_attn_head_dim=cfg.moe.dense_attn_head_dim, placement=cfg.moe.placement,
                             moe_mlp_layer=moe_mlp_layer or MoEMlp, moe_mlp_kwargs=mlp_kwargs,
                             moe_attn_layer=MoEAttention, moe_attn_kwargs=attn_kwargs)

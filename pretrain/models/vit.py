@@ -38,9 +38,9 @@ PLACEMENTS = ("modsquad", "m3vit", "dense")
 TASK_EMBED_INITS = ("zero", "randn")
 # what `auto` means per placement: the official code's effective inits (MOE.md, "Initialisation")
 PLACEMENT_INITS: dict[str, dict[str, str]] = {
-    "modsquad": {"init": "modsquad", "router_init": "trunc_normal", "task_embed_init": "randn"},
-    "m3vit": {"init": "m3vit", "router_init": "uniform", "task_embed_init": "zero"},
-    "dense": {"init": "timm", "router_init": "trunc_normal", "task_embed_init": "zero"},
+    "modsquad": {"init": "modsquad", "router_init": "trunc_normal"},
+    "m3vit": {"init": "m3vit", "router_init": "uniform"},
+    "dense": {"init": "timm", "router_init": "trunc_normal"},
 }
 
 
