@@ -145,7 +145,7 @@ def test_eval_forwards_do_not_accumulate_and_usage_in_eval_is_an_option():
 
 
 def test_forwards_without_collect_keep_bounded_state(caplog, monkeypatch):
-    monkeypatch.setattr("pretrain.models.moe._MAX_PENDING_FORWARDS", 4)
+    monkeypatch.setattr("pretrain.models.moe_routing._MAX_PENDING_FORWARDS", 4)
     layer = make_layer()
     for _ in range(6):  # callers reading `layer.aux` per forward never collect: the graph is dropped
         layer(torch.randn(1, 2, D), torch.tensor([0]))
