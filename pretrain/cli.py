@@ -111,6 +111,32 @@ def _demo(args: argparse.Namespace) -> int:
         return EXIT_DEMO_STAGE
 
 
+def _import_modsquad(args: argparse.Namespace) -> int:
+    from pretrain.config import TASKS, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: must end in .safetensors")
+    import json
+
+    from safetensors.torch import save_file
+
+    from pretrain.models import build_backbone
+    from pretrain.models.modsquad import import_modsquad, parse_task_map
+
+    try:
+        task_map = parse_task_map(args.tasks, TASKS) if args.tasks else None
+        vit = build_backbone(cfg)
+        report = import_modsquad(vit, args.checkpoint, task_map=task_map)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(out))
+    print(json.dumps({"out": str(out), "ignored": len(report["ignored"]), "dropped": len(report["dropped"])}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -164,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", action="store_true",
                    help="evaluate the model at its random initialisation (a baseline; no checkpoint needed)")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("import-modsquad", help="map an official Mod-Squad checkpoint onto this backbone (safetensors)")
+    p.add_argument("checkpoint", help="official state dict (.pth read weights-only, or .safetensors)")
+    p.add_argument("--config", required=True, help="config whose backbone matches the checkpoint, e.g. "
+                   "configs/pretrain/vitb16_modsquad_hetero.yaml")
+    p.add_argument("--out", required=True, help="FILE.safetensors with this project's backbone names")
+    p.add_argument("--tasks", default="", help="official task index per task, e.g. cls=0,det=1,seg=2 "
+                   "(default: identity; required when the task counts differ)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(func=_import_modsquad)
     return parser
 
 

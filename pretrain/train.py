@@ -19,7 +19,7 @@ from pretrain.data.build import DataSpec, build_sampler, build_stream, check_sha
 from pretrain.data.collate import TARGET_KEYS
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
 from pretrain.loop import LossWindow, NonFiniteGuard, TaskTimer, agree, clock, skip_micro_batch, to_device
-from pretrain.models.moe_losses import collect_aux_losses, moe_modules
+from pretrain.models.moe_losses import collect_aux_losses, moe_modules, pop_routing_counts
 from pretrain.routing_stats import routing_metrics
 from pretrain.runs import build_run_model
 from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE, StopFlag
@@ -65,7 +65,9 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             batches = drawn if task == "all" else [drawn]
             task_losses = {b["task"]: forward_task(engine, b) for b in batches}
             timer.add(task_losses, clock(engine.device) - t0, {b["task"]: len(b["images"]) for b in batches})
-            loss, parts = model.objective(task_losses, collect_aux_losses(model))
+            # every forward of this micro-batch enters one MI loss; earlier micro-batches of the step stay in its
+            # statistics (detached) until the step's last one
+            loss, parts = model.objective(task_losses, collect_aux_losses(model, end_of_step=_micro == accum - 1))
             # 2. agree across ranks: any non-finite loss skips the step everywhere; any stop request stops everywhere
             finite, stopping = agree(loss, stop.requested)
             if not finite:
@@ -79,8 +81,8 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             timer.add(task_losses, clock(engine.device) - t0)
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + float(value) / accum
-        for name, m in moe_modules(model):
-            counts[name] += m.last_counts_TE.to(counts[name].dtype) if m.last_counts_TE is not None else 0
+        for name, step_counts in pop_routing_counts(model).items():  # already global: never all-reduced again
+            counts[name] += step_counts.to(counts[name].dtype)
         step += 1
         bar.update(1)
         # 4. non-finite bookkeeping: skip, count, abort after too many in a row (the last good checkpoint stays)
@@ -94,8 +96,7 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             record = {**window.pop(), "lr": engine.get_lr()[0], "skipped_steps": guard.total, **timer.pop()}
             record.update({f"task_freq/{t}": f for t, f in sampler.frequencies().items()})
             record.update({f"data/skipped/{t}": n for t, n in mixed.skipped.items()})  # bad samples, this rank
-            reduced = {name: dist.all_reduce_sum(c) for name, c in counts.items()}
-            record.update(routing_metrics(reduced, tasks))
+            record.update(routing_metrics(counts, tasks))
             writer.write(step, record)
             tracker.log(step, record)
             bar.set_postfix(loss=f"{record.get('loss/total', float('nan')):.3f}")

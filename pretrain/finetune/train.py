@@ -65,7 +65,8 @@ def finetune_loop(cfg: FinetuneConfig, engine, model, data: DenseData, info: dis
             _, _, batch = next(stream)
             task_losses, decoder_aux = engine(to_device(batch["images"], engine.device),
                                               to_device(batch["targets"], engine.device))
-            loss, parts = model.objective(task_losses, {**collect_aux_losses(model), **decoder_aux})
+            backbone_aux = collect_aux_losses(model, end_of_step=_micro == accum - 1)
+            loss, parts = model.objective(task_losses, {**backbone_aux, **decoder_aux})
             timer.add(["all"], clock(engine.device) - t0, {"all": len(batch["images"])})
             # 2. agree across ranks on finiteness and stop requests
             finite, stopping = agree(loss, stop.requested)
