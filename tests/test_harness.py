@@ -1,0 +1,75 @@
+"""The test harness: a timed-out child takes its whole process group with it; a failed 2-rank launch shows each
+rank's output; summaries parse; the timeout scale is read and checked."""
+
+import os
+import sys
+import time
+
+import pytest
+from harness import rank_output, run, run_ranks, summary, timeout_scale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a killed child of a dead parent may linger as a zombie until reaped
+        return f.read().split(")")[1].split()[0] != "Z"
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(300)")
+    with pytest.raises(AssertionError, match="timed out after 2 s"):
+        run([sys.executable, "-c", code], timeout=2, env={"PRETRAIN_TEST_TIMEOUT_SCALE": "1"})
+    grandchild = int(pid_file.read_text())
+    deadline = time.time() + 5
+    while _alive(grandchild) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild), "the grandchild outlived the timeout"
+
+
+def test_nonzero_exit_is_returned_not_raised():
+    proc = run([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], timeout=60)
+    assert (proc.returncode, proc.stdout) == (3, "out\n")
+
+
+@pytest.mark.parametrize("raw, scale", [(None, 1.0), ("2.5", 2.5)])
+def test_timeout_scale(monkeypatch, raw, scale):
+    if raw is None:
+        monkeypatch.delenv("PRETRAIN_TEST_TIMEOUT_SCALE", raising=False)
+    else:
+        monkeypatch.setenv("PRETRAIN_TEST_TIMEOUT_SCALE", raw)
+    assert timeout_scale() == scale
+
+
+@pytest.mark.parametrize("raw", ["fast", "0", "-1"])
+def test_bad_timeout_scale_names_the_variable(monkeypatch, raw):
+    monkeypatch.setenv("PRETRAIN_TEST_TIMEOUT_SCALE", raw)
+    with pytest.raises(ValueError, match="PRETRAIN_TEST_TIMEOUT_SCALE"):
+        timeout_scale()
+
+
+def test_summary_and_rank_output():
+    text = "[default0]:x\n[default1]:SUMMARY {\"a\": 2}\n[default0]:SUMMARY {\"a\": 1}\nlauncher line\n"
+    assert rank_output(text, 0) == "x\nSUMMARY {\"a\": 1}"
+    assert summary(text) == {"a": 1} and summary(text, rank=1) == {"a": 2}
+    assert summary("SUMMARY {\"b\": 3}\n", rank=None) == {"b": 3}
+    with pytest.raises(AssertionError, match="no 'SUMMARY ' line"):
+        summary("[default0]:EP PARITY OK\n")
+
+
+def test_failed_launch_shows_every_rank(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text("import os, sys\nrank = os.environ['RANK']\n"
+                      "print(f'rank {rank} port', os.environ['MASTER_PORT'])\n"
+                      "sys.exit(f'rank {rank} says: max abs diff 0.5') if rank == '1' else None\n"
+                      "import time; time.sleep(120)\n")
+    with pytest.raises(AssertionError) as err:
+        run_ranks(script, timeout=120)
+    msg = str(err.value)
+    assert "--- rank 0 ---\nrank 0 port" in msg and "--- rank 1 ---\nrank 1 port" in msg
+    assert "rank 1 says: max abs diff 0.5" in msg  # rank 1's reason; torchrun stopped the sleeping rank 0
