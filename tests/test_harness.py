@@ -73,3 +73,14 @@ def test_failed_launch_shows_every_rank(tmp_path):
     msg = str(err.value)
     assert "--- rank 0 ---\nrank 0 port" in msg and "--- rank 1 ---\nrank 1 port" in msg
     assert "rank 1 says: max abs diff 0.5" in msg  # rank 1's reason; torchrun stopped the sleeping rank 0
+
+
+def test_marker_tables_name_existing_tests():
+    """A renamed or deleted test must leave tests/conftest.py's SLOW and DEEPSPEED_CHILDREN with it."""
+    import conftest
+
+    root = conftest.ROOT
+    for entry in conftest.SLOW | conftest.DEEPSPEED_CHILDREN:
+        module, _, name = entry.partition("::")
+        assert (root / module).is_file(), entry
+        assert not name or f"def {name}(" in (root / module).read_text(), entry
