@@ -20,16 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"imagenet_train": 24, "imagenet_val": 4, "coco_train": 48, "coco_val": 8, "ade_train": 48, "ade_val": 8,
          "num_classes": 4, "image_size": (64, 96)}
 
-# Node ids (a parametrised test's id without its [params] covers every case) or whole modules, from
-# `python -m pytest --durations=0 -q` on 2 cores (/tmp/testinfra_durations.txt; README "Tests"): over ~5 s each.
+# Whole modules, test names (covering every parametrised case) or exact node ids: over ~5 s each in
+# `python -m pytest --durations=0 -q -p no:cacheprovider` on the shared 2-core machine (README "Tests").
 SLOW = {
-    "tests/test_train.py",  # every test runs `pretrain train` in child processes
-    "tests/test_slurm.py",  # a real SLURM cluster
-    "tests/test_engine.py::test_ep2_matches_ep1_through_deepspeed_zero012",
-    "tests/test_engine.py::test_deepspeed_backend_trains_on_two_ranks_and_checkpoints_every_expert",
-    "tests/test_checkpoint.py::test_save_resume_bit_exact_and_single_process_export",
-    "tests/test_expert_parallel.py::test_ep2_matches_ep1_on_two_gloo_ranks",
-    "tests/test_harness.py::test_failed_launch_shows_every_rank",
+    "tests/test_train.py",  # every test runs `pretrain train` in child processes: 7-300 s each
+    "tests/test_slurm.py",  # a real SLURM cluster and `srun -n 2`
+    "tests/test_engine.py::test_ep2_matches_ep1_through_deepspeed_zero012",  # 2 ranks: 19 s
+    "tests/test_engine.py::test_deepspeed_backend_trains_on_two_ranks_and_checkpoints_every_expert",  # 27 s
+    "tests/test_checkpoint.py::test_save_resume_bit_exact_and_single_process_export",  # 2 ranks: 17 s
+    "tests/test_checkpoint.py::test_checkpoint_and_models_do_not_import_deepspeed",  # a child interpreter: 7 s
+    "tests/test_expert_parallel.py::test_ep2_matches_ep1_on_two_gloo_ranks",  # 2 ranks: 20 s
+    "tests/test_mixture.py::test_same_task_on_every_rank_independent_of_process_and_hash_seed",  # children: 5 s
+    "tests/test_upcycle.py::test_equals_dense_timm_vit_small_under_the_condition",  # 15 s
+    "tests/test_vit.py::test_sizes_match_timm_and_moe_counts[vit_l16]",  # 10 s
+    "tests/test_harness.py::test_failed_launch_shows_every_rank",  # torchrun: ~10 s
 }
 # Modules whose tests launch DeepSpeed in child processes (`pretrain train`, tests/dist_scripts/*).
 DEEPSPEED_CHILDREN = {"tests/test_train.py", "tests/test_engine.py", "tests/test_checkpoint.py", "tests/test_slurm.py"}
@@ -37,7 +41,7 @@ DEEPSPEED_CHILDREN = {"tests/test_train.py", "tests/test_engine.py", "tests/test
 
 def _listed(nodeid: str, table: set[str]) -> bool:
     module, _, name = nodeid.partition("::")
-    return module in table or f"{module}::{name.split('[')[0]}" in table
+    return nodeid in table or module in table or f"{module}::{name.split('[')[0]}" in table
 
 
 def pytest_collection_modifyitems(config, items):

@@ -82,5 +82,42 @@ def test_marker_tables_name_existing_tests():
     root = conftest.ROOT
     for entry in conftest.SLOW | conftest.DEEPSPEED_CHILDREN:
         module, _, name = entry.partition("::")
+        name = name.split("[")[0]
         assert (root / module).is_file(), entry
         assert not name or f"def {name}(" in (root / module).read_text(), entry
+
+
+class _Item:
+    """The part of a pytest item that conftest's collection hook touches."""
+
+    def __init__(self, nodeid: str, *marks: pytest.MarkDecorator) -> None:
+        self.nodeid, self.marks, self.fixturenames = nodeid, [m.mark for m in marks], ["tmp_path"]
+
+    def add_marker(self, marker: pytest.MarkDecorator) -> None:
+        self.marks.append(marker.mark)
+
+    def get_closest_marker(self, name: str):
+        return next((m for m in self.marks if m.name == name), None)
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_collection_hook_marks_slow_gpu_and_deepspeed_children(monkeypatch, cuda):
+    import conftest
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    items = {name: _Item(name, *marks) for name, marks in [
+        ("tests/test_train.py::test_smoke_run_learns_and_writes_run_dir", ()),
+        ("tests/test_vit.py::test_sizes_match_timm_and_moe_counts[vit_l16]", ()),
+        ("tests/test_vit.py::test_sizes_match_timm_and_moe_counts[vit_s16]", ()),
+        ("tests/test_engine.py::test_ep2_matches_ep1_through_deepspeed_zero012[x]", ()),
+        ("tests/test_moe.py::test_x", (pytest.mark.slow,)),
+        ("tests/test_moe.py::test_on_gpu", (pytest.mark.gpu,)),
+    ]}
+    conftest.pytest_collection_modifyitems(None, list(items.values()))
+    slow = {n for n, item in items.items() if item.get_closest_marker("slow")}
+    assert slow == set(list(items)[:1] + list(items)[1:2] + list(items)[3:5])
+    children = {n for n, item in items.items() if item.fixturenames[0] == "deepspeed_shm_op"}
+    assert children == {list(items)[0], list(items)[3]}
+    skipped = {n for n, item in items.items() if item.get_closest_marker("skip")}
+    assert skipped == (set() if cuda else {"tests/test_moe.py::test_on_gpu"})
