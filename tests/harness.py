@@ -14,25 +14,43 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "dist_scripts"
 SUMMARY_PREFIX = "SUMMARY "
 TAIL_CHARS = 3000
+PORT_CLASH = ("EADDRINUSE", "address already in use", "Address already in use")
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for in-process gloo groups; torchrun launches use port 0 instead)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(low: int | None = None, high: int | None = None) -> int:
+    """A TCP port free on 127.0.0.1 right now, any (the OS picks) or drawn at random from [low, high) (for a port
+    derived from something else, e.g. a SLURM job id: `dist.slurm_port`). torchrun launches use port 0 instead."""
+    candidates = [0] if low is None else random.sample(range(low, high), min(200, high - low))
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise AssertionError(f"no free port in [{low}, {high}) after {len(candidates)} tries")
+
+
+def retry_port_clash(launch: Callable[[], subprocess.CompletedProcess]) -> subprocess.CompletedProcess:
+    """`launch()`, and once more if it failed because its port was taken meanwhile (`launch` must pick a new port
+    each call): a port chosen free can be bound by someone else before the child binds it."""
+    first = launch()
+    if first.returncode != 0 and any(s in f"{first.stdout}{first.stderr}" for s in PORT_CLASH):
+        return launch()
+    return first
 
 
 def timeout_scale() -> float:

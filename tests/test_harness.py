@@ -2,11 +2,12 @@
 rank's output; summaries parse; the timeout scale is read and checked."""
 
 import os
+import subprocess
 import sys
 import time
 
 import pytest
-from harness import rank_output, run, run_ranks, summary, timeout_scale
+from harness import free_port, rank_output, retry_port_clash, run, run_ranks, summary, timeout_scale
 
 
 def _alive(pid: int) -> bool:
@@ -51,6 +52,21 @@ def test_bad_timeout_scale_names_the_variable(monkeypatch, raw):
     monkeypatch.setenv("PRETRAIN_TEST_TIMEOUT_SCALE", raw)
     with pytest.raises(ValueError, match="PRETRAIN_TEST_TIMEOUT_SCALE"):
         timeout_scale()
+
+
+def test_free_port_in_a_range_and_retry_on_a_clash():
+    assert 20000 <= free_port(20000, 20100) < 20100 and free_port() > 0
+    calls = []
+
+    def launch():
+        calls.append(1)
+        rc, err = (1, "DistNetworkError: ... EADDRINUSE ...") if len(calls) == 1 else (0, "")
+        return subprocess.CompletedProcess([], rc, "", err)
+
+    assert retry_port_clash(launch).returncode == 0 and len(calls) == 2
+    calls.clear()
+    other = subprocess.CompletedProcess([], 1, "", "some other failure")
+    assert retry_port_clash(lambda: calls.append(1) or other) is other and len(calls) == 1
 
 
 def test_summary_and_rank_output():
