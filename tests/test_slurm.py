@@ -13,17 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import free_port, retry_port_clash, run
 
 from pretrain.log import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 NEEDED = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "srun", "sinfo")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _slurmd_cpus() -> int:
@@ -41,7 +35,10 @@ def _slurm_conf(d: Path) -> str:
         "AuthType=auth/munge", f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool",
         f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.pid",
         f"SlurmctldLogFile={d}/slurmctld.log", f"SlurmdLogFile={d}/slurmd.log",
-        f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+        f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
+        # jobs' rendezvous port is dist.slurm_port(job id) = 10000 + id: start the ids where that port is free now
+        # (every test cluster starting at job 1 made two concurrent runs of this test both use port 10001)
+        f"FirstJobId={free_port(10001, 30000) - 10000}",
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_Core", "ReturnToService=2", "MpiDefault=none",
         f"NodeName={host} NodeAddr=127.0.0.1 CPUs={_slurmd_cpus()} RealMemory={mem_mib} State=UNKNOWN",
@@ -120,7 +117,8 @@ def test_srun_two_ranks_expert_parallel(slurm, shards, tmp_path):
            "tasks.det.img_size=64", "tasks.det.batch_size=2", "model.det_min_size=64", "model.det_max_size=64",
            "tasks.seg.img_size=32", "tasks.seg.batch_size=4", "logging.wandb=disabled", "logging.plots=false",
            "engine.ep_size=2", "train.max_steps=3", "train.ckpt_every=3", "train.log_every=1"]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    # own process group: a timeout kills srun and everything it started; the next job id is the next port
+    out = retry_port_clash(lambda: run(cmd, timeout=1200, env=env))
     assert out.returncode == 0, out.stderr[-4000:]
     assert "world=2" in out.stderr and "ep_size=2" in out.stderr
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"
