@@ -104,8 +104,10 @@ def sbatch_lines(opts: JobOptions) -> list[str]:
     for key, value in pairs:
         if value is None:
             continue
-        if "\n" in str(value):
-            raise SubmitError(f"sbatch option --{key}: a value cannot contain a newline")
+        if re.search(r'[\n"]', str(value)):
+            raise SubmitError(f"sbatch option --{key}={value!r}: a value cannot contain a newline or a double quote")
+        if re.search(r"\s", str(value)):
+            value = f'"{value}"'  # sbatch reads `#SBATCH` lines word by word; quotes keep a value whole
         lines.append(f"#SBATCH --{key}={value}" if value != "" else f"#SBATCH --{key}")
     return lines
 
