@@ -23,8 +23,12 @@ ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONF
           "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"}
 JOB_FIELDS = ("JobState", "Reason", "Restarts", "ExitCode", "RunTime", "TimeLimit", "StartTime", "NodeList")
 EXIT_VERDICTS = {0: "stopped", 3: "aborted", 75: "stopped"}  # pretrain.signals: EXIT_ABORT, EXIT_REQUEUE
+ATTEMPT_HEADER = re.compile(r"^=== pretrain: job \d+ attempt \d+ \(", re.MULTILINE)  # slurm/train.sbatch
 LOG_MARKERS = (("aborting:", "aborted"), ("stopped by signal", "preempted"), ("run already complete", "finished"))
-ERROR_RE = re.compile(r"(^\w*(Error|Exception)\b.*|pretrain \w+: error: .*|srun: error: .*)$")
+# the error lines worth showing, best first: what the run said (a Python exception, a `pretrain` one-liner), then
+# what srun or the job script said about it
+ERROR_RES = (re.compile(r"^(\w*(Error|Exception)\b.*|pretrain \w+: error: .*)$"),
+             re.compile(r"^(srun|slurmstepd\S*|pretrain): error: .*$"))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -119,14 +123,19 @@ def last_attempt_log(log: Path) -> str:
             text = f.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-    return text[text.rfind("=== pretrain: job"):] if "=== pretrain: job" in text else text
+    headers = list(ATTEMPT_HEADER.finditer(text))
+    return text[headers[-1].start():] if headers else text
 
 
 def log_findings(text: str) -> dict:
     """What an attempt's log says: a verdict marker from the training loop and the last error line."""
     verdict = next((v for marker, v in LOG_MARKERS if marker in text), None)
-    errors = [line.strip() for line in text.splitlines() if ERROR_RE.search(line.strip())]
-    return {"verdict": verdict, "error": errors[-1] if errors else None}
+    lines = [line.strip() for line in text.splitlines()]
+    for pattern in ERROR_RES:
+        errors = [line for line in lines if pattern.search(line)]
+        if errors:
+            return {"verdict": verdict, "error": errors[-1]}
+    return {"verdict": verdict, "error": None}
 
 
 def attempt_verdict(attempt: dict) -> str:

@@ -144,7 +144,11 @@ def test_status_of_half_written_run_dirs(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 2, "time": 10.0, "lr": 0.1, "loss/cls": 1.5}\n{"step": 3, "ti')
     (tmp_path / "slurm").mkdir()
     (tmp_path / "slurm" / "jobs.jsonl").write_text('{"job_id": "77"}\nnot json\n[1]\n')
-    (tmp_path / "slurm" / "77.log").write_bytes(b"=== pretrain: job 77 attempt 0\n\xff\xfe\nKeyError: 'x'\n")
+    (tmp_path / "slurm" / "77.log").write_bytes(  # two attempts: only the last one's error counts
+        b"=== pretrain: job 77 attempt 0 (SLURM_RESTART_COUNT=0) on vm\nValueError: old\n"
+        b"=== pretrain: job 77 attempt 0: the step exited 75\n=== pretrain: job 77 attempt 1 (SLURM_RESTART_COUNT=1)"
+        b"\n\xff\xfe\nKeyError: 'x'\nsrun: error: vm: task 0: Exited with exit code 1\n"
+        b"=== pretrain: job 77 attempt 1: the step exited 1, 2026-12-04 18:14:14 UTC ===\n")
     report = collect(tmp_path, use_slurm=False)
     assert report["checkpoint"] is None and report["max_steps"] is None
     assert report["metrics"] == {"loss/cls": {"value": 1.5, "step": 2}}
