@@ -24,6 +24,7 @@ ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONF
 JOB_FIELDS = ("JobState", "Reason", "Restarts", "ExitCode", "RunTime", "TimeLimit", "StartTime", "NodeList")
 EXIT_VERDICTS = {0: "stopped", 3: "aborted", 75: "stopped"}  # pretrain.signals: EXIT_ABORT, EXIT_REQUEUE
 ATTEMPT_HEADER = re.compile(r"^=== pretrain: job \d+ attempt \d+ \(", re.MULTILINE)  # slurm/train.sbatch
+RUN_START = re.compile(r"training steps \d+ → \d+")  # pretrain/train.py's first line of every run (rank logs)
 LOG_MARKERS = (("aborting:", "aborted"), ("stopped by signal", "preempted"), ("run already complete", "finished"))
 # the error lines worth showing, best first: what the run said (a Python exception, a `pretrain` one-liner), then
 # what srun or the job script said about it
@@ -52,7 +53,7 @@ def latest_checkpoint(run_dir: Path) -> dict | None:
     """{step, tag, time} of the committed checkpoint (`checkpoints/latest` → an existing tag dir), or None."""
     ckpt_dir = run_dir / "checkpoints"
     try:
-        tag = (ckpt_dir / "latest").read_text().strip()
+        tag = (ckpt_dir / "latest").read_text(errors="replace").strip()
         found = TAG_RE.match(tag)
         if not found or not (ckpt_dir / tag).is_dir():
             return None
@@ -63,11 +64,11 @@ def latest_checkpoint(run_dir: Path) -> dict | None:
 
 def max_steps(run_dir: Path) -> int | None:
     """train.max_steps of the run's resolved config.yaml, or None when it is missing or unreadable."""
-    from pretrain.config import ConfigError, load_config
+    from pretrain.config import load_config
 
     try:
         return load_config(run_dir / "config.yaml").train.max_steps
-    except (ConfigError, OSError):
+    except Exception:  # ConfigError, OSError, or whatever a torn or foreign file raises: never crash status
         return None
 
 
@@ -116,14 +117,15 @@ def slurm_jobs(job_ids: list[str]) -> dict[str, dict] | None:
 
 
 def last_attempt_log(log: Path) -> str:
-    """The text of a job log after its last attempt header (the template writes one per attempt); '' if none."""
+    """The text of a log from its last attempt's start (the job script's header, else the training loop's first
+    line in a rank log) on; '' when it cannot be read."""
     try:
         with open(log, "rb") as f:
             f.seek(max(0, f.seek(0, 2) - 256 * 1024))  # the tail is enough; logs of long runs grow large
             text = f.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-    headers = list(ATTEMPT_HEADER.finditer(text))
+    headers = list(ATTEMPT_HEADER.finditer(text)) or list(RUN_START.finditer(text))
     return text[headers[-1].start():] if headers else text
 
 

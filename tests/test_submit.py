@@ -7,6 +7,7 @@ the requeue cap, chaining, and status along the way. Nothing is mocked: sbatch, 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +41,8 @@ def _pretrain(*args: str, env: dict | None = None) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=300)
 
 
-def _submit(run: Path, shards, *args: str, env: dict | None = None, overrides=()) -> subprocess.CompletedProcess:
-    return _pretrain("submit", "train", DEBUG, f"data.root={shards}", f"output_dir={run}", *FAST, *overrides,
+def _submit(run: Path, shards, *args: str, env: dict | None = None, overrides=(), config=DEBUG):
+    return _pretrain("submit", "train", config, f"data.root={shards}", f"output_dir={run}", *FAST, *overrides,
                      *CPU_JOB, *args, env=env)
 
 
@@ -177,6 +178,17 @@ def test_status_speed_eta_and_verdicts(tmp_path):
     assert collect(tmp_path, use_slurm=False)["state"] == "finished"
 
 
+def test_status_of_a_run_without_slurm_reads_its_rank_log(tmp_path):
+    """A run started by hand (torchrun): the verdict comes from logs/rank0.log, its last run only."""
+    (tmp_path / "logs").mkdir()
+    first = "x: params {}; training steps 0 → 8\nx: aborting: 3 consecutive non-finite steps\n"
+    (tmp_path / "logs" / "rank0.log").write_text(first)
+    assert collect(tmp_path)["state"] == "aborted"
+    again = first + "x: params {}; training steps 4 → 8\nx: stopped by signal after step 6; exit 75\n"
+    (tmp_path / "logs" / "rank0.log").write_text(again)
+    assert collect(tmp_path)["state"] == "preempted"
+
+
 # ---------------------------------------------------------------- on the one-node cluster
 
 
@@ -218,9 +230,11 @@ def test_preempted_twice_requeues_and_ends_bitwise_equal_to_an_uninterrupted_cha
     # ckpt_every=1: the data stream restarts from (seed, step) at every checkpoint, so a resume is bitwise exact
     # only if the uninterrupted run also restarted its stream at the step the signal landed on
     env, steps = _env(slurm), ["train.max_steps=10", "train.ckpt_every=1"]
-    run = tmp_path / "preempted"
-    out = _submit(run, shards, "--time", "20", env=env, overrides=steps)
+    run, config = tmp_path / "preempted", tmp_path / "mine.yaml"
+    shutil.copy(ROOT / DEBUG, config)
+    out = _submit(run, shards, "--time", "20", env=env, overrides=steps, config=config)
     assert out.returncode == 0 and "submitted job" in out.stdout and "pretrain status" in out.stdout, out.stderr
+    config.write_text("train: {max_steps: 2}\n")  # the job runs from output_dir/config.yaml, frozen at submission
     (job,) = _job_ids(run)
     assert (run / "slurm" / f"{job}.sbatch").is_file() and (run / "config.yaml").is_file()
     wait_for(lambda: _logged_step(run) >= 1, 300, "the first logged step")
