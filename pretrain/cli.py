@@ -100,7 +100,7 @@ def _status(args: argparse.Namespace) -> int:
 # `pretrain submit` options: (flag, type, help); defaults live in pretrain.submit.JobOptions
 SUBMIT_OPTIONS = [
     ("--nodes", int, "nodes (default 1)"),
-    ("--gpus-per-node", int, "GPUs per node = tasks per node (default 8; 0 = CPU-only, see --tasks-per-node)"),
+    ("--gpus-per-node", str, "[TYPE:]COUNT GPUs per node = tasks per node (default 8; 0 = CPU-only job)"),
     ("--tasks-per-node", int, "ranks per node of a CPU-only job (--gpus-per-node 0; default 1)"),
     ("--cpus-per-task", int, "CPUs per rank (default data.num_workers + 1)"),
     ("--mem", str, "memory per node, e.g. 400G"),

@@ -44,7 +44,7 @@ class JobOptions:
     """The sbatch side of a submission (CLI options of `pretrain submit`)."""
 
     nodes: int = 1
-    gpus_per_node: int = 8
+    gpus_per_node: str = "8"  # [TYPE:]COUNT; "0" = a CPU-only job
     tasks_per_node: int | None = None  # CPU-only jobs (gpus_per_node == 0); else one task per GPU
     cpus_per_task: int | None = None  # None = data.num_workers + 1 (the loader workers and the rank itself)
     mem: str | None = None
@@ -62,16 +62,25 @@ class JobOptions:
     template: str = ""  # "" = slurm/train.sbatch of this checkout
 
 
+def gpu_count(gpus_per_node: str) -> int:
+    """GPUs per node from `--gpus-per-node [TYPE:]COUNT` (SLURM's own syntax, e.g. `a100:8`)."""
+    count = str(gpus_per_node).rpartition(":")[2]
+    if not count.isdigit():
+        raise SubmitError(f"--gpus-per-node {gpus_per_node!r}: expected [TYPE:]COUNT, e.g. 8 or a100:8")
+    return int(count)
+
+
 def tasks_per_node(opts: JobOptions) -> int:
     """One task per GPU; `--tasks-per-node` only on CPU-only jobs (`--gpus-per-node 0`, default 1)."""
-    if opts.gpus_per_node < 0 or opts.nodes < 1:
-        raise SubmitError(f"--nodes {opts.nodes} / --gpus-per-node {opts.gpus_per_node}: need nodes >= 1, gpus >= 0")
-    if opts.gpus_per_node == 0:
+    gpus = gpu_count(opts.gpus_per_node)
+    if opts.nodes < 1 or (opts.tasks_per_node is not None and opts.tasks_per_node < 1):
+        raise SubmitError(f"--nodes {opts.nodes} / --tasks-per-node {opts.tasks_per_node}: must be >= 1")
+    if gpus == 0:
         return opts.tasks_per_node or 1
-    if opts.tasks_per_node not in (None, opts.gpus_per_node):
+    if opts.tasks_per_node not in (None, gpus):
         raise SubmitError(f"--tasks-per-node {opts.tasks_per_node} with --gpus-per-node {opts.gpus_per_node}: "
                           "jobs run one task per GPU; --tasks-per-node is for CPU-only jobs (--gpus-per-node 0)")
-    return opts.gpus_per_node
+    return gpus
 
 
 def time_limit_s(limit: str) -> int | None:
@@ -91,8 +100,8 @@ def time_limit_s(limit: str) -> int | None:
 
 def sbatch_lines(opts: JobOptions) -> list[str]:
     """The optional `#SBATCH` lines (only options that were given)."""
-    pairs = [("gpus-per-node", opts.gpus_per_node or None), ("mem", opts.mem), ("time", opts.time),
-             ("partition", opts.partition), ("account", opts.account), ("qos", opts.qos),
+    pairs = [("gpus-per-node", opts.gpus_per_node if gpu_count(opts.gpus_per_node) else None), ("mem", opts.mem),
+             ("time", opts.time), ("partition", opts.partition), ("account", opts.account), ("qos", opts.qos),
              ("constraint", opts.constraint), ("exclude", opts.exclude)]
     for item in opts.sbatch_args:
         key, eq, value = item.partition("=")
@@ -228,6 +237,7 @@ def summary(run_dir: Path, job_ids: list[str]) -> str:
     """What to tell the user after a submission: the job ids, the log and how to follow the run."""
     chained = f" (each after the previous one ends: {' -> '.join(job_ids)})" if len(job_ids) > 1 else ""
     log = run_dir / "slurm" / f"{job_ids[0]}.log"
-    return "\n".join([f"submitted job {', '.join(job_ids)}{chained}", f"log:    {log}",
+    others = f" (one log per job, {run_dir / 'slurm'}/<job id>.log)" if len(job_ids) > 1 else ""
+    return "\n".join([f"submitted job {', '.join(job_ids)}{chained}", f"log:    {log}{others}",
                       f"follow: tail -f {shlex.quote(str(log))}",
                       f"status: pretrain status {shlex.quote(str(run_dir))}"])

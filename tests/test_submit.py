@@ -61,12 +61,12 @@ def _status(run: Path, env: dict) -> dict:
 
 def test_dry_run_renders_a_valid_script_and_writes_nothing(tmp_path):
     out = _pretrain("submit", "train", DEBUG, f"output_dir={tmp_path}/run", "train.max_steps=7", "--nodes", "2",
-                    "--gpus-per-node", "4", "--time", "1-00:00:00", "--signal-grace", "240", "--partition", "gpu",
+                    "--gpus-per-node", "h100:4", "--time", "1-00:00:00", "--signal-grace", "240", "--partition", "gpu",
                     "--sbatch-arg", "exclusive", "--sbatch-arg", "comment=a b", "--chain", "2", "--dependency",
                     "afterok:41", "--max-requeues", "5", "--dry-run")
     assert out.returncode == 0, out.stderr
     script, _, commands = out.stdout.rpartition("\n\n")
-    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=h100:4",
                  "#SBATCH --signal=B:USR1@240", "#SBATCH --requeue", "#SBATCH --open-mode=append",
                  f"#SBATCH --output={tmp_path}/run/slurm/%j.log", f"#SBATCH --chdir={ROOT}",
                  "#SBATCH --time=1-00:00:00", "#SBATCH --partition=gpu", "#SBATCH --exclusive",
@@ -87,6 +87,7 @@ def test_dry_run_renders_a_valid_script_and_writes_nothing(tmp_path):
     (["--gpus-per-node", "4", "--tasks-per-node", "2"], "--tasks-per-node is for CPU-only jobs"),
     (["--time", "3", "--signal-grace", "150"], "leave no time to train within --time 3 (180 s)"),
     (["--time", "3h"], "--time '3h': expected minutes"),
+    (["--gpus-per-node", "h100"], "--gpus-per-node 'h100': expected [TYPE:]COUNT"),
     (["engine.ep_size=2", "--gpus-per-node", "0", "--tasks-per-node", "3"], "does not divide the job's 3 ranks"),
     (["--sbatch-arg", "=x"], "--sbatch-arg '=x': expected KEY=VALUE"),
 ])
@@ -284,9 +285,11 @@ def test_rejections_queue_nothing_and_a_crash_is_not_requeued(slurm, shards, tmp
     assert queued(env) == before and not (run / "slurm" / "jobs.jsonl").exists()
     assert not list((run / "slurm").glob(".submit-*"))
     # config validation does not look for shards: a wrong data.root is found on the node, and that is no preemption
-    out = _submit(run, tmp_path / "nowhere", env=env)
+    out = _submit(run, tmp_path / "nowhere", "--sbatch-arg", "comment=two words", env=env)
     assert out.returncode == 0, out.stderr
     (job,) = _job_ids(run)
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    assert "Comment=two words " in shown  # a quoted `#SBATCH` value stays whole
     final = _ended(env, job)
     log = (run / "slurm" / f"{job}.log").read_text()
     assert final["JobState"] == "FAILED" and final["Restarts"] == "0" and final["ExitCode"] == "2:0", log[-3000:]
@@ -332,3 +335,16 @@ def test_time_limit_checkpoints_and_requeues(slurm, shards, tmp_path):
     assert [(a["rc"], a["action"]) for a in read_jsonl(run / "slurm" / "attempts.jsonl")] == [(75, "requeued")]
     subprocess.run(["scancel", job], env=env, check=True, timeout=30)
     assert _ended(env, job)["JobState"] == "CANCELLED"
+
+
+def test_job_script_fails_fast_when_the_master_host_does_not_resolve(slurm, tmp_path):
+    """The rendered script itself, run by bash with an allocation whose first host does not exist."""
+    out = _pretrain("submit", "train", DEBUG, f"output_dir={tmp_path}", "--gpus-per-node", "0", "--dry-run")
+    script = tmp_path / "job.sh"
+    script.write_text(out.stdout.rpartition("\n\n")[0])
+    (tmp_path / "slurm").mkdir()
+    env = {**_env(slurm), "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "nosuch-x[01-02]"}
+    job = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert job.returncode == 1 and "cannot resolve MASTER_ADDR='nosuch-x01'" in job.stderr, job.stderr
+    assert "srun" not in job.stdout + job.stderr
+    assert [(a["rc"], a["action"]) for a in read_jsonl(tmp_path / "slurm" / "attempts.jsonl")] == [(1, "ended")]
