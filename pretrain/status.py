@@ -22,13 +22,13 @@ TAG_RE = re.compile(r"step_(\d{8})$")
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
           "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"}
 JOB_FIELDS = ("JobState", "Reason", "Restarts", "ExitCode", "RunTime", "TimeLimit", "StartTime", "NodeList")
-EXIT_VERDICTS = {0: "stopped", 3: "aborted", 75: "stopped"}  # pretrain.signals: EXIT_ABORT, EXIT_REQUEUE
+EXIT_VERDICTS = {0: "stopped", 3: "aborted", 75: "preempted"}  # pretrain.signals: EXIT_ABORT, EXIT_REQUEUE
 ATTEMPT_HEADER = re.compile(r"^=== pretrain: job \d+ attempt \d+ \(", re.MULTILINE)  # slurm/train.sbatch
 RUN_START = re.compile(r"training steps \d+ → \d+")  # pretrain/train.py's first line of every run (rank logs)
 LOG_MARKERS = (("aborting:", "aborted"), ("stopped by signal", "preempted"), ("run already complete", "finished"))
 # the error lines worth showing, best first: what the run said (a Python exception, a `pretrain` one-liner), then
 # what srun or the job script said about it
-ERROR_RES = (re.compile(r"^(\w*(Error|Exception)\b.*|pretrain \w+: error: .*)$"),
+ERROR_RES = (re.compile(r"^([\w.]*(Error|Exception)(:.*)?|pretrain \w+: error: .*)$"),
              re.compile(r"^(srun|slurmstepd\S*|pretrain): error: .*$"))
 
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import load_config, save_resolved
+from pretrain.config import RunConfig, load_config, save_resolved
 from pretrain.status import ACTIVE, latest_checkpoint, read_jsonl, slurm_jobs
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
@@ -166,7 +166,7 @@ def sbatch(script: Path, dependency: str | None) -> tuple[str, list[str]]:
 
 
 def prepare(subcommand: str, config: str, overrides: list[str], opts: JobOptions, *, chain: int = 1,
-            force: bool = False):
+            force: bool = False) -> tuple[RunConfig, Path, str]:
     """Validate everything a submission needs; returns (resolved config, absolute run dir, rendered script).
 
     Raises ConfigError / SubmitError; writes nothing.
@@ -219,8 +219,10 @@ def submit(subcommand: str, config: str, overrides: list[str], opts: JobOptions,
         pending.write_text(script)
         try:
             job_id, cmd = sbatch(pending, dependency)
-        except SubmitError:
+        except SubmitError as exc:
             pending.unlink()
+            if job_ids:
+                raise SubmitError(f"{exc} (already queued: job {', '.join(job_ids)})") from None
             raise
         final = slurm_dir / f"{job_id}.sbatch"
         pending.replace(final)  # sbatch has sent the script's text to slurmctld; requeues use that copy

@@ -153,7 +153,9 @@ def wait_for(check: Callable[[], object], timeout: float, what: str, every: floa
 
 def start_now(env: dict, job_id: str) -> None:
     """A requeued job waits ~120 s (Reason=BeginTime) before it is eligible again; make it eligible now."""
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, capture_output=True)
+    out = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, f"scontrol update JobId={job_id} StartTime=now: {out.stderr.strip()}"
 
 
 def job_state(env: dict, job_id: str) -> str | None:
