@@ -8,7 +8,9 @@ layout) is one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -127,7 +129,7 @@ def _import_modsquad(args: argparse.Namespace) -> int:
 
     try:
         task_map = parse_task_map(args.tasks, TASKS) if args.tasks else None
-        vit = build_backbone(cfg)
+        vit = build_backbone(cfg.model, cfg.moe)
         report = import_modsquad(vit, args.checkpoint, task_map=task_map)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -136,6 +138,50 @@ def _import_modsquad(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(out), "ignored": len(report["ignored"]), "dropped": len(report["dropped"])}))
     return 0
 
+
+def _submit(args: argparse.Namespace) -> int:
+    from pretrain.submit import JobOptions, SubmitError, submit, summary
+
+    names = [f.name for f in fields(JobOptions)]
+    opts = JobOptions(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    try:
+        run_dir, job_ids = submit(args.subcommand, args.config, args.overrides, opts, chain=args.chain,
+                                  dependency=args.dependency, dry_run=args.dry_run, force=args.force,
+                                  argv=sys.argv)
+    except SubmitError as exc:
+        raise UserError(str(exc)) from None
+    if job_ids:
+        print(summary(run_dir, job_ids))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pretrain.status import collect, format_report
+
+    if not Path(args.run_dir).is_dir():
+        raise UserError(f"{args.run_dir} is not a directory")
+    report = collect(args.run_dir)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+
+# `pretrain submit` options: (flag, type, help); defaults live in pretrain.submit.JobOptions
+SUBMIT_OPTIONS = [
+    ("--nodes", int, "nodes (default 1)"),
+    ("--gpus-per-node", str, "[TYPE:]COUNT GPUs per node = tasks per node (default 8; 0 = CPU-only job)"),
+    ("--tasks-per-node", int, "ranks per node of a CPU-only job (--gpus-per-node 0; default 1)"),
+    ("--cpus-per-task", int, "CPUs per rank (default data.num_workers + 1)"),
+    ("--mem", str, "memory per node, e.g. 400G"),
+    ("--time", str, "time limit per attempt, e.g. 24:00:00 (default: the partition's)"),
+    ("--partition", str, None), ("--account", str, None), ("--qos", str, None), ("--constraint", str, None),
+    ("--exclude", str, "nodes to avoid"),
+    ("--job-name", str, "default <subcommand>-<output_dir name>"),
+    ("--signal-grace", int, "seconds before the time limit that USR1 asks for a checkpoint (default 300)"),
+    ("--max-requeues", int, "requeue at most this many times (default 20)"),
+    ("--python", str, "interpreter command the job runs `-m pretrain` with (default: this one)"),
+    ("--template", str, "job script template (default slurm/train.sbatch)"),
+]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
@@ -200,6 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: identity; required when the task counts differ)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.set_defaults(func=_import_modsquad)
+    p = sub.add_parser("submit", help="submit a requeueable SLURM job (slurm/train.sbatch) for a config")
+    p.add_argument("subcommand", choices=["train", "finetune"], help="what the job runs")
+    p.add_argument("config", help="YAML overlay; validated and frozen into output_dir/config.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    for flag, kind, text in SUBMIT_OPTIONS:
+        p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--sbatch-arg", dest="sbatch_args", action="append", metavar="KEY=VALUE",
+                   help="any other sbatch option, written as `#SBATCH --KEY=VALUE` (repeatable)")
+    p.add_argument("--dependency", help="sbatch --dependency of the (first) job, e.g. afterok:123")
+    p.add_argument("--chain", type=int, default=1, help="submit N jobs, each after the previous one ends")
+    p.add_argument("--force", action="store_true", help="submit even if the run dir is finished or has a live job")
+    p.add_argument("--dry-run", action="store_true", help="print the job script and the sbatch command only")
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("status", help="where is my run: checkpoint, metrics, speed/ETA, SLURM jobs, verdict")
+    p.add_argument("run_dir", help="the run's output_dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_status)
     return parser
 
 

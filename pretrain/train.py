@@ -149,6 +149,13 @@ def main(cfg: RunConfig, dry_run: bool = False) -> int:
     dist.export(info)
     run_dir = Path(cfg.output_dir)
     setup_logging(info.rank, log_file=None if dry_run else run_dir / "logs" / f"rank{info.rank}.log")
+    # a chained SLURM job (`pretrain submit --chain N`) that starts after the run reached max_steps has nothing to do
+    latest = None if dry_run else checkpoint.read_latest(run_dir / "checkpoints")
+    done = checkpoint.TAG_RE.match(latest or "")
+    if done and int(done.group(1)) >= cfg.train.max_steps:
+        logger.info("run already complete: %s is at step %d >= train.max_steps=%d", run_dir / "checkpoints" / latest,
+                    int(done.group(1)), cfg.train.max_steps)
+        return 0
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     spec = check_shards(cfg.data, cfg.tasks)  # validates every shard set before anything heavy starts
