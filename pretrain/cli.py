@@ -68,17 +68,6 @@ def _finetune(args: argparse.Namespace) -> int:
     return finetune_main(cfg, dry_run=args.dry_run)
 
 
-def _is_finetune_config(path: Path) -> bool:
-    """A fine-tuning config has a top-level `finetune:` section (pretraining configs never do)."""
-    from omegaconf import OmegaConf
-
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception:  # a broken file: load_config reports it with its line number
-        return False
-    return hasattr(loaded, "keys") and "finetune" in loaded.keys()
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
 
@@ -88,9 +77,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not (target / "config.yaml").is_file():
             raise UserError(f"{target} is not a run directory: no config.yaml in it")
         target, overrides = target / "config.yaml", [f"output_dir={target}", *overrides]
-    if _is_finetune_config(target):
-        from pretrain.finetune.config import FinetuneConfig
+    from pretrain.config import schema_of_file
+    from pretrain.finetune.config import FinetuneConfig  # registers the fine-tuning schema
 
+    if schema_of_file(target) is FinetuneConfig:
         cfg = load_config(target, overrides, schema=FinetuneConfig)
         from pretrain.finetune.evaluate import main as finetune_evaluate
 
@@ -140,6 +130,7 @@ def _import_modsquad(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    import pretrain.finetune.config  # noqa: F401  (registers the fine-tuning schema for `submit finetune`)
     from pretrain.submit import JobOptions, SubmitError, submit, summary
 
     names = [f.name for f in fields(JobOptions)]
@@ -156,6 +147,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    import pretrain.finetune.config  # noqa: F401  (registers the fine-tuning schema: status reads its runs too)
     from pretrain.status import collect, format_report
 
     if not Path(args.run_dir).is_dir():

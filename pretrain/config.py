@@ -331,6 +331,19 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 VALIDATORS: dict[type, Any] = {RunConfig: _check_run}
+# command → the schema of its config. A stage registers itself here (`pretrain/finetune/config.py` adds "finetune"),
+# so the core can load any run's config without importing the stage; its configs carry a top-level section of the
+# same name (`finetune:`), which is how a file's schema is recognised.
+SCHEMAS: dict[str, type] = {"train": RunConfig}
+
+
+def schema_of_file(path: str | Path) -> type:
+    """The registered schema a config file is written for (a `finetune:` section → fine-tuning), else RunConfig."""
+    try:
+        keys = set(OmegaConf.load(path).keys())
+    except Exception:  # unreadable or broken: load_config reports it properly, with its line number
+        return RunConfig
+    return next((schema for name, schema in SCHEMAS.items() if name != "train" and name in keys), RunConfig)
 
 
 def to_yaml(cfg: Any) -> str:

@@ -64,10 +64,11 @@ def latest_checkpoint(run_dir: Path) -> dict | None:
 
 def max_steps(run_dir: Path) -> int | None:
     """train.max_steps of the run's resolved config.yaml, or None when it is missing or unreadable."""
-    from pretrain.config import load_config
+    from pretrain.config import load_config, schema_of_file
 
     try:
-        return load_config(run_dir / "config.yaml").train.max_steps
+        path = run_dir / "config.yaml"
+        return load_config(path, schema=schema_of_file(path)).train.max_steps
     except Exception:  # ConfigError, OSError, or whatever a torn or foreign file raises: never crash status
         return None
 

@@ -20,12 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import RunConfig, load_config, save_resolved
+from pretrain.config import SCHEMAS, load_config, save_resolved
 from pretrain.status import ACTIVE, latest_checkpoint, read_jsonl, slurm_jobs
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
-# subcommand -> the config loader that validates its config; `finetune` joins once `pretrain finetune` exists
-VALIDATORS = {"train": load_config}
 
 
 class SubmitError(ValueError):
@@ -166,14 +164,14 @@ def sbatch(script: Path, dependency: str | None) -> tuple[str, list[str]]:
 
 
 def prepare(subcommand: str, config: str, overrides: list[str], opts: JobOptions, *, chain: int = 1,
-            force: bool = False) -> tuple[RunConfig, Path, str]:
+            force: bool = False) -> tuple[object, Path, str]:
     """Validate everything a submission needs; returns (resolved config, absolute run dir, rendered script).
 
     Raises ConfigError / SubmitError; writes nothing.
     """
-    if subcommand not in VALIDATORS:
+    if subcommand not in SCHEMAS:
         raise SubmitError(f"`pretrain {subcommand}` does not exist in this version: nothing submitted")
-    cfg = VALIDATORS[subcommand](config, overrides)
+    cfg = load_config(config, overrides, schema=SCHEMAS[subcommand])
     run_dir = Path(os.path.abspath(cfg.output_dir))
     ranks = opts.nodes * tasks_per_node(opts)
     if ranks % cfg.engine.ep_size:

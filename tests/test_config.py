@@ -8,7 +8,7 @@ import pytest
 from harness import run
 from omegaconf import OmegaConf
 
-from pretrain.config import ConfigError, RunConfig, load_config, save_resolved, to_yaml
+from pretrain.config import ConfigError, RunConfig, load_config, save_resolved, schema_of_file, to_yaml
 from pretrain.finetune.config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,9 @@ IDS = [str(p.relative_to(ROOT)) for p in CONFIGS]
 
 def schema_of(path: Path) -> type:
     """Fine-tuning overlays have a top-level `finetune:` section (what `pretrain evaluate` dispatches on)."""
-    return FinetuneConfig if "finetune" in OmegaConf.load(path) else RunConfig
+    schema = schema_of_file(path)
+    assert schema is (FinetuneConfig if "finetune" in OmegaConf.load(path) else RunConfig)
+    return schema
 
 
 def _leaves(node, prefix=""):

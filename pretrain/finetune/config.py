@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pretrain.config import (
+    SCHEMAS,
     VALIDATORS,
     EngineConfig,
     EvalConfig,
@@ -129,6 +130,7 @@ def _check(cfg: FinetuneConfig) -> None:
 
 
 VALIDATORS[FinetuneConfig] = _check
+SCHEMAS["finetune"] = FinetuneConfig
 
 
 def enabled_dense_tasks(cfg: FinetuneConfig) -> list[str]:
