@@ -8,10 +8,15 @@ import pytest
 import torch
 
 from pretrain.config import load_config
-from pretrain.models import build_backbone
+from pretrain.models import build_backbone as build_backbone_from_sections
 from pretrain.models.moe import MoEMlp, init_experts_
 from pretrain.models.moe_attention import MoEAttention
 from pretrain.models.moe_losses import collect_aux_losses, pop_routing_counts
+
+
+def build_backbone(cfg, **kwargs):
+    """The backbone of a run config (the builder takes the config's model and moe sections)."""
+    return build_backbone_from_sections(cfg.model, cfg.moe, **kwargs)
 
 D, H, E, K, T, N = 12, 16, 4, 2, 3, 6
 

@@ -11,9 +11,14 @@ from safetensors.torch import load_file
 
 from pretrain.cli import main as cli_main
 from pretrain.config import load_config
-from pretrain.models import build_backbone
+from pretrain.models import build_backbone as build_backbone_from_sections
 from pretrain.models.heads.cls import ClsHead
 from pretrain.models.modsquad import import_modsquad, parse_task_map
+
+
+def build_backbone(cfg, **kwargs):
+    """The backbone of a run config (the builder takes the config's model and moe sections)."""
+    return build_backbone_from_sections(cfg.model, cfg.moe, **kwargs)
 
 SMALL = {"dim": 128, "depth": 4, "heads": 4, "head_dim": 64, "tasks": 3, "attn_experts": 6, "mlp_experts": 4,
          "mlp_top_k": 2, "mlp_hidden": 256, "patch": 8, "img": 64}

@@ -8,9 +8,15 @@ import torch
 from torch import nn
 
 from pretrain.config import TASKS, RunConfig
-from pretrain.models import BACKBONE_SIZES, build_backbone
+from pretrain.models import BACKBONE_SIZES
+from pretrain.models import build_backbone as build_backbone_from_sections
 from pretrain.models.moe import MoEMlp
 from pretrain.models.vit import VisionTransformer, moe_layout, take_indices
+
+
+def build_backbone(cfg, **kwargs):
+    """The backbone of a run config (the builder takes the config's model and moe sections)."""
+    return build_backbone_from_sections(cfg.model, cfg.moe, **kwargs)
 
 TIMM_NAMES = {"vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224"}
 
