@@ -131,20 +131,30 @@ def extract_submodel(full: PortableModel, tasks: list[str], *, rule: str = "mods
         usage, source = {n: m.usage_TE.detach().double() for n, m in layers.items()}, "ema"
     kept = choose_experts(usage, {n: m.top_k for n, m in layers.items()}, rows, rule, thresh=thresh, keep=keep,
                           mass=mass)
+    rule_meta = {"name": rule, "thresh": thresh, "keep": keep, "mass": mass, "usage": source,
+                 "calibrate": calibrate or [], "calibrate_images": calibrate_images if calibrate else 0}
+    sub = make_submodel(full, tasks, kept, exact_routing=exact_routing, rule=rule_meta)
+    return Extraction(full=full, sub=sub, tasks=tasks, usage=usage, usage_source=source, kept=kept)
+
+
+def make_submodel(full: PortableModel, tasks: list[str], kept: dict[str, list[int]], *, exact_routing: bool,
+                  rule: dict | None = None) -> PortableModel:
+    """The submodel of `full` keeping experts `kept[layer]` (global ids) and the heads, router rows and
+    task-embedding rows of `tasks`, with its file metadata (eval mode)."""
+    layers = routed_layers(full.model)
     model_cfg, moe_cfg, table = config_sections("metadata", full.meta)
     num_classes = {t: full.meta["num_classes"][t] for t in tasks}
     sub = build_submodel(model=model_cfg, moe=moe_cfg, tasks=table, task_names=tasks, num_classes=num_classes,
                          kept=kept, exact_routing=exact_routing)
     dtype = next(full.model.parameters()).dtype
+    rows = [full.model.task_ids[t] for t in tasks]
     sub.to(dtype).load_state_dict(slice_state(full.model.state_dict(), sub, task_rows=rows, kept=kept))
     meta = {**{k: v for k, v in full.meta.items() if k not in ("format", "format_version", "kind")},
             "task_names": tasks, "task_ids": sub.task_ids, "num_classes": num_classes,
             "classes": {t: c for t, c in full.meta.get("classes", {}).items() if t in tasks}, "kept": kept,
             "num_experts_full": {n: m.num_experts for n, m in layers.items()}, "exact_routing": exact_routing,
-            "rule": {"name": rule, "thresh": thresh, "keep": keep, "mass": mass, "usage": source,
-                     "calibrate": calibrate or [], "calibrate_images": calibrate_images if calibrate else 0}}
-    return Extraction(full=full, sub=PortableModel(sub, meta).eval(), tasks=tasks, usage=usage, usage_source=source,
-                      kept=kept)
+            "rule": rule or {}}
+    return PortableModel(sub, meta).eval()
 
 
 def save_submodel(extraction: Extraction, out: str | Path) -> Path:
