@@ -14,6 +14,7 @@ import json
 import logging
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,9 @@ def evaluate_pair(extraction: Extraction, task: str, *, data_root: str, eval_ima
     if not (val_dir / "_info.json").is_file():
         raise FileNotFoundError(f"no val shards for {task} at {val_dir}: pass --data-root, or --eval-images 0 to skip "
                                 "the metric")
+    # evaluate_task stops after the batch that reaches max_samples: a batch size dividing it sees exactly that many
+    batch = max(d for d in range(1, table[task].eval_batch_size + 1) if eval_images % d == 0)
+    table = {**table, task: replace(table[task], eval_batch_size=batch)}
     cfg = RunConfig(data=DataConfig(root=data_root), tasks=table, eval=EvalConfig(max_samples=eval_images,
                                                                                     num_workers=0))
     info = dist.DistInfo(rank=0, world_size=1, local_rank=0, master_addr="", master_port=0, launcher="single")
