@@ -12,7 +12,7 @@ files (`pretrain.load_model` / `pretrain.load_submodel`), as a user would.
   loads the file and runs one batch-1 forward, minus its RSS before loading. tracemalloc does not see torch's
   allocator, and `ru_maxrss` keeps the peak of the imports;
 - latency: `harness.interleaved` (full and submodel alternate, order reversed every other round), batch 1 and 32,
-  eval mode, no_grad; medians of per-round paired ratios.
+  eval mode, no_grad; medians of per-round paired ratios of wall time and of this process's CPU time.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,14 +122,23 @@ def main() -> None:
                 continue
             x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
 
-            def run(m, x=x):
+            cpu: dict[str, list[float]] = {"full": [], "sub": []}
+
+            def run(name, m, x=x, cpu=cpu):
+                t0 = time.process_time()
                 with torch.no_grad():
                     m("cls", x)
+                cpu[name].append(time.process_time() - t0)
 
-            res = interleaved({"full": lambda: run(full), "sub": lambda: run(sub)}, baseline="full", rounds=rounds)
+            res = interleaved({"full": lambda: run("full", full), "sub": lambda: run("sub", sub)}, baseline="full",
+                              rounds=rounds)
             report(f"batch {batch}", res)
+            # CPU seconds of this process per forward (warm-up dropped): less sensitive to other processes than
+            # wall time on an oversubscribed machine, and equal to the work done with 1 thread
+            cpu_ratio = statistics.median(s / f for f, s in zip(cpu["full"][1:], cpu["sub"][1:]))
             out[f"latency_b{batch}"] = {"ms": res["ms"], "ratio": res["ratio"]["sub"], "clean": res["clean_rounds"],
-                                        "rounds": rounds, "other_load": res["other_load"]}
+                                        "rounds": rounds, "other_load": res["other_load"], "cpu_time_ratio": cpu_ratio}
+            print(f"  CPU-time ratio sub/full: {cpu_ratio:.3f}")
     p = out["params"]
     out["moe_param_ratio"] = p["sub"]["moe_layers"] / p["full"]["moe_layers"]
     out["seconds"] = time.time() - t0

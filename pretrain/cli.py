@@ -122,7 +122,7 @@ def _add_export_extract(sub) -> None:
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a RUN_DIR (default: latest)")
     p.add_argument("--data-root", default=None, help="shard root for the val metric (default: the run's data.root)")
     p.add_argument("--eval-images", type=int, default=64, help="val images per task for the metric (0 = skip)")
-    p.add_argument("--latency-runs", type=int, default=3)
+    p.add_argument("--latency-runs", type=int, default=5, help="paired timed runs per batch size")
     p.add_argument("--latency-batches", default="1,32", help="comma-separated batch sizes for the latency")
     p.add_argument("--no-report", action="store_true", help="write the submodel only")
     p.set_defaults(func=_extract)

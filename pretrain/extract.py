@@ -163,7 +163,7 @@ def save_submodel(extraction: Extraction, out: str | Path) -> Path:
 
 
 def main(source: str, tasks: list[str], out: str, *, step: int | None = None, data_root: str | None = None,
-         report: bool = True, eval_images: int = 64, latency_runs: int = 3, latency_batches: tuple[int, ...] = (1, 32),
+         report: bool = True, eval_images: int = 64, latency_runs: int = 5, latency_batches: tuple[int, ...] = (1, 32),
          **rule_args) -> dict:
     """`pretrain extract`: build, save, and (unless `report=False`) write `NAME.report.json` / `.png` and print the
     comparison table. Returns the report (or the kept experts without a report)."""

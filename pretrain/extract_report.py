@@ -52,7 +52,8 @@ def flops_per_image(model: nn.Module, task: str, size: int) -> int:
 @torch.no_grad()
 def paired_latency_ms(models: dict[str, nn.Module], task: str, size: int, batch: int, runs: int) -> dict[str, float]:
     """Median ms per forward of each model, the models alternating every run (order reversed every other run) so
-    that load changes on a shared machine hit both alike; one warm-up forward each."""
+    that load changes on a shared machine hit both alike, one warm-up forward each; `paired_ratio`: the median over
+    runs of time[last model] / time[first model] (steadier than the ratio of the medians)."""
     images, times = _images(batch, size), {name: [] for name in models}
     names = list(models)
     for name in names:
@@ -62,7 +63,8 @@ def paired_latency_ms(models: dict[str, nn.Module], task: str, size: int, batch:
             t0 = time.perf_counter()
             models[name](task, images)
             times[name].append(1e3 * (time.perf_counter() - t0))
-    return {name: statistics.median(v) for name, v in times.items()}
+    paired = statistics.median(b / a for a, b in zip(times[names[0]], times[names[-1]]))
+    return {**{name: statistics.median(v) for name, v in times.items()}, "paired_ratio": paired}
 
 
 def _spec(task: str, meta: dict, val_dir: Path):
@@ -148,17 +150,18 @@ def _fmt(value: float) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """The printed comparison: one line per figure, full | submodel | ratio."""
-    lines = [f"{'':<34}{'full':>12}{'submodel':>12}{'ratio':>8}"]
+    lines = [f"{'':<34}{'full':>12}{'submodel':>12}{'ratio':>8}"]  # latency: median of paired ratios
 
-    def row(label: str, a: float, b: float) -> None:
-        lines.append(f"{label:<34}{_fmt(a):>12}{_fmt(b):>12}{(b / a if a else float('nan')):>8.3f}")
+    def row(label: str, a: float, b: float, ratio: float | None = None) -> None:
+        ratio = ratio if ratio is not None else (b / a if a else float("nan"))
+        lines.append(f"{label:<34}{_fmt(a):>12}{_fmt(b):>12}{ratio:>8.3f}")
 
     for part in ("total", "backbone", "moe_layers", "decoder", "heads"):
         row(f"params {part}", report["params"]["full"][part], report["params"]["sub"][part])
     for task, flops in report["flops_per_image"].items():
         row(f"{task} FLOPs/image", flops["full"], flops["sub"])
         for batch, ms in report["latency_ms"][task].items():
-            row(f"{task} latency ms ({batch})", ms["full"], ms["sub"])
+            row(f"{task} latency ms ({batch})", ms["full"], ms["sub"], ms["paired_ratio"])
         for key, value in report["metrics"].get(task, {}).get("full", {}).items():
             row(f"{task} {key} ({report['metrics'][task]['images']} val images)", value,
                 report["metrics"][task]["sub"][key])
