@@ -276,6 +276,22 @@ def test_deepspeed_backend_checkpoint_exports_to_the_native_layout(shards, tmp_p
     same_outputs(loaded, Direct(native), "seg", images())
 
 
+def test_load_backbone_from_a_run_directory_a_model_file_and_a_submodel_file(shards, tmp_path):
+    from pretrain import load_backbone
+
+    native = native_run(tmp_path / "run", shards)
+    assert cli_main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert cli_main(["extract", str(tmp_path / "m.safetensors"), "--task", "seg", "--out",
+                     str(tmp_path / "s.safetensors"), "--no-report", "--rule", "topn", "--keep", "8"]) == 0
+    want = native.backbone.state_dict()
+    for source in (tmp_path / "run", tmp_path / "m.safetensors"):
+        got = load_backbone(source).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(v, want[k]) for k, v in got.items())
+    sub = load_backbone(tmp_path / "s.safetensors")  # every expert kept: only the seg task's rows remain
+    assert torch.equal(sub.task_embed, want["task_embed"][2:3])
+    assert torch.equal(sub.blocks[1].mlp.router.weight, want["blocks.1.mlp.router.weight"][2:3])
+
+
 @pytest.mark.slow  # a fresh interpreter importing torch: ~30 s on the shared machine
 def test_files_load_without_deepspeed_or_a_process_group(shards, tmp_path):
     native_run(tmp_path / "run", shards)
