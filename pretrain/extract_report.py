@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 def param_parts(model: nn.Module) -> dict[str, int]:
     """`param_counts()` of a `MultiTaskModel` plus `moe_layers`: the routed layers' parameters (experts, routers)."""
-    moe = sum(p.numel() for m in routed_layers(model).values() for p in m.parameters())
-    return {**model.param_counts(), "moe_layers": moe}
+    # by id: with exact routing a layer's `full_routing` child is itself a routed layer
+    moe = {id(p): p.numel() for m in routed_layers(model).values() for p in m.parameters()}
+    return {**model.param_counts(), "moe_layers": sum(moe.values())}
 
 
 def _images(batch: int, size: int) -> torch.Tensor:
