@@ -175,6 +175,66 @@ SUBMIT_OPTIONS = [
     ("--template", str, "job script template (default slurm/train.sbatch)"),
 ]
 
+def _export(args: argparse.Namespace) -> int:
+    from pretrain.export import export_run
+    from pretrain.log import setup_logging
+
+    setup_logging()
+    try:
+        path = export_run(args.run_dir, args.out, step=args.step, dtype=args.dtype, data_root=args.data_root)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(str(exc)) from None
+    print(path)
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from pretrain.extract import main as extract_main
+    from pretrain.log import setup_logging
+
+    setup_logging()
+    rule = {"rule": args.rule, "thresh": args.thresh, "keep": args.keep, "mass": args.mass,
+            "calibrate": args.calibrate.split(",") if args.calibrate else None,
+            "calibrate_images": args.calibrate_images, "exact_routing": args.exact_routing}
+    try:
+        extract_main(args.source, args.task.split(","), args.out, step=args.step, data_root=args.data_root,
+                     report=not args.no_report, eval_images=args.eval_images, latency_runs=args.latency_runs,
+                     latency_batches=tuple(int(b) for b in args.latency_batches.split(",")), **rule)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise UserError(str(exc).strip("'\"")) from None
+    return 0
+
+
+def _add_export_extract(sub) -> None:
+    p = sub.add_parser("export", help="consolidate a run's checkpoint into one portable .safetensors model file")
+    p.add_argument("run_dir", help="RUN_DIR (its config.yaml and checkpoints/)")
+    p.add_argument("--out", required=True, help="FILE.safetensors")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: the training precision")
+    p.add_argument("--data-root", default=None, help="where the run's shards are now (class lists)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("extract", help="keep the experts some tasks use: a standalone submodel + report")
+    p.add_argument("source", help="RUN_DIR or a FILE.safetensors written by `pretrain export`")
+    p.add_argument("--task", required=True, help="task or comma-separated tasks (their experts' union is kept)")
+    p.add_argument("--out", required=True, help="NAME.safetensors (report: NAME.report.json/.png beside it)")
+    p.add_argument("--rule", choices=["modsquad", "topn", "mass"], default="modsquad")
+    p.add_argument("--thresh", type=float, default=3.0, help="modsquad: keep usage%% > thresh / k")
+    p.add_argument("--keep", type=int, default=0, help="topn: experts kept per layer (at least the layer's k)")
+    p.add_argument("--mass", type=float, default=0.9, help="mass: fraction of the task's usage kept")
+    p.add_argument("--calibrate", default=None, help="shard folder(s), one per task: usage = top-k counts there")
+    p.add_argument("--calibrate-images", type=int, default=64)
+    p.add_argument("--exact-routing", action="store_true",
+                   help="softmax over all E logits, top-k among the kept experts (default: softmax over kept only)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of a RUN_DIR (default: latest)")
+    p.add_argument("--data-root", default=None, help="shard root for the val metric (default: the run's data.root)")
+    p.add_argument("--eval-images", type=int, default=64, help="val images per task for the metric (0 = skip)")
+    p.add_argument("--latency-runs", type=int, default=5, help="paired timed runs per batch size")
+    p.add_argument("--latency-batches", default="1,32", help="comma-separated batch sizes for the latency")
+    p.add_argument("--no-report", action="store_true", help="write the submodel only")
+    p.set_defaults(func=_extract)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -256,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run's output_dir")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
+    _add_export_extract(sub)
     return parser
 
 
