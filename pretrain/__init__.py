@@ -8,7 +8,7 @@ torch and of side effects.
 __version__ = "0.1.0"
 
 _LAZY = {"load_model": "pretrain.portable", "load_backbone": "pretrain.portable",
-         "load_submodel": "pretrain.models.submodel"}
+         "load_submodel": "pretrain.portable"}
 
 
 def __getattr__(name: str):

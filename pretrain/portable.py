@@ -163,12 +163,36 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Portable
     return PortableModel(net, decoded).eval()
 
 
+def check_submodel_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Raise naming the file when its metadata lacks what `build_submodel` needs."""
+    for key in ("kept", "task_names", "num_classes", "exact_routing"):
+        if key not in meta:
+            raise ValueError(f"{path}: submodel metadata lacks {key!r}")
+
+
+def load_submodel(path: str | Path, device: str | torch.device = "cpu") -> PortableModel:
+    """Rebuild a `pretrain extract` file (no run directory, DeepSpeed or torch.distributed) in eval mode.
+
+    Returns a `PortableModel`: a single-task submodel answers `model(images_uint8_B3HW)`, a
+    multi-task one `model(images, task=...)`.
+    """
+    path = Path(path)
+    raw = read_meta(path, "submodel")
+    meta = decode_meta(raw)
+    check_submodel_meta(path, meta)
+    model_cfg, moe_cfg, tasks = config_sections(path, raw)
+    from pretrain.models.submodel import build_submodel
+
+    net = build_submodel(model=model_cfg, moe=moe_cfg, tasks=tasks, task_names=meta["task_names"],
+                         num_classes=meta["num_classes"], kept=meta["kept"], exact_routing=bool(meta["exact_routing"]))
+    load_state(path, net, DTYPES[meta["dtype"]], device)
+    return PortableModel(net, meta).eval()
+
+
 def load_any(path: str | Path, device: str | torch.device = "cpu") -> PortableModel:
     """A model or submodel file, whichever `path` holds."""
     kind = read_meta(path).get("kind")
     if kind == "submodel":
-        from pretrain.models.submodel import load_submodel
-
         return load_submodel(path, device)
     return load_model(path, device)
 

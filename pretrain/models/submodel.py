@@ -18,7 +18,6 @@ import dataclasses
 import inspect
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +29,6 @@ from pretrain.models.moe import MoEMlp, Routing, TaskRoutedLayer
 from pretrain.models.moe_attention import MoEAttention
 from pretrain.models.multitask import MultiTaskModel
 from pretrain.models.vit import VisionTransformer, moe_layout
-from pretrain.portable import DTYPES, PortableModel, config_sections, decode_meta, load_state, read_meta
 
 logger = logging.getLogger(__name__)
 
@@ -162,27 +160,3 @@ def slice_state(full_state: dict[str, Tensor], sub: MultiTaskModel, *, task_rows
             raise ValueError(f"submodel tensor {key}: sliced shape {tuple(value.shape)} != {tuple(target.shape)}")
         out[key] = value.clone()
     return out
-
-
-def check_submodel_meta(path: Path, meta: dict[str, Any]) -> None:
-    """Raise naming the file when its metadata lacks what `build_submodel` needs."""
-    for key in ("kept", "task_names", "num_classes", "exact_routing"):
-        if key not in meta:
-            raise ValueError(f"{path}: submodel metadata lacks {key!r}")
-
-
-def load_submodel(path: str | Path, device: str | torch.device = "cpu") -> PortableModel:
-    """Rebuild a `pretrain extract` file (no run directory, DeepSpeed or torch.distributed) in eval mode.
-
-    Returns a `PortableModel`: a single-task submodel answers `model(images_uint8_B3HW)`, a
-    multi-task one `model(images, task=...)`.
-    """
-    path = Path(path)
-    raw = read_meta(path, "submodel")
-    meta = decode_meta(raw)
-    check_submodel_meta(path, meta)
-    model_cfg, moe_cfg, tasks = config_sections(path, raw)
-    net = build_submodel(model=model_cfg, moe=moe_cfg, tasks=tasks, task_names=meta["task_names"],
-                         num_classes=meta["num_classes"], kept=meta["kept"], exact_routing=bool(meta["exact_routing"]))
-    load_state(path, net, DTYPES[meta["dtype"]], device)
-    return PortableModel(net, meta).eval()
