@@ -178,6 +178,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_RD: Tensor, counts: list[int]) -> Tensor:
         """x_RD [R, D] rows grouped by local expert, counts[e] rows each -> [R, D]."""
+        # the experts' GEMMs write into `out=` buffers, which autocast never casts: under CUDA autocast (the bf16
+        # detector path) LayerNorm hands fp32 activations to bf16 weights, so match the weights' dtype here
+        x_RD = x_RD.to(self.w1.dtype)
         h_RH = self.act(GroupedLinear.apply(x_RD, counts, self.w1, self.b1))
         return GroupedLinear.apply(h_RH, counts, self.w2, self.b2)
 

@@ -82,6 +82,7 @@ class MoEAttention(TaskRoutedLayer):
         counts = self.record_statistics(routing, task_B).tolist()
         order_R, inverse_R = sort_routes(routing.idx_SK)
         x_RD = x_BND.reshape(batch * tokens, dim).index_select(0, order_R // self.top_k)
+        x_RD = x_RD.to(self.heads.q_weight.dtype)  # `out=` GEMMs are never autocast (see GroupedExperts.forward)
         q_RH = GroupedLinear.apply(x_RD, counts, self.heads.q_weight, None)
         # slots back in token order: queries of image b are its N*K (token, head) slots
         q_B1QH = permute_rows(q_RH, inverse_R, order_R).view(batch, 1, tokens * self.top_k, self.head_dim)
@@ -89,7 +90,7 @@ class MoEAttention(TaskRoutedLayer):
         o_B1QH = F.scaled_dot_product_attention(
             q_B1QH, k_BNH.unsqueeze(1), v_BNH.unsqueeze(1),
             dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
-        o_RH = permute_rows(o_B1QH.reshape(-1, self.head_dim), order_R, inverse_R)
+        o_RH = permute_rows(o_B1QH.reshape(-1, self.head_dim), order_R, inverse_R).to(self.heads.o_weight.dtype)
         y_RD = GroupedLinear.apply(o_RH, counts, self.heads.o_weight, None)
         y_SD = combine_slots(y_RD, inverse_R, order_R, routing.gates_SK)
         return self.proj_drop(y_SD.view(batch, tokens, dim))

@@ -198,7 +198,8 @@ class VisionTransformer(nn.Module):
         pos = resample_abs_pos_embed(self.pos_embed, new_size=(h, w), old_size=self.patch_embed.grid_size,
                                      num_prefix_tokens=self.num_prefix_tokens)
         x_BND = torch.cat([self.cls_token.expand(B, -1, -1), x_BhwD.reshape(B, h * w, D)], dim=1)
-        return x_BND + pos, (h, w)
+        # timm releases differ in whether the resampled embedding keeps the weights' dtype (bf16 under DeepSpeed)
+        return x_BND + pos.to(x_BND.dtype), (h, w)
 
     def _check_task(self, x: Tensor, task_B: Tensor) -> None:
         if task_B.dtype != torch.long or task_B.shape != (x.shape[0],):
