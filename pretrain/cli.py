@@ -51,6 +51,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
+    from pretrain.signals import stop_flag
+
+    stop_flag()  # SIGUSR1/SIGTERM from here on ask for a checkpoint and exit 75 instead of killing the rank
 
     cfg = load_config(args.config, args.overrides)  # config errors surface before the heavy imports
     from pretrain.train import main as train_main
@@ -60,6 +63,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
+    from pretrain.signals import stop_flag
+
+    stop_flag()  # SIGUSR1/SIGTERM from here on ask for a checkpoint and exit 75 instead of killing the rank
     from pretrain.finetune.config import FinetuneConfig
 
     cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)  # errors surface before heavy imports

@@ -22,7 +22,7 @@ from pretrain.loop import LossWindow, NonFiniteGuard, TaskTimer, agree, clock, s
 from pretrain.models.moe_losses import collect_aux_losses, moe_modules, pop_routing_counts
 from pretrain.routing_stats import routing_metrics
 from pretrain.runs import build_run_model
-from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE, StopFlag
+from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE, stop_flag
 from pretrain.tracking import Tracker, wandb_mode
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,9 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
                stream_state: dict | None) -> int:
     run_dir, tasks, accum = Path(cfg.output_dir), enabled_tasks(cfg.tasks), cfg.engine.grad_accum
     sampler = build_sampler(cfg.data, cfg.tasks, spec, seed=cfg.seed)
-    mixed = build_stream(cfg.data, cfg.tasks, spec, info, seed=cfg.seed, start_micro_step=start_step * accum,
+    # loaders restart at periodic checkpoints only; a resume from a signal checkpoint replays from the last restart
+    start_micro = stream_state.get("start_step", stream_state["step"]) if stream_state else start_step * accum
+    mixed = build_stream(cfg.data, cfg.tasks, spec, info, seed=cfg.seed, start_micro_step=start_micro,
                          sampler=sampler)
     if stream_state:
         mixed.load_state_dict(stream_state)
@@ -50,7 +52,7 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
     writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_main)
     tracker = Tracker(run_dir=run_dir, mode=wandb_mode(cfg.logging.wandb), project=cfg.logging.project,
                       config=json.loads(json.dumps(cfg, default=vars)), enabled=info.is_main)
-    stop = StopFlag().install()
+    stop = stop_flag()  # installed by the CLI before the heavy imports (a signal during start-up is kept)
     window, timer, guard = LossWindow(), TaskTimer(tasks), NonFiniteGuard(cfg.train.max_bad_steps)
     counts = {name: torch.zeros_like(m.usage_TE) for name, m in moe_modules(model)}
     exit_code = 0
@@ -105,7 +107,8 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
         periodic = step % cfg.train.ckpt_every == 0 and step_ok  # never checkpoint inside a non-finite streak
         if periodic or step == cfg.train.max_steps or stopping:
             save(cfg, engine, mixed, step)
-            mixed.restart()  # batches after a checkpoint depend on (seed, step) only: resumed runs see the same
+        if periodic:
+            mixed.restart()  # batches after step s depend on (seed, s) only: every resume sees the same batches
         if stopping:
             logger.warning("stopped by signal after step %d; exit %d so the job is requeued", step, EXIT_REQUEUE)
             exit_code = EXIT_REQUEUE
