@@ -152,7 +152,12 @@ def wait_for(check: Callable[[], object], timeout: float, what: str, every: floa
 
 
 def start_now(env: dict, job_id: str) -> None:
-    """A requeued job waits ~120 s (Reason=BeginTime) before it is eligible again; make it eligible now."""
+    """A requeued job waits ~120 s (Reason=BeginTime) before it is eligible again; make it eligible now.
+
+    Not in the same second as the requeue: slurmd compares credential times in whole seconds, and a new attempt
+    whose credential dates from the second the previous one was revoked is killed ("Job credential revoked").
+    """
+    time.sleep(2)
     out = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 0, f"scontrol update JobId={job_id} StartTime=now: {out.stderr.strip()}"
