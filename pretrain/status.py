@@ -234,8 +234,10 @@ def format_report(report: dict) -> str:
     eta = f", ETA {_duration(sp['eta_s'])}" if sp["eta_s"] is not None and report["state"] != "finished" else ""
     lines.append(f"logged      step {sp['last_step'] if sp['last_step'] is not None else 'none'}; {rate}{eta}")
     for prefix, title in (("loss/", "losses"), ("eval/", "eval")):
-        items = [f"{k.removeprefix(prefix)} {_value(m['value'])} (step {m['step']})"
-                 for k, m in report["metrics"].items() if k.startswith(prefix)]
+        # one loss per task (their parts, e.g. loss/det/det_loss_box_reg, are in --json); every eval metric
+        shown = {k: m for k, m in sorted(report["metrics"].items())
+                 if k.startswith(prefix) and (prefix == "eval/" or k.count("/") == 1)}
+        items = [f"{k.removeprefix(prefix)} {_value(m['value'])} (step {m['step']})" for k, m in shown.items()]
         if items:
             lines.append(f"{title:<11} " + ", ".join(items))
     if report["jobs"] and not report["slurm_answered"]:
@@ -248,5 +250,6 @@ def format_report(report: dict) -> str:
         lines.append(f"job {job['job_id']:<7} {state}" + (f"; attempts: {tries}" if tries else ""))
     if report["log"]["error"]:
         lines.append(f"last error  {report['log']['error']}")
-    lines.append(f"log         tail -f {report['log']['path']}")
+    log = report["log"]["path"]
+    lines.append(f"log         tail -f {log}" if Path(log).is_file() else f"log         none yet ({log})")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -95,12 +96,27 @@ def start(d: Path) -> dict:
 
 
 def stop(d: Path, env: dict) -> None:
-    """Cancel every job, then stop slurmd and slurmctld (by their pid files; munged stays for other users)."""
+    """Cancel every job, then stop slurmd and slurmctld (by their pid files; munged stays for other users).
+
+    A slurmd told to stop while it is still killing a job's steps can stay behind: let the jobs end first (up to
+    KillWait, 30 s), and make sure each daemon is gone.
+    """
     subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True)
+    deadline = time.time() + 45
+    while time.time() < deadline and subprocess.run(["squeue", "-h"], env=env, capture_output=True).stdout.strip():
+        time.sleep(1)
     for pid_file in ("slurmd.pid", "slurmctld.pid"):
-        pid = d / pid_file
-        if pid.is_file():
-            subprocess.run(["kill", pid.read_text().strip()], capture_output=True)
+        if not (d / pid_file).is_file():
+            continue
+        pid = int((d / pid_file).read_text().strip())
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.time() + wait
+            while time.time() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.2)
 
 
 @pytest.fixture(scope="session", name="slurm")
@@ -150,7 +166,12 @@ def wait_for(check: Callable[[], object], timeout: float, what: str, every: floa
 
 
 def start_now(env: dict, job_id: str) -> None:
-    """A requeued job waits ~120 s (Reason=BeginTime) before it is eligible again; make it eligible now."""
+    """A requeued job waits ~120 s (Reason=BeginTime) before it is eligible again; make it eligible now.
+
+    Not in the same second as the requeue: slurmd compares credential times in whole seconds, and a new attempt
+    whose credential dates from the second the previous one was revoked is killed ("Job credential revoked").
+    """
+    time.sleep(2)
     out = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 0, f"scontrol update JobId={job_id} StartTime=now: {out.stderr.strip()}"
