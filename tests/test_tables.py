@@ -33,3 +33,13 @@ def test_choices_equal_the_tables_they_select_from():
     assert config.HEAD_CHOICES["cls"] == ORDERS
     shared = set(config.CHOICES) & set(ft_config.CHOICES)
     assert shared and all(config.CHOICES[k] == ft_config.CHOICES[k] for k in shared)
+
+
+def test_fine_tuning_choices_equal_their_tables():
+    from pretrain.data.dense import DENSE_DATASETS
+    from pretrain.models.decoders import DECODERS
+    from pretrain.models.dense import ROUTINGS
+
+    c = ft_config.CHOICES
+    assert c["data.dataset"] == tuple(DENSE_DATASETS) and c["finetune.decoder"] == tuple(DECODERS)
+    assert c["finetune.router_from"] == config.TASKS and c["finetune.routing"] == ROUTINGS

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pretrain.config import CHOICES as CORE_CHOICES
 from pretrain.config import (
     SCHEMAS,
     VALIDATORS,
@@ -92,20 +93,16 @@ class FinetuneConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+# the shared sections' choices are the core's (one list each); the fine-tuning sections add their own
 CHOICES = {
+    **{key: allowed for key, allowed in CORE_CHOICES.items() if key.split(".")[0] in ("moe", "engine", "logging",
+                                                                                      "optim", "model")},
     "data.dataset": ("nyud", "pascal_context"),
     "data.protocol": ("new", "old"),
     "finetune.router_from": ("cls", "det", "seg"),
     "finetune.routing": ("per_task", "shared"),
     "finetune.trainable": ("all", "decoder", "routers+decoder"),
     "finetune.decoder": ("heads", "mlore"),
-    "moe.placement": ("modsquad", "m3vit", "dense"),
-    "engine.zero_stage": (0, 1, 2),
-    "engine.precision": ("fp32", "bf16"),
-    "engine.backend": ("auto", "nccl", "gloo"),
-    "logging.wandb": ("auto", "online", "offline", "disabled"),
-    "optim.loss_weighting": ("fixed", "uncertainty"),
-    "optim.schedule": ("cosine", "poly"),
 }
 
 
