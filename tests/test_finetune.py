@@ -74,7 +74,8 @@ def test_finetune_losses_fall_then_evaluate_saves_predictions(dense_root, tmp_pa
                "eval.num_workers=0"])
     assert ev.returncode == 0, ev.stderr[-3000:]
     metrics = json.loads(ev.stdout.strip().splitlines()[-1])
-    assert metrics["step"] == 24 and metrics["eval/semseg/mIoU"] == pytest.approx(final["eval/semseg/mIoU"])
+    # the CLI prints metrics rounded to 4 decimals
+    assert metrics["step"] == 24 and metrics["eval/semseg/mIoU"] == pytest.approx(final["eval/semseg/mIoU"], abs=1e-4)
     for task, mode in (("semseg", "L"), ("depth", "I;16"), ("normals", "RGB"), ("edge", "L")):
         files = sorted((run / "predictions" / task).glob("*.png"))
         assert files, task
@@ -117,7 +118,8 @@ def test_frozen_parts_stay_bit_identical(dense_root, tmp_path, trainable):
     assert out.returncode == 0, out.stderr[-3000:]
     cfg = load_config(CONFIG, overrides, schema=FinetuneConfig)
     torch.manual_seed(cfg.seed)  # the run's initial weights
-    initial = build_dense_model(cfg, check_dense_shards(cfg)).state_dict()
+    model = build_dense_model(cfg, check_dense_shards(cfg))
+    initial = {k: p.detach() for k, p in model.named_parameters()}  # routing statistics (buffers) may move
     trained = _weights(tmp_path)
     changed = {k for k in initial if k.startswith("backbone.") and not torch.equal(initial[k], trained[k])}
     routers = {k for k in initial if k.startswith("backbone.") and ".router." in k}
