@@ -49,24 +49,36 @@ def _pretrain_section(done: dict) -> list[str]:
                     "![task × expert usage](pretrain/expert_usage.png)", ""]
 
 
+def _extract_row(name: str, r: dict) -> str:
+    """One table row from a `pretrain extract` report (NAME.report.json)."""
+    task = r["tasks"][0]
+    full, sub = r["params"]["full"]["total"], r["params"]["sub"]["total"]
+    flops = r["flops_per_image"].get(task, {})
+    lat = r["latency_ms"].get(task, {}).get("batch1", {})
+    kept = sum(len(v["kept"]) for v in r["experts_kept"].values())
+    total = sum(v["of"] for v in r["experts_kept"].values())
+    metric = r["metrics"].get(task, {})
+    key = next(iter(metric.get("full", {})), "")
+    dropped = r["dropped_routes"].get(task, {}).get("overall")
+    return (f"| {name} | {full / 1e6:.2f} M → {sub / 1e6:.2f} M | {_fmt(flops.get('full', 0) / 1e6)} → "
+            f"{_fmt(flops.get('sub', 0) / 1e6)} | {_fmt(lat.get('full'))} → {_fmt(lat.get('sub'))} | {kept}/{total} | "
+            f"{_fmt(100 * (1 - dropped) if dropped is not None else None)}% | {key} "
+            f"{_fmt(metric.get('full', {}).get(key))} → {_fmt(metric.get('sub', {}).get(key))} |")
+
+
 def _extract_section(out: Path) -> list[str]:
     lines = ["## Extraction: one submodel per task", "",
-             "| submodel | params full → sub | GFLOPs/img full → sub | latency b1 ms full → sub | experts kept | "
+             "Each submodel keeps, in every MoE layer, the experts its task uses (Mod-Squad's rule on the training "
+             "usage EMA; `seg_nyud`: usage recounted on NYUD-v2 images). Route coverage = share of the task's "
+             "token-routes that still find their expert.", "",
+             "| submodel | params full → sub | MFLOPs/img full → sub | latency b1 ms full → sub | experts kept | "
              "route coverage | metric full → sub |", "|---|---|---|---|---|---|---|"]
-    for path in sorted((out / "extract").glob("*.report.json")):
-        r = json.loads(path.read_text())
-        full, sub = r.get("full", {}), r.get("submodel", {})
-        metric_key = next(iter(sub.get("metrics", {})), "")
-        lines.append(
-            f"| {path.name.removesuffix('.report.json')} | {full.get('params', {}).get('total', '–')} → "
-            f"{sub.get('params', {}).get('total', '–')} | {_fmt(full.get('gflops'))} → {_fmt(sub.get('gflops'))} | "
-            f"{_fmt(full.get('latency_ms', {}).get('1'))} → {_fmt(sub.get('latency_ms', {}).get('1'))} | "
-            f"{r.get('experts_kept_total', '–')} | {_fmt(r.get('route_coverage'))} | "
-            f"{metric_key} {_fmt(full.get('metrics', {}).get(metric_key))} → "
-            f"{_fmt(sub.get('metrics', {}).get(metric_key))} |")
+    reports = sorted((out / "extract").glob("*.report.json"))
+    lines += [_extract_row(p.name.removesuffix(".report.json"), json.loads(p.read_text())) for p in reports]
+    for path in reports:
         png = path.with_name(path.name.replace(".report.json", ".report.png"))
         if png.is_file():
-            lines.append(f"\n![usage and kept experts: {png.name}]({png.relative_to(out)})\n")
+            lines += ["", f"![usage and kept experts: {png.name}]({png.relative_to(out)})"]
     return lines + [""]
 
 
@@ -88,8 +100,10 @@ def _finetune_section(done: dict) -> tuple[list[str], str]:
                   + ", ".join(f"{t} {table[t][0]}" for t in tasks) + "): "
                   + ", ".join(f"{init} {d:+.2f}%" for init, d in deltas.items()) + "."]
         best = max(deltas.values())
-        verdict = (f"Pretraining helped fine-tuning here: Δm {best:+.2f}% over random initialisation."
-                   if best > 0 else f"Pretraining did not help fine-tuning here (best Δm {best:+.2f}%).")
+        caveat = (" These are single short runs on a tiny corpus: differences of a few percent are within run-to-run "
+                  "noise.")
+        verdict = (f"Pretraining helped fine-tuning here: Δm {best:+.2f}% over random initialisation." + caveat
+                   if best > 0 else f"Pretraining did not help fine-tuning here (best Δm {best:+.2f}%)." + caveat)
     lines += ["", "![prediction grid](finetune/pretrained/predictions.png)", ""]
     return lines, verdict
 
