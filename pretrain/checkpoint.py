@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from pretrain.durable import atomic_write, fsync_path
 from pretrain.models.moe import MoEMlp
+from pretrain.models.moe_losses import expert_layers
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +58,6 @@ def tag_for(step: int) -> str:
 
 
 # ---------------------------------------------------------------- experts under global ids
-
-
-def expert_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of every expert-parallel MoE layer: native `MoEMlp` and the DeepSpeed-backend layer."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, MoEMlp) or (hasattr(m, "deepspeed_moe") and hasattr(m, "ep_rank"))]
 
 
 def _expert_prefix(name: str, layer: nn.Module) -> str:

@@ -58,7 +58,7 @@ from pretrain.config import EngineConfig, OptimConfig
 from pretrain.ds_moe import DeepSpeedMoEMlp
 from pretrain.expert_parallel import ExpertComm, apply_expert_parallel, make_stats_reducer
 from pretrain.models.moe import MoEMlp
-from pretrain.models.moe_losses import moe_modules
+from pretrain.models.moe_losses import expert_layers, moe_modules
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def apply_expert_marking(model: nn.Module, *, ep_size: int) -> int:
 
 def check_expert_layers(model: nn.Module, *, ep_size: int, ep_rank: int) -> int:
     """Raise unless every expert layer was built for this rank's place; returns the number of expert layers."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (MoEMlp, DeepSpeedMoEMlp))]
+    layers = expert_layers(model)
     for name, m in layers:
         if (m.ep_size, m.ep_rank) != (ep_size, ep_rank):
             raise ValueError(f"MoE layer {name} was built with ep_size={m.ep_size}, ep_rank={m.ep_rank} but this rank "

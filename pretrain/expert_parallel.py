@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from pretrain.models.moe_losses import moe_modules
+
 logger = logging.getLogger(__name__)
 
 
@@ -95,8 +97,13 @@ def apply_expert_parallel(model: nn.Module, *, comm: ExpertComm | None,
     Returns the number of layers that received a comm. Raises if a layer's ep_size/ep_rank disagree with `comm`.
     """
     injected = 0
+    routed = {id(m) for _, m in moe_modules(model)}
+
+    def is_routed(module: nn.Module) -> bool:
+        return id(module) in routed
+
     for name, module in model.named_modules():
-        if hasattr(module, "usage_TE") and hasattr(module, "aux"):
+        if is_routed(module):
             module.stats_reducer = stats_reducer
         if getattr(module, "ep_size", 1) > 1:
             if comm is None or comm.world_size != module.ep_size or comm.rank != module.ep_rank:

@@ -40,7 +40,7 @@ RULES: dict[str, frozenset[str]] = {
     "signals": LEAF, "tracking": LEAF, "routing_stats": LEAF,
     "plots": LEAF,
     "models": NO_DIST, "metrics": NO_DIST,  # models/decoders, dense, submodel, modsquad; metrics/{depth,...}
-    "expert_parallel": FOUNDATION,
+    "expert_parallel": FOUNDATION | {"models"},  # injects comms into the models' MoE layers (moe_modules)
     "tasks": FOUNDATION | {"models"},
     "objective": FOUNDATION | {"models"},  # replaces tasks
     "loop": FOUNDATION | {"signals"},  # what train and finetune's loops share

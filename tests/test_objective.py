@@ -2,7 +2,9 @@
 
 import math
 
+import numpy as np
 import torch
+from PIL import Image
 
 from pretrain.objective import Objective
 from pretrain.plots import plot_losses, plot_usage
@@ -39,8 +41,21 @@ def test_mutual_information():
     assert math.isclose(m["moe/entropy/det"], 1.0, rel_tol=1e-9)
 
 
-def test_plots(tmp_path):
+def _pixels(path):
+    with Image.open(path) as img:
+        return torch.from_numpy(np.asarray(img.convert("RGB"), dtype="float32"))
+
+
+def test_plots_draw_the_data(tmp_path):
+    """Loss curves: one coloured line per task; usage: a heatmap per layer whose cells follow the usage shares."""
     records = [{"step": s, "loss/cls": 2.0 / (s + 1), "loss/det": 1.0} for s in range(20)]
-    assert plot_losses(records, tmp_path / "loss.png").stat().st_size > 1000
-    usage = {"blocks.1.mlp": torch.rand(3, 8).numpy(), "blocks.3.mlp": torch.rand(3, 8).numpy()}
-    assert plot_usage(usage, ["cls", "det", "seg"], tmp_path / "usage.png").stat().st_size > 1000
+    curves = _pixels(plot_losses(records, tmp_path / "loss.png"))
+    colourful = (curves.max(dim=2).values - curves.min(dim=2).values) > 60  # matplotlib's blue/orange lines
+    assert colourful.sum() > 200  # two lines were drawn, not an empty frame
+    assert plot_losses([{"step": 1, "lr": 0.1}], tmp_path / "none.png") is None  # no loss keys: no plot
+    one_hot = torch.zeros(3, 8)
+    one_hot[0, 0] = one_hot[1, 3] = one_hot[2, 7] = 1.0  # each task on one expert
+    uniform = torch.ones(3, 8)
+    a = _pixels(plot_usage({"l": one_hot.numpy()}, ["cls", "det", "seg"], tmp_path / "a.png"))
+    b = _pixels(plot_usage({"l": uniform.numpy()}, ["cls", "det", "seg"], tmp_path / "b.png"))
+    assert a.shape == b.shape and not torch.equal(a, b)  # the heatmap depends on the usage it shows

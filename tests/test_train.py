@@ -64,7 +64,7 @@ def test_smoke_run_learns_and_writes_run_dir(shards, tmp_path):
     # (the debug config's header records what classification reaches in a real 400-step run)
     for key in ("loss/total", "loss/det", "loss/seg"):
         assert last[key] < 0.8 * first[key], (key, first[key], last[key])
-    assert 0 < last["loss/cls"] < 2 * first["loss/cls"]
+    assert 0 < last["loss/cls"] <= 1.05 * first["loss/cls"]  # within noise of its start, never rising
     for key in ("lr", "moe/mi", "aux/mi", "img_per_s/cls", "task_freq/det", "data/skipped/seg"):
         assert key in last, key
     assert (run / "config.yaml").is_file() and (run / "loss_curves.png").is_file()

@@ -183,6 +183,14 @@ def update_usage_(usage_TE: Tensor, counts_TE: Tensor, momentum: float) -> None:
     usage_TE.copy_(torch.where(present_T[:, None], blended_TE, usage_TE))
 
 
+def expert_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every layer whose experts may be split over ranks (`ep_size`, `ep_rank`,
+    `num_local_experts`): the native `MoEMlp` and the DeepSpeed-backend layer alike. The one predicate for "this layer
+    holds experts" (checkpointing, expert-parallel wiring); `moe_modules` is the one for "this layer routes"."""
+    return [(n, m) for n, m in model.named_modules()
+            if all(hasattr(m, a) for a in ("ep_size", "ep_rank", "num_local_experts")) and hasattr(m, "num_experts")]
+
+
 def moe_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every task-routed MoE layer (MoEMlp, MoEAttention) in `model`, in `named_modules` order."""
     # `pop_aux_losses`, not the `aux` property: hasattr would compute the last forward's losses for nothing
