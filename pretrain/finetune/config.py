@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pretrain.config import (
+    MODEL_SIZES,
     VALIDATORS,
     EngineConfig,
     EvalConfig,
@@ -23,6 +24,7 @@ from pretrain.config import (
     check_moe,
     check_tasks,
     check_train,
+    check_values,
     need,
 )
 
@@ -92,6 +94,7 @@ class FinetuneConfig:
 
 
 CHOICES = {
+    "model.size": MODEL_SIZES,
     "data.dataset": ("nyud", "pascal_context"),
     "data.protocol": ("new", "old"),
     "finetune.router_from": ("cls", "det", "seg"),
@@ -109,6 +112,7 @@ CHOICES = {
 
 
 def _check(cfg: FinetuneConfig) -> None:
+    check_values(cfg)
     check_choices(cfg, CHOICES)
     check_moe(cfg.moe, cfg.engine)
     check_train(cfg.train, cfg.optim)
