@@ -17,6 +17,7 @@ from pretrain import checkpoint, dist
 from pretrain.config import RunConfig, enabled_tasks, save_resolved
 from pretrain.data.build import DataSpec, build_sampler, build_stream, check_shards
 from pretrain.data.collate import TARGET_KEYS
+from pretrain.drift import check_resume
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
 from pretrain.loop import LossWindow, NonFiniteGuard, TaskTimer, agree, clock, skip_micro_batch, to_device
 from pretrain.models.moe_losses import collect_aux_losses, moe_modules
@@ -148,6 +149,7 @@ def main(cfg: RunConfig, dry_run: bool = False) -> int:
     dist.export(info)
     run_dir = Path(cfg.output_dir)
     setup_logging(info.rank, log_file=None if dry_run else run_dir / "logs" / f"rank{info.rank}.log")
+    check_resume(cfg, run_dir)  # before anything in the run directory is replaced: refuses an inexact resume
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     spec = check_shards(cfg.data, cfg.tasks)  # validates every shard set before anything heavy starts
