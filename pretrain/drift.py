@@ -50,7 +50,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()} \
             or {prefix.rstrip("."): {}}
-    return {prefix.rstrip("."): tree}
+    return {prefix.rstrip("."): list(tree) if isinstance(tree, tuple) else tree}  # YAML has no tuples
 
 
 ABSENT = "<absent>"
