@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -491,3 +492,96 @@ def test_resume_drift_rules(tmp_path, caplog):
     assert "resuming" in caplog.text and "moe.top_k" in caplog.text
     shutil.rmtree(run / "checkpoints")  # no checkpoint: nothing to resume, nothing to refuse
     assert check_resume(load_config(DEBUG_PRETRAIN, [f"output_dir={run}", "moe.top_k=1"]), run) == {}
+
+
+# ---------------------------------------------------------------- slow: real training runs in a subprocess
+
+
+def _train(shards: Path, out: Path, *extra: str, code: str | None = None) -> subprocess.CompletedProcess:
+    from test_train import _env, _train_cmd
+
+    cmd = _train_cmd(shards, out, "train.max_steps=4", "train.ckpt_every=2", *extra)
+    if code is not None:  # the same command with something patched first
+        cmd = [sys.executable, "-c", code + "\nfrom pretrain.cli import main\nsys.exit(main(sys.argv[1:]))",
+               *cmd[3:]]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained_run(shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bad_input_trained") / "run"
+    proc = _train(shards, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_real_checkpoint_manifest_damage_and_drift(shards, trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    tag = run / "checkpoints" / "step_00000004"
+    files = json.loads((tag / META).read_text())["files"]
+    assert {checkpoint.MODEL_FILE, "rank_00000.json", "rank_00000.safetensors"} <= set(files)
+    assert sorted(files) == sorted(p.name for p in tag.iterdir() if p.name != META)
+    # a changed model config is refused before config.yaml is touched
+    saved = (run / "config.yaml").read_bytes()
+    proc = _train(shards, run, "moe.num_experts=4")
+    check(proc.returncode, proc.stderr, 2, "moe.num_experts: 8 -> 4")
+    assert (run / "config.yaml").read_bytes() == saved
+    # a malformed rank file in the newest checkpoint: resume falls back to step 2 and finishes
+    (tag / "rank_00000.json").write_text('{"rank": 0, "state": ')
+    proc = _train(shards, run, "train.max_steps=5")
+    check(proc.returncode, proc.stderr, 0, "rank_00000.json has")
+    assert "falling back to" in proc.stderr and "resumed from step 2" in proc.stderr
+    assert checkpoint.read_latest(run / "checkpoints") == "step_00000005"
+
+
+@pytest.mark.slow
+def test_real_run_setup_and_disk_full(shards, trained_run, tmp_path):
+    proc = _train(shards, tmp_path / "ep", "engine.ep_size=2")
+    check(proc.returncode, proc.stderr, 7, "engine.ep_size=2 must divide the world size 1")
+    # the second save (step 4) hits a full disk: exit 8, step 2 stays the loadable latest
+    patch = ("import errno, sys\nimport pretrain.checkpoint as c\nreal, calls = c.write_rank_state, []\n"
+             "def full(*a, **k):\n    calls.append(1)\n    if len(calls) == 2:\n"
+             "        raise OSError(errno.ENOSPC, 'No space left on device')\n    return real(*a, **k)\n"
+             "c.write_rank_state = full")
+    run = tmp_path / "full"
+    proc = _train(shards, run, code=patch)
+    check(proc.returncode, proc.stderr, 8, "disk full while saving the checkpoint")
+    assert "`latest` still names step_00000002" in proc.stderr and "GiB" in proc.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+    from pretrain.runs import load_run
+
+    assert load_run(run).step == 2
+
+
+def _garbage_images(src: Path, dst: Path) -> None:
+    """A copy of the shard set whose every image is undecodable (labels intact)."""
+    import io
+    import tarfile
+
+    shutil.copytree(src, dst)
+    for tar_path in dst.glob("*.tar"):
+        members = []
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                data = tar.extractfile(m).read()
+                if m.name.rsplit(".", 1)[-1].lower() in ("jpg", "jpeg", "png", "webp"):
+                    data = b"not an image"
+                members.append((m.name, data))
+        with tarfile.open(tar_path, "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.slow
+def test_real_run_consecutive_bad_samples(shards, tmp_path):
+    root = tmp_path / "shards"
+    shutil.copytree(shards, root, ignore=shutil.ignore_patterns("train"))
+    _garbage_images(shards / "imagenet" / "train", root / "imagenet" / "train")
+    for name in ("coco", "ade20k"):
+        shutil.copytree(shards / name / "train", root / name / "train")
+    proc = _train(root, tmp_path / "run", "tasks.det.enabled=false", "tasks.seg.enabled=false")
+    check(proc.returncode, proc.stderr, 6, "cls: 100 consecutive bad samples/shards")
