@@ -341,7 +341,7 @@ def save(engine, ckpt_dir: str | Path, step: int, *, client_state: dict, rank_st
         if rank == 0:
             _commit(ckpt_dir, tag, {"step": step, "world_size": tdist.get_world_size(), "ep_size": ep_size})
     except Exception as exc:
-        raise save_failure(exc, ckpt_dir, tag_dir) from exc
+        raise save_failure(exc, ckpt_dir, tag_dir, remove=rank == 0) from exc
     if rank == 0:
         removed = prune(ckpt_dir, keep_last)
         logger.info("saved checkpoint %s%s", tag_dir, f" (removed {', '.join(removed)})" if removed else "")

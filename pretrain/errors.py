@@ -15,9 +15,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
+import time
 
-from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE  # 3 and 75: written by the training loops
+from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE, STOP_SIGNALS  # 3 and 75: written by the training loops
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1  # an unexpected exception: a bug or an unforeseen environment problem (run with --debug)
@@ -27,6 +29,7 @@ EXIT_CHECKPOINT = 5  # a checkpoint cannot be read or written (truncated, garbag
 EXIT_DATA = 6  # the training/eval data is broken (unreadable _info.json, a run of bad samples)
 EXIT_SETUP = 7  # the process layout does not fit the config (ep_size vs world size, launcher environment)
 EXIT_DISK_FULL = 8  # a checkpoint save ran out of disk space; the previous checkpoint is intact
+EXIT_PEER = 9  # another rank failed and left the job; its own error line is in its log file
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 # Codes and their meaning, in the order the README's "When something goes wrong" table lists them.
@@ -40,6 +43,7 @@ EXIT_CODES = {
     EXIT_DATA: "broken training/eval data",
     EXIT_SETUP: "the process layout (world size, expert parallelism, launcher) does not fit the config",
     EXIT_DISK_FULL: "disk full while saving a checkpoint; the previous checkpoint is intact",
+    EXIT_PEER: "another rank failed and left the job: its error is in <output_dir>/logs/rank<N>.log",
     EXIT_REQUEUE: "stopped by a signal after a checkpoint: requeue the job",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
@@ -104,6 +108,11 @@ def one_line(text: str) -> str:
     return " | ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
 
 
+# How a collective reports a peer that exited (gloo, NCCL): this rank is fine, the cause is in the peer's log.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "DistBackendError",
+              "NCCL communicator was aborted")
+
+
 def describe(exc: BaseException, command: str) -> tuple[int, str]:
     """The exit code and the one line a user sees for an exception that ended `pretrain <command>`."""
     if isinstance(exc, KeyboardInterrupt):
@@ -115,6 +124,9 @@ def describe(exc: BaseException, command: str) -> tuple[int, str]:
     if is_disk_full(exc):
         return EXIT_DISK_FULL, f"pretrain {command}: error: disk full: {one_line(exc)}"
     first = one_line(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+    if _distributed() and any(s in f"{type(exc).__name__}: {exc}" for s in _PEER_GONE):
+        return EXIT_PEER, (f"pretrain {command}: error: another rank failed and left the job ({type(exc).__name__}: "
+                           f"{first[:200]}): its error is in the run directory's logs/rank<N>.log")
     return EXIT_INTERNAL, (f"pretrain {command}: internal error: {type(exc).__name__}: {first} "
                            "(run with --debug for the traceback)")
 
@@ -138,13 +150,20 @@ def _distributed() -> bool:
     return bool(tdist is not None and tdist.is_available() and tdist.is_initialized())
 
 
+PEER_GRACE_S = 5.0  # how long a failing rank other than 0 waits for rank 0 to report (see `report`)
+
+
 def report(code: int, line: str) -> int:
-    """Print `line` on rank 0's stderr (other ranks only put it in their log file), then return `code`.
+    """Print `line` on rank 0's stderr (other ranks put it in their log file), then return `code`.
 
     With torch.distributed initialised the process ends here with `os._exit(code)`: the other ranks may be
     blocked in a collective waiting for this one, and an ordinary exit would first run the process group's
     teardown (which can wait on them). Once this process is gone, gloo peers fail their pending collective at once
-    and torchrun/srun stop the remaining workers; NCCL peers fail at the process group's timeout.
+    (they exit 9, "another rank failed") and torchrun/srun stop the remaining workers; NCCL peers fail at the
+    process group's timeout. A rank other than 0 first waits `PEER_GRACE_S`: when every rank fails the same way
+    (config, checkpoint, full disk), rank 0 prints the line and ends the job meanwhile (torchrun then stops this
+    rank); when the failure is this rank's alone, rank 0 is still waiting, so this rank prints its line itself,
+    prefixed `[rank N]`.
     """
     rank = _rank()
     if rank == 0:
@@ -155,6 +174,11 @@ def report(code: int, line: str) -> int:
             if isinstance(handler, logging.FileHandler):
                 handler.handle(record)
     if _distributed():
+        if rank != 0:
+            for sig in STOP_SIGNALS:  # the training loop's graceful-stop handler would outlive its loop
+                signal.signal(sig, signal.SIG_DFL)
+            time.sleep(PEER_GRACE_S)
+            print(f"[rank {rank}] {line}", file=sys.stderr)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         logging.shutdown()

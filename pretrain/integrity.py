@@ -144,11 +144,14 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def save_failure(exc: BaseException, ckpt_dir: Path, tag_dir: Path) -> CheckpointError:
-    """Remove the partial tag of a failed save and describe the failure; when the disk filled, how much space a
-    checkpoint needs (the previous checkpoint's size, else what was written so far) and how much is free."""
+def save_failure(exc: BaseException, ckpt_dir: Path, tag_dir: Path, *, remove: bool) -> CheckpointError:
+    """Describe a failed save and (`remove`: rank 0 only, so no rank deletes files a slower rank is still writing)
+    remove its partial tag; when the disk filled, say how much space a checkpoint needs (the previous checkpoint's
+    size, else what was written so far) and how much is free. A partial tag left behind is never loaded (`latest`
+    does not name it) and the next save removes it."""
     written = tag_size(tag_dir)
-    shutil.rmtree(tag_dir, ignore_errors=True)
+    if remove:
+        shutil.rmtree(tag_dir, ignore_errors=True)
     latest, problem = read_pointer(ckpt_dir)
     state = f"`latest` still names {latest}" if latest and not problem else "no earlier checkpoint was committed"
     if not is_disk_full(exc):

@@ -295,7 +295,7 @@ def test_failures_map_to_codes(name, tmp_path):
 
 def test_every_exit_code_is_documented():
     codes = [errors.EXIT_OK, errors.EXIT_INTERNAL, errors.EXIT_USAGE, errors.EXIT_ABORT, errors.EXIT_DEMO_STAGE,
-             errors.EXIT_CHECKPOINT, errors.EXIT_DATA, errors.EXIT_SETUP, errors.EXIT_DISK_FULL,
+             errors.EXIT_CHECKPOINT, errors.EXIT_DATA, errors.EXIT_SETUP, errors.EXIT_DISK_FULL, errors.EXIT_PEER,
              errors.EXIT_REQUEUE, errors.EXIT_INTERRUPTED]
     assert len(set(codes)) == len(codes) and set(errors.EXIT_CODES) == set(codes)
     for cls in (errors.CheckpointError, errors.DataError, errors.SetupError, errors.DiskFullError):
@@ -585,3 +585,45 @@ def test_real_run_consecutive_bad_samples(shards, tmp_path):
         shutil.copytree(shards / name / "train", root / name / "train")
     proc = _train(root, tmp_path / "run", "tasks.det.enabled=false", "tasks.seg.enabled=false")
     check(proc.returncode, proc.stderr, 6, "cls: 100 consecutive bad samples/shards")
+
+
+TWO_RANK_PATCH = """import errno, os, sys
+import pretrain.checkpoint as c
+import pretrain.train as t
+rank, mode = int(os.environ["RANK"]), os.environ["BAD_INPUT_MODE"]
+if mode == "full":  # every rank's disk is full at the first save
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    c.write_rank_state = full
+elif rank == 1:  # only rank 1 fails, while rank 0 waits in the step's all-reduce
+    from pretrain.errors import DataError
+    def broken(*a, **k):
+        raise DataError("cls: 100 consecutive bad samples/shards (injected on rank 1)")
+    t.forward_task = broken
+from pretrain.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "message"), [
+    ("full", "disk full while saving the checkpoint"),
+    ("rank1", "injected on rank 1"),
+])
+def test_two_ranks_one_line_and_nobody_hangs(shards, tmp_path, mode, message):
+    """Under torchrun (which exits 1 whatever the child's code, stops the other workers when one exits, and prints
+    its own summary): the failure's line appears once, the failing rank's line is in its log file, the job ends."""
+    from test_engine import free_port
+    from test_train import FAST, _env
+
+    script = tmp_path / "patched.py"
+    script.write_text(TWO_RANK_PATCH)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), "train", "configs/debug/pretrain.yaml",
+           f"data.root={shards}", f"output_dir={run}", *FAST, "train.max_steps=2", "train.ckpt_every=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**_env(), "BAD_INPUT_MODE": mode, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and proc.stderr.count(message) == 1, proc.stderr[-4000:]
+    assert f'File "{ROOT / "pretrain"}' not in proc.stderr  # torchrun's own launcher traceback is not ours
+    assert message in "".join(p.read_text() for p in (run / "logs").glob("rank*.log"))
