@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -113,17 +114,27 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "DistBack
               "NCCL communicator was aborted")
 
 
+def message(exc: BaseException) -> str:
+    """The exception's message on one line. An error re-raised from a DataLoader worker carries the worker's whole
+    traceback in its message; the original message is its last line, after the exception's type name."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = re.sub(r"^[\w.]+(Error|Exception): ", "", last)
+    return one_line(text)
+
+
 def describe(exc: BaseException, command: str) -> tuple[int, str]:
     """The exit code and the one line a user sees for an exception that ended `pretrain <command>`."""
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED, f"pretrain {command}: interrupted"
     if isinstance(exc, PretrainError):
-        return exc.exit_code, f"pretrain {command}: error: {one_line(exc)}"
+        return exc.exit_code, f"pretrain {command}: error: {message(exc)}"
     if isinstance(exc, _usage_types()):
-        return EXIT_USAGE, f"pretrain {command}: error: {one_line(exc)}"
+        return EXIT_USAGE, f"pretrain {command}: error: {message(exc)}"
     if is_disk_full(exc):
-        return EXIT_DISK_FULL, f"pretrain {command}: error: disk full: {one_line(exc)}"
-    first = one_line(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        return EXIT_DISK_FULL, f"pretrain {command}: error: disk full: {message(exc)}"
+    first = message(exc) if "Original Traceback" in str(exc) else one_line((str(exc).strip() or " ").splitlines()[0])
     if _distributed() and any(s in f"{type(exc).__name__}: {exc}" for s in _PEER_GONE):
         return EXIT_PEER, (f"pretrain {command}: error: another rank failed and left the job ({type(exc).__name__}: "
                            f"{first[:200]}): its error is in the run directory's logs/rank<N>.log")

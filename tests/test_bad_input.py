@@ -281,6 +281,10 @@ FAILURES = {  # name -> (raise it(tmp_path), code, fragment)
     "unexpected": (lambda t: _raise(ZeroDivisionError("division by zero")), 1,
                    "pretrain train: internal error: ZeroDivisionError: division by zero (run with --debug"),
     "interrupt": (lambda t: _raise(KeyboardInterrupt()), 130, "pretrain train: interrupted"),
+    "from_a_loader_worker": (lambda t: _raise(errors.DataError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n  File \"x\", "
+        "line 1, in f\npretrain.errors.DataError: cls: 100 consecutive bad samples/shards")), 6,
+        "pretrain train: error: cls: 100 consecutive bad samples/shards"),
 }
 
 
@@ -583,8 +587,9 @@ def test_real_run_consecutive_bad_samples(shards, tmp_path):
     _garbage_images(shards / "imagenet" / "train", root / "imagenet" / "train")
     for name in ("coco", "ade20k"):
         shutil.copytree(shards / name / "train", root / name / "train")
-    proc = _train(root, tmp_path / "run", "tasks.det.enabled=false", "tasks.seg.enabled=false")
-    check(proc.returncode, proc.stderr, 6, "cls: 100 consecutive bad samples/shards")
+    proc = _train(root, tmp_path / "run", "tasks.det.enabled=false", "tasks.seg.enabled=false", "data.num_workers=1")
+    check(proc.returncode, proc.stderr, 6, "pretrain train: error: cls: 100 consecutive bad samples/shards")
+    assert "Original Traceback" not in proc.stderr  # re-raised from the loader worker: its message only
 
 
 TWO_RANK_PATCH = """import errno, os, sys
