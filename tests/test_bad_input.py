@@ -220,9 +220,9 @@ def test_evaluate_damaged_checkpoints(cli, template_run, tmp_path, damage):
     got, err = cli("evaluate", run, "eval.max_samples=2", "eval.num_workers=0")
     check(got, err, code, fragment)
     assert "planted code ran" not in err
-    if code == 0:  # the intact newest checkpoint, or the fallback to the older intact one
+    if code == 0:  # the newest intact checkpoint: step 7 unless its own files are damaged
         step = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["step"]
-        assert step == (7 if damage == "intact" else 5)
+        assert step == (5 if damage.startswith("newest_") else 7)
 
 
 def test_evaluate_fewer_tasks_than_trained(cli, template_run, tmp_path, capsys):
