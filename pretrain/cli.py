@@ -8,14 +8,15 @@ code that says what kind it was (`pretrain.errors`); `--debug` shows the traceba
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-EXIT_USAGE = 2  # the exit codes and what each means: pretrain.errors.EXIT_CODES
-EXIT_DEMO_STAGE = 4  # a stage of `pretrain demo` failed (its own message is above)
+from pretrain.errors import EXIT_DEMO_STAGE, EXIT_USAGE, UsageError  # noqa: F401 - every exit code: errors.EXIT_CODES
 
 
-class UserError(Exception):
+class UserError(UsageError):
     """An error in the user's input, printed as one line (exit 2)."""
 
 
@@ -49,6 +50,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
+    from pretrain.signals import stop_flag
+
+    stop_flag()  # SIGUSR1/SIGTERM from here on ask for a checkpoint and exit 75 instead of killing the rank
 
     cfg = load_config(args.config, args.overrides)  # config errors surface before the heavy imports
     from pretrain.train import main as train_main
@@ -58,23 +62,15 @@ def _train(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
+    from pretrain.signals import stop_flag
+
+    stop_flag()  # SIGUSR1/SIGTERM from here on ask for a checkpoint and exit 75 instead of killing the rank
     from pretrain.finetune.config import FinetuneConfig
 
     cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)  # errors surface before heavy imports
     from pretrain.finetune.train import main as finetune_main
 
     return finetune_main(cfg, dry_run=args.dry_run)
-
-
-def _is_finetune_config(path: Path) -> bool:
-    """A fine-tuning config has a top-level `finetune:` section (pretraining configs never do)."""
-    from omegaconf import OmegaConf
-
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception:  # a broken file: load_config reports it with its line number
-        return False
-    return hasattr(loaded, "keys") and "finetune" in loaded.keys()
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -86,9 +82,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not (target / "config.yaml").is_file():
             raise UserError(f"{target} is not a run directory: no config.yaml in it")
         target, overrides = target / "config.yaml", [f"output_dir={target}", *overrides]
-    if _is_finetune_config(target):
-        from pretrain.finetune.config import FinetuneConfig
+    from pretrain.config import schema_of_file
+    from pretrain.finetune.config import FinetuneConfig  # registers the fine-tuning schema
 
+    if schema_of_file(target) is FinetuneConfig:
         cfg = load_config(target, overrides, schema=FinetuneConfig)
         from pretrain.finetune.evaluate import main as finetune_evaluate
 
@@ -109,6 +106,138 @@ def _demo(args: argparse.Namespace) -> int:
     except DemoError as exc:
         print(f"pretrain demo: error: {exc}", file=sys.stderr)
         return EXIT_DEMO_STAGE
+
+
+def _import_modsquad(args: argparse.Namespace) -> int:
+    from pretrain.config import TASKS, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: must end in .safetensors")
+    import json
+
+    from safetensors.torch import save_file
+
+    from pretrain.models import build_backbone
+    from pretrain.models.modsquad import import_modsquad, parse_task_map
+
+    try:
+        task_map = parse_task_map(args.tasks, TASKS) if args.tasks else None
+        vit = build_backbone(cfg.model, cfg.moe)
+        report = import_modsquad(vit, args.checkpoint, task_map=task_map)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(out))
+    print(json.dumps({"out": str(out), "ignored": len(report["ignored"]), "dropped": len(report["dropped"])}))
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import pretrain.finetune.config  # noqa: F401  (registers the fine-tuning schema for `submit finetune`)
+    from pretrain.submit import JobOptions, SubmitError, submit, summary
+
+    names = [f.name for f in fields(JobOptions)]
+    opts = JobOptions(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    try:
+        run_dir, job_ids = submit(args.subcommand, args.config, args.overrides, opts, chain=args.chain,
+                                  dependency=args.dependency, dry_run=args.dry_run, force=args.force,
+                                  argv=sys.argv)
+    except SubmitError as exc:
+        raise UserError(str(exc)) from None
+    if job_ids:
+        print(summary(run_dir, job_ids))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import pretrain.finetune.config  # noqa: F401  (registers the fine-tuning schema: status reads its runs too)
+    from pretrain.status import collect, format_report
+
+    if not Path(args.run_dir).is_dir():
+        raise UserError(f"{args.run_dir} is not a directory")
+    report = collect(args.run_dir)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+
+# `pretrain submit` options: (flag, type, help); defaults live in pretrain.submit.JobOptions
+SUBMIT_OPTIONS = [
+    ("--nodes", int, "nodes (default 1)"),
+    ("--gpus-per-node", str, "[TYPE:]COUNT GPUs per node = tasks per node (default 8; 0 = CPU-only job)"),
+    ("--tasks-per-node", int, "ranks per node of a CPU-only job (--gpus-per-node 0; default 1)"),
+    ("--cpus-per-task", int, "CPUs per rank (default data.num_workers + 1)"),
+    ("--mem", str, "memory per node, e.g. 400G"),
+    ("--time", str, "time limit per attempt, e.g. 24:00:00 (default: the partition's)"),
+    ("--partition", str, None), ("--account", str, None), ("--qos", str, None), ("--constraint", str, None),
+    ("--exclude", str, "nodes to avoid"),
+    ("--job-name", str, "default <subcommand>-<output_dir name>"),
+    ("--signal-grace", int, "seconds before the time limit that USR1 asks for a checkpoint (default 300)"),
+    ("--max-requeues", int, "requeue at most this many times (default 20)"),
+    ("--python", str, "interpreter command the job runs `-m pretrain` with (default: this one)"),
+    ("--template", str, "job script template (default slurm/train.sbatch)"),
+]
+
+def _export(args: argparse.Namespace) -> int:
+    from pretrain.export import export_run
+    from pretrain.log import setup_logging
+
+    setup_logging()
+    try:
+        path = export_run(args.run_dir, args.out, step=args.step, dtype=args.dtype, data_root=args.data_root)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(str(exc)) from None
+    print(path)
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from pretrain.extract import main as extract_main
+    from pretrain.log import setup_logging
+
+    setup_logging()
+    rule = {"rule": args.rule, "thresh": args.thresh, "keep": args.keep, "mass": args.mass,
+            "calibrate": args.calibrate.split(",") if args.calibrate else None,
+            "calibrate_images": args.calibrate_images, "exact_routing": args.exact_routing}
+    try:
+        extract_main(args.source, args.task.split(","), args.out, step=args.step, data_root=args.data_root,
+                     report=not args.no_report, eval_images=args.eval_images, latency_runs=args.latency_runs,
+                     latency_batches=tuple(int(b) for b in args.latency_batches.split(",")), **rule)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise UserError(str(exc).strip("'\"")) from None
+    return 0
+
+
+def _add_export_extract(sub) -> None:
+    p = sub.add_parser("export", help="consolidate a run's checkpoint into one portable .safetensors model file")
+    p.add_argument("run_dir", help="RUN_DIR (its config.yaml and checkpoints/)")
+    p.add_argument("--out", required=True, help="FILE.safetensors")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: the training precision")
+    p.add_argument("--data-root", default=None, help="where the run's shards are now (class lists)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("extract", help="keep the experts some tasks use: a standalone submodel + report")
+    p.add_argument("source", help="RUN_DIR or a FILE.safetensors written by `pretrain export`")
+    p.add_argument("--task", required=True, help="task or comma-separated tasks (their experts' union is kept)")
+    p.add_argument("--out", required=True, help="NAME.safetensors (report: NAME.report.json/.png beside it)")
+    p.add_argument("--rule", choices=["modsquad", "topn", "mass"], default="modsquad")
+    p.add_argument("--thresh", type=float, default=3.0, help="modsquad: keep usage%% > thresh / k")
+    p.add_argument("--keep", type=int, default=0, help="topn: experts kept per layer (at least the layer's k)")
+    p.add_argument("--mass", type=float, default=0.9, help="mass: fraction of the task's usage kept")
+    p.add_argument("--calibrate", default=None, help="shard folder(s), one per task: usage = top-k counts there")
+    p.add_argument("--calibrate-images", type=int, default=64)
+    p.add_argument("--exact-routing", action="store_true",
+                   help="softmax over all E logits, top-k among the kept experts (default: softmax over kept only)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of a RUN_DIR (default: latest)")
+    p.add_argument("--data-root", default=None, help="shard root for the val metric (default: the run's data.root)")
+    p.add_argument("--eval-images", type=int, default=64, help="val images per task for the metric (0 = skip)")
+    p.add_argument("--latency-runs", type=int, default=5, help="paired timed runs per batch size")
+    p.add_argument("--latency-batches", default="1,32", help="comma-separated batch sizes for the latency")
+    p.add_argument("--no-report", action="store_true", help="write the submodel only")
+    p.set_defaults(func=_extract)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +295,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", action="store_true",
                    help="evaluate the model at its random initialisation (a baseline; no checkpoint needed)")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("import-modsquad", help="map an official Mod-Squad checkpoint onto this backbone (safetensors)")
+    p.add_argument("checkpoint", help="official state dict (.pth read weights-only, or .safetensors)")
+    p.add_argument("--config", required=True, help="config whose backbone matches the checkpoint, e.g. "
+                   "configs/pretrain/vitb16_modsquad_hetero.yaml")
+    p.add_argument("--out", required=True, help="FILE.safetensors with this project's backbone names")
+    p.add_argument("--tasks", default="", help="official task index per task, e.g. cls=0,det=1,seg=2 "
+                   "(default: identity; required when the task counts differ)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(func=_import_modsquad)
+    p = sub.add_parser("submit", help="submit a requeueable SLURM job (slurm/train.sbatch) for a config")
+    p.add_argument("subcommand", choices=["train", "finetune"], help="what the job runs")
+    p.add_argument("config", help="YAML overlay; validated and frozen into output_dir/config.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    for flag, kind, text in SUBMIT_OPTIONS:
+        p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--sbatch-arg", dest="sbatch_args", action="append", metavar="KEY=VALUE",
+                   help="any other sbatch option, written as `#SBATCH --KEY=VALUE` (repeatable)")
+    p.add_argument("--dependency", help="sbatch --dependency of the (first) job, e.g. afterok:123")
+    p.add_argument("--chain", type=int, default=1, help="submit N jobs, each after the previous one ends")
+    p.add_argument("--force", action="store_true", help="submit even if the run dir is finished or has a live job")
+    p.add_argument("--dry-run", action="store_true", help="print the job script and the sbatch command only")
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("status", help="where is my run: checkpoint, metrics, speed/ETA, SLURM jobs, verdict")
+    p.add_argument("run_dir", help="the run's output_dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_status)
+    _add_export_extract(sub)
     return parser
 
 
@@ -184,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if errors.debug_requested(debug):
             raise
         return errors.report(*errors.describe(exc, args.command))
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -50,7 +50,7 @@ class TaskConfig:
 
 def default_tasks() -> dict[str, TaskConfig]:
     return {
-        "cls": TaskConfig(shards="imagenet/train", val_shards="imagenet/val", num_classes=1000, head="linear",
+        "cls": TaskConfig(shards="imagenet/train", val_shards="imagenet/val", num_classes=1000, head="project",
                           aug_range=(0.08, 1.0)),
         "det": TaskConfig(shards="coco/train", val_shards="coco/val", batch_size=2, img_size=512, num_classes=0,
                           head="fasterrcnn", aug_range=(0.1, 2.0)),  # large-scale jitter (ViTDet)
@@ -78,9 +78,15 @@ class MoEConfig:
     attn_num_experts: int = 24
     attn_top_k: int = 12
     attn_head_dim: int = 0  # 0 = dim / num_heads
+    dense_attn_head_dim: int = 0  # head dim of the dense attention blocks; 0 = dim / num_heads (Mod-Squad B: 128)
     gate: str = "raw"  # raw (Mod-Squad/M3ViT: un-renormalised top-k probs) | renorm
     noisy: bool = False
-    router_init: str = "zero"  # zero (Mod-Squad) | normal
+    # auto = the placement's official init: modsquad trunc_normal (Mod-Squad's zero init is overwritten by its
+    # timm _init_weights: std 0.02), m3vit uniform (U(±1/√E)), dense trunc_normal | zero | normal (std 0.02)
+    router_init: str = "auto"
+    init: str = "auto"  # experts: auto = modsquad→modsquad, m3vit→m3vit, dense→timm | timm | modsquad | m3vit
+    prob_eps: float = 0.0  # added to the router probabilities after the softmax (Mod-Squad: 1e-4)
+    usage_in_eval: bool = False  # update the usage EMA in eval forwards too (Mod-Squad does)
     backend: str = "native"  # native (dropless, ours) | deepspeed (deepspeed.moe.layer.MoE with a task gate)
     capacity_factor: float = 1.25  # deepspeed backend only
     usage_momentum: float = 0.95
@@ -98,6 +104,9 @@ class ModelConfig:
     img_size: int = 0  # grid the position embedding is stored for (0 = the size's default; 384 for AugReg-384)
     drop_path: float = 0.1
     task_embed: bool = True
+    # zero (no weight decay: an upcycled model starts as the dense one, no task-constant std-1 offset dominating the
+    # residual stream at init) | randn (Mod-Squad: std 1, weight-decayed)
+    task_embed_init: str = "zero"
     upcycle_from: str = ""  # dense timm ViT state dict (.safetensors/.pth); empty = random init
     upcycle_mode: str = "copy"
     det_min_size: int = 512
@@ -169,7 +178,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-HEAD_CHOICES = {"cls": ("linear",), "det": ("fasterrcnn", "retinanet"), "seg": ("fpn", "upernet")}
+HEAD_CHOICES = {"cls": ("project", "modsquad"), "det": ("fasterrcnn", "retinanet"), "seg": ("fpn", "upernet")}
 
 # Allowed values of string/int fields; tests/test_config.py checks these against the tables the values select
 # (models.PLACEMENTS, HEADS, ...), so a choice is written once in code and once here, never in a comment.
@@ -178,7 +187,9 @@ CHOICES = {
     "data.sampling": ("fixed", "size", "temperature"),
     "moe.placement": ("modsquad", "m3vit", "dense"),
     "moe.gate": ("raw", "renorm"),
-    "moe.router_init": ("zero", "normal"),
+    "moe.router_init": ("auto", "zero", "normal", "trunc_normal", "uniform"),
+    "moe.init": ("auto", "timm", "modsquad", "m3vit"),
+    "model.task_embed_init": ("zero", "randn"),
     "moe.backend": ("native", "deepspeed"),
     "model.upcycle_mode": ("copy", "slice"),
     "optim.loss_weighting": ("fixed", "uncertainty"),
@@ -315,6 +326,8 @@ def check_moe(m: MoEConfig, engine: EngineConfig) -> None:
          f"must be in 1..moe.attn_num_experts={m.attn_num_experts}")
     need(0 <= m.usage_momentum < 1, "moe.usage_momentum", m.usage_momentum, "must be in [0, 1)")
     need(0 <= m.mi_ema < 1, "moe.mi_ema", m.mi_ema, "must be in [0, 1)")
+    need(m.prob_eps >= 0, "moe.prob_eps", m.prob_eps, "must be >= 0")
+    need(m.dense_attn_head_dim >= 0, "moe.dense_attn_head_dim", m.dense_attn_head_dim, "must be >= 0 (0 = dim/heads)")
     for name in ("w_mi", "w_cv", "w_switch", "w_z"):
         need(getattr(m, name) >= 0, f"moe.{name}", getattr(m, name), "must be >= 0")
     need(engine.ep_size >= 1 and m.num_experts % engine.ep_size == 0, "engine.ep_size", engine.ep_size,
@@ -401,6 +414,19 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 VALIDATORS: dict[type, Any] = {RunConfig: _check_run}
+# command → the schema of its config. A stage registers itself here (`pretrain/finetune/config.py` adds "finetune"),
+# so the core can load any run's config without importing the stage; its configs carry a top-level section of the
+# same name (`finetune:`), which is how a file's schema is recognised.
+SCHEMAS: dict[str, type] = {"train": RunConfig}
+
+
+def schema_of_file(path: str | Path) -> type:
+    """The registered schema a config file is written for (a `finetune:` section → fine-tuning), else RunConfig."""
+    try:
+        keys = set(OmegaConf.load(path).keys())
+    except Exception:  # unreadable or broken: load_config reports it properly, with its line number
+        return RunConfig
+    return next((schema for name, schema in SCHEMAS.items() if name != "train" and name in keys), RunConfig)
 
 
 def to_yaml(cfg: Any) -> str:

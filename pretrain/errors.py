@@ -20,17 +20,17 @@ import signal
 import sys
 import time
 
-from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE, STOP_SIGNALS  # 3 and 75: written by the training loops
-
 EXIT_OK = 0
 EXIT_INTERNAL = 1  # an unexpected exception: a bug or an unforeseen environment problem (run with --debug)
 EXIT_USAGE = 2  # bad config, bad arguments, a missing input file or shard set: fix the command line or the config
+EXIT_ABORT = 3  # too many consecutive non-finite losses; the last good checkpoint is kept (the training loops)
 EXIT_DEMO_STAGE = 4  # a stage of `pretrain demo` failed (its own message is above)
 EXIT_CHECKPOINT = 5  # a checkpoint cannot be read or written (truncated, garbage, missing files, mismatching model)
 EXIT_DATA = 6  # the training/eval data is broken (unreadable _info.json, a run of bad samples)
 EXIT_SETUP = 7  # the process layout does not fit the config (ep_size vs world size, launcher environment)
 EXIT_DISK_FULL = 8  # a checkpoint save ran out of disk space; the previous checkpoint is intact
 EXIT_PEER = 9  # another rank failed and left the job; its own error line is in its log file
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpoint written, requeue me" for the SLURM batch script (pretrain.signals)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 # Codes and their meaning, in the order the README's "When something goes wrong" table lists them.
@@ -82,11 +82,16 @@ class SetupError(PretrainError, ValueError):
     exit_code = EXIT_SETUP
 
 
-def _usage_types() -> tuple[type, ...]:
-    from pretrain.cli import UserError
-    from pretrain.config import ConfigError
+class UsageError(PretrainError):
+    """Bad arguments or input paths found by a command handler (exit 2); `cli.UserError` is one."""
 
-    return ConfigError, UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError
+    exit_code = EXIT_USAGE
+
+
+def _usage_types() -> tuple[type, ...]:
+    from pretrain.config import ConfigError  # config is below this module: ConfigError stays where configs are
+
+    return ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -186,7 +191,8 @@ def report(code: int, line: str) -> int:
                 handler.handle(record)
     if _distributed():
         if rank != 0:
-            for sig in STOP_SIGNALS:  # the training loop's graceful-stop handler would outlive its loop
+            for sig in (signal.SIGUSR1, signal.SIGTERM):  # the graceful-stop flag (pretrain.signals) would keep
+                # this process alive through torchrun's SIGTERM
                 signal.signal(sig, signal.SIG_DFL)
             time.sleep(PEER_GRACE_S)
             print(f"[rank {rank}] {line}", file=sys.stderr)

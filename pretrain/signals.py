@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import signal
 
+from pretrain.errors import EXIT_ABORT, EXIT_REQUEUE  # noqa: F401 - 3 and 75, with every other exit code
+
 logger = logging.getLogger(__name__)
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpoint written, requeue me" for the SLURM batch script
-EXIT_ABORT = 3  # too many consecutive non-finite losses; the last good checkpoint is kept
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -39,3 +39,15 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+_PROCESS_FLAG: StopFlag | None = None
+
+
+def stop_flag() -> StopFlag:
+    """The process's stop flag, installed on the first call. The CLI calls it before the heavy imports: a signal
+    that arrives while a job is still starting (tens of seconds) is then a stop request, not a dead rank."""
+    global _PROCESS_FLAG
+    if _PROCESS_FLAG is None or not _PROCESS_FLAG._previous:
+        _PROCESS_FLAG = StopFlag().install()
+    return _PROCESS_FLAG

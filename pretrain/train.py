@@ -20,10 +20,10 @@ from pretrain.data.collate import TARGET_KEYS
 from pretrain.drift import check_resume
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
 from pretrain.loop import LossWindow, NonFiniteGuard, TaskTimer, agree, clock, skip_micro_batch, to_device
-from pretrain.models.moe_losses import collect_aux_losses, moe_modules
+from pretrain.models.moe_losses import collect_aux_losses, moe_modules, pop_routing_counts
 from pretrain.routing_stats import routing_metrics
 from pretrain.runs import build_run_model
-from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE, StopFlag
+from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE, stop_flag
 from pretrain.tracking import Tracker, wandb_mode
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,9 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
                stream_state: dict | None) -> int:
     run_dir, tasks, accum = Path(cfg.output_dir), enabled_tasks(cfg.tasks), cfg.engine.grad_accum
     sampler = build_sampler(cfg.data, cfg.tasks, spec, seed=cfg.seed)
-    mixed = build_stream(cfg.data, cfg.tasks, spec, info, seed=cfg.seed, start_micro_step=start_step * accum,
+    # loaders restart at periodic checkpoints only; a resume from a signal checkpoint replays from the last restart
+    start_micro = stream_state.get("start_step", stream_state["step"]) if stream_state else start_step * accum
+    mixed = build_stream(cfg.data, cfg.tasks, spec, info, seed=cfg.seed, start_micro_step=start_micro,
                          sampler=sampler)
     if stream_state:
         mixed.load_state_dict(stream_state)
@@ -51,7 +53,7 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
     writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_main)
     tracker = Tracker(run_dir=run_dir, mode=wandb_mode(cfg.logging.wandb), project=cfg.logging.project,
                       config=json.loads(json.dumps(cfg, default=vars)), enabled=info.is_main)
-    stop = StopFlag().install()
+    stop = stop_flag()  # installed by the CLI before the heavy imports (a signal during start-up is kept)
     window, timer, guard = LossWindow(), TaskTimer(tasks), NonFiniteGuard(cfg.train.max_bad_steps)
     counts = {name: torch.zeros_like(m.usage_TE) for name, m in moe_modules(model)}
     exit_code = 0
@@ -66,7 +68,9 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             batches = drawn if task == "all" else [drawn]
             task_losses = {b["task"]: forward_task(engine, b) for b in batches}
             timer.add(task_losses, clock(engine.device) - t0, {b["task"]: len(b["images"]) for b in batches})
-            loss, parts = model.objective(task_losses, collect_aux_losses(model))
+            # every forward of this micro-batch enters one MI loss; earlier micro-batches of the step stay in its
+            # statistics (detached) until the step's last one
+            loss, parts = model.objective(task_losses, collect_aux_losses(model, end_of_step=_micro == accum - 1))
             # 2. agree across ranks: any non-finite loss skips the step everywhere; any stop request stops everywhere
             finite, stopping = agree(loss, stop.requested)
             if not finite:
@@ -80,8 +84,8 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             timer.add(task_losses, clock(engine.device) - t0)
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + float(value) / accum
-        for name, m in moe_modules(model):
-            counts[name] += m.last_counts_TE.to(counts[name].dtype) if m.last_counts_TE is not None else 0
+        for name, step_counts in pop_routing_counts(model).items():  # already global: never all-reduced again
+            counts[name] += step_counts.to(counts[name].dtype)
         step += 1
         bar.update(1)
         # 4. non-finite bookkeeping: skip, count, abort after too many in a row (the last good checkpoint stays)
@@ -95,8 +99,7 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             record = {**window.pop(), "lr": engine.get_lr()[0], "skipped_steps": guard.total, **timer.pop()}
             record.update({f"task_freq/{t}": f for t, f in sampler.frequencies().items()})
             record.update({f"data/skipped/{t}": n for t, n in mixed.skipped.items()})  # bad samples, this rank
-            reduced = {name: dist.all_reduce_sum(c) for name, c in counts.items()}
-            record.update(routing_metrics(reduced, tasks))
+            record.update(routing_metrics(counts, tasks))
             writer.write(step, record)
             tracker.log(step, record)
             bar.set_postfix(loss=f"{record.get('loss/total', float('nan')):.3f}")
@@ -105,7 +108,8 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
         periodic = step % cfg.train.ckpt_every == 0 and step_ok  # never checkpoint inside a non-finite streak
         if periodic or step == cfg.train.max_steps or stopping:
             save(cfg, engine, mixed, step)
-            mixed.restart()  # batches after a checkpoint depend on (seed, step) only: resumed runs see the same
+        if periodic:
+            mixed.restart()  # batches after step s depend on (seed, s) only: every resume sees the same batches
         if stopping:
             logger.warning("stopped by signal after step %d; exit %d so the job is requeued", step, EXIT_REQUEUE)
             exit_code = EXIT_REQUEUE
@@ -150,6 +154,14 @@ def main(cfg: RunConfig, dry_run: bool = False) -> int:
     run_dir = Path(cfg.output_dir)
     setup_logging(info.rank, log_file=None if dry_run else run_dir / "logs" / f"rank{info.rank}.log")
     check_resume(cfg, run_dir)  # before anything in the run directory is replaced: refuses an inexact resume
+    # a chained SLURM job (`pretrain submit --chain N`) that starts after the run reached max_steps has nothing to do;
+    # a damaged `latest` is left to load_latest, which falls back to the newest intact checkpoint
+    latest, damaged = (None, None) if dry_run else checkpoint.read_pointer(run_dir / "checkpoints")
+    done = None if damaged else checkpoint.TAG_RE.match(latest or "")
+    if done and int(done.group(1)) >= cfg.train.max_steps:
+        logger.info("run already complete: %s is at step %d >= train.max_steps=%d", run_dir / "checkpoints" / latest,
+                    int(done.group(1)), cfg.train.max_steps)
+        return 0
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     spec = check_shards(cfg.data, cfg.tasks)  # validates every shard set before anything heavy starts

@@ -7,4 +7,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch/torchvision are pinned in pyproject.toml; on the project's machines pip serves them from local disk.
 .venv/bin/python -m pip install --quiet -e '.[dev]'
+# DeepSpeed JIT-compiles its CPU shared-memory collective op the first time a process group starts (minutes on a
+# busy machine); build it now into ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR) so no run or test pays it.
+DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 .venv/bin/python -c "import torch, deepspeed, webdataset, timm, pycocotools; print('pretrain env ok: torch', torch.__version__)"

@@ -129,8 +129,9 @@ def test_mixed_stream_resume_reseeds_from_the_resume_step_and_is_repeatable() ->
     full = list(itertools.islice(_stream(), 100))
     first = _stream()
     list(itertools.islice(first, 60))
+    first.restart()  # a periodic checkpoint at step 60
     state = first.state_dict()
-    assert state["step"] == 60
+    assert state["step"] == state["start_step"] == 60
 
     def resumed():
         stream = _stream(start_step=state["step"])
@@ -161,3 +162,31 @@ def test_all_tasks_mode_yields_one_batch_per_task_every_step() -> None:
 def test_missing_loader_kwargs_for_a_task_is_an_error() -> None:
     with pytest.raises(ValueError, match="seg"):
         MixedStream(TaskSampler(TASKS, weights=[1, 1, 1]), {"cls": {}, "det": {}})
+
+
+def test_resume_between_restarts_replays_to_the_same_batches_without_counting_twice() -> None:
+    """Loaders restart at periodic checkpoints; a stop at any other step (a signal) resumes to the very batches the
+    uninterrupted stream yields, and its counters are not inflated by the replayed steps."""
+    uninterrupted = _stream()
+    it = iter(uninterrupted)
+    expected = [next(it) for _ in range(4)]
+    uninterrupted.restart()  # the periodic checkpoint at step 4
+    it = iter(uninterrupted)
+    expected += [next(it) for _ in range(8)]
+    cut = _stream()
+    it = iter(cut)
+    for _ in range(4):
+        next(it)
+    cut.restart()
+    it = iter(cut)
+    for _ in range(3):
+        next(it)
+    state = cut.state_dict()  # stopped by a signal after step 7
+    assert (state["start_step"], state["step"]) == (4, 7)
+    resumed = _stream(state["start_step"], sampler=TaskSampler(TASKS, weights=[2, 1, 0], seed=9))
+    resumed.load_state_dict(state)
+    after = list(itertools.islice(resumed, 5))
+    assert [(s, t, b["i"], b["start_step"]) for s, t, b in after] == \
+        [(s, t, b["i"], b["start_step"]) for s, t, b in expected[7:12]]
+    tail = Counter(t for _, t, _ in expected[7:12])
+    assert resumed.sampler.counts == {t: state["counts"][t] + tail[t] for t in TASKS}

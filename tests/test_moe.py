@@ -161,15 +161,20 @@ def test_mi_loss_vanishes_with_one_task_per_step_without_global_statistics():
 
 def test_mi_loss_nonzero_with_ema_over_single_task_steps():
     layer = make_moe(mi_ema=0.9)
+    model = torch.nn.Sequential(layer)
     layer.train()
-    layer(torch.randn(2, 8, D), torch.tensor([0, 0]))
-    layer(torch.randn(2, 8, D), torch.tensor([1, 1]))
-    mi = layer.aux["mi"]
+    layer(torch.randn(2, 8, D), torch.tensor([0, 0]))  # step 1: task 0
+    collect_aux_losses(model)  # the EMA takes step 1's statistics here, not in the forward
+    assert layer.mi_counts_TE[0].sum() == 32 and layer.mi_counts_TE[1].sum() == 0
+    layer(torch.randn(2, 8, D), torch.tensor([1, 1]))  # step 2: task 1
+    assert layer.mi_counts_TE[1].sum() == 0
+    mi = collect_aux_losses(model)["mi"]
     assert mi.item() < -1e-3
     mi.backward()
     grad_T = layer.router.weight.grad.flatten(1).abs().sum(1)
     assert grad_T[1] > 0 and grad_T[0] == 0 and grad_T[2] == 0  # gradient through this step's task only
     assert layer.mi_counts_TE[0].sum() == pytest.approx(0.9 * 16 * 2) and layer.mi_counts_TE[1].sum() == 32
+    assert collect_aux_losses(model) == {}  # cleared
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "tokens"])

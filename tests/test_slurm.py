@@ -1,112 +1,18 @@
 """`pretrain train` under a real SLURM: a one-node cluster (Debian's slurm-wlm + munge) started by the test.
 
-`.ci/run` installs the packages; the daemons need root. Elsewhere the test is skipped, in CI it must run.
+The cluster comes from tests/cluster.py (`.ci/run` installs the packages; the daemons need root). Elsewhere the test is
+skipped, in CI it must run.
 """
 
-import os
-import re
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pytest
+from cluster import slurm_cluster  # noqa: F401 - the `slurm` fixture: the session's one-node cluster
 
 from pretrain.log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-NEEDED = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "srun", "sinfo")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _slurmd_cpus() -> int:
-    """What slurmd itself will register (a larger CPUs= marks the node INVALID), e.g. under a CPU quota."""
-    out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, timeout=30).stdout
-    found = re.search(r"\bCPUs=(\d+)", out)
-    return int(found.group(1)) if found else os.cpu_count()
-
-
-def _slurm_conf(d: Path) -> str:
-    host = socket.gethostname().split(".")[0]
-    mem_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 * 8 // 10
-    return "\n".join([
-        "ClusterName=pretrain-test", f"SlurmctldHost={host}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
-        "AuthType=auth/munge", f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool",
-        f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.pid",
-        f"SlurmctldLogFile={d}/slurmctld.log", f"SlurmdLogFile={d}/slurmd.log",
-        f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
-        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_Core", "ReturnToService=2", "MpiDefault=none",
-        f"NodeName={host} NodeAddr=127.0.0.1 CPUs={_slurmd_cpus()} RealMemory={mem_mib} State=UNKNOWN",
-        f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP", "",
-    ])
-
-
-def _munge_works() -> bool:
-    cred = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
-    return cred.returncode == 0 and subprocess.run(
-        ["unmunge"], input=cred.stdout, capture_output=True, timeout=10).returncode == 0
-
-
-def _start_munge() -> None:
-    # A socket file can outlive its daemon (a finished session, a package postinst): test the daemon, not the file.
-    if _munge_works():
-        return
-    run = Path("/run/munge")
-    run.mkdir(parents=True, exist_ok=True)
-    for stale in run.glob("munge*"):
-        stale.unlink()
-    shutil.chown(run, "munge", "munge")
-    subprocess.run(["munged", "--force"], check=True, capture_output=True, timeout=30)
-    assert _munge_works(), "munged started but `munge -n | unmunge` fails"
-
-
-def _tail(path: Path, n: int = 15) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.is_file() else f"(no {path})"
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    missing = [b for b in NEEDED if shutil.which(b) is None]
-    if missing or os.geteuid() != 0:
-        reason = f"needs root and {', '.join(missing) or 'SLURM'} (bash .ci/run installs slurm-wlm + munge)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    d = tmp_path_factory.mktemp("slurm")
-    (d / "state").mkdir()
-    (d / "spool").mkdir()
-    conf = d / "slurm.conf"
-    conf.write_text(_slurm_conf(d))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
-    _start_munge()
-    subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=env, timeout=60)
-    subprocess.run(["slurmd", "-f", str(conf)], check=True, env=env, timeout=60)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            sinfo = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True)
-            if sinfo.stdout.strip() in ("idle", "mix", "alloc"):
-                break
-            time.sleep(1)
-        else:
-            raise AssertionError(
-                f"SLURM node never became idle: sinfo said {sinfo.stdout!r} {sinfo.stderr!r}\n"
-                f"slurmctld.log:\n{_tail(d / 'slurmctld.log')}\nslurmd.log:\n{_tail(d / 'slurmd.log')}")
-        yield env
-    finally:
-        subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True)
-        for pid_file in ("slurmd.pid", "slurmctld.pid"):
-            pid = d / pid_file
-            if pid.is_file():
-                subprocess.run(["kill", pid.read_text().strip()], capture_output=True)
 
 
 def test_srun_two_ranks_expert_parallel(slurm, shards, tmp_path):

@@ -10,6 +10,7 @@ from pretrain.finetune.evaluate import DENSE_METERS
 from pretrain.finetune.losses import build_losses
 from pretrain.models import HEADS
 from pretrain.models.heads import DET_HEADS, SEG_HEADS
+from pretrain.models.heads.cls import ORDERS
 from pretrain.models.multitask import FORWARDS
 from pretrain.models.vit import PLACEMENTS
 from pretrain.objective import WEIGHTINGS
@@ -29,5 +30,6 @@ def test_choices_equal_the_tables_they_select_from():
     assert config.CHOICES["moe.placement"] == PLACEMENTS
     assert config.CHOICES["optim.loss_weighting"] == WEIGHTINGS == ft_config.CHOICES["optim.loss_weighting"]
     assert config.HEAD_CHOICES["det"] == tuple(DET_HEADS) and config.HEAD_CHOICES["seg"] == tuple(SEG_HEADS)
+    assert config.HEAD_CHOICES["cls"] == ORDERS
     shared = set(config.CHOICES) & set(ft_config.CHOICES)
     assert shared and all(config.CHOICES[k] == ft_config.CHOICES[k] for k in shared)

@@ -1,7 +1,6 @@
 """End-to-end `pretrain train` on the embedded corpus: learning, exact resume after SIGKILL, signals, EP=2."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import PORT_CLASH, free_port, kill_group, popen, run, run_ranks, summary, timeout_scale
 
 from pretrain.log import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 DEBUG = "configs/debug/pretrain.yaml"
 # tiny, fast and deterministic: no workers, no plots/wandb unless a test asks
 FAST = ["data.num_workers=0", "tasks.cls.img_size=32", "tasks.cls.batch_size=8", "tasks.det.img_size=64",
@@ -22,17 +21,13 @@ FAST = ["data.num_workers=0", "tasks.cls.img_size=32", "tasks.cls.batch_size=8",
         "engine.threads=1", "data.shuffle_buffer=16", "moe.noisy=true", "model.drop_path=0.1"]
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_"))}
-    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def _train_cmd(shards, out, *extra):
     return [sys.executable, "-m", "pretrain", "train", DEBUG, f"data.root={shards}", f"output_dir={out}", *FAST, *extra]
 
 
-def _run(cmd, timeout=300):
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(cmd, timeout=900):
+    """`harness.run`: own process group (killed whole on timeout), scaled timeout, rank variables stripped."""
+    return run(cmd, timeout=timeout)
 
 
 def _final_weights(run_dir) -> dict[str, torch.Tensor]:
@@ -97,11 +92,14 @@ def test_sigkill_then_resume_is_bitwise_exact(shards, tmp_path):
     full = _run(_train_cmd(shards, tmp_path / "full", *steps))
     assert full.returncode == 0, full.stderr[-3000:]
     # kill hard a little after the step-8 checkpoint started: wherever it lands, resume must be exact
-    proc = subprocess.Popen(_train_cmd(shards, tmp_path / "killed", *steps), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(tmp_path / "killed" / "checkpoints" / "step_00000008", 240, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = popen(_train_cmd(shards, tmp_path / "killed", *steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                 text=True)
+    try:
+        _wait_for(tmp_path / "killed" / "checkpoints" / "step_00000008", 720 * timeout_scale(), proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        kill_group(proc)
     resumed = _run(_train_cmd(shards, tmp_path / "killed", *steps))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stderr
@@ -113,11 +111,14 @@ def test_sigkill_then_resume_is_bitwise_exact(shards, tmp_path):
 
 def test_signal_checkpoints_and_resumes(shards, tmp_path):
     run = tmp_path / "sig"
-    proc = subprocess.Popen(_train_cmd(shards, run, "train.max_steps=200", "train.ckpt_every=100"), cwd=ROOT,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(run / "metrics.jsonl", 240, proc)
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=120)
+    proc = popen(_train_cmd(shards, run, "train.max_steps=200", "train.ckpt_every=100"), stdout=subprocess.DEVNULL,
+                 stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(run / "metrics.jsonl", 720 * timeout_scale(), proc)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=360 * timeout_scale())
+    finally:
+        kill_group(proc)
     from pretrain.signals import EXIT_REQUEUE
 
     assert proc.returncode == EXIT_REQUEUE, err[-3000:]
@@ -132,12 +133,10 @@ def test_signal_checkpoints_and_resumes(shards, tmp_path):
 
 @pytest.mark.parametrize("zero", [1, 2])
 def test_ep2_training_steps_on_two_gloo_ranks(shards, tmp_path, zero):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29600 + zero), "-m", "pretrain", "train", DEBUG, f"data.root={shards}", f"output_dir={tmp_path}",
-           *FAST, "engine.ep_size=2", f"engine.zero_stage={zero}", "train.max_steps=3", "train.ckpt_every=3",
-           "train.eval_every=2", "eval.num_workers=0"]
-    out = _run(cmd)
-    assert out.returncode == 0, out.stderr[-4000:]
+    # run_ranks: port-0 rendezvous (no fixed port to collide on); a failure shows every rank's output
+    run_ranks("-m", "pretrain", "train", DEBUG, f"data.root={shards}", f"output_dir={tmp_path}", *FAST,
+              "engine.ep_size=2", f"engine.zero_stage={zero}", "train.max_steps=3", "train.ckpt_every=3",
+              "train.eval_every=2", "eval.num_workers=0", timeout=900)
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 2, 3]  # the periodic evaluation at step 2 ran on both ranks
@@ -148,16 +147,29 @@ def test_ep2_training_steps_on_two_gloo_ranks(shards, tmp_path, zero):
     assert out.returncode == 0 and "resumed from step 3" in out.stderr, out.stderr[-3000:]
 
 
+def _srun_style_pair(shards, out) -> tuple[list[int], list[str]]:
+    """Two `pretrain train` processes with only SLURM's variables; their exit codes and stderr."""
+    job = str(free_port(10000, 30000) - 10000)  # dist.slurm_port(job) = 10000 + job: a port free now, never fixed
+    procs = []
+    try:
+        for rank in range(2):
+            env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank), "SLURM_JOB_ID": job,
+                   "SLURM_JOB_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1"}
+            procs.append(popen(_train_cmd(shards, out, "train.max_steps=2", "train.ckpt_every=2"), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        errs = [p.communicate(timeout=900 * timeout_scale())[1] for p in procs]
+    finally:
+        for p in procs:
+            kill_group(p)
+    return [p.returncode for p in procs], errs
+
+
 def test_srun_style_environment_two_ranks(shards, tmp_path):
     """Two processes that only have SLURM's variables (as `srun --ntasks 2` gives them) form one job."""
-    procs = []
-    for rank in range(2):
-        env = {**_env(), "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
-               "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1"}
-        procs.append(subprocess.Popen(_train_cmd(shards, tmp_path, "train.max_steps=2", "train.ckpt_every=2"),
-                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    codes, errs = _srun_style_pair(shards, tmp_path)
+    if codes != [0, 0] and any(s in "".join(errs) for s in PORT_CLASH):
+        codes, errs = _srun_style_pair(shards, tmp_path)  # the port was taken between choosing and binding it
+    assert codes == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     assert "world=2" in errs[0]  # the engine reports the 2-rank world it was built in
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
@@ -199,7 +211,7 @@ def _nan_run(shards, out, bad_steps, max_bad, *extra):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_non_finite_losses_skip_steps(shards, tmp_path, accum):
     out = _nan_run(shards, tmp_path, "1,2", 5, "train.max_steps=5", "train.ckpt_every=5", f"engine.grad_accum={accum}")
-    assert "EXIT 0" in out.stdout, out.stderr[-3000:]
+    assert summary(out.stdout, rank=None)["exit_code"] == 0, out.stderr[-3000:]
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert records[-1]["skipped_steps"] == 2 and "non-finite loss" in out.stderr
@@ -211,7 +223,7 @@ def test_too_many_non_finite_steps_abort_keeping_the_last_good_checkpoint(shards
     from pretrain.signals import EXIT_ABORT
 
     out = _nan_run(shards, tmp_path, "2,3,4,5,6,7", 3, "train.max_steps=8", "train.ckpt_every=2")
-    assert f"EXIT {EXIT_ABORT}" in out.stdout, out.stderr[-3000:]
+    assert summary(out.stdout, rank=None)["exit_code"] == EXIT_ABORT, out.stderr[-3000:]
     assert "aborting: 3 consecutive non-finite steps" in out.stderr
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     weights = _final_weights(tmp_path)

@@ -15,9 +15,14 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from pretrain.config import RunConfig
-from pretrain.models import build_backbone
+from pretrain.models import build_backbone as build_backbone_from_sections
 from pretrain.models.moe import MoEMlp
 from pretrain.models.upcycle import load_state_dict_file, upcycle_vit
+
+
+def build_backbone(cfg, **kwargs):
+    """The backbone of a run config (the builder takes the config's model and moe sections)."""
+    return build_backbone_from_sections(cfg.model, cfg.moe, **kwargs)
 
 
 def cfg_for(size: str, placement: str = "m3vit", **moe) -> RunConfig:

@@ -8,9 +8,15 @@ import torch
 from torch import nn
 
 from pretrain.config import TASKS, RunConfig
-from pretrain.models import BACKBONE_SIZES, build_backbone
+from pretrain.models import BACKBONE_SIZES
+from pretrain.models import build_backbone as build_backbone_from_sections
 from pretrain.models.moe import MoEMlp
 from pretrain.models.vit import VisionTransformer, moe_layout, take_indices
+
+
+def build_backbone(cfg, **kwargs):
+    """The backbone of a run config (the builder takes the config's model and moe sections)."""
+    return build_backbone_from_sections(cfg.model, cfg.moe, **kwargs)
 
 TIMM_NAMES = {"vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224"}
 
@@ -136,8 +142,9 @@ def test_moe_mlp_factory_is_injectable():
     vit = build_backbone(debug_cfg("m3vit"), moe_mlp_layer=FakeMoE)
     assert len(seen) == 2 and isinstance(vit.blocks[1].mlp, FakeMoE)
     assert seen[0] == {"dim": 128, "num_tasks": 3, "act_layer": nn.GELU, "bias": True, "hidden_dim": 256,
-                       "num_experts": 4, "top_k": 2, "gate": "raw", "noisy": False, "router_init": "zero",
-                       "usage_momentum": 0.95, "mi_ema": 0.9}  # hidden 4·128·2/4 = 256
+                       "num_experts": 4, "top_k": 2, "gate": "raw", "noisy": False, "router_init": "uniform",
+                       "usage_momentum": 0.95, "mi_ema": 0.9, "init": "m3vit"}  # hidden 4·128·2/4 = 256
+    # m3vit placement, `auto` inits: M3ViT's U(±1/√E) routers and FastMoE experts
     assert vit.forward_features(torch.randn(1, 3, 64, 64), tasks(1)).shape == (1, 65, 128)
 
 
@@ -167,3 +174,20 @@ def test_sizes_match_timm_and_moe_counts(name):
     dense_mlp = 2 * d * 4 * d + 4 * d + d
     expected = n_dense + (depth // 2) * (moe_layer - dense_mlp) + len(TASKS) * d
     assert sum(p.numel() for p in moe.parameters()) == expected
+
+
+def test_dense_attention_head_dim_and_randn_task_embedding():
+    """Mod-Squad's dense attention keeps its 12 heads at head dim 128 (inner 1536 > 768); its task embedding is
+    randn and weight-decayed."""
+    cfg = debug_cfg("modsquad", dense_attn_head_dim=64)
+    cfg.model.task_embed_init = "randn"
+    torch.manual_seed(0)
+    vit = build_backbone(cfg).eval()
+    attn = vit.blocks[1].attn
+    assert attn.qkv.weight.shape == (3 * 4 * 64, 128) and attn.proj.weight.shape == (128, 4 * 64)
+    assert attn.scale == 64**-0.5
+    assert vit.forward_features(torch.randn(1, 3, 64, 64), tasks(2)).shape == (1, 65, 128)
+    assert vit.task_embed.std().item() == pytest.approx(1.0, rel=0.1)
+    assert vit.no_weight_decay() == {"pos_embed", "cls_token"}
+    with pytest.raises(ValueError, match="task_embed_init='ones'"):
+        VisionTransformer(embed_dim=32, depth=1, num_heads=2, task_embed=True, task_embed_init="ones")

@@ -128,18 +128,24 @@ class MixedStream:
         self.make_loader = make_loader
         self.skipped = dict.fromkeys(sampler.tasks, 0)
         self._iters: dict[str, Iterator[dict[str, Any]]] = {}
+        self._replay_to = start_step  # steps before this were consumed before a resume: draw and discard them
 
-    def _next_batch(self, task: str) -> dict[str, Any]:
+    def _next_batch(self, task: str, *, count: bool = True) -> dict[str, Any]:
         if task not in self._iters:
             loader = self.make_loader(task, seed=self.seed, rank=self.rank, world_size=self.world_size,
                                       num_workers=self.num_workers, start_step=self.start_step,
                                       **self.loader_kwargs[task])
             self._iters[task] = iter(loader)
         batch = next(self._iters[task])
-        self.skipped[task] += int(batch.get("skipped", 0))
+        if count:
+            self.skipped[task] += int(batch.get("skipped", 0))
         return batch
 
     def __iter__(self) -> Iterator[tuple[int, str, Any]]:
+        while self.step < self._replay_to:  # resumed between two restarts: the same batches, not counted twice
+            for task in self.sampler.tasks_for_step(self.step):
+                self._next_batch(task, count=False)
+            self.step += 1
         while True:
             step = self.step
             tasks = self.sampler.draw(step)
@@ -153,22 +159,27 @@ class MixedStream:
     def restart(self) -> None:
         """Reseed every loader from (seed, current step), keeping the counters.
 
-        Called at every checkpoint: the batches after step s then depend only on (seed, s), so a run resumed from
-        the checkpoint of step s sees exactly the batches the uninterrupted run saw.
+        Called at every periodic checkpoint: the batches after such a step s depend only on (seed, s). A resume from
+        any other step (a signal checkpoint) rebuilds the loaders at the last restart and replays the steps since
+        (`state_dict` records both), so every resumed run sees exactly the batches the uninterrupted run saw.
         """
-        self.start_step = self.step
+        self.start_step = self._replay_to = self.step
         self.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Next step, realised task counts and this rank's skip counts (JSON-able); resume with
-        `MixedStream(start_step=state["step"])` + `load_state_dict(state)`."""
-        return {"step": self.step, "counts": dict(self.sampler.counts), "skipped": dict(self.skipped)}
+        """Next step, the step of the last restart, realised task counts and this rank's skip counts (JSON-able);
+        resume with `MixedStream(start_step=state["start_step"])` + `load_state_dict(state)`."""
+        return {"step": self.step, "start_step": self.start_step, "counts": dict(self.sampler.counts),
+                "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore counters (the step must already be the constructor's `start_step`)."""
-        if int(state["step"]) != self.start_step:
-            raise ValueError(f"state step {state['step']} != start_step {self.start_step}: build the stream with "
-                             f"start_step={state['step']}")
+        """Restore counters and the position: the stream must be built at the state's `start_step` (default: its
+        `step`); iteration then replays, without counting, the steps from there to `step`."""
+        start, step = int(state.get("start_step", state["step"])), int(state["step"])
+        if start != self.start_step or step < start:
+            raise ValueError(f"stream state (start_step {start}, step {step}) needs a stream built with "
+                             f"start_step={start}, this one has {self.start_step}")
+        self.step, self._replay_to = start, step
         self.sampler.load_state_dict(state)
         self.skipped = {t: int(state.get("skipped", {}).get(t, 0)) for t in self.sampler.tasks}
 

@@ -45,7 +45,8 @@ def pipeline(out: Path, *, pretrain_config: str, finetune_config: str, fast: boo
     """Every stage in order (paths inside `out`)."""
     p = [sys.executable, "-m", "pretrain"]
     shards, raw = out / "shards", out / "raw"
-    stages = [Stage("synth", [*p, "synth", "--out", str(raw), "--overwrite"], 1.0)]
+    stages = [Stage("synth", [*p, "synth", "--out", str(raw), "--overwrite", *(["--scale", "0.4"] if fast else [])],
+                    1.0)]
     for dataset, folder in RAW_DIRS.items():
         for split in ("train", "val"):
             stages.append(Stage(f"prepare_{dataset}_{split}", [

@@ -23,13 +23,12 @@ def _machine() -> str:
 
 
 def _versions() -> str:
-    import deepspeed
-    import torch
+    from importlib.metadata import version
 
     import pretrain
 
-    return (f"pretrain {pretrain.__version__}, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"deepspeed {deepspeed.__version__}")
+    return (f"pretrain {pretrain.__version__}, Python {platform.python_version()}, torch {version('torch')}, "
+            f"deepspeed {version('deepspeed')}, timm {version('timm')}")
 
 
 def _fmt(value) -> str:

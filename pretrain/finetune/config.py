@@ -12,6 +12,7 @@ from typing import Any
 
 from pretrain.config import (
     MODEL_SIZES,
+    SCHEMAS,
     VALIDATORS,
     EngineConfig,
     EvalConfig,
@@ -133,6 +134,7 @@ def _check(cfg: FinetuneConfig) -> None:
 
 
 VALIDATORS[FinetuneConfig] = _check
+SCHEMAS["finetune"] = FinetuneConfig
 
 
 def enabled_dense_tasks(cfg: FinetuneConfig) -> list[str]:

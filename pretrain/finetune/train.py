@@ -22,7 +22,7 @@ from pretrain.finetune.evaluate import evaluate_dense, plot_grid
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
 from pretrain.loop import LossWindow, NonFiniteGuard, TaskTimer, agree, clock, skip_micro_batch, to_device
 from pretrain.models.moe_losses import collect_aux_losses
-from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE, StopFlag
+from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE, stop_flag
 from pretrain.tracking import Tracker, wandb_mode
 
 logger = logging.getLogger(__name__)
@@ -47,14 +47,16 @@ def evaluate(cfg: FinetuneConfig, model, data: DenseData, info: dist.DistInfo, *
 def finetune_loop(cfg: FinetuneConfig, engine, model, data: DenseData, info: dist.DistInfo, start_step: int,
                   stream_state: dict | None) -> int:
     run_dir, accum = Path(cfg.output_dir), cfg.engine.grad_accum
-    mixed = make_stream(cfg, data, info, start_micro_step=start_step * accum)
+    # loaders restart at periodic checkpoints only; a resume from a signal checkpoint replays from the last restart
+    start_micro = stream_state.get("start_step", stream_state["step"]) if stream_state else start_step * accum
+    mixed = make_stream(cfg, data, info, start_micro_step=start_micro)
     if stream_state:
         mixed.load_state_dict(stream_state)
     stream = iter(mixed)
     writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_main)
     tracker = Tracker(run_dir=run_dir, mode=wandb_mode(cfg.logging.wandb), project=cfg.logging.project,
                       config=json.loads(json.dumps(cfg, default=vars)), enabled=info.is_main)
-    stop = StopFlag().install()
+    stop = stop_flag()  # installed by the CLI before the heavy imports (a signal during start-up is kept)
     window, timer, guard = LossWindow(), TaskTimer(["all"]), NonFiniteGuard(cfg.train.max_bad_steps)
     exit_code, step = 0, start_step
     bar = progress(total=cfg.train.max_steps, initial=start_step, desc="finetune", enabled=info.is_main)
@@ -66,7 +68,8 @@ def finetune_loop(cfg: FinetuneConfig, engine, model, data: DenseData, info: dis
             _, _, batch = next(stream)
             task_losses, decoder_aux = engine(to_device(batch["images"], engine.device),
                                               to_device(batch["targets"], engine.device))
-            loss, parts = model.objective(task_losses, {**collect_aux_losses(model), **decoder_aux})
+            backbone_aux = collect_aux_losses(model, end_of_step=_micro == accum - 1)
+            loss, parts = model.objective(task_losses, {**backbone_aux, **decoder_aux})
             timer.add(["all"], clock(engine.device) - t0, {"all": len(batch["images"])})
             # 2. agree across ranks on finiteness and stop requests
             finite, stopping = agree(loss, stop.requested)
@@ -97,10 +100,12 @@ def finetune_loop(cfg: FinetuneConfig, engine, model, data: DenseData, info: dis
             tracker.log(step, record)
             bar.set_postfix(loss=f"{record.get('loss/total', float('nan')):.3f}")
         # 6. checkpoint: periodic, at the end, or on a signal (then exit with the requeue code)
-        if (step % cfg.train.ckpt_every == 0 and step_ok) or step == cfg.train.max_steps or stopping:
+        periodic = step % cfg.train.ckpt_every == 0 and step_ok
+        if periodic or step == cfg.train.max_steps or stopping:
             checkpoint.save(engine, run_dir / "checkpoints", step, client_state={"step": step},
                             rank_state={**checkpoint.capture_rng(), "stream": mixed.state_dict()},
                             keep_last=cfg.train.keep_last)
+        if periodic:
             mixed.restart()
         if stopping:
             logger.warning("stopped by signal after step %d; exit %d so the job is requeued", step, EXIT_REQUEUE)

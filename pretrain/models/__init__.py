@@ -19,7 +19,7 @@ from pretrain.models.moe import MoEMlp
 from pretrain.models.moe_attention import MoEAttention
 from pretrain.models.multitask import MultiTaskModel
 from pretrain.models.upcycle import upcycle_vit
-from pretrain.models.vit import VisionTransformer
+from pretrain.models.vit import PLACEMENT_INITS, VisionTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -49,18 +49,33 @@ def moe_kwargs(model: ModelConfig, moe: MoEConfig) -> tuple[dict[str, Any], dict
     """Keyword arguments of the MoE MLP and MoE attention layers (beyond dim/num_tasks) for these sections.
 
     `moe.expert_hidden=0` → mlp_ratio·dim/top_k (k active experts: MLP FLOPs equal the dense MLP's);
-    `moe.attn_head_dim=0` → dim/num_heads. ep_size/ep_rank are not set here: the rank is a runtime fact, so
-    `pretrain.layers.moe_mlp_factory` binds them in the `moe_mlp_layer` factory passed to `build_model`.
+    `moe.attn_head_dim=0` → dim/num_heads; `auto` inits resolve per placement (`vit.PLACEMENT_INITS`).
+    ep_size/ep_rank are not set here: the rank is a runtime fact, so `pretrain.layers.moe_mlp_factory` binds them
+    in the `moe_mlp_layer` factory passed to `build_model`.
     """
     size, m = _size(model), moe
     dim = size["embed_dim"]
     hidden = m.expert_hidden or max(1, int(size["mlp_ratio"] * dim / m.top_k))
-    common = {"gate": m.gate, "noisy": m.noisy, "router_init": m.router_init, "usage_momentum": m.usage_momentum,
-              "mi_ema": m.mi_ema}
-    mlp = {"hidden_dim": hidden, "num_experts": m.num_experts, "top_k": m.top_k, **common}
+    common = {"gate": m.gate, "noisy": m.noisy, "router_init": _resolve(moe, "router_init"),
+              "usage_momentum": m.usage_momentum, "mi_ema": m.mi_ema}
+    # options beyond the MoE factory contract travel only when set, so the DeepSpeed backend keeps working
+    extra = {k: v for k, v in (("prob_eps", m.prob_eps), ("usage_in_eval", m.usage_in_eval)) if v}
+    init = _resolve(moe, "init")
+    mlp = {"hidden_dim": hidden, "num_experts": m.num_experts, "top_k": m.top_k, **common, **extra}
+    if m.backend == "deepspeed" and (extra or m.init not in ("auto", "timm")):
+        raise ValueError(f"moe.backend=deepspeed supports neither moe.prob_eps, moe.usage_in_eval nor moe.init="
+                         f"{m.init} (its experts keep the timm init): use moe.backend=native")
+    if init != "timm" and m.backend != "deepspeed":
+        mlp["init"] = init
     attn = {"num_experts": m.attn_num_experts, "top_k": m.attn_top_k,
-            "head_dim": m.attn_head_dim or dim // size["num_heads"], **common}
+            "head_dim": m.attn_head_dim or dim // size["num_heads"], **common, **extra, "init": init}
     return mlp, attn
+
+
+def _resolve(moe: MoEConfig, key: str) -> str:
+    """`moe.init` or `moe.router_init`; `auto` = the placement's official choice."""
+    value = getattr(moe, key)
+    return PLACEMENT_INITS[moe.placement][key] if value == "auto" else value
 
 
 def build_backbone(model: ModelConfig, moe: MoEConfig, *, moe_mlp_layer: Callable[..., nn.Module] | None = None
@@ -68,7 +83,8 @@ def build_backbone(model: ModelConfig, moe: MoEConfig, *, moe_mlp_layer: Callabl
     """The ViT of `model.size` with `moe.placement`; upcycled from `model.upcycle_from` when set."""
     mlp_kwargs, attn_kwargs = moe_kwargs(model, moe)
     vit = VisionTransformer(**_size(model), drop_path=model.drop_path, num_tasks=len(TASKS),
-                            task_embed=model.task_embed, placement=moe.placement,
+                            task_embed=model.task_embed, task_embed_init=model.task_embed_init,
+                            dense_attn_head_dim=moe.dense_attn_head_dim, placement=moe.placement,
                             moe_mlp_layer=moe_mlp_layer or MoEMlp, moe_mlp_kwargs=mlp_kwargs,
                             moe_attn_layer=MoEAttention, moe_attn_kwargs=attn_kwargs)
     if model.upcycle_from:
@@ -77,7 +93,7 @@ def build_backbone(model: ModelConfig, moe: MoEConfig, *, moe_mlp_layer: Callabl
 
 
 def _cls_head(vit: VisionTransformer, *, task_id: int, kind: str, num_classes: int, model: ModelConfig) -> nn.Module:
-    return ClsHead(dim=vit.embed_dim, num_classes=num_classes, num_prefix_tokens=vit.num_prefix_tokens)
+    return ClsHead(dim=vit.embed_dim, num_classes=num_classes, num_prefix_tokens=vit.num_prefix_tokens, order=kind)
 
 
 def _det_head(vit: VisionTransformer, *, task_id: int, kind: str, num_classes: int, model: ModelConfig) -> nn.Module:

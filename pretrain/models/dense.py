@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models.heads.det import IMAGENET_MEAN, IMAGENET_STD
@@ -20,6 +21,34 @@ from pretrain.models.vit import VisionTransformer
 logger = logging.getLogger(__name__)
 
 ROUTINGS = ("per_task", "shared")
+
+
+class FloatBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that normalises in fp32 whatever the dtype of its input and parameters.
+
+    DeepSpeed's bf16 mode casts parameters but not the running statistics, and cuDNN's batch-norm backward refuses
+    bf16 weights with fp32 statistics; fp32 statistics are also what the references train with (AMP keeps batch
+    norm in fp32). Same state dict and, in fp32, the same numbers as `nn.BatchNorm2d`.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        batch_stats = self.training or self.running_mean is None
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        out = F.batch_norm(x.float(), self.running_mean, self.running_var, weight, bias, batch_stats, momentum,
+                           self.eps)
+        return out.to(x.dtype)
+
+
+def use_float_batchnorm_(module: nn.Module) -> nn.Module:
+    """Turn every plain `nn.BatchNorm2d` under `module` into a `FloatBatchNorm2d` (in place, state kept)."""
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = FloatBatchNorm2d
+    return module
 
 
 def _count(modules: list[nn.Module]) -> int:
@@ -48,7 +77,7 @@ class DenseModel(nn.Module):
         missing = [t for t in tasks if t not in losses]
         if missing:
             raise ValueError(f"no loss for dense tasks {missing}")
-        self.backbone, self.decoder, self.objective = backbone, decoder, objective
+        self.backbone, self.decoder, self.objective = backbone, use_float_batchnorm_(decoder), objective
         self.tasks, self.routing, self.losses = list(tasks), routing, dict(losses)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)

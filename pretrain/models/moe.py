@@ -4,28 +4,35 @@ Routing: per-task router -> softmax -> top-k -> stable argsort of the S*K token-
 rows -> each expert runs on its contiguous slice (one GEMM per expert per layer) -> results go back to token order
 and are combined with the gates in one batched matmul. No capacity, no padding, no one-hot [S, E, C] tensor: no
 token is ever dropped. With expert parallelism the sorted rows travel to the rank holding their expert through
-an injected `comm` (see pretrain/expert_parallel.py); this module never imports torch.distributed. MOE.md has the
-design notes.
+an injected `comm` (see pretrain/expert_parallel.py); this module never imports torch.distributed. Routers and
+statistics live in `moe_routing.py`; MOE.md has the design notes.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.models import moe_losses
+from pretrain.models.moe_routing import (  # re-exported: the routing layer's historical home
+    GATES,
+    MI_TASK_WEIGHTINGS,
+    ROUTER_INITS,
+    Routing,
+    TaskRoutedLayer,
+    TaskRouter,
+    _check_choice,
+)
+
+__all__ = ["EXPERT_INITS", "GATES", "MI_TASK_WEIGHTINGS", "ROUTER_INITS", "GroupedExperts", "GroupedLinear", "MoEMlp",
+           "PermuteRows", "Routing", "TaskRoutedLayer", "TaskRouter", "combine_slots", "init_experts_", "permute_rows",
+           "sort_routes"]
 
 logger = logging.getLogger(__name__)
 
-GATES = ("raw", "renorm")
-ROUTER_INITS = ("zero", "normal")
-MI_TASK_WEIGHTINGS = ("uniform", "tokens")
-_NOISE_EPS = 1e-2  # Mod-Squad adds it to softplus(noise logits)
+EXPERT_INITS = ("timm", "modsquad", "m3vit")
 
 
 class GroupedLinear(torch.autograd.Function):
@@ -119,177 +126,63 @@ def combine_slots(y_RD: Tensor, inverse_R: Tensor, order_R: Tensor, gates_SK: Te
     return torch.bmm(gates_SK.to(y_SKD.dtype).unsqueeze(1), y_SKD).squeeze(1)
 
 
+def init_experts_(w_EIO: Tensor, b_EO: Tensor | None, init: str) -> None:
+    """Initialise stacked expert weights w [E, in, out] and biases b [E, out] in place (EXPERT_INITS).
+
+    `timm`: trunc_normal(std 0.02) weights, zero biases (timm's ViT Linear init; the project's original).
+    `modsquad`: U(+-1/in) weights and U(+-1/sqrt(out)) biases (Mod-Squad's `ParallelExperts.reset_parameters`: the
+    bias bound comes from the fan-in of w[0] [in, out], which torch takes as out; `self.apply(_init_weights)` leaves
+    these non-Linear parameters alone).
+    `m3vit`: kaiming_uniform(a=sqrt 5) of FastMoE's [E, out, in] weight, i.e. U(+-1/sqrt(in*out)), zero biases.
+    """
+    _check_choice("init", init, EXPERT_INITS)
+    fan_in, fan_out = w_EIO.shape[1], w_EIO.shape[2]
+    if init == "timm":
+        nn.init.trunc_normal_(w_EIO, std=0.02)
+    elif init == "modsquad":
+        nn.init.uniform_(w_EIO, -1.0 / fan_in, 1.0 / fan_in)
+    else:
+        bound = (fan_in * fan_out) ** -0.5
+        nn.init.uniform_(w_EIO, -bound, bound)
+    if b_EO is not None:
+        if init == "modsquad":
+            nn.init.uniform_(b_EO, -fan_out**-0.5, fan_out**-0.5)
+        else:
+            nn.init.zeros_(b_EO)
+
+
 class GroupedExperts(nn.Module):
     """E_local two-layer MLP experts with stacked weights w1 [E, D, H], b1 [E, H], w2 [E, H, D], b2 [E, D]."""
 
     def __init__(self, *, num_experts: int, dim: int, hidden_dim: int, act_layer: Callable[[], nn.Module],
-                 bias: bool) -> None:
+                 bias: bool, init: str = "timm") -> None:
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, dim)) if bias else None
         self.act = act_layer()
-        self.reset_parameters()
+        self.reset_parameters(init)
 
-    def reset_parameters(self) -> None:
-        """timm ViT init for Linear layers: trunc_normal(std 0.02) weights, zero biases."""
-        for w in (self.w1, self.w2):
-            nn.init.trunc_normal_(w, std=0.02)
-        for b in (self.b1, self.b2):
-            if b is not None:
-                nn.init.zeros_(b)
+    def reset_parameters(self, init: str = "timm") -> None:
+        """`init_experts_` on both layers (timm: w1, w2 drawn first, then the biases, as before)."""
+        if init == "timm":  # the original draw order, kept so existing seeds give the same weights
+            for w in (self.w1, self.w2):
+                nn.init.trunc_normal_(w, std=0.02)
+            for b in (self.b1, self.b2):
+                if b is not None:
+                    nn.init.zeros_(b)
+            return
+        init_experts_(self.w1, self.b1, init)
+        init_experts_(self.w2, self.b2, init)
 
     def forward(self, x_RD: Tensor, counts: list[int]) -> Tensor:
         """x_RD [R, D] rows grouped by local expert, counts[e] rows each -> [R, D]."""
+        # the experts' GEMMs write into `out=` buffers, which autocast never casts: under CUDA autocast (the bf16
+        # detector path) LayerNorm hands fp32 activations to bf16 weights, so match the weights' dtype here
+        x_RD = x_RD.to(self.w1.dtype)
         h_RH = self.act(GroupedLinear.apply(x_RD, counts, self.w1, self.b1))
         return GroupedLinear.apply(h_RH, counts, self.w2, self.b2)
-
-
-class TaskRouter(nn.Module):
-    """One linear router per task: `weight` [T, E, D] (and `noise_weight` [T, E, D] for noisy gating)."""
-
-    def __init__(self, *, dim: int, num_experts: int, num_tasks: int, noisy: bool, init: str) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(num_tasks, num_experts, dim))
-        self.noise_weight = nn.Parameter(torch.zeros(num_tasks, num_experts, dim)) if noisy else None
-        if init == "normal":
-            nn.init.normal_(self.weight, std=0.02)
-
-    def forward(self, x_BND: Tensor, task_B: Tensor, single_task: int | None = None) -> tuple[Tensor, Tensor | None]:
-        """Clean logits [B, N, E] of each sample's task router, and softplus noise std [B, N, E] (None if not noisy).
-
-        `single_task` (all of task_B equal to it) selects one plain GEMM instead of B small batched ones.
-        """
-        logits_BNE = self._logits(self.weight, x_BND, task_B, single_task)
-        if self.noise_weight is None:
-            return logits_BNE, None
-        return logits_BNE, F.softplus(self._logits(self.noise_weight, x_BND, task_B, single_task)) + _NOISE_EPS
-
-    @staticmethod
-    def _logits(weight_TED: Tensor, x_BND: Tensor, task_B: Tensor, single_task: int | None) -> Tensor:
-        if single_task is not None:
-            return F.linear(x_BND, weight_TED[single_task])
-        return torch.bmm(x_BND, weight_TED[task_B].transpose(1, 2))
-
-
-@dataclass
-class Routing:
-    """Result of routing S = B*N tokens (float32 router math)."""
-
-    logits_SE: Tensor  # logits the softmax saw (noisy in training when noisy gating is on)
-    probs_SE: Tensor
-    gates_SK: Tensor
-    idx_SK: Tensor
-    load_E: Tensor  # differentiable noisy load when noisy and training, else routed counts (for the CV loss)
-
-
-class TaskRoutedLayer(nn.Module):
-    """Shared routing, statistics and auxiliary-loss machinery of MoEMlp and MoEAttention."""
-
-    def __init__(self, *, dim: int, num_experts: int, top_k: int, num_tasks: int, gate: str, noisy: bool,
-                 router_init: str, usage_momentum: float, mi_ema: float, mi_task_weighting: str) -> None:
-        super().__init__()
-        _check_choice("gate", gate, GATES)
-        _check_choice("router_init", router_init, ROUTER_INITS)
-        _check_choice("mi_task_weighting", mi_task_weighting, MI_TASK_WEIGHTINGS)
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks={num_tasks} must be >= 1")
-        if not 0.0 <= mi_ema < 1.0 or not 0.0 <= usage_momentum < 1.0:
-            raise ValueError(f"mi_ema={mi_ema} and usage_momentum={usage_momentum} must be in [0, 1)")
-        self.num_experts, self.top_k, self.num_tasks = num_experts, top_k, num_tasks
-        self.gate, self.noisy, self.usage_momentum = gate, noisy, usage_momentum
-        self.mi_ema, self.mi_task_weighting = mi_ema, mi_task_weighting
-        self.router = TaskRouter(dim=dim, num_experts=num_experts, num_tasks=num_tasks, noisy=noisy, init=router_init)
-        self.register_buffer("usage_TE", torch.zeros(num_tasks, num_experts))
-        # decaying sums of the GLOBAL MI statistics of past steps (used when mi_ema > 0)
-        self.register_buffer("mi_probs_TE", torch.zeros(num_tasks, num_experts))
-        self.register_buffer("mi_counts_TE", torch.zeros(num_tasks, num_experts))
-        self.stats_reducer: Callable[[Tensor], Tensor] | None = None
-        self.aux: dict[str, Tensor] = {}
-        self.last_counts_TE: Tensor | None = None
-
-    def _check_inputs(self, x_BND: Tensor, task_B: Tensor) -> int | None:
-        """Validate x_BND [B, N, D] and task_B [B]; return the task id when all samples share one, else None."""
-        if x_BND.dim() != 3:
-            raise ValueError(f"{type(self).__name__}: x must be [B, N, D], got shape {tuple(x_BND.shape)}")
-        if task_B.shape != (x_BND.shape[0],) or task_B.dtype != torch.long:
-            raise ValueError(f"{type(self).__name__}: task ids must be a LongTensor of shape [B={x_BND.shape[0]}], "
-                             f"got {task_B.dtype} {tuple(task_B.shape)}")
-        if task_B.numel() == 0:
-            raise ValueError(f"{type(self).__name__}: empty batch")
-        low, high = torch.aminmax(task_B)
-        low, high = int(low), int(high)
-        if low < 0 or high >= self.num_tasks:
-            raise ValueError(f"{type(self).__name__}: task ids {task_B.unique().tolist()} outside "
-                             f"[0, num_tasks={self.num_tasks})")
-        return low if low == high else None
-
-    def route(self, x_BND: Tensor, task_B: Tensor, single_task: int | None = None) -> Routing:
-        """Per-task softmax top-k routing of every token of x_BND [B, N, D]; see `Routing`."""
-        clean_BNE, noise_std_BNE = self.router(x_BND, task_B, single_task)
-        clean_SE = clean_BNE.reshape(-1, self.num_experts).float()
-        logits_SE = clean_SE
-        use_noise = noise_std_BNE is not None and self.training
-        if use_noise:
-            noise_std_SE = noise_std_BNE.reshape_as(clean_SE).float()
-            logits_SE = clean_SE + torch.randn_like(clean_SE) * noise_std_SE
-        probs_SE = logits_SE.softmax(dim=-1)
-        gates_SK, idx_SK = probs_SE.topk(self.top_k, dim=-1)
-        if self.gate == "renorm":
-            gates_SK = gates_SK / gates_SK.sum(dim=-1, keepdim=True)
-        if use_noise and self.top_k < self.num_experts:
-            load_E = moe_losses.prob_in_top_k(clean_SE, logits_SE, noise_std_SE, self.top_k).sum(dim=0)
-        else:
-            load_E = torch.bincount(idx_SK.reshape(-1), minlength=self.num_experts).float()
-        return Routing(logits_SE, probs_SE, gates_SK, idx_SK, load_E)
-
-    def record_statistics(self, routing: Routing, task_B: Tensor) -> Tensor:
-        """Set `self.aux` and `self.last_counts_TE`, update the usage/MI buffers in training; return counts_E [E].
-
-        Calls `stats_reducer` once when set (collective: every rank must run the same MoE layers in order).
-        """
-        num_e, num_t, k = self.num_experts, self.num_tasks, self.top_k
-        num_tokens = routing.idx_SK.shape[0]
-        tokens_per_sample = num_tokens // max(task_B.numel(), 1)
-        task_S = task_B.repeat_interleave(tokens_per_sample)
-        slot_ids = (task_S[:, None] * num_e + routing.idx_SK).reshape(-1)
-        counts_TE = torch.bincount(slot_ids, minlength=num_t * num_e).view(num_t, num_e)
-        counts_E = counts_TE.sum(dim=0)
-        probs_TE = routing.probs_SE.new_zeros(num_t, num_e).index_add(
-            0, task_B, routing.probs_SE.view(-1, tokens_per_sample, num_e).sum(dim=1))
-        counts_TE = counts_TE.float()
-        if self.stats_reducer is not None:
-            probs_TE, counts_TE = moe_losses.reduce_statistics(probs_TE, counts_TE, self.stats_reducer)
-        self.last_counts_TE = counts_TE.detach()  # this forward's (global when reduced) selection counts
-        if self.mi_ema > 0:
-            probs_TE = self.mi_ema * self.mi_probs_TE + probs_TE
-            counts_TE = self.mi_ema * self.mi_counts_TE + counts_TE
-        mi_probs_TE = probs_TE
-        if self.mi_task_weighting == "uniform":
-            mi_probs_TE = moe_losses.balance_task_mass(probs_TE, counts_TE, k)
-        importance_E = routing.gates_SK.new_zeros(num_e).index_add(
-            0, routing.idx_SK.reshape(-1), routing.gates_SK.reshape(-1))
-        self.aux = {
-            "mi": moe_losses.mutual_information_loss(mi_probs_TE, counts_TE.sum(dim=0), k),
-            "cv": moe_losses.cv_loss(importance_E, routing.load_E),
-            "switch": moe_losses.switch_loss(routing.probs_SE.sum(dim=0), counts_E),
-            "z": moe_losses.z_loss(routing.logits_SE),
-        }
-        if self.training:
-            with torch.no_grad():
-                moe_losses.update_usage_(self.usage_TE, self.last_counts_TE, self.usage_momentum)
-                if self.mi_ema > 0:
-                    self.mi_probs_TE.copy_(probs_TE)
-                    self.mi_counts_TE.copy_(counts_TE)
-        return counts_E
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {choices}")
 
 
 class MoEMlp(TaskRoutedLayer):
@@ -297,24 +190,26 @@ class MoEMlp(TaskRoutedLayer):
 
     forward(x_BND [B, N, D], task_B [B] long) -> y_BND [B, N, D]; tokens of sample b use router task_B[b].
     Expert parameters live in `self.experts` (local experts only when ep_size > 1: local i = global
-    ep_rank * E_local + i); `self.comm` (an ExpertComm) must be injected when ep_size > 1.
+    ep_rank * E_local + i); `self.comm` (an ExpertComm) must be injected when ep_size > 1. `init` is the expert
+    init (EXPERT_INITS, `init_experts_`); `prob_eps`, `usage_in_eval`: see `TaskRoutedLayer`.
     """
 
     def __init__(self, *, dim: int, hidden_dim: int, num_experts: int, top_k: int, num_tasks: int,
                  gate: str = "raw", noisy: bool = False, router_init: str = "zero",
                  act_layer: Callable[[], nn.Module] = nn.GELU, bias: bool = True, ep_size: int = 1,
                  ep_rank: int = 0, usage_momentum: float = 0.95, mi_ema: float = 0.0,
-                 mi_task_weighting: str = "uniform") -> None:
+                 mi_task_weighting: str = "uniform", init: str = "timm", prob_eps: float = 0.0,
+                 usage_in_eval: bool = False) -> None:
         super().__init__(dim=dim, num_experts=num_experts, top_k=top_k, num_tasks=num_tasks, gate=gate, noisy=noisy,
                          router_init=router_init, usage_momentum=usage_momentum, mi_ema=mi_ema,
-                         mi_task_weighting=mi_task_weighting)
+                         mi_task_weighting=mi_task_weighting, prob_eps=prob_eps, usage_in_eval=usage_in_eval)
         if ep_size < 1 or num_experts % ep_size or not 0 <= ep_rank < ep_size:
             raise ValueError(f"num_experts={num_experts}, ep_size={ep_size}, ep_rank={ep_rank}: need ep_size to divide "
                              "num_experts and 0 <= ep_rank < ep_size")
         self.ep_size, self.ep_rank = ep_size, ep_rank
         self.num_local_experts = num_experts // ep_size
         self.experts = GroupedExperts(num_experts=self.num_local_experts, dim=dim, hidden_dim=hidden_dim,
-                                      act_layer=act_layer, bias=bias)
+                                      act_layer=act_layer, bias=bias, init=init)
         self.comm = None  # ExpertComm, injected by the engine when ep_size > 1
 
     def forward(self, x_BND: Tensor, task_B: Tensor) -> Tensor:

@@ -19,45 +19,58 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.models.moe import GroupedLinear, TaskRoutedLayer, combine_slots, permute_rows, sort_routes
+from pretrain.models.moe import (
+    GroupedLinear,
+    TaskRoutedLayer,
+    combine_slots,
+    init_experts_,
+    permute_rows,
+    sort_routes,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class HeadExperts(nn.Module):
-    """Stacked head-expert projections: `q_weight` [E, D, hd] (query) and `o_weight` [E, hd, D] (output)."""
+    """Stacked head-expert projections: `q_weight` [E, D, hd] (query) and `o_weight` [E, hd, D] (output), no bias.
 
-    def __init__(self, *, num_experts: int, dim: int, head_dim: int) -> None:
+    Same layout as Mod-Squad's `q_proj.experts.w` and `q_proj.output_experts.w`.
+    """
+
+    def __init__(self, *, num_experts: int, dim: int, head_dim: int, init: str = "timm") -> None:
         super().__init__()
         self.q_weight = nn.Parameter(torch.empty(num_experts, dim, head_dim))
         self.o_weight = nn.Parameter(torch.empty(num_experts, head_dim, dim))
-        self.reset_parameters()
+        self.reset_parameters(init)
 
-    def reset_parameters(self) -> None:
-        """timm ViT init for Linear layers: trunc_normal(std 0.02)."""
-        nn.init.trunc_normal_(self.q_weight, std=0.02)
-        nn.init.trunc_normal_(self.o_weight, std=0.02)
+    def reset_parameters(self, init: str = "timm") -> None:
+        """`init_experts_` (timm: trunc_normal std 0.02; modsquad: U(+-1/in); m3vit: U(+-1/sqrt(in*out)))."""
+        init_experts_(self.q_weight, None, init)
+        init_experts_(self.o_weight, None, init)
 
 
 class MoEAttention(TaskRoutedLayer):
     """Task-routed mixture of attention heads with a shared K/V head (multi-query attention).
 
-    forward(x_BND [B, N, D], task_B [B] long) -> y_BND [B, N, D].
+    forward(x_BND [B, N, D], task_B [B] long) -> y_BND [B, N, D]. `init`: head-expert init (EXPERT_INITS);
+    `prob_eps`, `usage_in_eval`: see `TaskRoutedLayer`.
     """
 
     def __init__(self, *, dim: int, num_experts: int, top_k: int, head_dim: int, num_tasks: int,
-                 gate: str = "raw", noisy: bool = False, router_init: str = "zero", qkv_bias: bool = False,
+                 gate: str = "raw", noisy: bool = False, router_init: str = "zero", qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, usage_momentum: float = 0.95,
-                 mi_ema: float = 0.0, mi_task_weighting: str = "uniform") -> None:
+                 mi_ema: float = 0.0, mi_task_weighting: str = "uniform", init: str = "timm",
+                 prob_eps: float = 0.0, usage_in_eval: bool = False) -> None:
         super().__init__(dim=dim, num_experts=num_experts, top_k=top_k, num_tasks=num_tasks, gate=gate, noisy=noisy,
                          router_init=router_init, usage_momentum=usage_momentum, mi_ema=mi_ema,
-                         mi_task_weighting=mi_task_weighting)
+                         mi_task_weighting=mi_task_weighting, prob_eps=prob_eps, usage_in_eval=usage_in_eval)
         if head_dim < 1:
             raise ValueError(f"head_dim={head_dim} must be >= 1")
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
-        self.heads = HeadExperts(num_experts=num_experts, dim=dim, head_dim=head_dim)
-        # qkv_bias applies to the shared K/V projection (Mod-Squad's kv_proj has a bias; its head experts have none)
+        self.heads = HeadExperts(num_experts=num_experts, dim=dim, head_dim=head_dim, init=init)
+        # qkv_bias applies to the shared K/V projection: Mod-Squad's kv_proj always has a bias (hence the default),
+        # its head experts have none
         self.kv_proj = nn.Linear(dim, 2 * head_dim, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
@@ -69,6 +82,7 @@ class MoEAttention(TaskRoutedLayer):
         counts = self.record_statistics(routing, task_B).tolist()
         order_R, inverse_R = sort_routes(routing.idx_SK)
         x_RD = x_BND.reshape(batch * tokens, dim).index_select(0, order_R // self.top_k)
+        x_RD = x_RD.to(self.heads.q_weight.dtype)  # `out=` GEMMs are never autocast (see GroupedExperts.forward)
         q_RH = GroupedLinear.apply(x_RD, counts, self.heads.q_weight, None)
         # slots back in token order: queries of image b are its N*K (token, head) slots
         q_B1QH = permute_rows(q_RH, inverse_R, order_R).view(batch, 1, tokens * self.top_k, self.head_dim)
@@ -76,7 +90,7 @@ class MoEAttention(TaskRoutedLayer):
         o_B1QH = F.scaled_dot_product_attention(
             q_B1QH, k_BNH.unsqueeze(1), v_BNH.unsqueeze(1),
             dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
-        o_RH = permute_rows(o_B1QH.reshape(-1, self.head_dim), order_R, inverse_R)
+        o_RH = permute_rows(o_B1QH.reshape(-1, self.head_dim), order_R, inverse_R).to(self.heads.o_weight.dtype)
         y_RD = GroupedLinear.apply(o_RH, counts, self.heads.o_weight, None)
         y_SD = combine_slots(y_RD, inverse_R, order_R, routing.gates_SK)
         return self.proj_drop(y_SD.view(batch, tokens, dim))

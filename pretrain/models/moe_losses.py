@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,34 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 _MI_EPS = 1e-4  # Mod-Squad's constant, used in four places of its MI loss
+
+
+@dataclass
+class RoutingStats:
+    """Running sums of one MoE layer's routing statistics over one or more forwards (`a + b` adds them).
+
+    probs_TE [T, E]: sum of p(e|x) over the tokens of task t (differentiable; global when a reducer is set).
+    counts_TE [T, E]: routed token-slots (global when reduced). The rest are this rank's (local) sums, the
+    statistics Mod-Squad's `get_aux_loss_and_clear` pools over its T passes: importance_E [E] = sum of gates,
+    load_E [E] = counts or noisy load, probs_E [E] = sum of p, counts_E [E] = routed slots, lse_sq = sum of
+    logsumexp(logits)^2 over tokens, tokens = token count.
+    """
+
+    probs_TE: Tensor
+    counts_TE: Tensor
+    importance_E: Tensor
+    load_E: Tensor
+    probs_E: Tensor
+    counts_E: Tensor
+    lse_sq: Tensor
+    tokens: int
+
+    def __add__(self, other: RoutingStats) -> RoutingStats:
+        return RoutingStats(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
+
+    def detach(self) -> RoutingStats:
+        return RoutingStats(*(v.detach() if isinstance(v, Tensor) else v
+                              for v in (getattr(self, f) for f in self.__dataclass_fields__)))
 
 
 def cv_squared(x_E: Tensor) -> Tensor:
@@ -156,16 +185,31 @@ def update_usage_(usage_TE: Tensor, counts_TE: Tensor, momentum: float) -> None:
 
 def moe_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every task-routed MoE layer (MoEMlp, MoEAttention) in `model`, in `named_modules` order."""
-    return [(name, m) for name, m in model.named_modules() if hasattr(m, "aux") and hasattr(m, "usage_TE")]
+    # `pop_aux_losses`, not the `aux` property: hasattr would compute the last forward's losses for nothing
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "pop_aux_losses") and hasattr(m, "usage_TE")]
 
 
-def collect_aux_losses(model: nn.Module) -> dict[str, Tensor]:
-    """Sum each auxiliary loss ("mi", "cv", "switch", "z") over the MoE layers of the last forward.
+def collect_aux_losses(model: nn.Module, *, end_of_step: bool = True) -> dict[str, Tensor]:
+    """Sum each auxiliary loss ("mi", "cv", "switch", "z") over the MoE layers, each layer's losses computed over
+    EVERY training forward since the previous call (e.g. the T task forwards of an all-tasks step), then clear.
 
-    Returns an empty dict when the model has no MoE layer or none has run a forward yet.
+    Call once per micro-batch, after all its forwards and before its backward. With gradient accumulation pass
+    `end_of_step=False` for all but the last micro-batch of an optimizer step: earlier micro-batches then stay in
+    the MI statistics (detached) and the MI EMA is updated once per optimizer step. Returns an empty dict when the
+    model has no MoE layer or no training forward ran since the last call.
     """
     totals: dict[str, Tensor] = {}
     for _, module in moe_modules(model):
-        for key, value in module.aux.items():
+        for key, value in module.pop_aux_losses(end_of_step).items():
             totals[key] = totals[key] + value if key in totals else value
     return totals
+
+
+def pop_routing_counts(model: nn.Module) -> dict[str, Tensor]:
+    """Layer name -> selection counts [T, E] of the training forwards since the last call; clears them.
+
+    The counts are already summed over data-parallel ranks when a `stats_reducer` is set (do NOT all-reduce them
+    again). Layers without training forwards since the last call are left out.
+    """
+    popped = {name: module.pop_routing_counts() for name, module in moe_modules(model)}
+    return {name: counts for name, counts in popped.items() if counts is not None}

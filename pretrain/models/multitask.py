@@ -28,7 +28,7 @@ def _count(modules: list[nn.Module]) -> int:
 
 
 def _forward_cls(model: MultiTaskModel, head: nn.Module, images: Tensor, task_B: Tensor, targets: Any):
-    out = head(model.backbone.forward_features(model.normalize(images), task_B))
+    out = head(model.backbone.forward_features(model.normalize(images), task_B, norm=head.backbone_norm))
     return head.loss(out, targets) if model.training else out
 
 

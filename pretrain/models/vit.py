@@ -35,6 +35,13 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 PLACEMENTS = ("modsquad", "m3vit", "dense")
+TASK_EMBED_INITS = ("zero", "randn")
+# what `auto` means per placement: the official code's effective inits (MOE.md, "Initialisation")
+PLACEMENT_INITS: dict[str, dict[str, str]] = {
+    "modsquad": {"init": "modsquad", "router_init": "trunc_normal"},
+    "m3vit": {"init": "m3vit", "router_init": "uniform"},
+    "dense": {"init": "timm", "router_init": "trunc_normal"},
+}
 
 
 def moe_layout(placement: str, depth: int) -> list[tuple[bool, bool]]:
@@ -111,11 +118,16 @@ class VisionTransformer(nn.Module):
         drop_path: stochastic-depth rate of the last block (linear ramp from 0).
         init_values: LayerScale init (None = no LayerScale, as timm's plain ViT).
         num_tasks: T; size of the task embedding and of each MoE layer's router stack.
-        task_embed: add a learned per-task vector (zero-init) to the tokens before every block (Mod-Squad).
+        task_embed: add a learned per-task vector to the tokens before every block (Mod-Squad).
+        task_embed_init: `zero` (no weight decay; an upcycled model then starts as the dense one) or `randn`
+            (std 1, weight-decayed: Mod-Squad's `torch.randn(1, T, D)`, which its optimizer groups decay).
+        dense_attn_head_dim: head dim of the dense attention blocks; 0 = embed_dim / num_heads. Mod-Squad's ViT-B
+            uses 128 (its `head_dim` reaches the dense `Attention` too: qkv D -> 3*H*128, proj H*128 -> D).
         placement: `modsquad` | `m3vit` | `dense` (module docstring).
         moe_mlp_layer: factory called with the MoE contract's keywords (`dim`, `hidden_dim`, `num_experts`,
             `top_k`, `num_tasks`, `gate`, `noisy`, `router_init`, `act_layer`, `bias`, `usage_momentum`,
-            `mi_ema`); required when the placement has MoE MLPs. The engine passes a DeepSpeed-backed one.
+            `mi_ema`, and only when set by the config: `init`, `prob_eps`, `usage_in_eval`); required when the
+            placement has MoE MLPs. The engine passes a DeepSpeed-backed one.
         moe_mlp_kwargs: keywords for `moe_mlp_layer` other than `dim`, `num_tasks`, `act_layer`, `bias`.
         moe_attn_layer, moe_attn_kwargs: the same for MoE attention (`modsquad` only).
     """
@@ -123,7 +135,8 @@ class VisionTransformer(nn.Module):
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
                  init_values: float | None = None, num_tasks: int = 1, task_embed: bool = False,
-                 placement: str = "dense", moe_mlp_layer: Callable[..., nn.Module] | None = None,
+                 task_embed_init: str = "zero", dense_attn_head_dim: int = 0, placement: str = "dense",
+                 moe_mlp_layer: Callable[..., nn.Module] | None = None,
                  moe_mlp_kwargs: dict[str, Any] | None = None, moe_attn_layer: Callable[..., nn.Module] | None = None,
                  moe_attn_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -139,6 +152,9 @@ class VisionTransformer(nn.Module):
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1, embed_dim))
+        if task_embed_init not in TASK_EMBED_INITS:
+            raise ValueError(f"task_embed_init={task_embed_init!r} is not one of {TASK_EMBED_INITS}")
+        self.task_embed_init = task_embed_init
         self.task_embed = nn.Parameter(torch.zeros(num_tasks, embed_dim)) if task_embed else None
         layout = moe_layout(placement, depth)
         dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear ramp; no tensor (meta-safe)
@@ -148,7 +164,8 @@ class VisionTransformer(nn.Module):
                 attn = _required(moe_attn_layer, "moe_attn_layer", placement)(
                     dim=embed_dim, num_tasks=num_tasks, qkv_bias=qkv_bias, **(moe_attn_kwargs or {}))
             else:
-                attn = Attention(embed_dim, num_heads=num_heads, qkv_bias=qkv_bias)
+                attn = Attention(embed_dim, num_heads=num_heads, attn_head_dim=dense_attn_head_dim or None,
+                                 qkv_bias=qkv_bias)
                 _init_dense(attn)
             if mlp_moe:
                 mlp = _required(moe_mlp_layer, "moe_mlp_layer", placement)(
@@ -162,6 +179,8 @@ class VisionTransformer(nn.Module):
         self.norm = LayerNorm(embed_dim)
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.task_embed is not None and task_embed_init == "randn":
+            nn.init.normal_(self.task_embed)
 
     @property
     def depth(self) -> int:
@@ -170,7 +189,7 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this module) excluded from weight decay."""
         names = {"pos_embed", "cls_token"}
-        return names | ({"task_embed"} if self.task_embed is not None else set())
+        return names | ({"task_embed"} if self.task_embed is not None and self.task_embed_init == "zero" else set())
 
     def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """x [B,3,H,W] → tokens [B,1+h·w,D] with class token and position embedding, and the grid (h, w)."""
@@ -179,7 +198,8 @@ class VisionTransformer(nn.Module):
         pos = resample_abs_pos_embed(self.pos_embed, new_size=(h, w), old_size=self.patch_embed.grid_size,
                                      num_prefix_tokens=self.num_prefix_tokens)
         x_BND = torch.cat([self.cls_token.expand(B, -1, -1), x_BhwD.reshape(B, h * w, D)], dim=1)
-        return x_BND + pos, (h, w)
+        # timm releases differ in whether the resampled embedding keeps the weights' dtype (bf16 under DeepSpeed)
+        return x_BND + pos.to(x_BND.dtype), (h, w)
 
     def _check_task(self, x: Tensor, task_B: Tensor) -> None:
         if task_B.dtype != torch.long or task_B.shape != (x.shape[0],):
@@ -190,13 +210,14 @@ class VisionTransformer(nn.Module):
             x_BND = x_BND + self.task_embed[task_B].unsqueeze(1)
         return self.blocks[i](x_BND, task_B)
 
-    def forward_features(self, x: Tensor, task_B: Tensor) -> Tensor:
-        """x [B,3,H,W] normalised float, task_B [B] int64 → final-normed tokens [B,1+h·w,D] (class token first)."""
+    def forward_features(self, x: Tensor, task_B: Tensor, norm: bool = True) -> Tensor:
+        """x [B,3,H,W] normalised float, task_B [B] int64 → tokens [B,1+h·w,D] (class token first), final-normed
+        unless `norm=False` (Mod-Squad's class path pools the un-normed tokens: `ClsHead(order="modsquad")`)."""
         self._check_task(x, task_B)
         x_BND, _ = self._embed(x)
         for i in range(self.depth):
             x_BND = self._block(i, x_BND, task_B)
-        return self.norm(x_BND)
+        return self.norm(x_BND) if norm else x_BND
 
     def forward_intermediates(self, x: Tensor, task_B: Tensor, indices: int | Sequence[int] | None = None,
                               norm: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,

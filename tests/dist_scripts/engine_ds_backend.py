@@ -3,7 +3,8 @@
 Trains STEPS optimizer steps with ZeRO-1 (loss finite, router and expert weights move, aux statistics present),
 saves through pretrain.checkpoint, and rank 0 writes the eval logits of the 2-rank model on fixed images to
 OUT_DIR/ref_ds.safetensors; the test loads the checkpoint into one process without DeepSpeed and compares.
-Prints "DS BACKEND OK".
+A failed check raises naming what; success prints the summary (report.emit) {"losses", "changed"} (rank 0's
+losses per step, the weights checked to have moved) and then "DS BACKEND OK".
 """
 
 import math
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from engine_common import build, eval_logits, make_cfg, train_step
+from report import emit
 from safetensors.torch import save_file
 
 from pretrain import checkpoint
@@ -35,13 +37,15 @@ def main() -> None:
     engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, max_steps=cfg.train.max_steps,
                           world_size=2)
     assert engine.has_moe_layers
+    losses = []
     for step in range(STEPS):
-        loss = train_step(engine, model, step, rank)
-        assert math.isfinite(loss), loss
+        losses.append(train_step(engine, model, step, rank))
+        assert math.isfinite(losses[-1]), f"rank {rank} step {step}: loss {losses[-1]}"
     after = model.state_dict()
-    for key in ("backbone.blocks.1.mlp.routing.router.weight",
-                "backbone.blocks.1.mlp.deepspeed_moe.experts.deepspeed_experts.0.0.weight"):
-        assert not torch.equal(before[key], after[key]), f"{key} did not change"
+    changed = ["backbone.blocks.1.mlp.routing.router.weight",
+               "backbone.blocks.1.mlp.deepspeed_moe.experts.deepspeed_experts.0.0.weight"]
+    for key in changed:
+        assert not torch.equal(before[key], after[key]), f"rank {rank}: {key} did not change in {STEPS} steps"
     assert layers[0].routing.last_counts_TE is not None and layers[0].gate.drop_fraction is not None
     checkpoint.save(engine, out / "ckpt", STEPS, client_state={"step": STEPS}, rank_state=checkpoint.capture_rng(),
                     keep_last=1)
@@ -50,7 +54,7 @@ def main() -> None:
         save_file({"logits": logits}, str(out / "ref_ds.safetensors"))
     dist.barrier()
     if rank == 0:
-        print("DS BACKEND OK")
+        emit("DS BACKEND OK", losses=losses, changed=changed)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ other weights must agree, to 1e-4: some gradients are mathematically zero (the k
 their rounding noise into updates of ~lr * noise / eps, which differs with the summation order of EP=1 and EP=2.
 If DeepSpeed averaged expert gradients over the whole data-parallel world (experts not marked, or ZeRO not in MoE
 mode), rank 0's and rank 1's different experts would be mixed and the expert check fails.
-Prints "ENGINE PARITY OK".
+A mismatch raises naming the step or tensor and the difference; success prints "ZeRO-<z> losses [...]" per stage,
+the summary (report.emit) {"tol", "weight_tol", "stages": {z: {"losses", "max_loss_diff", "max_norm_diff",
+"max_weight_diff", "experts_moved"}}} with differences maximised over both ranks, and "ENGINE PARITY OK".
 """
 
 import sys
@@ -15,6 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 from engine_common import build, make_cfg, train_step
+from report import emit, max_abs_diff
 
 from pretrain.engine import build_engine, init_distributed
 
@@ -41,13 +44,18 @@ def run(ep_size: int, zero: int, rank: int) -> tuple[torch.nn.Module, dict, list
     return model, init, losses, norms, engine
 
 
-def compare(zero: int, rank: int) -> list[float]:
+def compare(zero: int, rank: int) -> dict:
+    """Train EP=1 and EP=2 replicas, assert parity; returns this rank's losses and largest differences."""
     model1, init1, losses1, norms1, engine1 = run(1, zero, rank)
     model2, init2, losses2, norms2, engine2 = run(2, zero, rank)
+    seen = {"max_loss_diff": 0.0, "max_norm_diff": 0.0, "max_weight_diff": 0.0}
     for step, (a, b, na, nb) in enumerate(zip(losses1, losses2, norms1, norms2)):
-        assert abs(a - b) <= TOL, f"rank {rank} ZeRO-{zero} step {step}: loss EP=1 {a} vs EP=2 {b}"
+        assert abs(a - b) <= TOL, f"rank {rank} ZeRO-{zero} step {step}: loss EP=1 {a} vs EP=2 {b} (diff {a - b:.3g})"
         same_norm = abs(na - nb) <= TOL * max(1.0, na) or (zero == 0 and na != na and nb != nb)
         assert same_norm, f"rank {rank} ZeRO-{zero} step {step}: grad norm EP=1 {na} vs EP=2 {nb}"
+        seen["max_loss_diff"] = max(seen["max_loss_diff"], abs(a - b))
+        if na == na or nb == nb:  # both NaN (ZeRO-0 computes no norm) is agreement, not a difference
+            seen["max_norm_diff"] = max(seen["max_norm_diff"], abs(na - nb))
     assert losses1[0] != losses1[-1], "training did not change the loss"
     state1, state2 = model1.state_dict(), model2.state_dict()
     assert state1.keys() == state2.keys() == init1.keys()
@@ -58,24 +66,30 @@ def compare(zero: int, rank: int) -> list[float]:
             assert torch.equal(init1[key][2 * rank:2 * rank + 2], init2[key]), f"{key}: EP=2 init is not a slice"
             v1 = v1[2 * rank:2 * rank + 2]
             moved += int(not torch.equal(v2, init2[key]))
-        err = (v1.float() - v2.float()).abs().max().item() if v1.numel() else 0.0
-        assert err <= WEIGHT_TOL, f"rank {rank} ZeRO-{zero}: {key} differs by {err:.3g} between EP=1 and EP=2"
+        err = max_abs_diff(v1.float(), v2.float())
+        assert err <= WEIGHT_TOL, (f"rank {rank} ZeRO-{zero} after step {STEPS - 1}: {key} differs between EP=1 "
+                                   f"and EP=2: max abs diff {err:.3g} > {WEIGHT_TOL:g}")
+        seen["max_weight_diff"] = max(seen["max_weight_diff"], err)
     assert moved, "no expert weight changed: the check would be vacuous"
-    assert engine1.get_lr() == engine2.get_lr()
-    return losses2
+    assert engine1.get_lr() == engine2.get_lr(), f"ZeRO-{zero}: lr EP=1 {engine1.get_lr()} vs EP=2 {engine2.get_lr()}"
+    return {"losses": losses2, "experts_moved": moved, **seen}
 
 
 def main() -> None:
     torch.set_num_threads(1)
     init_distributed("gloo")
     rank = dist.get_rank()
+    stages = {}
     for zero in map(int, sys.argv[1].split(",")):
-        losses = compare(zero, rank)
+        stages[zero] = compare(zero, rank)
+        keys = ("max_loss_diff", "max_norm_diff", "max_weight_diff")
+        worst = torch.tensor([stages[zero][k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # also the barrier between stages
+        stages[zero].update(zip(keys, worst.tolist()))
         if rank == 0:
-            print(f"ZeRO-{zero} losses {losses}")
-    dist.barrier()
+            print(f"ZeRO-{zero} losses {stages[zero]['losses']}")
     if rank == 0:
-        print("ENGINE PARITY OK")
+        emit("ENGINE PARITY OK", tol=TOL, weight_tol=WEIGHT_TOL, stages=stages)
 
 
 if __name__ == "__main__":

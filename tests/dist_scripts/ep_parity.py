@@ -7,7 +7,9 @@ Per configuration, two replicas train side by side for a few Adam steps from the
 Both use a stats_reducer, one task per step (same on all ranks) and a mixed-task step. Outputs, aux losses,
 gradients and updated weights must agree to 1e-5. A last check compares A's averaged gradient of task + MI loss
 with a single process holding both ranks' batches (the reducer's world-size gradient scale).
-Prints "EP PARITY OK" on success; any mismatch raises.
+A mismatch raises naming the quantity, step and difference; success prints (report.emit) the summary
+{"configs", "checks", "max_diff" (largest difference over every check and rank), "tol", "reducer_mi"} and then
+"EP PARITY OK".
 """
 
 import copy
@@ -15,6 +17,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from report import emit, max_abs_diff
 
 from pretrain.expert_parallel import ExpertComm, apply_expert_parallel, make_stats_reducer
 from pretrain.models.moe import MoEMlp
@@ -27,6 +30,7 @@ CONFIGS = [
     {"router_init": "zero", "noisy": False, "mi_ema": 0.0, "gate": "raw"},  # all rows to experts 0, 1: rank 1 idle
 ]
 TASKS_PER_STEP = [[0] * B, [1] * B, [2, 0, 1], [1] * B]
+SEEN = {"checks": 0, "max_diff": 0.0}  # what the summary reports
 
 
 def build(config: dict, ep_size: int, rank: int, full: MoEMlp | None = None) -> MoEMlp:
@@ -44,9 +48,11 @@ def build(config: dict, ep_size: int, rank: int, full: MoEMlp | None = None) -> 
 
 
 def check(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-    err = (a - b).abs().max().item() if a.numel() else 0.0
+    err = max_abs_diff(a, b)
     if not err <= TOL:
-        raise AssertionError(f"rank {dist.get_rank()}: {name} differs by {err:.3g}")
+        raise AssertionError(f"rank {dist.get_rank()}: {name} differs: max abs diff {err:.3g} > tol {TOL:g}")
+    SEEN["checks"] += 1
+    SEEN["max_diff"] = max(SEEN["max_diff"], err)
 
 
 def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +113,7 @@ def run_config(config: dict, rank: int, world: int) -> None:
         check(f"step {step} usage", rep_a.usage_TE, rep_b.usage_TE)
 
 
-def check_reducer_equals_single_process(rank: int, world: int) -> None:
+def check_reducer_equals_single_process(rank: int, world: int) -> float:
     config = {"router_init": "normal", "noisy": False, "mi_ema": 0.0, "gate": "raw"}
     layer = build(config, 1, rank)
     single = copy.deepcopy(layer)
@@ -125,6 +131,7 @@ def check_reducer_equals_single_process(rank: int, world: int) -> None:
         raise AssertionError(f"global MI loss is ~0 ({layer.aux['mi'].item()})")
     for (name, p), p_single in zip(layer.named_parameters(), single.parameters()):
         check(f"reducer grad {name}", p.grad, p_single.grad)
+    return layer.aux["mi"].item()
 
 
 def main() -> None:
@@ -134,10 +141,12 @@ def main() -> None:
     assert world == 2, f"run with --nproc_per_node 2 (got WORLD_SIZE={os.environ.get('WORLD_SIZE')})"
     for config in CONFIGS:
         run_config(config, rank, world)
-    check_reducer_equals_single_process(rank, world)
-    dist.barrier()
+    mi = check_reducer_equals_single_process(rank, world)
+    worst = torch.tensor([SEEN["max_diff"]], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     if rank == 0:
-        print("EP PARITY OK", flush=True)
+        emit("EP PARITY OK", configs=len(CONFIGS), checks=SEEN["checks"], max_diff=worst.item(), tol=TOL,
+             reducer_mi=mi)
     dist.destroy_process_group()
 
 

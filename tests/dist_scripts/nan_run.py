@@ -1,10 +1,14 @@
 """`pretrain train` with NaN losses injected at chosen steps: `nan_run.py SHARDS OUT BAD_STEPS MAX_BAD [k=v ...]`.
 
-BAD_STEPS is a comma list of optimizer steps (0-based) whose every forward returns NaN losses; prints the exit code.
+BAD_STEPS is a comma list of optimizer steps (0-based) whose every forward returns NaN losses. Prints the summary
+(report.emit) {"exit_code", "forwards", "nan_steps"} and then "EXIT <code>"; exits 0 whatever the run's code (the
+test asserts on the code it reads).
 """
 
 import math
 import sys
+
+from report import emit
 
 import pretrain.train as train
 from pretrain.config import load_config
@@ -25,4 +29,4 @@ def forward_with_nans(engine, batch):
 
 train.forward_task = forward_with_nans
 code = train.main(cfg)
-print(f"EXIT {code}")
+emit(f"EXIT {code}", exit_code=code, forwards=calls["n"], nan_steps=sorted(bad_steps))

@@ -1,0 +1,190 @@
+"""`pretrain extract`: keep the experts some tasks use → a standalone submodel file, and a report comparing it with
+the full model (`pretrain.extract_report`).
+
+Usage comes from the layers' training EMA (`usage_TE`, Mod-Squad's statistic) or, with `--calibrate`, from top-k
+selection counts of the full model (eval mode) on the tasks' own images. `pretrain.keep_rules` turns usage into kept
+experts; `pretrain.models.submodel` builds and slices the submodel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.keep_rules import choose_experts
+from pretrain.models.moe_losses import moe_modules
+from pretrain.models.submodel import build_submodel, slice_state
+from pretrain.portable import PortableModel, config_sections, load_model, write_file
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Extraction:
+    """What `extract_submodel` decided and built."""
+
+    full: PortableModel
+    sub: PortableModel
+    tasks: list[str]
+    usage: dict[str, Tensor]  # layer → [T, E] usage the rule saw (rows = full-model task ids)
+    usage_source: str  # "ema" | "calibration"
+    kept: dict[str, list[int]]
+
+
+def load_source(source: str | Path, *, step: int | None = None, data_root: str | None = None) -> PortableModel:
+    """The full model from a run directory (its checkpoint, consolidated in memory) or a `pretrain export` file."""
+    source = Path(source)
+    if source.is_dir():
+        from pretrain.export import consolidate
+
+        return consolidate(source, step=step, data_root=data_root)
+    if step is not None:
+        raise ValueError(f"--step applies to a run directory; {source} is a file")
+    return load_model(source)
+
+
+def routed_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Backbone-relative name (`blocks.{i}.attn|mlp`) → task-routed MoE layer of a `MultiTaskModel`."""
+    return dict(moe_modules(model.backbone))
+
+
+@contextlib.contextmanager
+def count_routes(model: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """Sum each routed layer's top-k selection counts [T, E] (`last_counts_TE`) over the forwards in the block."""
+    totals: dict[str, Tensor] = {}
+
+    def hook(name: str):
+        def add(module: nn.Module, args, output) -> None:
+            counts_TE = getattr(module, "last_counts_TE", None)
+            if counts_TE is None:
+                raise RuntimeError(f"{name}: the MoE layer exposes no last_counts_TE after its forward")
+            totals[name] = totals[name] + counts_TE.double() if name in totals else counts_TE.double().clone()
+        return add
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in routed_layers(model).items()]
+    try:
+        yield totals
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def eval_batches(task: str, shard_dir: str | Path, *, img_size: int, batch_size: int, limit: int) -> Iterator[dict]:
+    """The first `limit` images (in batches) of a shard folder, eval transforms, one process: the task's own shards,
+    or a dense dataset's (NYUD-v2, PASCAL-Context: calibrating a task's routing on a new dataset), whose images are
+    resized to `img_size` (the old protocol's fixed resize; only the images matter for routing)."""
+    from pretrain.data.dense import DENSE_DATASETS, make_dense_eval_loader
+    from pretrain.data.sources import make_eval_loader, read_shard_info
+
+    dataset = read_shard_info(shard_dir).get("dataset")
+    if dataset in DENSE_DATASETS:
+        loader = make_dense_eval_loader(dataset, shard_dir, batch_size=batch_size, eval_size=(img_size, img_size),
+                                        protocol="old", num_workers=0)
+    else:
+        loader = make_eval_loader(task, shard_dir, batch_size=batch_size, img_size=img_size, num_workers=0)
+    seen = 0
+    for batch in loader:
+        if seen >= limit:
+            return
+        take = min(limit - seen, len(batch["images"]))
+        yield {**batch, "images": batch["images"][:take]} if take < len(batch["images"]) else batch
+        seen += take
+
+
+@torch.no_grad()
+def calibrate_usage(full: PortableModel, tasks: list[str], shard_dirs: list[str], images: int) -> dict[str, Tensor]:
+    """Top-k selection counts [T, E] per layer of the full model (eval mode) on `images` images of each task's
+    shard folder (`shard_dirs[i]` for `tasks[i]`)."""
+    if len(shard_dirs) != len(tasks):
+        raise ValueError(f"--calibrate: give one shard folder per task ({len(tasks)}: {tasks}), got {shard_dirs}")
+    _, _, table = config_sections("metadata", full.meta)
+    with count_routes(full.model) as totals:
+        for task, shard_dir in zip(tasks, shard_dirs):
+            for batch in eval_batches(task, shard_dir, img_size=table[task].img_size,
+                                      batch_size=table[task].eval_batch_size, limit=images):
+                full.model(task, batch["images"])
+    return totals
+
+
+def check_request(full: PortableModel, tasks: list[str], rule: str, keep: int) -> None:
+    """Clear errors for an impossible extraction (unknown task, dense model, `--keep` beyond a layer's experts)."""
+    unknown = [t for t in tasks if t not in full.tasks]
+    if unknown or not tasks:
+        raise ValueError(f"--task {','.join(tasks)}: unknown task(s) {unknown}; this model has {full.tasks}")
+    layers = routed_layers(full.model)
+    if not layers:
+        raise ValueError(f"the model has no MoE layers (placement {full.meta['moe']['placement']!r}): nothing to "
+                         "extract; its backbone is already dense (`pretrain.portable.load_backbone`)")
+    if rule == "topn":
+        too_many = {n: m.num_experts for n, m in layers.items() if keep > m.num_experts}
+        if too_many:
+            raise ValueError(f"--keep {keep} is more than the experts of layers {too_many}")
+
+
+def extract_submodel(full: PortableModel, tasks: list[str], *, rule: str = "modsquad", thresh: float = 3.0,
+                     keep: int = 0, mass: float = 0.9, calibrate: list[str] | None = None,
+                     calibrate_images: int = 64, exact_routing: bool = False) -> Extraction:
+    """Choose each MoE layer's kept experts for `tasks` and build the submodel with their weights (eval mode)."""
+    check_request(full, tasks, rule, keep)
+    layers = routed_layers(full.model)
+    rows = [full.model.task_ids[t] for t in tasks]
+    if calibrate:
+        usage, source = calibrate_usage(full, tasks, calibrate, calibrate_images), "calibration"
+    else:
+        usage, source = {n: m.usage_TE.detach().double() for n, m in layers.items()}, "ema"
+    kept = choose_experts(usage, {n: m.top_k for n, m in layers.items()}, rows, rule, thresh=thresh, keep=keep,
+                          mass=mass)
+    rule_meta = {"name": rule, "thresh": thresh, "keep": keep, "mass": mass, "usage": source,
+                 "calibrate": calibrate or [], "calibrate_images": calibrate_images if calibrate else 0}
+    sub = make_submodel(full, tasks, kept, exact_routing=exact_routing, rule=rule_meta)
+    return Extraction(full=full, sub=sub, tasks=tasks, usage=usage, usage_source=source, kept=kept)
+
+
+def make_submodel(full: PortableModel, tasks: list[str], kept: dict[str, list[int]], *, exact_routing: bool,
+                  rule: dict | None = None) -> PortableModel:
+    """The submodel of `full` keeping experts `kept[layer]` (global ids) and the heads, router rows and
+    task-embedding rows of `tasks`, with its file metadata (eval mode)."""
+    layers = routed_layers(full.model)
+    model_cfg, moe_cfg, table = config_sections("metadata", full.meta)
+    num_classes = {t: full.meta["num_classes"][t] for t in tasks}
+    sub = build_submodel(model=model_cfg, moe=moe_cfg, tasks=table, task_names=tasks, num_classes=num_classes,
+                         kept=kept, exact_routing=exact_routing)
+    dtype = next(full.model.parameters()).dtype
+    rows = [full.model.task_ids[t] for t in tasks]
+    sub.to(dtype).load_state_dict(slice_state(full.model.state_dict(), sub, task_rows=rows, kept=kept))
+    meta = {**{k: v for k, v in full.meta.items() if k not in ("format", "format_version", "kind")},
+            "task_names": tasks, "task_ids": sub.task_ids, "num_classes": num_classes,
+            "classes": {t: c for t, c in full.meta.get("classes", {}).items() if t in tasks}, "kept": kept,
+            "num_experts_full": {n: m.num_experts for n, m in layers.items()}, "exact_routing": exact_routing,
+            "rule": rule or {}}
+    return PortableModel(sub, meta).eval()
+
+
+def save_submodel(extraction: Extraction, out: str | Path) -> Path:
+    """Write the submodel file (`kind=submodel`): only the kept experts' tensors."""
+    return write_file(out, extraction.sub.model.state_dict(), extraction.sub.meta, kind="submodel")
+
+
+def main(source: str, tasks: list[str], out: str, *, step: int | None = None, data_root: str | None = None,
+         report: bool = True, eval_images: int = 64, latency_runs: int = 5, latency_batches: tuple[int, ...] = (1, 32),
+         **rule_args) -> dict:
+    """`pretrain extract`: build, save, and (unless `report=False`) write `NAME.report.json` / `.png` and print the
+    comparison table. Returns the report (or the kept experts without a report)."""
+    full = load_source(source, step=step, data_root=data_root)
+    extraction = extract_submodel(full, tasks, **rule_args)
+    path = save_submodel(extraction, out)
+    logger.info("wrote %s (%d bytes)", path, path.stat().st_size)
+    if not report:
+        return {"kept": extraction.kept}
+    from pretrain.extract_report import build_report, write_report
+
+    result = build_report(extraction, source=str(source), out=path, data_root=data_root, eval_images=eval_images,
+                          latency_runs=latency_runs, latency_batches=latency_batches)
+    write_report(result, extraction, path)
+    return result

@@ -1,0 +1,243 @@
+"""`pretrain submit`: validate a run config, freeze it into output_dir, render the SLURM job script and sbatch it.
+
+Nothing reaches the queue before the config and overrides are valid. The job runs `pretrain <subcommand>
+<output_dir>/config.yaml`, the resolved config written at submission, so editing the YAML afterwards changes
+nothing. Each submission leaves `output_dir/slurm/<job_id>.sbatch` (the exact script) and one line in
+`output_dir/slurm/jobs.jsonl`; the job appends its log to `output_dir/slurm/<job_id>.log`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import string
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrain.config import SCHEMAS, load_config, save_resolved
+from pretrain.status import ACTIVE, latest_checkpoint, read_jsonl, slurm_jobs
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
+
+
+class SubmitError(ValueError):
+    """A reason not to submit, reported as one line (CLI exit code 2)."""
+
+
+class SbatchTemplate(string.Template):
+    """Only `${name}` with a lower-case name is a placeholder; every other `$` belongs to the shell."""
+
+    flags = 0  # case-sensitive: `${SLURM_JOB_ID}` stays for bash
+    pattern = r"\$(?:(?P<escaped>(?!))|(?P<named>(?!))|\{(?P<braced>[a-z][a-z0-9_]*)\}|(?P<invalid>(?!)))"
+
+
+@dataclass
+class JobOptions:
+    """The sbatch side of a submission (CLI options of `pretrain submit`)."""
+
+    nodes: int = 1
+    gpus_per_node: str = "8"  # [TYPE:]COUNT; "0" = a CPU-only job
+    tasks_per_node: int | None = None  # CPU-only jobs (gpus_per_node == 0); else one task per GPU
+    cpus_per_task: int | None = None  # None = data.num_workers + 1 (the loader workers and the rank itself)
+    mem: str | None = None
+    time: str | None = None  # None = the partition's default limit
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    job_name: str | None = None
+    signal_grace: int = 300
+    max_requeues: int = 20
+    sbatch_args: list[str] = field(default_factory=list)  # KEY=VALUE or KEY -> `#SBATCH --KEY=VALUE`
+    python: str = ""  # the interpreter command the job runs `-m pretrain` with; "" = $PRETRAIN_PYTHON or this one
+    template: str = ""  # "" = slurm/train.sbatch of this checkout
+
+
+def gpu_count(gpus_per_node: str) -> int:
+    """GPUs per node from `--gpus-per-node [TYPE:]COUNT` (SLURM's own syntax, e.g. `a100:8`)."""
+    count = str(gpus_per_node).rpartition(":")[2]
+    if not count.isdigit():
+        raise SubmitError(f"--gpus-per-node {gpus_per_node!r}: expected [TYPE:]COUNT, e.g. 8 or a100:8")
+    return int(count)
+
+
+def tasks_per_node(opts: JobOptions) -> int:
+    """One task per GPU; `--tasks-per-node` only on CPU-only jobs (`--gpus-per-node 0`, default 1)."""
+    gpus = gpu_count(opts.gpus_per_node)
+    if opts.nodes < 1 or (opts.tasks_per_node is not None and opts.tasks_per_node < 1):
+        raise SubmitError(f"--nodes {opts.nodes} / --tasks-per-node {opts.tasks_per_node}: must be >= 1")
+    if gpus == 0:
+        return opts.tasks_per_node or 1
+    if opts.tasks_per_node not in (None, gpus):
+        raise SubmitError(f"--tasks-per-node {opts.tasks_per_node} with --gpus-per-node {opts.gpus_per_node}: "
+                          "jobs run one task per GPU; --tasks-per-node is for CPU-only jobs (--gpus-per-node 0)")
+    return gpus
+
+
+def time_limit_s(limit: str) -> int | None:
+    """SLURM's --time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds; None for unlimited."""
+    if limit.strip().upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    found = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", limit.strip())
+    if not found:
+        raise SubmitError(f"--time {limit!r}: expected minutes, M:S, H:M:S, D-H, D-H:M or D-H:M:S")
+    days, a, b, c = (int(g) if g else None for g in found.groups())
+    if days is not None:  # D-H[:M[:S]]
+        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:
+        return a * 3600 + b * 60 + c
+    return a * 60 + (b or 0)
+
+
+def sbatch_lines(opts: JobOptions) -> list[str]:
+    """The optional `#SBATCH` lines (only options that were given)."""
+    pairs = [("gpus-per-node", opts.gpus_per_node if gpu_count(opts.gpus_per_node) else None), ("mem", opts.mem),
+             ("time", opts.time), ("partition", opts.partition), ("account", opts.account), ("qos", opts.qos),
+             ("constraint", opts.constraint), ("exclude", opts.exclude)]
+    for item in opts.sbatch_args:
+        key, eq, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not re.fullmatch(r"[a-zA-Z][a-zA-Z0-9-]*", key):
+            raise SubmitError(f"--sbatch-arg {item!r}: expected KEY=VALUE (or KEY) with an sbatch option name as KEY")
+        pairs.append((key, value if eq else ""))
+    lines = []
+    for key, value in pairs:
+        if value is None:
+            continue
+        if re.search(r'[\n"]', str(value)):
+            raise SubmitError(f"sbatch option --{key}={value!r}: a value cannot contain a newline or a double quote")
+        if re.search(r"\s", str(value)):
+            value = f'"{value}"'  # sbatch reads `#SBATCH` lines word by word; quotes keep a value whole
+        lines.append(f"#SBATCH --{key}={value}" if value != "" else f"#SBATCH --{key}")
+    return lines
+
+
+def render(text: str, *, subcommand: str, run_dir: Path, cpus_per_task: int, opts: JobOptions) -> str:
+    """Fill the template's placeholders; raises SubmitError naming an unknown placeholder."""
+    values = {
+        "subcommand": subcommand, "run_dir": shlex.quote(str(run_dir)), "log": f"{run_dir}/slurm/%j.log",
+        "job_name": opts.job_name or f"{subcommand}-{run_dir.name}", "nodes": opts.nodes,
+        "tasks_per_node": tasks_per_node(opts), "cpus_per_task": cpus_per_task, "signal_grace": opts.signal_grace,
+        "max_requeues": opts.max_requeues, "workdir": os.getcwd(), "sbatch_options": "\n".join(sbatch_lines(opts)),
+        "python": opts.python or os.environ.get("PRETRAIN_PYTHON") or shlex.quote(sys.executable),
+    }
+    try:
+        return SbatchTemplate(text).substitute(values)
+    except KeyError as exc:
+        raise SubmitError(f"job template has an unknown placeholder ${{{exc.args[0]}}}; known: "
+                          f"{', '.join(sorted(values))}") from None
+
+
+def refuse_busy_or_done(run_dir: Path, target: int) -> None:
+    """Refuse a run dir that already holds a finished run or that a queued/running job is training."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt and ckpt["step"] >= target:
+        raise SubmitError(f"{run_dir} already holds a finished run (checkpoint {ckpt['tag']} >= train.max_steps="
+                          f"{target}); raise train.max_steps to continue it, or pass --force")
+    ids = [str(j["job_id"]) for j in read_jsonl(run_dir / "slurm" / "jobs.jsonl") if "job_id" in j]
+    for job_id, job in (slurm_jobs(ids) or {}).items():
+        if job["JobState"] in ACTIVE:
+            raise SubmitError(f"job {job_id} ({job['JobState']}) already trains {run_dir}; two jobs must not share "
+                              f"a run dir: wait, `scancel {job_id}`, chain with --dependency afterany:{job_id} "
+                              "--force, or pass --force")
+
+
+def sbatch(script: Path, dependency: str | None) -> tuple[str, list[str]]:
+    """Submit `script`; returns (job id, the command). Raises SubmitError with sbatch's own message."""
+    cmd = ["sbatch", "--parsable", *([f"--dependency={dependency}"] if dependency else []), str(script)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise SubmitError("sbatch did not answer within 120 s (is slurmctld up?)") from None
+    job_id = out.stdout.strip().split(";")[0]
+    if out.returncode != 0 or not job_id.isdigit():
+        message = " ".join(out.stderr.split()) or f"exit code {out.returncode}, output {out.stdout.strip()!r}"
+        raise SubmitError(f"sbatch refused the job: {message}")
+    return job_id, cmd
+
+
+def prepare(subcommand: str, config: str, overrides: list[str], opts: JobOptions, *, chain: int = 1,
+            force: bool = False) -> tuple[object, Path, str]:
+    """Validate everything a submission needs; returns (resolved config, absolute run dir, rendered script).
+
+    Raises ConfigError / SubmitError; writes nothing.
+    """
+    if subcommand not in SCHEMAS:
+        raise SubmitError(f"`pretrain {subcommand}` does not exist in this version: nothing submitted")
+    cfg = load_config(config, overrides, schema=SCHEMAS[subcommand])
+    run_dir = Path(os.path.abspath(cfg.output_dir))
+    ranks = opts.nodes * tasks_per_node(opts)
+    if ranks % cfg.engine.ep_size:
+        raise SubmitError(f"engine.ep_size={cfg.engine.ep_size} does not divide the job's {ranks} ranks")
+    if chain < 1 or opts.signal_grace < 1 or opts.max_requeues < 0:
+        raise SubmitError("--chain and --signal-grace must be >= 1, --max-requeues >= 0")
+    limit = time_limit_s(opts.time) if opts.time else None
+    if limit is not None and opts.signal_grace + 60 >= limit:
+        raise SubmitError(f"--signal-grace {opts.signal_grace} s plus up to 60 s of SLURM's signal timing leave no "
+                          f"time to train within --time {opts.time} ({limit} s)")
+    if not force:
+        refuse_busy_or_done(run_dir, cfg.train.max_steps)
+    template = Path(opts.template) if opts.template else TEMPLATE
+    if not template.is_file():
+        raise SubmitError(f"job template {template} not found (pass --template FILE)")
+    cpus = opts.cpus_per_task or cfg.data.num_workers + 1
+    return cfg, run_dir, render(template.read_text(), subcommand=subcommand, run_dir=run_dir, cpus_per_task=cpus,
+                                opts=opts)
+
+
+def submit(subcommand: str, config: str, overrides: list[str], opts: JobOptions, *, chain: int = 1,
+           dependency: str | None = None, dry_run: bool = False, force: bool = False,
+           argv: list[str] | None = None) -> tuple[Path, list[str]]:
+    """Validate, freeze the config into output_dir, and sbatch `chain` jobs (each after the previous one ends).
+
+    Returns (run dir, job ids); a dry run prints the script and the sbatch commands and returns no ids.
+    """
+    cfg, run_dir, script = prepare(subcommand, config, overrides, opts, chain=chain, force=force)
+    slurm_dir = run_dir / "slurm"
+    if dry_run:
+        print(script)
+        for dep in [dependency] + [f"afterany:<job {i}>" for i in range(1, chain)]:
+            print(shlex.join(["sbatch", "--parsable", *([f"--dependency={dep}"] if dep else []),
+                              str(slurm_dir / "<job id>.sbatch")]))
+        return run_dir, []
+    if shutil.which("sbatch") is None:
+        raise SubmitError("sbatch not found on PATH: submit from a SLURM login node (--dry-run shows the job script)")
+    save_resolved(cfg, run_dir)
+    slurm_dir.mkdir(exist_ok=True)
+    job_ids = []
+    for _ in range(chain):
+        pending = slurm_dir / f".submit-{os.getpid()}.sbatch"  # named after the job once sbatch tells its id
+        pending.write_text(script)
+        try:
+            job_id, cmd = sbatch(pending, dependency)
+        except SubmitError as exc:
+            pending.unlink()
+            if job_ids:
+                raise SubmitError(f"{exc} (already queued: job {', '.join(job_ids)})") from None
+            raise
+        final = slurm_dir / f"{job_id}.sbatch"
+        pending.replace(final)  # sbatch has sent the script's text to slurmctld; requeues use that copy
+        record = {"job_id": job_id, "time": time.time(), "argv": argv or sys.argv, "script": str(final),
+                  "sbatch": [*cmd[:-1], str(final)]}
+        with open(slurm_dir / "jobs.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        job_ids.append(job_id)
+        dependency = f"afterany:{job_id}"
+    return run_dir, job_ids
+
+
+def summary(run_dir: Path, job_ids: list[str]) -> str:
+    """What to tell the user after a submission: the job ids, the log and how to follow the run."""
+    chained = f" (each after the previous one ends: {' -> '.join(job_ids)})" if len(job_ids) > 1 else ""
+    log = run_dir / "slurm" / f"{job_ids[0]}.log"
+    others = f" (one log per job, {run_dir / 'slurm'}/<job id>.log)" if len(job_ids) > 1 else ""
+    return "\n".join([f"submitted job {', '.join(job_ids)}{chained}", f"log:    {log}{others}",
+                      f"follow: tail -f {shlex.quote(str(log))}",
+                      f"status: pretrain status {shlex.quote(str(run_dir))}"])

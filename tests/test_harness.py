@@ -1,0 +1,139 @@
+"""The test harness: a timed-out child takes its whole process group with it; a failed 2-rank launch shows each
+rank's output; summaries parse; the timeout scale is read and checked."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from harness import free_port, rank_output, retry_port_clash, run, run_ranks, summary, timeout_scale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a killed child of a dead parent may linger as a zombie until reaped
+        return f.read().split(")")[1].split()[0] != "Z"
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(300)")
+    with pytest.raises(AssertionError, match="timed out after 2 s"):
+        run([sys.executable, "-c", code], timeout=2, env={"PRETRAIN_TEST_TIMEOUT_SCALE": "1"})
+    grandchild = int(pid_file.read_text())
+    deadline = time.time() + 5
+    while _alive(grandchild) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild), "the grandchild outlived the timeout"
+
+
+def test_nonzero_exit_is_returned_not_raised():
+    proc = run([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], timeout=60)
+    assert (proc.returncode, proc.stdout) == (3, "out\n")
+
+
+@pytest.mark.parametrize("raw, scale", [(None, 1.0), ("2.5", 2.5)])
+def test_timeout_scale(monkeypatch, raw, scale):
+    if raw is None:
+        monkeypatch.delenv("PRETRAIN_TEST_TIMEOUT_SCALE", raising=False)
+    else:
+        monkeypatch.setenv("PRETRAIN_TEST_TIMEOUT_SCALE", raw)
+    assert timeout_scale() == scale
+
+
+@pytest.mark.parametrize("raw", ["fast", "0", "-1"])
+def test_bad_timeout_scale_names_the_variable(monkeypatch, raw):
+    monkeypatch.setenv("PRETRAIN_TEST_TIMEOUT_SCALE", raw)
+    with pytest.raises(ValueError, match="PRETRAIN_TEST_TIMEOUT_SCALE"):
+        timeout_scale()
+
+
+def test_free_port_in_a_range_and_retry_on_a_clash():
+    assert 20000 <= free_port(20000, 20100) < 20100 and free_port() > 0
+    calls = []
+
+    def launch():
+        calls.append(1)
+        rc, err = (1, "DistNetworkError: ... EADDRINUSE ...") if len(calls) == 1 else (0, "")
+        return subprocess.CompletedProcess([], rc, "", err)
+
+    assert retry_port_clash(launch).returncode == 0 and len(calls) == 2
+    calls.clear()
+    other = subprocess.CompletedProcess([], 1, "", "some other failure")
+    assert retry_port_clash(lambda: calls.append(1) or other) is other and len(calls) == 1
+
+
+def test_summary_and_rank_output():
+    text = "[default0]:x\n[default1]:SUMMARY {\"a\": 2}\n[default0]:SUMMARY {\"a\": 1}\nlauncher line\n"
+    assert rank_output(text, 0) == "x\nSUMMARY {\"a\": 1}"
+    assert summary(text) == {"a": 1} and summary(text, rank=1) == {"a": 2}
+    assert summary("SUMMARY {\"b\": 3}\n", rank=None) == {"b": 3}
+    with pytest.raises(AssertionError, match="no 'SUMMARY ' line"):
+        summary("[default0]:EP PARITY OK\n")
+
+
+def test_failed_launch_shows_every_rank(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text("import os, sys\nrank = os.environ['RANK']\n"
+                      "print(f'rank {rank} port', os.environ['MASTER_PORT'])\n"
+                      "sys.exit(f'rank {rank} says: max abs diff 0.5') if rank == '1' else None\n"
+                      "import time; time.sleep(120)\n")
+    with pytest.raises(AssertionError) as err:
+        run_ranks(script, timeout=120)
+    msg = str(err.value)
+    assert "--- rank 0 ---\nrank 0 port" in msg and "--- rank 1 ---\nrank 1 port" in msg
+    assert "rank 1 says: max abs diff 0.5" in msg  # rank 1's reason; torchrun stopped the sleeping rank 0
+
+
+def test_marker_tables_name_existing_tests():
+    """A renamed or deleted test must leave tests/conftest.py's SLOW and DEEPSPEED_CHILDREN with it."""
+    import conftest
+
+    root = conftest.ROOT
+    for entry in conftest.SLOW | conftest.DEEPSPEED_CHILDREN:
+        module, _, name = entry.partition("::")
+        name = name.split("[")[0]
+        assert (root / module).is_file(), entry
+        assert not name or f"def {name}(" in (root / module).read_text(), entry
+
+
+class _Item:
+    """The part of a pytest item that conftest's collection hook touches."""
+
+    def __init__(self, nodeid: str, *marks: pytest.MarkDecorator) -> None:
+        self.nodeid, self.marks, self.fixturenames = nodeid, [m.mark for m in marks], ["tmp_path"]
+
+    def add_marker(self, marker: pytest.MarkDecorator) -> None:
+        self.marks.append(marker.mark)
+
+    def get_closest_marker(self, name: str):
+        return next((m for m in self.marks if m.name == name), None)
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_collection_hook_marks_slow_gpu_and_deepspeed_children(monkeypatch, cuda):
+    import conftest
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    items = {name: _Item(name, *marks) for name, marks in [
+        ("tests/test_train.py::test_smoke_run_learns_and_writes_run_dir", ()),
+        ("tests/test_vit.py::test_sizes_match_timm_and_moe_counts[vit_l16]", ()),
+        ("tests/test_vit.py::test_sizes_match_timm_and_moe_counts[vit_s16]", ()),
+        ("tests/test_engine.py::test_ep2_matches_ep1_through_deepspeed_zero012[x]", ()),
+        ("tests/test_moe.py::test_x", (pytest.mark.slow,)),
+        ("tests/test_moe.py::test_on_gpu", (pytest.mark.gpu,)),
+    ]}
+    conftest.pytest_collection_modifyitems(None, list(items.values()))
+    slow = {n for n, item in items.items() if item.get_closest_marker("slow")}
+    assert slow == set(list(items)[:1] + list(items)[1:2] + list(items)[3:5])
+    children = {n for n, item in items.items() if item.fixturenames[0] == "deepspeed_shm_op"}
+    assert children == {list(items)[0], list(items)[3]}
+    skipped = {n for n, item in items.items() if item.get_closest_marker("skip")}
+    assert skipped == (set() if cuda else {"tests/test_moe.py::test_on_gpu"})
