@@ -502,13 +502,14 @@ def test_resume_drift_rules(tmp_path, caplog):
 
 
 def _train(shards: Path, out: Path, *extra: str, code: str | None = None) -> subprocess.CompletedProcess:
-    from test_train import _env, _train_cmd
+    from harness import run
+    from test_train import _train_cmd
 
     cmd = _train_cmd(shards, out, "train.max_steps=4", "train.ckpt_every=2", *extra)
     if code is not None:  # the same command with something patched first
         cmd = [sys.executable, "-c", code + "\nfrom pretrain.cli import main\nsys.exit(main(sys.argv[1:]))",
                *cmd[3:]]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    return run(cmd, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -618,17 +619,16 @@ sys.exit(main(sys.argv[1:]))
 def test_two_ranks_one_line_and_nobody_hangs(shards, tmp_path, mode, message):
     """Under torchrun (which exits 1 whatever the child's code, stops the other workers when one exits, and prints
     its own summary): the failure's line appears once, the failing rank's line is in its log file, the job ends."""
-    from test_engine import free_port
-    from test_train import FAST, _env
+    from harness import run as run_cmd
+    from harness import torchrun_cmd
+    from test_train import FAST
 
     script = tmp_path / "patched.py"
     script.write_text(TWO_RANK_PATCH)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(script), "train", "configs/debug/pretrain.yaml",
-           f"data.root={shards}", f"output_dir={run}", *FAST, "train.max_steps=2", "train.ckpt_every=1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**_env(), "BAD_INPUT_MODE": mode, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=300)
+    cmd = torchrun_cmd(script, "train", "configs/debug/pretrain.yaml", f"data.root={shards}", f"output_dir={run}",
+                       *FAST, "train.max_steps=2", "train.ckpt_every=1")
+    proc = run_cmd(cmd, timeout=300, env={"BAD_INPUT_MODE": mode})
     assert proc.returncode != 0 and proc.stderr.count(message) == 1, proc.stderr[-4000:]
     assert f'File "{ROOT / "pretrain"}' not in proc.stderr  # torchrun's own launcher traceback is not ours
     assert message in "".join(p.read_text() for p in (run / "logs").glob("rank*.log"))
