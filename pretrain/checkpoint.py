@@ -11,14 +11,18 @@ Layout of `<ckpt_dir>/step_{step:08d}/` (the tag):
   every expert for any ep_size, and any ep_size dividing E can load them.
 - `rank_{r:05d}.json` + `rank_{r:05d}.safetensors`: this rank's `rank_state` (RNG states, stream position...):
   tensors in safetensors, the rest in JSON. DeepSpeed saves `client_state` from DP rank 0 only and no RNG state.
-- `pretrain_meta.json`: step, world size, ep_size. `client_state` sits under one key of DeepSpeed's model file.
+- `pretrain_meta.json`: step, world size, ep_size and `files`, the size + CRC-32 manifest of every other file of
+  the tag (`pretrain.integrity`). `client_state` sits under one key of DeepSpeed's model file.
 
-Commit protocol: every rank writes its files, barrier, rank 0 fsyncs the tag and replaces `<ckpt_dir>/latest`
-(the file DeepSpeed reads: the tag, no newline) atomically (tmp + fsync + os.replace + directory fsync), then
-prunes. A kill at any moment leaves `latest` on a complete tag; tags it does not point to are never loaded and
-are removed by the next save. Nothing is unpickled: `load_model_weights` reads DeepSpeed's model file with
-`weights_only=True` (client_state must therefore be JSON-like), and resuming goes through DeepSpeed's loader with
-the weights-only checkpoint engine that `engine.build_engine` installs.
+Commit protocol: every rank writes its files, barrier, rank 0 lists the tag, writes the metadata with its manifest,
+fsyncs the tag and replaces `<ckpt_dir>/latest` (the file DeepSpeed reads: the tag, no newline) atomically (tmp +
+fsync + os.replace + directory fsync), then prunes. A kill at any moment leaves `latest` on a complete tag; tags it
+does not point to are never loaded and are removed by the next save. A save that fails (disk full) removes its
+partial tag and raises `DiskFullError`/`CheckpointError` with `latest` unchanged. Loading verifies the manifest and
+falls back to the newest older checkpoint that verifies (`integrity.select_tag`); every read error names the file.
+Nothing is unpickled: `load_model_weights` reads DeepSpeed's model file with `weights_only=True` (client_state
+must therefore be JSON-like), and resuming goes through DeepSpeed's loader with the weights-only checkpoint engine
+that `engine.build_engine` installs.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ import contextlib
 import functools
 import json
 import logging
+import pickle
 import random
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -41,16 +45,25 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pretrain.durable import atomic_write, fsync_path
+from pretrain.errors import CheckpointError, one_line
+from pretrain.integrity import (  # noqa: F401 - LATEST, META, TAG_RE are part of this module's interface
+    LATEST,
+    META,
+    TAG_RE,
+    build_manifest,
+    read_meta,
+    read_pointer,
+    save_failure,
+    select_tag,
+    verify_tag,
+)
 from pretrain.models.moe import MoEMlp
 from pretrain.models.moe_losses import expert_layers
 
 logger = logging.getLogger(__name__)
 
-LATEST = "latest"
-META = "pretrain_meta.json"
 CLIENT_KEY = "pretrain_client_state"
 MODEL_FILE = "mp_rank_00_model_states.pt"
-TAG_RE = re.compile(r"step_(\d{8})$")
 
 
 def tag_for(step: int) -> str:
@@ -93,16 +106,25 @@ class ExpertFiles(contextlib.ExitStack):
         self.tag_dir = tag_dir
         self._where: dict[str, object] = {}
         for path in sorted(tag_dir.glob("experts_ep*.safetensors")):
-            handle = self.enter_context(safe_open(str(path), framework="pt"))
-            self._where.update(dict.fromkeys(handle.keys(), handle))
+            try:
+                handle = self.enter_context(safe_open(str(path), framework="pt"))
+            except Exception as exc:  # SafetensorError (truncated header, bad JSON) or OSError
+                raise CheckpointError(f"{path}: unreadable expert file ({one_line(exc)}): the checkpoint is "
+                                      "truncated or corrupt") from exc
+            self._where.update(dict.fromkeys(handle.keys(), (handle, path)))
 
     def keys(self) -> set[str]:
         return set(self._where)
 
     def read(self, key: str) -> Tensor:
         if key not in self._where:
-            raise KeyError(f"expert tensor {key!r} is in no experts_ep*.safetensors of {self.tag_dir}")
-        return self._where[key].get_tensor(key)
+            raise CheckpointError(f"expert tensor {key!r} is in no experts_ep*.safetensors of {self.tag_dir}")
+        handle, path = self._where[key]
+        try:
+            return handle.get_tensor(key)
+        except Exception as exc:  # a truncated data section
+            raise CheckpointError(f"{path}: cannot read {key} ({one_line(exc)}): the file is truncated or "
+                                  "corrupt") from exc
 
 
 def load_local_experts(model: nn.Module, read: Callable[[str], Tensor]) -> None:
@@ -112,29 +134,35 @@ def load_local_experts(model: nn.Module, read: Callable[[str], Tensor]) -> None:
             target = p[i] if i is not None else p
             value = read(key)
             if value.shape != target.shape:
-                raise ValueError(f"expert tensor {key}: checkpoint shape {tuple(value.shape)} != model "
+                raise CheckpointError(f"expert tensor {key}: checkpoint shape {tuple(value.shape)} != model "
                                  f"{tuple(target.shape)}")
             target.copy_(value)
 
 
-def load_module_state(src: dict[str, Tensor], dst: nn.Module, *, tag_dir: Path, all_experts: bool) -> None:
+def load_module_state(src: dict[str, Tensor], dst: nn.Module, *, tag_dir: Path, all_experts: bool,
+                      skip: tuple[str, ...] = ()) -> None:
     """Load non-expert tensors of `src` strictly and the experts from the tag's expert files.
 
     Args:
         src: a module state dict (DeepSpeed's `module`); its expert entries (local, rank 0's) are ignored.
         dst: the model (any ep_size); raises naming missing/unexpected keys.
         all_experts: also require the files to hold no expert the model lacks (single-process export).
+        skip: key prefixes left out on both sides (e.g. `heads.det.` when evaluating without detection).
     """
     prefixes = tuple(_expert_prefix(n, m) for n, m in expert_layers(dst))  # () matches nothing
-    result = dst.load_state_dict({k: v for k, v in src.items() if not k.startswith(prefixes)}, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(prefixes)]
+    skipped = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in src if skip and k.startswith(skip)})
+    if skipped:
+        logger.info("not loading %s from %s (not part of this model)", ", ".join(skipped), tag_dir)
+    kept = {k: v for k, v in src.items() if not k.startswith(prefixes) and not (skip and k.startswith(skip))}
+    result = dst.load_state_dict(kept, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(prefixes) and not (skip and k.startswith(skip))]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"checkpoint {tag_dir} does not match the model: missing keys {missing}, unexpected keys "
+        raise CheckpointError(f"checkpoint {tag_dir} does not match the model: missing keys {missing}, unexpected keys "
                            f"{result.unexpected_keys}")
     with ExpertFiles(tag_dir) as files:
         extra = files.keys() - {key for key, _, _ in _expert_slots(dst)}
         if all_experts and extra:
-            raise RuntimeError(f"checkpoint {tag_dir} has experts the model lacks: {sorted(extra)}")
+            raise CheckpointError(f"checkpoint {tag_dir} has experts the model lacks: {sorted(extra)}")
         load_local_experts(dst, files.read)
 
 
@@ -187,9 +215,19 @@ def write_rank_state(tag_dir: Path, rank: int, state: dict) -> None:
 
 
 def read_rank_state(tag_dir: Path, rank: int) -> dict:
-    """The state `write_rank_state` wrote for `rank`."""
-    plain = json.loads((tag_dir / f"rank_{rank:05d}.json").read_text())["state"]
-    return {**plain, **load_file(str(tag_dir / f"rank_{rank:05d}.safetensors"))}
+    """The state `write_rank_state` wrote for `rank`; raises CheckpointError naming an unreadable file."""
+    path = tag_dir / f"rank_{rank:05d}.json"
+    try:
+        plain = json.loads(path.read_text())["state"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable rank state ({type(exc).__name__}: {one_line(exc)}): the "
+                              "checkpoint is truncated or corrupt") from None
+    path = path.with_suffix(".safetensors")
+    try:
+        return {**plain, **load_file(str(path))}
+    except Exception as exc:  # SafetensorError, OSError
+        raise CheckpointError(f"{path}: unreadable rank state ({one_line(exc)}): the checkpoint is truncated or "
+                              "corrupt") from None
 
 
 # ---------------------------------------------------------------- the `latest` pointer and pruning
@@ -198,13 +236,11 @@ def read_rank_state(tag_dir: Path, rank: int) -> dict:
 
 
 def read_latest(ckpt_dir: str | Path) -> str | None:
-    """The committed tag, or None when there is no `latest`; raises if it names a missing tag directory."""
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / LATEST).is_file():
-        return None
-    tag = (ckpt_dir / LATEST).read_text().strip()
-    if not (ckpt_dir / tag).is_dir():
-        raise RuntimeError(f"{ckpt_dir / LATEST} names tag {tag!r}, but {ckpt_dir / tag} does not exist")
+    """The committed tag, or None when there is no `latest`; raises CheckpointError if `latest` is unreadable or
+    names a missing tag directory (`integrity.select_tag` falls back instead)."""
+    tag, problem = read_pointer(Path(ckpt_dir))
+    if problem is not None:
+        raise CheckpointError(problem)
     return tag
 
 
@@ -219,8 +255,8 @@ def prune(ckpt_dir: str | Path, keep_last: int) -> list[str]:
     Only `step_XXXXXXXX` directories are touched. Returns the removed tags.
     """
     ckpt_dir = Path(ckpt_dir)
-    latest = read_latest(ckpt_dir)
-    if latest is None or not TAG_RE.match(latest):
+    latest, problem = read_pointer(ckpt_dir)
+    if latest is None or problem is not None or not TAG_RE.match(latest):
         return []
     tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
     committed = [t for t in tags if t <= latest]
@@ -246,67 +282,115 @@ def _expert_parallel(engine, model: nn.Module) -> tuple[int, int, bool]:
     return ep_size, ep_rank, tdist.get_rank(group=group) == 0
 
 
-def save(engine, ckpt_dir: str | Path, step: int, *, client_state: dict, rank_state: dict, keep_last: int) -> Path:
-    """Collective: write tag `step_{step:08d}` (DeepSpeed state, expert files, per-rank state), commit `latest`,
-    prune to `keep_last` tags. Returns the tag directory. A tag already committed is left as it is."""
-    ckpt_dir = Path(ckpt_dir)
-    tag, rank = tag_for(step), tdist.get_rank()
+def _from_rank0(value):
+    """Rank 0's `value` on every rank (decisions that read files: every rank must take the same branch)."""
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return value
+    box = [value]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _write_files(engine, ckpt_dir: Path, tag: str, step: int, client_state: dict, rank_state: dict) -> int:
+    """This rank's files of the tag (DeepSpeed's, its experts, its rank state); returns ep_size."""
     tag_dir = ckpt_dir / tag
-    _json_only("client_state", client_state)
-    if read_latest(ckpt_dir) == tag:
-        logger.warning("checkpoint %s is already committed; not overwriting it", tag_dir)
-        return tag_dir
-    if rank == 0 and tag_dir.exists():
-        shutil.rmtree(tag_dir)  # left by a save that was killed before its commit
-    tdist.barrier()
     # one namespaced key: DeepSpeed merges client_state into its own top-level dict (`global_steps`, `module`...)
     engine.save_checkpoint(str(ckpt_dir), tag, client_state={CLIENT_KEY: client_state}, save_latest=False)
     ep_size, ep_rank, expert_writer = _expert_parallel(engine, engine.module)
     if expert_writer:
         save_file(local_expert_tensors(engine.module), str(tag_dir / f"experts_ep{ep_rank}.safetensors"),
                   metadata={"ep_size": str(ep_size), "ep_rank": str(ep_rank), "step": str(step)})
-    write_rank_state(tag_dir, rank, rank_state)
-    if rank == 0:
-        meta = {"step": step, "world_size": tdist.get_world_size(), "ep_size": ep_size}
-        (tag_dir / META).write_text(json.dumps(meta, indent=1))
+    write_rank_state(tag_dir, tdist.get_rank(), rank_state)
+    return ep_size
+
+
+def _commit(ckpt_dir: Path, tag: str, meta: dict) -> None:
+    """Rank 0, after every rank wrote: the metadata with the manifest of the tag's files, fsync, then `latest`."""
+    tag_dir = ckpt_dir / tag
+    atomic_write(tag_dir / META, json.dumps({**meta, "files": build_manifest(tag_dir)}, indent=1))
+    for path in tag_dir.iterdir():
+        fsync_path(path)
+    write_latest(ckpt_dir, tag)
+
+
+def save(engine, ckpt_dir: str | Path, step: int, *, client_state: dict, rank_state: dict, keep_last: int) -> Path:
+    """Collective: write tag `step_{step:08d}` (DeepSpeed state, expert files, per-rank state), commit `latest`,
+    prune to `keep_last` tags. Returns the tag directory. A tag already committed and intact is left as it is.
+
+    Raises DiskFullError / CheckpointError after removing the partial tag (`latest` unchanged) when writing fails.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tag, rank = tag_for(step), tdist.get_rank()
+    tag_dir = ckpt_dir / tag
+    _json_only("client_state", client_state)
+    intact = rank == 0 and read_pointer(ckpt_dir) == (tag, None) and verify_tag(tag_dir, require_meta=False) is None
+    if _from_rank0(intact):
+        logger.warning("checkpoint %s is already committed; not overwriting it", tag_dir)
+        return tag_dir
+    if rank == 0 and tag_dir.exists():
+        shutil.rmtree(tag_dir)  # left by a save that was killed before its commit, or a damaged committed one
     tdist.barrier()
+    try:
+        ep_size = _write_files(engine, ckpt_dir, tag, step, client_state, rank_state)
+        tdist.barrier()
+        if rank == 0:
+            _commit(ckpt_dir, tag, {"step": step, "world_size": tdist.get_world_size(), "ep_size": ep_size})
+    except Exception as exc:
+        raise save_failure(exc, ckpt_dir, tag_dir, remove=rank == 0) from exc
     if rank == 0:
-        for path in tag_dir.iterdir():
-            fsync_path(path)
-        write_latest(ckpt_dir, tag)
         removed = prune(ckpt_dir, keep_last)
         logger.info("saved checkpoint %s%s", tag_dir, f" (removed {', '.join(removed)})" if removed else "")
     tdist.barrier()
     return tag_dir
 
 
+def _choose_tag(ckpt_dir: Path) -> str:
+    """Rank 0 verifies and chooses (`integrity.select_tag`), every rank loads that tag or raises its error."""
+    choice = None
+    if tdist.get_rank() == 0:
+        try:
+            choice = ("tag", select_tag(ckpt_dir))
+        except CheckpointError as exc:
+            choice = ("error", str(exc))
+    kind, value = _from_rank0(choice)
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
+
+
 def load_latest(engine, ckpt_dir: str | Path) -> tuple[int, dict, dict] | None:
     """Resume from the committed tag: (step, client_state, rank_state), or None without a checkpoint.
 
-    Same world size and ep_size: everything (weights, optimizer moments and fp32 masters, lr schedule, step
-    counters). Otherwise weights, lr schedule and counters only (optimizer state restarts; logged), and ranks
-    beyond the old world take rank 0's rank_state.
+    The tag `latest` names if its manifest verifies, else the newest older one that does (warned). Same world size
+    and ep_size: everything (weights, optimizer moments and fp32 masters, lr schedule, step counters). Otherwise
+    weights, lr schedule and counters only (optimizer state restarts; logged), and ranks beyond the old world take
+    rank 0's rank_state. Raises CheckpointError naming the file that cannot be read.
     """
     ckpt_dir = Path(ckpt_dir)
-    tag = read_latest(ckpt_dir)
-    if tag is None:
+    if not (ckpt_dir / LATEST).exists():
         return None
+    tag = _choose_tag(ckpt_dir)
     tag_dir = ckpt_dir / tag
-    if not (tag_dir / META).is_file():
-        raise FileNotFoundError(f"{tag_dir / META} is missing: {tag_dir} was not written by pretrain.checkpoint.save")
-    meta = json.loads((tag_dir / META).read_text())
+    meta = read_meta(tag_dir)
     rank, world = tdist.get_rank(), tdist.get_world_size()
     ep_size = _expert_parallel(engine, engine.module)[0]
+    if not {"step", "world_size", "ep_size"} <= set(meta):
+        raise CheckpointError(f"{tag_dir / META}: lacks step/world_size/ep_size (has {sorted(meta)})")
     same = (meta["world_size"], meta["ep_size"]) == (world, ep_size)
     if not same:
         logger.warning("checkpoint %s was saved with world size %d, ep_size %d; now %d, %d: loading weights, lr "
                        "schedule and step counters; optimizer state restarts", tag_dir, meta["world_size"],
                        meta["ep_size"], world, ep_size)
     load_fn = functools.partial(load_module_state, tag_dir=tag_dir, all_experts=False)
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag, load_optimizer_states=same,
-                                          load_lr_scheduler_states=True, custom_load_fn=load_fn)
+    try:
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag, load_optimizer_states=same,
+                                              load_lr_scheduler_states=True, custom_load_fn=load_fn)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # torch's zip reader, DeepSpeed's loader: say which checkpoint
+        raise CheckpointError(f"{tag_dir}: cannot load ({type(exc).__name__}: {one_line(exc)[:300]})") from exc
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
+        raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
     engine.lr_scheduler.step(engine.lr_scheduler.last_batch_iteration)  # optimizer lr = restored schedule point
     source = rank if rank < meta["world_size"] else 0
     if source != rank:
@@ -314,17 +398,34 @@ def load_latest(engine, ckpt_dir: str | Path) -> tuple[int, dict, dict] | None:
     return meta["step"], client[CLIENT_KEY], read_rank_state(tag_dir, source)
 
 
-def load_model_weights(ckpt_dir_or_tag: str | Path, model: nn.Module) -> Path:
-    """Load a checkpoint (a run's checkpoint dir → its `latest`, or a tag dir) into a plain model, no DeepSpeed.
+def load_model_weights(ckpt_dir_or_tag: str | Path, model: nn.Module, *, skip: tuple[str, ...] = (),
+                       verify: bool = True) -> Path:
+    """Load a checkpoint (a run's checkpoint dir → the tag `integrity.select_tag` picks, or a tag dir) into a
+    plain model, no DeepSpeed.
 
     Works for any ep_size the checkpoint was saved with and any ep_size of `model` (typically 1, one process).
-    Strict: raises naming missing/unexpected keys. Returns the tag directory read.
+    Strict: raises naming missing/unexpected keys, except under the `skip` prefixes (see `load_module_state`).
+    `verify`: check a tag dir's manifest first (False when the caller just chose it with `select_tag`).
+    Returns the tag directory read.
     """
     path = Path(ckpt_dir_or_tag)
-    tag = read_latest(path)
-    tag_dir = path / tag if tag is not None else path
-    if not (tag_dir / MODEL_FILE).is_file():
-        raise FileNotFoundError(f"{tag_dir / MODEL_FILE} not found: pass a checkpoint dir with `latest` or a tag dir")
-    state = torch.load(tag_dir / MODEL_FILE, map_location="cpu", weights_only=True)["module"]
-    load_module_state(state, model, tag_dir=tag_dir, all_experts=True)
+    if (path / LATEST).exists():
+        tag_dir = path / select_tag(path)
+    else:
+        tag_dir = path
+        problem = verify_tag(tag_dir, require_meta=False) if verify and tag_dir.is_dir() else None
+        if problem:
+            raise CheckpointError(f"{tag_dir}: {problem}")
+    model_file = tag_dir / MODEL_FILE
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{model_file} not found: pass a checkpoint dir with `latest` or a tag dir")
+    try:
+        state = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{model_file}: refused to load, it pickles more than tensors (a tampered or foreign "
+                              f"checkpoint?): {one_line(exc)[:200]}") from exc
+    except Exception as exc:  # PytorchStreamReader: truncated zip; KeyError: no `module`
+        raise CheckpointError(f"{model_file}: unreadable ({type(exc).__name__}: {one_line(exc)[:200]}): the file is "
+                              "truncated or corrupt") from exc
+    load_module_state(state, model, tag_dir=tag_dir, all_experts=True, skip=skip)
     return tag_dir

@@ -1,8 +1,8 @@
 """The `pretrain` console script.
 
 Subcommands exist only once they work. Heavy imports (torch, deepspeed) happen inside the handlers so that
-`pretrain --help` and config errors answer at once. Every user error (bad config, missing file, wrong dataset
-layout) is one line on stderr and exit code 2, never a traceback.
+`pretrain --help` and config errors answer at once. Every failure is one line on stderr (rank 0) with an exit
+code that says what kind it was (`pretrain.errors`); `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-EXIT_USAGE = 2
-EXIT_DEMO_STAGE = 4  # a stage of `pretrain demo` failed (its own message is above)
+from pretrain.errors import EXIT_DEMO_STAGE, EXIT_USAGE, UsageError  # noqa: F401 - every exit code: errors.EXIT_CODES
 
 
-class UserError(Exception):
+class UserError(UsageError):
     """An error in the user's input, printed as one line (exit 2)."""
 
 
@@ -243,6 +242,8 @@ def _add_export_extract(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of a failure (also PRETRAIN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write the embedded corpus (raw layouts of all five datasets)")
@@ -327,15 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from pretrain.config import ConfigError
+    """Run one command; any failure ends as one line on stderr (rank 0) and its exit code (`pretrain.errors`).
 
-    expected = (ConfigError, UserError, FileNotFoundError, FileExistsError)
+    `--debug` or PRETRAIN_DEBUG=1 re-raises instead, for the full traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted after the subcommand too (`pretrain train cfg.yaml --debug`)
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    from pretrain import errors
+
     try:
         return args.func(args)
-    except expected as exc:
-        print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except (Exception, KeyboardInterrupt) as exc:
+        if errors.debug_requested(debug):
+            raise
+        return errors.report(*errors.describe(exc, args.command))
 
 
 if __name__ == "__main__":

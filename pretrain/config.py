@@ -8,10 +8,14 @@ names the key, value or file. Derived values (total steps, scaled lr) come from 
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -21,6 +25,8 @@ from pretrain.durable import atomic_write
 # checkpoints keep their shapes when a task is switched off. Per-concern tables keyed by these names live beside the
 # code they serve (`data.sources.SOURCES`, `models.HEADS`, `evaluate.EVALUATORS`, ...).
 TASKS = ("cls", "det", "seg")
+# Keys of `models.BACKBONE_SIZES` (tests/test_config.py checks they agree): an unknown size fails at load, not at build.
+MODEL_SIZES = ("vit_debug", "vit_s16", "vit_b16", "vit_l16")
 
 
 class ConfigError(ValueError):
@@ -140,6 +146,8 @@ class TrainConfig:
     eval_every: int = 5000
     log_every: int = 20
     max_bad_steps: int = 20  # consecutive NaN/inf steps before the run aborts
+    # resume although keys that change the model or the data stream differ from the run's config.yaml (pretrain.drift)
+    allow_config_change: bool = False
 
 
 @dataclass
@@ -175,6 +183,7 @@ HEAD_CHOICES = {"cls": ("project", "modsquad"), "det": ("fasterrcnn", "retinanet
 # Allowed values of string/int fields; tests/test_config.py checks these against the tables the values select
 # (models.PLACEMENTS, HEADS, ...), so a choice is written once in code and once here, never in a comment.
 CHOICES = {
+    "model.size": MODEL_SIZES,
     "data.sampling": ("fixed", "size", "temperature"),
     "moe.placement": ("modsquad", "m3vit", "dense"),
     "moe.gate": ("raw", "renorm"),
@@ -220,6 +229,36 @@ def _omegaconf_error(exc: OmegaConfBaseException, source: str, schema: type) -> 
     return ConfigError(f"{source}: {str(exc).splitlines()[0]}")
 
 
+def _yaml_message(path: Path, exc: yaml.YAMLError) -> str:
+    """`file:line:col: cannot parse YAML: problem (context at line N)`: PyYAML's problem says what (`found
+    duplicate key lr`), its marks say where; str(exc) would put them on four lines."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    extra = f" ({context} at line {cmark.line + 1})" if context and cmark is not None else ""
+    return f"{where}: cannot parse YAML: {problem}{extra}"
+
+
+def _load_overlay(path: Path) -> DictConfig:
+    """The YAML file as a DictConfig; the top level must be a mapping (an empty file is an empty overlay)."""
+    try:
+        # the node tree first: OmegaConf.load would turn a top-level scalar `foo` into {foo: None}
+        top = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        if top is not None and not isinstance(top, yaml.MappingNode):
+            kind = "list" if isinstance(top, yaml.SequenceNode) else "scalar"
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (e.g. `train:`), got a {kind} "
+                              f"at line {top.start_mark.line + 1}")
+        overlay = OmegaConf.load(path)  # its own loader, which also rejects duplicate keys
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_message(path, exc)) from None
+    except (OSError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"{path}: cannot load YAML: {str(exc).splitlines()[0]}") from None
+    return overlay
+
+
 def need(ok: bool, key: str, value: Any, rule: str) -> None:
     """Raise the one-line `ConfigError` for `key=value` unless `ok`."""
     if not ok:
@@ -232,6 +271,52 @@ def check_choices(cfg: Any, choices: dict[str, tuple]) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         need(value in allowed, key, value, f"must be one of {', '.join(map(str, allowed))}")
+
+
+def _leaves(value: Any, key: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a config object; tuple/list items as `key.0`, dict entries as `key.name`."""
+    if is_dataclass(value):
+        return [leaf for f in fields(value) for leaf in _leaves(getattr(value, f.name), f"{key}{f.name}.")]
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{key}{k}.")]
+    if isinstance(value, (list, tuple)):
+        return [leaf for i, v in enumerate(value) for leaf in _leaves(v, f"{key}{i}.")]
+    return [(key.rstrip("."), value)]
+
+
+Rule = tuple[Callable[[Any], bool], str]
+# What `check_values` asks beyond "every float finite, every int >= 0" (which holds for every field of both schemas);
+# fnmatch patterns over dotted keys. Checks that relate two fields stay in check_moe/check_train/check_tasks.
+RANGES: dict[str, Rule] = {
+    "seed": (lambda v: v < 2**32, "must be in [0, 2**32)"),
+    "model.drop_path": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "model.patch_size": (lambda v: v == 0 or v >= 2, "must be 0 (the size's default) or >= 2"),
+    "model.img_size": (lambda v: v == 0 or v >= 16, "must be 0 (the size's default) or >= 16"),
+    "model.det_min_size": (lambda v: v >= 16, "must be >= 16"),
+    "model.det_max_size": (lambda v: v >= 16, "must be >= 16"),
+    "model.pyramid_dim": (lambda v: v >= 1, "must be >= 1"),
+    "moe.attn_num_experts": (lambda v: v >= 1, "must be >= 1"),
+    "moe.capacity_factor": (lambda v: v > 0, "must be > 0"),
+    "optim.eps": (lambda v: v > 0, "must be > 0"),
+    "optim.weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "optim.betas.*": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "tasks.*.eval_batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "tasks.*.aug_range.*": (lambda v: v >= 0, "must be >= 0"),
+    "finetune.edge_pos_weight": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+}
+
+
+def check_values(cfg: Any, ranges: dict[str, Rule] = RANGES) -> None:
+    """Every leaf of `cfg` in range: floats finite, ints >= 0 (none of our counts, sizes or seeds is signed), plus
+    the rules of `ranges` whose pattern matches the key. Raises the one-line `ConfigError` naming the key."""
+    for key, value in _leaves(cfg):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        need(math.isfinite(value), key, value, "must be a finite number")
+        need(not isinstance(value, int) or value >= 0, key, value, "must be >= 0")
+        for pattern, (ok, rule) in ranges.items():
+            if fnmatch.fnmatchcase(key, pattern):
+                need(ok(value), key, value, rule)
 
 
 def check_moe(m: MoEConfig, engine: EngineConfig) -> None:
@@ -281,6 +366,7 @@ def check_tasks(tasks: dict[str, Any], known: tuple[str, ...], *, sampling: str 
 
 
 def _check_run(cfg: RunConfig) -> None:
+    check_values(cfg)
     check_choices(cfg, CHOICES)
     check_moe(cfg.moe, cfg.engine)
     check_train(cfg.train, cfg.optim)
@@ -310,10 +396,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            overlay = OmegaConf.load(path)
-        except Exception as exc:  # yaml errors carry line numbers; keep the first line
-            raise ConfigError(f"{path}: cannot parse YAML: {str(exc).splitlines()[0]}") from None
+        overlay = _load_overlay(path)
         try:
             merged = OmegaConf.merge(merged, overlay)
         except OmegaConfBaseException as exc:

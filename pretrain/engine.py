@@ -56,6 +56,7 @@ from torch import nn
 from pretrain import dist
 from pretrain.config import EngineConfig, OptimConfig
 from pretrain.ds_moe import DeepSpeedMoEMlp
+from pretrain.errors import CheckpointError, SetupError
 from pretrain.expert_parallel import ExpertComm, apply_expert_parallel, make_stats_reducer
 from pretrain.models.moe import MoEMlp
 from pretrain.models.moe_losses import expert_layers, moe_modules
@@ -262,7 +263,7 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
             try:
                 return torch.load(path, map_location=map_location, weights_only=True)
             except pickle.UnpicklingError as exc:
-                raise RuntimeError(f"{path}: refused to load, it pickles more than tensors and DeepSpeed's plain "
+                raise CheckpointError(f"{path}: refused to load, it pickles more than tensors and DeepSpeed's plain "
                                    f"state classes (a tampered or foreign checkpoint?): {exc}") from exc
 
 
@@ -275,14 +276,15 @@ def build_engine(model: nn.Module, *, engine: EngineConfig, optim: OptimConfig, 
     """
     e, o = engine, optim
     if e.ep_size > 1 and e.zero_stage == 0 and o.grad_clip > 0:
-        raise ValueError("engine.zero_stage=0 with engine.ep_size>1 clips by DeepSpeed's per-rank norm average, which "
+        raise SetupError("engine.zero_stage=0 with engine.ep_size>1 clips by DeepSpeed's per-rank norm average, which "
                          "is wrong when ranks hold different experts: use zero_stage 1 or 2, or optim.grad_clip=0")
     if world_size % e.ep_size:
-        raise ValueError(f"engine.ep_size={e.ep_size} must divide the world size {world_size}")
+        raise SetupError(f"engine.ep_size={e.ep_size} must divide the world size {world_size} (the number of "
+                         "processes): launch a multiple of ep_size processes, or set engine.ep_size to a divisor")
     if not tdist.is_initialized():
         raise RuntimeError("build_engine needs torch.distributed initialised: call engine.init_distributed first")
     if tdist.get_world_size() != world_size:
-        raise ValueError(f"world_size={world_size} but torch.distributed has {tdist.get_world_size()} ranks")
+        raise SetupError(f"world_size={world_size} but torch.distributed has {tdist.get_world_size()} ranks")
     _wire_expert_parallel(model, ep_size=e.ep_size, world_size=world_size)
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     ds_config = make_ds_config(e, o, max_steps=max_steps, world_size=world_size)

@@ -131,7 +131,7 @@ def evaluate_model(cfg: RunConfig, model: torch.nn.Module, spec: DataSpec, info:
 def main(cfg: RunConfig, *, random_init: bool = False) -> int:
     """Load the latest checkpoint of `cfg.output_dir` in this process (no DeepSpeed for the native MoE backend) and
     evaluate every enabled task; `random_init`: the config's model as initialised from `seed` (a baseline, step 0)."""
-    from pretrain.runs import build_run_model, find_tag
+    from pretrain.runs import build_run_model, find_tag, unused_prefixes
 
     info = dist.resolve()
     dist.export(info)
@@ -145,7 +145,7 @@ def main(cfg: RunConfig, *, random_init: bool = False) -> int:
         from pretrain.checkpoint import TAG_RE, load_model_weights
 
         tag_dir = find_tag(run_dir / "checkpoints", None)
-        load_model_weights(tag_dir, model)
+        load_model_weights(tag_dir, model, skip=unused_prefixes(cfg), verify=False)  # find_tag verified it
         step = int(TAG_RE.match(tag_dir.name).group(1))
     if info.world_size > 1:  # metrics are reduced across ranks: that needs a process group
         dist.init_process_group(cfg.engine.backend)

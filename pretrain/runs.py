@@ -11,8 +11,9 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pretrain.checkpoint import TAG_RE, load_model_weights, read_latest, tag_for
-from pretrain.config import RunConfig, load_config
+from pretrain.checkpoint import TAG_RE, load_model_weights, tag_for
+from pretrain.config import TASKS, RunConfig, enabled_tasks, load_config
+from pretrain.integrity import select_tag
 from pretrain.layers import moe_mlp_factory
 from pretrain.models import MultiTaskModel, build_model
 from pretrain.objective import build_objective
@@ -41,10 +42,18 @@ class LoadedRun:
     tag_dir: Path
 
 
+def unused_prefixes(cfg: RunConfig) -> tuple[str, ...]:
+    """Checkpoint key prefixes a one-process model of `cfg` does not load: the heads of tasks switched off (a run
+    trained on three tasks evaluated on two) and the objective (its σ has one entry per enabled task; evaluation and
+    export never use it)."""
+    return ("objective.", *(f"heads.{t}." for t in TASKS if t not in enabled_tasks(cfg.tasks)))
+
+
 def find_tag(ckpt_dir: Path, step: int | None) -> Path:
-    """The tag directory of `step` (None = the committed `latest`); raises FileNotFoundError naming what is missing."""
+    """The tag directory of `step` (None = the committed `latest`, or the newest older checkpoint that verifies
+    when that one is damaged: `integrity.select_tag`); raises FileNotFoundError naming what is missing."""
     if step is None:
-        tag = read_latest(ckpt_dir)
+        tag = select_tag(ckpt_dir)
         if tag is None:
             raise FileNotFoundError(f"{ckpt_dir}: no checkpoint (no 'latest' file)")
         return ckpt_dir / tag
@@ -73,5 +82,5 @@ def load_run(run_dir: str | Path, *, step: int | None = None, overrides: list[st
 
         num_classes = check_shards(cfg.data, cfg.tasks).num_classes
     model = build_run_model(cfg, num_classes=num_classes, rank=0, single_process=True)
-    load_model_weights(tag_dir, model)
+    load_model_weights(tag_dir, model, skip=unused_prefixes(cfg), verify=step is not None)
     return LoadedRun(cfg=cfg, model=model.eval(), step=int(TAG_RE.match(tag_dir.name).group(1)), tag_dir=tag_dir)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import signal
 
+from pretrain.errors import EXIT_ABORT, EXIT_REQUEUE  # noqa: F401 - 3 and 75, with every other exit code
+
 logger = logging.getLogger(__name__)
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpoint written, requeue me" for the SLURM batch script
-EXIT_ABORT = 3  # too many consecutive non-finite losses; the last good checkpoint is kept
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 

@@ -17,6 +17,7 @@ from pretrain import checkpoint, dist
 from pretrain.config import RunConfig, enabled_tasks, save_resolved
 from pretrain.data.build import DataSpec, build_sampler, build_stream, check_shards
 from pretrain.data.collate import TARGET_KEYS
+from pretrain.drift import check_resume
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
 from pretrain.loop import LossWindow, NonFiniteGuard, TaskTimer, agree, clock, skip_micro_batch, to_device
 from pretrain.models.moe_losses import collect_aux_losses, moe_modules, pop_routing_counts
@@ -152,9 +153,11 @@ def main(cfg: RunConfig, dry_run: bool = False) -> int:
     dist.export(info)
     run_dir = Path(cfg.output_dir)
     setup_logging(info.rank, log_file=None if dry_run else run_dir / "logs" / f"rank{info.rank}.log")
-    # a chained SLURM job (`pretrain submit --chain N`) that starts after the run reached max_steps has nothing to do
-    latest = None if dry_run else checkpoint.read_latest(run_dir / "checkpoints")
-    done = checkpoint.TAG_RE.match(latest or "")
+    check_resume(cfg, run_dir)  # before anything in the run directory is replaced: refuses an inexact resume
+    # a chained SLURM job (`pretrain submit --chain N`) that starts after the run reached max_steps has nothing to do;
+    # a damaged `latest` is left to load_latest, which falls back to the newest intact checkpoint
+    latest, damaged = (None, None) if dry_run else checkpoint.read_pointer(run_dir / "checkpoints")
+    done = None if damaged else checkpoint.TAG_RE.match(latest or "")
     if done and int(done.group(1)) >= cfg.train.max_steps:
         logger.info("run already complete: %s is at step %d >= train.max_steps=%d", run_dir / "checkpoints" / latest,
                     int(done.group(1)), cfg.train.max_steps)

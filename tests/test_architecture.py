@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pretrain"
 MAX_LINES = 600  # house style: 400 per file, 600 hard
 
-FOUNDATION = frozenset({"durable", "dist", "log", "config"})
+FOUNDATION = frozenset({"durable", "dist", "log", "config", "errors"})
 # `dist` imports torch.distributed at module level, so models and metrics may not import it (their reducers and
 # communicators are injected).
 NO_DIST = frozenset({"durable", "log", "config"})
@@ -27,7 +27,8 @@ LEAF = FOUNDATION
 COMMANDS = frozenset({"train", "evaluate", "export", "extract", "submit", "status"})
 CORE = frozenset({"durable", "dist", "log", "config", "synth", "prepare", "data", "models", "metrics", "signals",
                   "tracking", "routing_stats", "plots", "expert_parallel", "tasks", "objective", "loop", "layers",
-                  "engine", "ds_moe", "checkpoint", "runs", "portable", "keep_rules", "__init__"})
+                  "engine", "ds_moe", "checkpoint", "runs", "portable", "keep_rules", "__init__", "errors",
+                  "integrity", "drift"})
 ANY_CORE = CORE | COMMANDS  # what a command may import (minus other commands: see COMMAND_IMPORTERS)
 # group -> the groups it may import besides itself and `pretrain/__init__` (version only). Group = first name
 # under pretrain/ (`pretrain/models/decoders/mlore.py` is in `models`).
@@ -36,6 +37,7 @@ RULES: dict[str, frozenset[str]] = {
     "__main__": frozenset({"cli"}),
     "durable": frozenset(), "dist": frozenset(), "log": frozenset(),
     "config": frozenset({"durable"}),
+    "errors": frozenset({"config", "dist"}),  # lazily: ConfigError's exit code, the rank that reports
     "synth": LEAF, "prepare": LEAF, "data": LEAF | {"metrics"},  # the one reduce_zero_label lives in metrics
     "signals": LEAF, "tracking": LEAF, "routing_stats": LEAF,
     "plots": LEAF,
@@ -47,8 +49,10 @@ RULES: dict[str, frozenset[str]] = {
     "layers": FOUNDATION | {"models", "ds_moe"},  # the MoE layer factory (ds_moe/deepspeed only lazily)
     "ds_moe": FOUNDATION | {"models"},  # not spelled out in ARCHITECTURE.md: the DeepSpeed twin of models/moe
     "engine": FOUNDATION | {"models", "expert_parallel", "ds_moe"},  # ds_moe: `moe.backend=deepspeed`
-    "checkpoint": FOUNDATION | {"models", "expert_parallel"},
-    "runs": FOUNDATION | {"checkpoint", "layers", "models", "objective", "data"},  # run dir -> model, no DeepSpeed
+    "integrity": FOUNDATION,  # the latest pointer, checkpoint manifests, fallback to an intact tag
+    "checkpoint": FOUNDATION | {"models", "expert_parallel", "integrity"},
+    "runs": FOUNDATION | {"checkpoint", "layers", "models", "objective", "data", "integrity"},  # run dir -> model
+    "drift": FOUNDATION | {"integrity"},  # resume safety: a config against the run's config.yaml
     "portable": FOUNDATION | {"checkpoint", "layers", "models", "objective", "runs", "data"},  # portable files
     "keep_rules": FOUNDATION,  # which experts a task keeps (pure functions over usage tables)
     "extract_report": ANY_CORE,  # the report of `pretrain extract` (a part of that command)

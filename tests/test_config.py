@@ -131,10 +131,9 @@ def test_every_task_disabled_is_refused():
     ("moe:\n  num_expert: 4\n", "{path}: unknown config key 'moe.num_expert'; did you mean 'moe.num_experts'?"),
     ("moe:\n  top_k: abc\n", "{path}: bad value for 'moe.top_k': Value 'abc' of type 'str' could not be converted to "
                              "Integer"),
-    ("moe: [unclosed\n", "{path}: cannot parse YAML: while parsing a flow sequence"),
-    pytest.param("- a\n- b\n", "{path}: ", marks=pytest.mark.xfail(
-        strict=True, raises=TypeError, reason="config.py: a YAML list at the top level escapes as OmegaConf's "
-                                              "TypeError instead of a ConfigError naming the file")),
+    ("moe: [unclosed\n", "{path}:2:1: cannot parse YAML: expected ',' or ']', but got '<stream end>' (while parsing "
+                          "a flow sequence at line 1)"),
+    ("- a\n- b\n", "{path}: the top level must be a mapping of sections (e.g. `train:`), got a list at line 1"),
 ])
 def test_bad_file_is_one_line_naming_the_file(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

@@ -43,6 +43,7 @@ from pretrain.data.decode import (
 from pretrain.data.ring import SLOT_KEY, BatchRing, RingLoader, pack_small
 from pretrain.data.tar import TarSamples, read_refs
 from pretrain.data.transforms import transform_cls, transform_det, transform_seg
+from pretrain.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def read_shard_info(shard_dir: str | Path) -> dict[str, Any]:
     try:
         info = json.loads(info_path.read_text())
     except (OSError, ValueError) as exn:
-        raise ValueError(f"{info_path}: unreadable JSON ({exn})") from exn
+        raise DataError(f"{info_path}: unreadable JSON ({exn}): re-run `pretrain prepare` for this split") from exn
     shards = info.get("shards") or []
     if not shards or int(info.get("num_samples", 0)) <= 0:
         raise ValueError(f"shard directory {root}: {INFO_NAME} lists no shards or no samples")
@@ -155,8 +156,9 @@ class ErrorCounter:
             logger.warning("%s: skipped sample %s (worker %d): %s: %s", self.task, key, _worker_id(),
                            type(exn).__name__, exn)
         if self.consecutive >= self.max_consecutive:
-            raise RuntimeError(f"{self.task}: {self.consecutive} consecutive bad samples/shards; last: "
-                               f"{type(exn).__name__}: {exn}") from exn
+            raise DataError(f"{self.task}: {self.consecutive} consecutive bad samples/shards (last: "
+                            f"{type(exn).__name__}: {exn}): the shard set is broken, re-convert it with "
+                            "`pretrain prepare --overwrite`") from exn
 
     def __call__(self, exn: BaseException) -> bool:
         self.record(exn, key="<tar>")

@@ -25,6 +25,7 @@ from pretrain.config import (
     check_moe,
     check_tasks,
     check_train,
+    check_values,
     need,
 )
 
@@ -107,6 +108,7 @@ CHOICES = {
 
 
 def _check(cfg: FinetuneConfig) -> None:
+    check_values(cfg)
     check_choices(cfg, CHOICES)
     check_moe(cfg.moe, cfg.engine)
     check_train(cfg.train, cfg.optim)

@@ -15,6 +15,7 @@ import torch
 
 from pretrain import checkpoint, dist
 from pretrain.config import save_resolved, to_yaml
+from pretrain.drift import check_resume
 from pretrain.finetune.build import DenseData, build_dense_model, check_dense_shards, make_eval_loader, make_stream
 from pretrain.finetune.config import FinetuneConfig, enabled_dense_tasks
 from pretrain.finetune.evaluate import evaluate_dense, plot_grid
@@ -133,6 +134,9 @@ def main(cfg: FinetuneConfig, dry_run: bool = False) -> int:
     dist.export(info)
     run_dir = Path(cfg.output_dir)
     setup_logging(info.rank, log_file=None if dry_run else run_dir / "logs" / f"rank{info.rank}.log")
+    # before anything in the run directory is replaced; a run-dir source rewrites model/moe from its own config
+    from_run = bool(cfg.finetune.init_from) and Path(cfg.finetune.init_from).is_dir()
+    check_resume(cfg, run_dir, ignore=("model.*", "moe.*") if from_run else ())
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     data = check_dense_shards(cfg)  # every shard set and task checked before anything heavy starts
@@ -142,8 +146,8 @@ def main(cfg: FinetuneConfig, dry_run: bool = False) -> int:
         print(to_yaml(cfg))
         print(json.dumps({"params": model.param_counts()}))
         return 0
-    if checkpoint.read_latest(run_dir / "checkpoints") is not None:
-        done = checkpoint.read_latest(run_dir / "checkpoints")
+    done, damaged = checkpoint.read_pointer(run_dir / "checkpoints")  # a damaged `latest`: load_latest falls back
+    if done is not None and not damaged and checkpoint.TAG_RE.match(done):
         if int(checkpoint.TAG_RE.match(done).group(1)) >= cfg.train.max_steps:
             logger.info("run already complete (%s): nothing to do", done)
             return 0
