@@ -259,8 +259,9 @@ def test_export_refuses_incomplete_runs(shards, tmp_path, capsys):
 def test_deepspeed_backend_checkpoint_exports_to_the_native_layout(shards, tmp_path):
     """A `moe.backend=deepspeed` model starts from the native model's weights for the same seed (ds_moe.py); its
     checkpoint exports into a file whose native model holds exactly those weights and computes the same outputs."""
-    native = native_run(tmp_path / "native", shards)
-    native_run(tmp_path / "ds", shards, "moe.backend=deepspeed")
+    # the DeepSpeed backend's experts take timm's init (moe.init=auto picks Mod-Squad's for the native layer)
+    native = native_run(tmp_path / "native", shards, "moe.init=timm")
+    native_run(tmp_path / "ds", shards, "moe.backend=deepspeed", "moe.init=timm")
     keys = load_file(str(tmp_path / "ds/checkpoints/step_00000007/experts_ep0.safetensors"))
     assert "backbone.blocks.1.mlp.deepspeed_moe.experts.deepspeed_experts.3.0.weight" in keys
     out = cli_main(["export", str(tmp_path / "ds"), "--out", str(tmp_path / "ds.safetensors"), "--dtype", "fp32"])

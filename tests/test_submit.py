@@ -306,20 +306,21 @@ def test_rejections_queue_nothing_and_a_crash_is_not_requeued(slurm, shards, tmp
 
 
 def test_requeue_cap_and_a_signal_during_startup(slurm, shards, tmp_path):
-    """USR1 before the ranks installed their handler kills them (138): still a preemption, but --max-requeues 0."""
+    """USR1 while the ranks are still starting is a stop request (the CLI installs the handler before the heavy
+    imports): they checkpoint after their first step and exit 75, a preemption; --max-requeues 0 stops the requeue."""
     env, run = _env(slurm), tmp_path / "capped"
     out = _submit(run, shards, "--max-requeues", "0", env=env)
     assert out.returncode == 0, out.stderr
     (job,) = _job_ids(run)
     log = run / "slurm" / f"{job}.log"
-    # the rank log appears when `pretrain train` starts building; the handler is installed seconds later
+    # the rank log appears when `pretrain train` starts building, long before its first step
     wait_for(lambda: (run / "logs" / "rank0.log").is_file(), 180, "the ranks to start", every=0.1)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
     final = _ended(env, job)
     text = log.read_text()
     assert final["JobState"] == "FAILED" and final["Restarts"] == "0", text[-3000:]
     assert "NOT requeued: 0 requeues reached --max-requeues=0" in text, text[-3000:]
-    assert [(a["rc"], a["action"]) for a in read_jsonl(run / "slurm" / "attempts.jsonl")] == [(138, "not requeued")]
+    assert [(a["rc"], a["action"]) for a in read_jsonl(run / "slurm" / "attempts.jsonl")] == [(75, "not requeued")]
     assert _status(run, env)["state"] == "preempted"
 
 
