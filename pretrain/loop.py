@@ -1,14 +1,17 @@
 """What every training loop shares: rank agreement, the non-finite streak, the loss window, per-task timing.
 
 Both loops (`pretrain train`, `pretrain finetune`) read top to bottom in their own module and call these pieces;
-nothing here owns the loop. Agreement is collective: every rank calls `agree` once per micro-batch.
+nothing here owns the loop. Agreement is collective: every rank calls `agree` once per micro-batch. `start_engine`
+is the start-up both share (config files, engine, resume).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,3 +112,50 @@ class TaskTimer:
         rates = {f"img_per_s/{t}": self.images[t] / self.seconds[t] for t in self.tasks if self.seconds[t] > 0}
         self._reset()
         return rates
+
+
+def already_complete(run_dir: Path, max_steps: int) -> bool:
+    """True when the run's committed checkpoint is at `max_steps` or beyond (a chained job then has nothing to do;
+    a damaged `latest` is left to resume, which falls back to the newest intact checkpoint)."""
+    from pretrain import checkpoint
+
+    latest, damaged = checkpoint.read_pointer(run_dir / "checkpoints")
+    done = None if damaged else checkpoint.TAG_RE.match(latest or "")
+    if done and int(done.group(1)) >= max_steps:
+        logger.info("run already complete: %s is at step %d >= train.max_steps=%d", run_dir / "checkpoints" / latest,
+                    int(done.group(1)), max_steps)
+        return True
+    return False
+
+
+def start_engine(cfg: Any, model: torch.nn.Module, info: dist.DistInfo) -> tuple[Any, int, dict | None]:
+    """What both loops do before their first step: write the resolved config and the generated DeepSpeed config
+    (rank 0), initialise torch.distributed, build the engine, and resume from `cfg.output_dir` (weights, optimizer,
+    schedule, this rank's RNG and stream state) or seed this rank's randomness.
+
+    Args: cfg: a run or fine-tuning config (its `engine`, `optim`, `train`, `seed`, `output_dir`).
+    Returns: (engine, start step, this rank's saved stream state or None).
+    """
+    from pretrain import checkpoint
+    from pretrain.config import save_resolved
+    from pretrain.engine import build_engine, init_distributed, make_ds_config
+
+    run_dir = Path(cfg.output_dir)
+    ds_config = make_ds_config(cfg.engine, cfg.optim, max_steps=cfg.train.max_steps, world_size=info.world_size)
+    if info.is_main:
+        save_resolved(cfg, run_dir)
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    init_distributed(cfg.engine.backend)
+    engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, max_steps=cfg.train.max_steps,
+                          world_size=info.world_size)
+    resumed = checkpoint.load_latest(engine, run_dir / "checkpoints")
+    if resumed is None:
+        torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # per-rank randomness (drop path, noisy gates)
+        return engine, 0, None
+    start_step, client_state, rank_state = resumed
+    checkpoint.restore_rng(rank_state)
+    # the stream's counters (per rank); checkpoints written before they were saved hold only the task counts
+    stream_state = rank_state.get("stream") or {"step": start_step * cfg.engine.grad_accum,
+                                                "counts": client_state.get("task_counts", {})}
+    logger.info("resumed from step %d in %s", start_step, run_dir / "checkpoints")
+    return engine, start_step, stream_state

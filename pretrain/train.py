@@ -14,12 +14,22 @@ from pathlib import Path
 import torch
 
 from pretrain import checkpoint, dist
-from pretrain.config import RunConfig, enabled_tasks, save_resolved
+from pretrain.config import RunConfig, enabled_tasks
 from pretrain.data.build import DataSpec, build_sampler, build_stream, check_shards
 from pretrain.data.collate import TARGET_KEYS
 from pretrain.drift import check_resume
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
-from pretrain.loop import LossWindow, NonFiniteGuard, TaskTimer, agree, clock, skip_micro_batch, to_device
+from pretrain.loop import (
+    LossWindow,
+    NonFiniteGuard,
+    TaskTimer,
+    agree,
+    already_complete,
+    clock,
+    skip_micro_batch,
+    start_engine,
+    to_device,
+)
 from pretrain.models.moe_losses import collect_aux_losses, moe_modules, pop_routing_counts
 from pretrain.routing_stats import routing_metrics
 from pretrain.runs import build_run_model
@@ -154,13 +164,8 @@ def main(cfg: RunConfig, dry_run: bool = False) -> int:
     run_dir = Path(cfg.output_dir)
     setup_logging(info.rank, log_file=None if dry_run else run_dir / "logs" / f"rank{info.rank}.log")
     check_resume(cfg, run_dir)  # before anything in the run directory is replaced: refuses an inexact resume
-    # a chained SLURM job (`pretrain submit --chain N`) that starts after the run reached max_steps has nothing to do;
-    # a damaged `latest` is left to load_latest, which falls back to the newest intact checkpoint
-    latest, damaged = (None, None) if dry_run else checkpoint.read_pointer(run_dir / "checkpoints")
-    done = None if damaged else checkpoint.TAG_RE.match(latest or "")
-    if done and int(done.group(1)) >= cfg.train.max_steps:
-        logger.info("run already complete: %s is at step %d >= train.max_steps=%d", run_dir / "checkpoints" / latest,
-                    int(done.group(1)), cfg.train.max_steps)
+    # a chained SLURM job (`pretrain submit --chain N`) that starts after the run reached max_steps has nothing to do
+    if not dry_run and already_complete(run_dir, cfg.train.max_steps):
         return 0
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
@@ -174,25 +179,6 @@ def main(cfg: RunConfig, dry_run: bool = False) -> int:
         print(to_yaml(cfg))
         print(json.dumps({"params": model.param_counts()}))
         return 0
-    from pretrain.engine import build_engine, init_distributed, make_ds_config
-
-    ds_config = make_ds_config(cfg.engine, cfg.optim, max_steps=cfg.train.max_steps, world_size=info.world_size)
-    if info.is_main:
-        save_resolved(cfg, run_dir)
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-    init_distributed(cfg.engine.backend)
-    engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, max_steps=cfg.train.max_steps,
-                          world_size=info.world_size)
-    resumed = checkpoint.load_latest(engine, run_dir / "checkpoints")
-    start_step, stream_state = 0, None
-    if resumed is not None:
-        start_step, client_state, rank_state = resumed
-        checkpoint.restore_rng(rank_state)
-        # the stream's counters (per rank); checkpoints written before they were saved hold only the task counts
-        stream_state = rank_state.get("stream") or {"step": start_step * cfg.engine.grad_accum,
-                                                    "counts": client_state.get("task_counts", {})}
-        logger.info("resumed from step %d in %s", start_step, run_dir / "checkpoints")
-    else:
-        torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # per-rank randomness (drop path, noisy gates)
+    engine, start_step, stream_state = start_engine(cfg, model, info)
     logger.info("params %s; training steps %d → %d", model.param_counts(), start_step, cfg.train.max_steps)
     return train_loop(cfg, engine, model, spec, info, start_step, stream_state)

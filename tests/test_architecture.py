@@ -45,7 +45,7 @@ RULES: dict[str, frozenset[str]] = {
     "expert_parallel": FOUNDATION | {"models"},  # injects comms into the models' MoE layers (moe_modules)
     "tasks": FOUNDATION | {"models"},
     "objective": FOUNDATION | {"models"},  # replaces tasks
-    "loop": FOUNDATION | {"signals"},  # what train and finetune's loops share
+    "loop": FOUNDATION | {"signals", "checkpoint", "engine"},  # what both loops share (engine lazily)
     "layers": FOUNDATION | {"models", "ds_moe"},  # the MoE layer factory (ds_moe/deepspeed only lazily)
     "ds_moe": FOUNDATION | {"models"},  # not spelled out in ARCHITECTURE.md: the DeepSpeed twin of models/moe
     "engine": FOUNDATION | {"models", "expert_parallel", "ds_moe"},  # ds_moe: `moe.backend=deepspeed`

@@ -14,13 +14,23 @@ from pathlib import Path
 import torch
 
 from pretrain import checkpoint, dist
-from pretrain.config import save_resolved, to_yaml
+from pretrain.config import to_yaml
 from pretrain.drift import check_resume
 from pretrain.finetune.build import DenseData, build_dense_model, check_dense_shards, make_eval_loader, make_stream
 from pretrain.finetune.config import FinetuneConfig, enabled_dense_tasks
 from pretrain.finetune.evaluate import evaluate_dense, plot_grid
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
-from pretrain.loop import LossWindow, NonFiniteGuard, TaskTimer, agree, clock, skip_micro_batch, to_device
+from pretrain.loop import (
+    LossWindow,
+    NonFiniteGuard,
+    TaskTimer,
+    agree,
+    already_complete,
+    clock,
+    skip_micro_batch,
+    start_engine,
+    to_device,
+)
 from pretrain.models.moe_losses import collect_aux_losses
 from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE, stop_flag
 from pretrain.tracking import Tracker, wandb_mode
@@ -146,28 +156,8 @@ def main(cfg: FinetuneConfig, dry_run: bool = False) -> int:
         print(to_yaml(cfg))
         print(json.dumps({"params": model.param_counts()}))
         return 0
-    done, damaged = checkpoint.read_pointer(run_dir / "checkpoints")  # a damaged `latest`: load_latest falls back
-    if done is not None and not damaged and checkpoint.TAG_RE.match(done):
-        if int(checkpoint.TAG_RE.match(done).group(1)) >= cfg.train.max_steps:
-            logger.info("run already complete (%s): nothing to do", done)
-            return 0
-    from pretrain.engine import build_engine, init_distributed, make_ds_config
-
-    ds_config = make_ds_config(cfg.engine, cfg.optim, max_steps=cfg.train.max_steps, world_size=info.world_size)
-    if info.is_main:
-        save_resolved(cfg, run_dir)
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-    init_distributed(cfg.engine.backend)
-    engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, max_steps=cfg.train.max_steps,
-                          world_size=info.world_size)
-    resumed = checkpoint.load_latest(engine, run_dir / "checkpoints")
-    start_step, stream_state = 0, None
-    if resumed is not None:
-        start_step, _, rank_state = resumed
-        checkpoint.restore_rng(rank_state)
-        stream_state = rank_state.get("stream")
-        logger.info("resumed from step %d in %s", start_step, run_dir / "checkpoints")
-    else:
-        torch.manual_seed(cfg.seed * 1000 + info.rank + 1)
+    if already_complete(run_dir, cfg.train.max_steps):
+        return 0
+    engine, start_step, stream_state = start_engine(cfg, model, info)
     logger.info("params %s; fine-tuning steps %d → %d", model.param_counts(), start_step, cfg.train.max_steps)
     return finetune_loop(cfg, engine, model, data, info, start_step, stream_state)
