@@ -47,11 +47,11 @@ def pipeline(out: Path, *, pretrain_config: str, finetune_config: str, fast: boo
     shards, raw = out / "shards", out / "raw"
     stages = [Stage("synth", [*p, "synth", "--out", str(raw), "--overwrite", *(["--scale", "0.4"] if fast else [])],
                     1.0)]
-    for dataset, folder in RAW_DIRS.items():
+    for dataset, folder in RAW_DIRS.items():  # 4 shards per split, as the debug config's reference run used
         for split in ("train", "val"):
             stages.append(Stage(f"prepare_{dataset}_{split}", [
                 *p, "prepare", dataset, "--src", str(raw / folder), "--out", str(shards / dataset / split),
-                "--split", split, "--overwrite", "--min-shards", "2"], 0.3))
+                "--split", split, "--overwrite", "--min-shards", "4"], 0.3))
     quick = ["train.max_steps=40", "train.ckpt_every=20"] if fast else []
     run = out / "pretrain"
     stages += [
