@@ -13,7 +13,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from pretrain.errors import EXIT_DEMO_STAGE, EXIT_USAGE, UsageError  # noqa: F401 - every exit code: errors.EXIT_CODES
+from pretrain.errors import EXIT_DEMO_STAGE, EXIT_USAGE, PretrainError, UsageError  # noqa: F401 - codes: errors.EXIT_CODES
 
 
 class UserError(UsageError):
@@ -187,6 +187,8 @@ def _export(args: argparse.Namespace) -> int:
     setup_logging()
     try:
         path = export_run(args.run_dir, args.out, step=args.step, dtype=args.dtype, data_root=args.data_root)
+    except PretrainError:
+        raise  # typed failures keep their own exit code (a damaged checkpoint is 5, not a usage error)
     except (ValueError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
     print(path)
@@ -205,6 +207,8 @@ def _extract(args: argparse.Namespace) -> int:
         extract_main(args.source, args.task.split(","), args.out, step=args.step, data_root=args.data_root,
                      report=not args.no_report, eval_images=args.eval_images, latency_runs=args.latency_runs,
                      latency_batches=tuple(int(b) for b in args.latency_batches.split(",")), **rule)
+    except PretrainError:
+        raise  # typed failures keep their own exit code
     except (ValueError, RuntimeError, KeyError) as exc:
         raise UserError(str(exc).strip("'\"")) from None
     return 0
