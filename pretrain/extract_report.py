@@ -18,7 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -176,32 +175,11 @@ def format_table(report: dict[str, Any]) -> str:
 def plot_kept(usage: dict[str, torch.Tensor], kept: dict[str, list[int]], task_ids: dict[str, int],
               chosen: list[str], out: Path) -> Path:
     """Usage (% per task row) heatmap per MoE layer; kept experts of the chosen tasks' rows marked with dots."""
-    import matplotlib
+    from pretrain.plots import plot_usage
 
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
-    names, tasks = list(usage), sorted(task_ids, key=task_ids.get)
-    cols = min(4, len(names))
-    rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 1.2 + 0.5 * len(tasks) * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        u_TE = usage[name].double().numpy()[[task_ids[t] for t in tasks]]
-        pct_TE = 100 * u_TE / np.maximum(u_TE.sum(axis=1, keepdims=True), 1e-12)
-        im = ax.imshow(pct_TE, aspect="auto", cmap="viridis", vmin=0)
-        for t in chosen:
-            y = tasks.index(t)
-            ax.scatter(kept[name], [y] * len(kept[name]), s=12, c="red", marker="o")
-        ax.set_title(f"{name} ({len(kept[name])}/{u_TE.shape[1]} kept)", fontsize=7)
-        ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
-        ax.set_xlabel("expert", fontsize=7)
-        fig.colorbar(im, ax=ax, fraction=0.05)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    tasks = sorted(task_ids, key=task_ids.get)
+    rows = {name: u.double().numpy()[[task_ids[t] for t in tasks]] for name, u in usage.items()}
+    return plot_usage(rows, tasks, out, kept=kept, marked=tuple(chosen))
 
 
 def write_report(report: dict[str, Any], extraction: Extraction, out: Path) -> None:

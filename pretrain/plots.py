@@ -46,10 +46,12 @@ def plot_losses(records: list[dict], out: Path, smooth: int = 5) -> Path | None:
     return out
 
 
-def plot_usage(usage: dict[str, np.ndarray], tasks: list[str], out: Path) -> Path | None:
+def plot_usage(usage: dict[str, np.ndarray], tasks: list[str], out: Path, *,
+               kept: dict[str, list[int]] | None = None, marked: tuple[str, ...] = ()) -> Path | None:
     """Heatmaps of per-task expert usage (%, rows sum to 100) for every MoE layer.
 
-    Args: usage {layer name: array [T, E]} (Mod-Squad usage EMA, any scale), tasks: row labels.
+    Args: usage {layer name: array [T, E]} (Mod-Squad usage EMA, any scale), tasks: row labels; `kept` {layer: kept
+    expert ids} marks those experts (red dots) on the rows of the `marked` tasks (an extracted submodel's).
     """
     if not usage:
         return None
@@ -62,7 +64,9 @@ def plot_usage(usage: dict[str, np.ndarray], tasks: list[str], out: Path) -> Pat
         u_TE = np.asarray(usage[name], dtype=np.float64)[: len(tasks)]
         pct_TE = 100 * u_TE / np.maximum(u_TE.sum(axis=1, keepdims=True), 1e-12)
         im = ax.imshow(pct_TE, aspect="auto", cmap="viridis", vmin=0)
-        ax.set_title(name, fontsize=7)
+        for task in marked if kept is not None else ():
+            ax.scatter(kept[name], [tasks.index(task)] * len(kept[name]), s=12, c="red", marker="o")
+        ax.set_title(name if kept is None else f"{name} ({len(kept[name])}/{u_TE.shape[1]} kept)", fontsize=7)
         ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
         ax.set_xlabel("expert", fontsize=7)
         fig.colorbar(im, ax=ax, fraction=0.05)
