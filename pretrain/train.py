@@ -116,10 +116,10 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             counts = {name: torch.zeros_like(c) for name, c in counts.items()}
         # 6. checkpoint: periodic, at the end, or on a signal (then exit with the requeue code)
         periodic = step % cfg.train.ckpt_every == 0 and step_ok  # never checkpoint inside a non-finite streak
+        if periodic:  # before the save, so the saved stream state starts here: nothing to replay on resume
+            mixed.restart()  # batches after step s depend on (seed, s) only: every resume sees the same batches
         if periodic or step == cfg.train.max_steps or stopping:
             save(cfg, engine, mixed, step)
-        if periodic:
-            mixed.restart()  # batches after step s depend on (seed, s) only: every resume sees the same batches
         if stopping:
             logger.warning("stopped by signal after step %d; exit %d so the job is requeued", step, EXIT_REQUEUE)
             exit_code = EXIT_REQUEUE

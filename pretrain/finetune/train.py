@@ -111,12 +111,12 @@ def finetune_loop(cfg: FinetuneConfig, engine, model, data: DenseData, info: dis
             bar.set_postfix(loss=f"{record.get('loss/total', float('nan')):.3f}")
         # 6. checkpoint: periodic, at the end, or on a signal (then exit with the requeue code)
         periodic = step % cfg.train.ckpt_every == 0 and step_ok
+        if periodic:  # before the save, so the saved stream state starts here: nothing to replay on resume
+            mixed.restart()
         if periodic or step == cfg.train.max_steps or stopping:
             checkpoint.save(engine, run_dir / "checkpoints", step, client_state={"step": step},
                             rank_state={**checkpoint.capture_rng(), "stream": mixed.state_dict()},
                             keep_last=cfg.train.keep_last)
-        if periodic:
-            mixed.restart()
         if stopping:
             logger.warning("stopped by signal after step %d; exit %d so the job is requeued", step, EXIT_REQUEUE)
             exit_code = EXIT_REQUEUE
