@@ -13,6 +13,8 @@ import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
+
 from pretrain.data.sources import make_train_loader
 
 logger = logging.getLogger(__name__)
@@ -135,7 +137,11 @@ class MixedStream:
             loader = self.make_loader(task, seed=self.seed, rank=self.rank, world_size=self.world_size,
                                       num_workers=self.num_workers, start_step=self.start_step,
                                       **self.loader_kwargs[task])
-            self._iters[task] = iter(loader)
+            # a DataLoader draws its base seed from the global torch RNG when its iterator starts; the process's RNG
+            # (drop path, noisy gates) must not depend on when loaders start, or a resume that restarts them at
+            # another step than the uninterrupted run would drift from it
+            with torch.random.fork_rng(devices=[]):
+                self._iters[task] = iter(loader)
         batch = next(self._iters[task])
         if count:
             self.skipped[task] += int(batch.get("skipped", 0))
