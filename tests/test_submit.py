@@ -221,15 +221,9 @@ def _preempt(env: dict, run: Path, job_id: str, after_step: int, restarts: int) 
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    from pretrain.checkpoint import load_model_weights
-    from pretrain.config import load_config
-    from pretrain.data.build import build_data
-    from pretrain.models import build_model
+    from pretrain.runs import load_run
 
-    cfg = load_config(run / "config.yaml")
-    model = build_model(cfg, num_classes=build_data(cfg).num_classes)
-    load_model_weights(run / "checkpoints", model)
-    return model.state_dict()
+    return load_run(run).model.state_dict()
 
 
 @pytest.mark.slow
