@@ -106,8 +106,13 @@ class DemoError(RuntimeError):
 
 
 def main(out: Path, *, pretrain_config: str, finetune_config: str, fast: bool = False) -> int:
+    from pretrain.config import load_config
     from pretrain.demo.report import write_report
+    from pretrain.finetune.config import FinetuneConfig
 
+    # a wrong config is one line and exit 2 now, not after minutes of data stages
+    load_config(pretrain_config)
+    load_config(finetune_config, schema=FinetuneConfig)
     out.mkdir(parents=True, exist_ok=True)
     records = out / "stages"
     records.mkdir(exist_ok=True)
