@@ -84,9 +84,6 @@ def test_finetune_losses_fall_then_evaluate_saves_predictions(dense_root, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the data stream replays exactly (tests/test_mixture.py) but a fine-tuning "
-                   "resume from a signal checkpoint between two periodic ones still drifts from step 2 (the MLoRE "
-                   "balance loss differs first): open in issue 11, to bisect")
 def test_signal_then_resume_is_bitwise_exact(dense_root, tmp_path):
     steps = ["train.max_steps=6", "train.ckpt_every=100", "train.eval_every=0", "finetune.grid_images=0"]
     full = _run(_cmd(dense_root, tmp_path / "full", *steps))

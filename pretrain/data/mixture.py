@@ -137,12 +137,13 @@ class MixedStream:
             loader = self.make_loader(task, seed=self.seed, rank=self.rank, world_size=self.world_size,
                                       num_workers=self.num_workers, start_step=self.start_step,
                                       **self.loader_kwargs[task])
-            # a DataLoader draws its base seed from the global torch RNG when its iterator starts; the process's RNG
-            # (drop path, noisy gates) must not depend on when loaders start, or a resume that restarts them at
-            # another step than the uninterrupted run would drift from it
-            with torch.random.fork_rng(devices=[]):
-                self._iters[task] = iter(loader)
-        batch = next(self._iters[task])
+            self._iters[task] = iter(loader)
+        # a DataLoader draws its base seed from the global torch RNG when its iterator starts, which for a wrapped
+        # loader (a generator) is the first `next`, and with num_workers=0 the whole pipeline runs here: the
+        # process's RNG (drop path, noisy gates) must not depend on the data, or a resume that replays batches
+        # would drift from the uninterrupted run. Forking costs one 5 KB state copy per batch.
+        with torch.random.fork_rng(devices=[]):
+            batch = next(self._iters[task])
         if count:
             self.skipped[task] += int(batch.get("skipped", 0))
         return batch
