@@ -111,6 +111,10 @@ class ModelConfig:
     upcycle_mode: str = "copy"
     det_min_size: int = 512
     det_max_size: int = 512
+    # Faster R-CNN's box head width, RoIs per image in training, RPN proposals per image in training (torchvision's)
+    det_box_fc_dim: int = 1024
+    det_rois_per_image: int = 512
+    det_proposals: int = 2000
     pyramid_dim: int = 256
 
 
@@ -295,6 +299,7 @@ RANGES: dict[str, Rule] = {
     "model.det_min_size": (lambda v: v >= 16, "must be >= 16"),
     "model.det_max_size": (lambda v: v >= 16, "must be >= 16"),
     "model.pyramid_dim": (lambda v: v >= 1, "must be >= 1"),
+    "model.det_[brp]*": (lambda v: v >= 1, "must be >= 1"),
     "moe.attn_num_experts": (lambda v: v >= 1, "must be >= 1"),
     "moe.capacity_factor": (lambda v: v > 0, "must be > 0"),
     "optim.eps": (lambda v: v > 0, "must be > 0"),

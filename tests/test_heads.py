@@ -205,3 +205,19 @@ def test_normalisation_matches_imagenet_stats():
     out = model.normalize(img)[0, :, 0, 0]
     torch.testing.assert_close(out, (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
     assert math.isclose(float(model.normalize(torch.zeros_like(img))[0, 0, 0, 0]), -0.485 / 0.229, rel_tol=1e-5)
+
+
+def test_faster_rcnn_two_stage_settings_reach_the_detector():
+    cfg = small_cfg()
+    default = build_model(cfg).heads["det"].detector
+    assert default.roi_heads.fg_bg_sampler.batch_size_per_image == 512  # torchvision's defaults stay the defaults
+    assert default.roi_heads.box_head.fc7.out_features == 1024
+    cfg.model.det_box_fc_dim, cfg.model.det_rois_per_image, cfg.model.det_proposals = 96, 64, 150
+    det = build_model(cfg).heads["det"].detector
+    assert det.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    assert det.roi_heads.box_head.fc7.out_features == det.roi_heads.box_predictor.cls_score.in_features == 96
+    assert det.rpn._pre_nms_top_n["training"] == det.rpn._post_nms_top_n["training"] == 150
+    assert det.rpn._post_nms_top_n["testing"] == 1000  # inference keeps torchvision's proposal count
+    det.train()
+    losses = det([torch.rand(3, 96, 96), torch.rand(3, 96, 96)], det_targets())
+    assert all(torch.isfinite(v) for v in losses.values())

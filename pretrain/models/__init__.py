@@ -98,7 +98,8 @@ def _cls_head(vit: VisionTransformer, *, task_id: int, kind: str, num_classes: i
 
 def _det_head(vit: VisionTransformer, *, task_id: int, kind: str, num_classes: int, model: ModelConfig) -> nn.Module:
     return DetHead(vit=vit, task_id=task_id, kind=kind, num_classes=num_classes, min_size=model.det_min_size,
-                   max_size=model.det_max_size, out_channels=model.pyramid_dim)
+                   max_size=model.det_max_size, out_channels=model.pyramid_dim, box_fc_dim=model.det_box_fc_dim,
+                   rois_per_image=model.det_rois_per_image, proposals=model.det_proposals)
 
 
 def _seg_head(vit: VisionTransformer, *, task_id: int, kind: str, num_classes: int, model: ModelConfig) -> nn.Module:

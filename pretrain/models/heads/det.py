@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
@@ -57,18 +58,30 @@ class ViTDetBackbone(nn.Module):
         return self.pyramid(feat_BDhw)
 
 
-def faster_rcnn(*, backbone: ViTDetBackbone, num_classes: int, min_size: int, max_size: int) -> FasterRCNN:
-    """Faster R-CNN with one anchor size per level (8 × stride) × 3 ratios and 7×7 RoIAlign over the 4 levels."""
+def faster_rcnn(*, backbone: ViTDetBackbone, num_classes: int, min_size: int, max_size: int, box_fc_dim: int = 1024,
+                rois_per_image: int = 512, proposals: int = 2000) -> FasterRCNN:
+    """Faster R-CNN with one anchor size per level (8 × stride) × 3 ratios and 7×7 RoIAlign over the 4 levels.
+
+    box_fc_dim: width of the two-FC box head; rois_per_image: RoIs sampled per image for the box head in training;
+    proposals: RPN proposals kept per image in training, before and after NMS. The defaults are torchvision's
+    (Detectron's COCO recipe); a corpus with a few objects per small image learns as well from far fewer RoIs, and the
+    box head (RoIAlign backward, the 12544→1024 FC) is most of a CPU step at those defaults.
+    """
     sizes = tuple((8 * s,) for s in backbone.strides)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
-    return FasterRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
-                      image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), rpn_anchor_generator=anchors,
-                      box_roi_pool=roi_pool, size_divisible=max(backbone.strides))
+    box_head = TwoMLPHead(backbone.out_channels * 7 * 7, box_fc_dim)
+    return FasterRCNN(backbone, min_size=min_size, max_size=max_size, image_mean=list(IMAGENET_MEAN),
+                      image_std=list(IMAGENET_STD), rpn_anchor_generator=anchors, box_roi_pool=roi_pool,
+                      box_head=box_head, box_predictor=FastRCNNPredictor(box_fc_dim, num_classes),
+                      box_batch_size_per_image=rois_per_image, rpn_pre_nms_top_n_train=proposals,
+                      rpn_post_nms_top_n_train=proposals, size_divisible=max(backbone.strides))
 
 
-def retinanet(*, backbone: ViTDetBackbone, num_classes: int, min_size: int, max_size: int) -> RetinaNet:
-    """RetinaNet with 3 scales (4·stride·2^(i/3)) × 3 ratios per level and a GroupNorm head (torchvision's v2)."""
+def retinanet(*, backbone: ViTDetBackbone, num_classes: int, min_size: int, max_size: int,
+              **two_stage: int) -> RetinaNet:
+    """RetinaNet with 3 scales (4·stride·2^(i/3)) × 3 ratios per level and a GroupNorm head (torchvision's v2).
+    It has no RoI stage: Faster R-CNN's `two_stage` settings do not apply."""
     sizes = tuple(tuple(int(round(4 * s * 2 ** (i / 3))) for i in range(3)) for s in backbone.strides)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     c = backbone.out_channels
@@ -90,10 +103,12 @@ class DetHead(nn.Module):
         kind: key of `DET_HEADS`. num_classes: foreground classes K (labels 1..K; the detector gets K+1).
         min_size, max_size: the detector transform's resize bounds (torchvision's defaults 800/1333 are too big).
         out_channels: pyramid width. norm: pyramid norm.
+        two_stage: Faster R-CNN's `box_fc_dim`, `rois_per_image`, `proposals` (see `faster_rcnn`).
     """
 
     def __init__(self, *, vit: nn.Module, task_id: int, kind: str = "fasterrcnn", num_classes: int = 80,
-                 min_size: int = 512, max_size: int = 512, out_channels: int = 256, norm: str = "ln") -> None:
+                 min_size: int = 512, max_size: int = 512, out_channels: int = 256, norm: str = "ln",
+                 **two_stage: int) -> None:
         super().__init__()
         if kind not in DET_HEADS:
             raise ValueError(f"unknown det head {kind!r}; expected one of {', '.join(DET_HEADS)}")
@@ -103,7 +118,7 @@ class DetHead(nn.Module):
         self.num_classes = num_classes
         backbone = ViTDetBackbone(vit=vit, task_id=task_id, out_channels=out_channels, norm=norm)
         self.detector = DET_HEADS[kind](backbone=backbone, num_classes=num_classes + 1, min_size=min_size,
-                                        max_size=max_size)
+                                        max_size=max_size, **two_stage)
 
     def predictor_modules(self) -> list[nn.Module]:
         """The final class/box predictors (counted as "heads"; everything else here is "decoder")."""
