@@ -36,11 +36,18 @@ import functools
 import logging
 import os
 import pickle
+import sys
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator when first imported
+# DeepSpeed JIT-builds its CPU shared-memory op with the `ninja` first on PATH. The venv's (pip) and a system one log
+# build commands differently, so a run from an activated venv and one from `.venv/bin/pretrain` rebuilt each other's
+# cached op (~80 s per start on 2 cores): always build with the interpreter's own, as scripts/setup.sh does.
+_BIN = os.path.dirname(sys.executable)
+if os.path.isfile(os.path.join(_BIN, "ninja")) and os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
 
 import deepspeed
 import torch.distributed as tdist

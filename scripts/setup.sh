@@ -9,5 +9,6 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet -e '.[dev]'
 # DeepSpeed JIT-compiles its CPU shared-memory collective op the first time a process group starts (minutes on a
 # busy machine); build it now into ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR) so no run or test pays it.
-DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
+# With the venv's ninja first on PATH, as pretrain/engine.py arranges for every run (two ninjas rebuild each other's).
+PATH="$PWD/.venv/bin:$PATH" DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 .venv/bin/python -c "import torch, deepspeed, webdataset, timm, pycocotools; print('pretrain env ok: torch', torch.__version__)"

@@ -186,3 +186,13 @@ def test_deepspeed_backend_trains_on_two_ranks_and_checkpoints_every_expert(tmp_
     checkpoint.load_model_weights(tmp_path / "ckpt", model)
     ref = load_file(str(tmp_path / "ref_ds.safetensors"))["logits"]
     torch.testing.assert_close(eval_logits(model), ref, rtol=0, atol=1e-5)
+
+
+def test_deepspeed_builds_its_op_with_the_interpreters_ninja():
+    """An activated venv and `.venv/bin/pretrain` must find the same ninja, or each rebuilds the other's cached op."""
+    import os
+
+    venv_bin = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(venv_bin, "ninja")):
+        pytest.skip(f"no ninja beside {sys.executable}")
+    assert os.environ["PATH"].split(os.pathsep)[0] == venv_bin  # set when pretrain.engine was imported
