@@ -116,7 +116,7 @@ def write_report(out: Path, done: dict) -> Path:
              f"Machine: {_machine()}. Versions: {_versions()}. Total time {total / 60:.1f} min (setup excluded).", "",
              "What this shows: every stage of the pipeline runs end to end on real file formats, and each model "
              "learns. What it does not show: anything about accuracy at scale — the corpus is a small generated "
-             "one (shapes and textures) and the model is a 4-block ViT at 64–128 px, so the numbers are far from "
+             "one (shapes and textures) and the model is a 4-block ViT at 64–96 px, so the numbers are far from "
              "the papers' and say nothing about how the methods compare on ImageNet/COCO/ADE20K or NYUD-v2.", "",
              f"**{verdict}**", ""]
     lines += _pretrain_section(done) + _extract_section(out) + ft_lines
