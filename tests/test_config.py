@@ -152,14 +152,14 @@ def test_missing_file_is_named(tmp_path):
 def test_debug_deepspeed_json_matches_the_reference():
     from pretrain.engine import make_ds_config
 
-    reference = {  # written out from configs/debug/pretrain.yaml by hand: fp32, ZeRO-1, 400 steps, warmup 20
+    reference = {  # written out from configs/debug/pretrain.yaml by hand: fp32, ZeRO-1, 450 steps, warmup 20
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 2,
         "steps_per_print": 2**30, "wall_clock_breakdown": False, "gradient_clipping": 1.0,
         "bf16": {"enabled": False}, "fp16": {"enabled": False},
         "zero_optimization": {"stage": 1, "contiguous_gradients": True, "reduce_scatter": True},
         "checkpoint": {"tag_validation": "Fail"},
         "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": 400, "warmup_min_ratio": 0.0, "warmup_num_steps": 20, "warmup_type": "linear",
+            "total_num_steps": 450, "warmup_min_ratio": 0.0, "warmup_num_steps": 20, "warmup_type": "linear",
             "cos_min_ratio": 0.01}},
     }
     cfg = load_config(DEBUG)
