@@ -64,8 +64,8 @@ def faster_rcnn(*, backbone: ViTDetBackbone, num_classes: int, min_size: int, ma
 
     box_fc_dim: width of the two-FC box head; rois_per_image: RoIs sampled per image for the box head in training;
     proposals: RPN proposals kept per image in training, before and after NMS. The defaults are torchvision's
-    (Detectron's COCO recipe); a corpus with a few objects per small image learns as well from far fewer RoIs, and the
-    box head (RoIAlign backward, the 12544→1024 FC) is most of a CPU step at those defaults.
+    (Detectron's COCO recipe); with a few objects per small image far fewer RoIs still hold every positive, and at
+    those defaults the box head (RoIAlign backward, the 12544→1024 FC) is most of a CPU step.
     """
     sizes = tuple((8 * s,) for s in backbone.strides)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
