@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -388,6 +389,13 @@ def _check_run(cfg: RunConfig) -> None:
         need(0 <= lo <= hi, f"tasks.{name}.aug_range", list(task.aug_range), "must be [lo, hi] with 0 <= lo <= hi")
 
 
+@functools.cache
+def _defaults(schema: type) -> DictConfig:
+    # Building a structured config from the dataclasses is most of a load's cost (~40 ms); merges and to_object
+    # copy rather than modify their inputs, so one per schema serves every load.
+    return OmegaConf.structured(schema)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
                 schema: type | None = None) -> Any:
     """Merge `schema` defaults ← YAML file ← `key=value` overrides, then validate.
@@ -398,7 +406,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     Raises `ConfigError` (one line naming the file, key or value) on any problem.
     """
     schema = schema or RunConfig
-    merged: DictConfig = OmegaConf.structured(schema)
+    merged: DictConfig = _defaults(schema)
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -1,7 +1,8 @@
 """Shared fixtures (a small embedded corpus converted to shards once per session) and the suite's markers.
 
-`slow`: the tests in SLOW (measured over ~5 s on 2 cores with `pytest --durations=0`) and any test marked
-`@pytest.mark.slow`; `pytest -m "not slow"` runs the fast unit tests alone. `gpu`: skipped without CUDA.
+`slow`: the tests in SLOW (child processes, or over ~0.5 s on 2 idle cores) and any test marked
+`@pytest.mark.slow`; `pytest -m "not slow"` runs the fast unit tests alone, in under a minute.
+`gpu`: skipped without CUDA.
 Tests that start DeepSpeed in child processes get the `deepspeed_shm_op` fixture first, so DeepSpeed's JIT build of
 its CPU communication op (scripts/setup.sh normally does it) never runs inside a timed test.
 """
@@ -20,20 +21,52 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"imagenet_train": 24, "imagenet_val": 4, "coco_train": 48, "coco_val": 8, "ade_train": 48, "ade_val": 8,
          "num_classes": 4, "image_size": (64, 96)}
 
-# Whole modules, test names (covering every parametrised case) or exact node ids: over ~5 s each in
-# `python -m pytest --durations=0 -q -p no:cacheprovider` on the shared 2-core machine (README "Tests").
+# Whole modules, test names (covering every parametrised case) or exact node ids. The rule: a test is slow if it
+# starts child processes (the CLI, torchrun, a SLURM job) or takes over ~0.5 s on the idle 2-core machine
+# (`python -m pytest -m "not slow" --durations=0 -q -p no:cacheprovider`), so that `pytest -m "not slow"` stays under
+# a minute there (README "Tests"). Times below were measured under load (~1.7x the idle figure).
 SLOW = {
     "tests/test_train.py",  # every test runs `pretrain train` in child processes: 7-300 s each
     "tests/test_slurm.py",  # a real SLURM cluster and `srun -n 2`
+    "tests/test_submit.py",  # `pretrain submit/status` in children, most on the one-node SLURM cluster: 1-50 s each
     "tests/test_engine.py::test_ep2_matches_ep1_through_deepspeed_zero012",  # 2 ranks: 19 s
     "tests/test_engine.py::test_deepspeed_backend_trains_on_two_ranks_and_checkpoints_every_expert",  # 27 s
+    "tests/test_engine.py::test_build_engine_refuses_zero0_clipping_under_ep",  # 1 s
     "tests/test_checkpoint.py::test_save_resume_bit_exact_and_single_process_export",  # 2 ranks: 17 s
     "tests/test_checkpoint.py::test_checkpoint_and_models_do_not_import_deepspeed",  # a child interpreter: 7 s
     "tests/test_expert_parallel.py::test_ep2_matches_ep1_on_two_gloo_ranks",  # 2 ranks: 20 s
     "tests/test_mixture.py::test_same_task_on_every_rank_independent_of_process_and_hash_seed",  # children: 5 s
     "tests/test_upcycle.py::test_equals_dense_timm_vit_small_under_the_condition",  # 15 s
     "tests/test_vit.py::test_sizes_match_timm_and_moe_counts[vit_l16]",  # 10 s
+    "tests/test_vit.py::test_sizes_match_timm_and_moe_counts[vit_b16]",  # 1.1 s
+    "tests/test_vit.py::test_dense_attention_head_dim_and_randn_task_embedding",  # 4 s
     "tests/test_harness.py::test_failed_launch_shows_every_rank",  # torchrun: ~10 s
+    "tests/test_harness.py::test_timeout_kills_the_whole_process_group",  # 2 s of sleeping children
+    "tests/test_runs.py::test_evaluate_never_imports_deepspeed",  # `pretrain evaluate` in a child: 27 s
+    "tests/test_runs.py::test_load_run_restores_the_saved_weights",  # 1.7 s
+    "tests/test_bad_input.py::test_evaluate_damaged_checkpoints",  # the CLI per damage: 12 cases, 28 s
+    "tests/test_bad_input.py::test_missing_shards_and_not_a_run_dir",  # 5 s
+    "tests/test_bad_input.py::test_resume_with_a_changed_config_is_refused_before_writing",  # 2.3 s
+    "tests/test_bad_input.py::test_resume_drift_rules",  # 1.3 s
+    "tests/test_decode_bad_input.py::test_damaged_pngs_kill_neither_the_process_nor_the_loaders",  # children: 16 s
+    "tests/test_mlore.py::test_block_shapes_and_merge_for_every_preset",  # ViT-L widths: 13 s
+    "tests/test_mlore.py::test_vits_preset_decoder_merge_is_exact",  # 1.9 s
+    "tests/test_mlore.py::test_saved_in_training_form_then_merged_equals_unmerged",  # 1.2 s
+    "tests/test_config.py::test_resolved_config_round_trips",  # 7 files, 7 s
+    "tests/test_extract.py",  # trains and exports small runs: 1-4 s each (the keep-rule units are ms)
+    "tests/test_heads.py::test_detector_train_losses_and_eval_boxes",  # 4 s
+    "tests/test_heads.py::test_every_parameter_gets_a_gradient_over_all_tasks",  # 3.9 s
+    "tests/test_heads.py::test_eval_outputs_of_cls_and_seg",  # 1.1 s
+    "tests/test_decoders.py::test_every_parameter_gets_a_gradient",  # 5 decoders, 3.8 s
+    "tests/test_ring.py::test_ring_batches_equal_the_dataloader_transport_even_when_all_are_held",  # 3.5 s
+    "tests/test_objective.py::test_plots_draw_the_data",  # matplotlib: 3.3 s
+    "tests/test_synth.py::test_same_seed_same_bytes",  # two corpora: 2.6 s
+    "tests/test_edge_metrics.py::test_edges_seg2bmap_gt_sync_and_bad_input",  # 1.5 s
+    "tests/test_edge_metrics.py::test_edges_partial_match_golden_and_quantisation",  # 1 s
+    "tests/test_modsquad_import.py::test_vitb16_modsquad_config_has_modsquads_backbone_parameter_count",  # 1.4 s
+    "tests/test_modsquad_import.py::test_imported_backbone_computes_modsquads_forward",  # 1.3 s
+    "tests/test_data.py::test_two_workers_partition_eval_and_draw_distinct_train_streams",  # worker processes: 1 s
+    "tests/test_prepare_dense.py::test_nyud_tree_quirks_and_members",  # 0.9 s
 }
 # Modules whose tests launch DeepSpeed in child processes (`pretrain train`, tests/dist_scripts/*).
 DEEPSPEED_CHILDREN = {"tests/test_train.py", "tests/test_engine.py", "tests/test_checkpoint.py", "tests/test_slurm.py"}

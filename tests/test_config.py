@@ -73,7 +73,7 @@ def test_resolved_config_round_trips(path, tmp_path):
 def test_later_overrides_win_and_defaults_are_the_schemas():
     cfg = load_config(DEBUG, ["train.max_steps=9", "train.max_steps=11"])
     assert cfg.train.max_steps == 11
-    assert load_config(None) == RunConfig()
+    assert load_config(None) == RunConfig()  # and the defaults every load starts from were not modified by it
 
 
 # (override, the whole one-line message)
