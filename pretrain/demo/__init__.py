@@ -52,24 +52,28 @@ def pipeline(out: Path, *, pretrain_config: str, finetune_config: str, fast: boo
             stages.append(Stage(f"prepare_{dataset}_{split}", [
                 *p, "prepare", dataset, "--src", str(raw / folder), "--out", str(shards / dataset / split),
                 "--split", split, "--overwrite", "--min-shards", "4"], 0.3))
+    # --fast checks that every stage runs and the report fills (the demo test): few steps, 16 images per evaluation
     quick = ["train.max_steps=40", "train.ckpt_every=20"] if fast else []
+    few = ["eval.max_samples=16"] if fast else []
     run = out / "pretrain"
     stages += [
         Stage("train", [*p, "train", pretrain_config, f"data.root={shards}", f"output_dir={run}", *quick], 12.0),
-        Stage("evaluate", [*p, "evaluate", str(run)], 1.0, "json_last_line"),
+        Stage("evaluate", [*p, "evaluate", str(run), *few], 1.0, "json_last_line"),
         Stage("evaluate_random", [*p, "evaluate", pretrain_config, f"data.root={shards}",
-                                  f"output_dir={out / 'random_init'}", "--random-init"], 1.0, "json_last_line"),
+                                  f"output_dir={out / 'random_init'}", *few, "--random-init"], 1.0, "json_last_line"),
         Stage("export", [*p, "export", str(run), "--out", str(out / "model.safetensors")], 0.5),
     ]
     # the report's metric on 32 val images and latency at batch 1 and 8 keep each extraction under a minute
     report = ["--data-root", str(shards), "--eval-images", "32", "--latency-runs", "3", "--latency-batches", "1,8"]
+    if fast:
+        report = ["--data-root", str(shards), "--eval-images", "8", "--latency-runs", "1", "--latency-batches", "1"]
     for task in PRETRAIN_TASKS:
         stages.append(Stage(f"extract_{task}", [*p, "extract", str(out / "model.safetensors"), "--task", task,
                                                 "--out", str(out / "extract" / f"{task}.safetensors"), *report], 1.5))
     stages.append(Stage("extract_seg_nyud", [*p, "extract", str(out / "model.safetensors"), "--task", "seg",
                                              "--calibrate", str(shards / "nyud" / "train"),
                                              "--out", str(out / INITS["extracted"]), *report], 1.5))
-    ft_quick = ["train.max_steps=20", "train.ckpt_every=10", "train.eval_every=0"] if fast else []
+    ft_quick = ["train.max_steps=10", "train.ckpt_every=5", "train.eval_every=0", *few] if fast else []
     for init, source in INITS.items():
         ft = out / "finetune" / init
         init_arg = [f"finetune.init_from={out / source}"] if source else []  # the config's default: random init
