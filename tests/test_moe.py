@@ -238,6 +238,20 @@ def test_usage_ema_and_layer_helpers():
     assert set(collect_aux_losses(model)) == {"mi", "cv", "switch", "z"}
 
 
+def test_routing_statistics_stay_fp32_when_the_layer_is_cast_to_bf16():
+    layer = make_moe(num_experts=4, top_k=2).to(torch.bfloat16).train()
+    assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}
+    assert {layer.usage_TE.dtype, layer.mi_probs_TE.dtype, layer.mi_counts_TE.dtype} == {torch.float32}
+    with torch.no_grad():
+        layer.usage_TE[2] = 1000.0  # bf16 spaces its values 4 apart here: a 5% EMA step toward ~10 would round away
+    layer(torch.randn(2, 5, D, dtype=torch.bfloat16), torch.tensor([2, 2]))
+    counts = layer.last_counts_TE[2].float()
+    assert torch.equal(layer.usage_TE[2], 0.95 * torch.full((4,), 1000.0) + 0.05 * counts)
+    before = layer.usage_TE.clone()
+    layer.float()
+    assert torch.equal(layer.usage_TE, before)  # the values were never rounded through bf16
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"gate": "softmax"}, "gate='softmax'"),
     ({"top_k": 5}, "top_k=5"),

@@ -119,6 +119,21 @@ class TaskRoutedLayer(nn.Module):
         self._step_TE: tuple[Tensor, Tensor] | None = None  # detached (probs, counts) of earlier micro-batches
         self._routed_TE: Tensor | None = None  # selection counts since the last pop_routing_counts
 
+    # Sums and EMAs that extraction's keep rules read. In bf16 an EMA step of (1 - momentum) = 1% of the value is
+    # below the format's resolution (8 bits of mantissa), so the usage statistic would stop moving: like batch
+    # norm's statistics under mixed precision they stay fp32 whatever the layer is cast to (DeepSpeed's bf16 engine,
+    # `pretrain export --dtype bf16`, a bf16 model file's loader). Device moves apply as usual.
+    FP32_STATS = ("usage_TE", "mi_probs_TE", "mi_counts_TE")
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        before = {name: self._buffers[name] for name in self.FP32_STATS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:  # a cast: keep the fp32 values, take the new device
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
     def _check_inputs(self, x_BND: Tensor, task_B: Tensor) -> int | None:
         """Validate x_BND [B, N, D] and task_B [B]; return the task id when all samples share one, else None."""
         if x_BND.dim() != 3:
