@@ -119,9 +119,9 @@ class TaskRoutedLayer(nn.Module):
         self._step_TE: tuple[Tensor, Tensor] | None = None  # detached (probs, counts) of earlier micro-batches
         self._routed_TE: Tensor | None = None  # selection counts since the last pop_routing_counts
 
-    # Sums and EMAs that extraction's keep rules read. In bf16 an EMA step of (1 - momentum) = 1% of the value is
-    # below the format's resolution (8 bits of mantissa), so the usage statistic would stop moving: like batch
-    # norm's statistics under mixed precision they stay fp32 whatever the layer is cast to (DeepSpeed's bf16 engine,
+    # Sums and EMAs that extraction's keep rules read. In bf16 (8 bits of mantissa) every EMA step is rounded:
+    # values lie 4 apart near 1000, so a step under 2 is lost. Like batch norm's statistics under mixed
+    # precision they stay fp32 whatever the layer is cast to (DeepSpeed's bf16 engine,
     # `pretrain export --dtype bf16`, a bf16 model file's loader). Device moves apply as usual.
     FP32_STATS = ("usage_TE", "mi_probs_TE", "mi_counts_TE")
 
