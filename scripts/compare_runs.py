@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pickle
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +35,14 @@ UNSEEDED_RNG = ("rng.python", "rng.numpy")
 def _rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{path}:{n}: not a JSON row ({exc})") from None
+    return rows
 
 
 def _computed(row: dict) -> dict:
@@ -68,20 +74,27 @@ def _checkpoint(run: Path) -> dict[str, object]:
     if not latest.is_file():
         raise FileNotFoundError(f"{latest}: no checkpoint pointer")
     tag = run / "checkpoints" / latest.read_text().strip()
+    if not tag.is_dir():
+        raise FileNotFoundError(f"{tag}: the checkpoint `latest` names is missing")
     out: dict[str, object] = {}
     for f in sorted(tag.iterdir()):
-        if f.suffix == ".safetensors":
-            leaves = load_file(f).items()
-        elif f.suffix == ".pt":
-            with torch.serialization.safe_globals(DS_SAFE_GLOBALS):  # the few DeepSpeed classes resuming allows
-                leaves = list(_flatten(torch.load(f, map_location="cpu", weights_only=True)))
-        elif f.name.startswith("rank_") and f.suffix == ".json":
-            leaves = _flatten(json.loads(f.read_text()))
-        else:  # pretrain_meta.json: sizes and CRCs of files whose content is compared above
-            continue
-        out.update((f"{f.name}:{k}", v) for k, v in leaves
-                   if not any(part in k for part in UNSEEDED_RNG))
+        try:
+            leaves = _leaves(f)
+        except Exception as exc:  # safetensors, torch and json each raise their own kinds: name the file
+            raise ValueError(f"{f}: cannot be read ({type(exc).__name__}: {exc})") from None
+        out.update((f"{f.name}:{k}", v) for k, v in leaves if not any(part in k for part in UNSEEDED_RNG))
     return out
+
+
+def _leaves(f: Path) -> list[tuple[str, object]]:
+    if f.suffix == ".safetensors":
+        return list(load_file(f).items())
+    if f.suffix == ".pt":
+        with torch.serialization.safe_globals(DS_SAFE_GLOBALS):  # the few DeepSpeed classes resuming allows
+            return list(_flatten(torch.load(f, map_location="cpu", weights_only=True)))
+    if f.name.startswith("rank_") and f.suffix == ".json":
+        return list(_flatten(json.loads(f.read_text())))
+    return []  # pretrain_meta.json: sizes and CRCs of files whose content is compared here anyway
 
 
 def _equal(a: object, b: object) -> bool:
@@ -90,11 +103,23 @@ def _equal(a: object, b: object) -> bool:
     return _same_value(a, b)
 
 
+def _load(run: Path) -> dict[str, object]:
+    """What a run computed: its training and evaluation rows and its latest checkpoint."""
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: not a run directory")
+    return {"metrics.jsonl": _rows(run / "metrics.jsonl"), "eval.jsonl": _rows(run / "eval.jsonl"),
+            "checkpoint": _checkpoint(run)}
+
+
 def compare(run_a: Path, run_b: Path) -> list[str]:
     """The differences between two run directories (empty: identical in everything they computed)."""
+    return _differences(_load(run_a), _load(run_b))
+
+
+def _differences(a: dict, b: dict) -> list[str]:
     diffs = []
     for name in ("metrics.jsonl", "eval.jsonl"):
-        rows_a, rows_b = _rows(run_a / name), _rows(run_b / name)
+        rows_a, rows_b = a[name], b[name]
         if len(rows_a) != len(rows_b):
             diffs.append(f"{name}: {len(rows_a)} rows vs {len(rows_b)}")
         for ra, rb in zip(rows_a, rows_b):
@@ -102,7 +127,7 @@ def compare(run_a: Path, run_b: Path) -> list[str]:
             for key in sorted(set(ca) | set(cb)):
                 if not _same_value(ca.get(key), cb.get(key)):
                     diffs.append(f"{name} step {ra.get('step')}: {key} {ca.get(key)!r} vs {cb.get(key)!r}")
-    ck_a, ck_b = _checkpoint(run_a), _checkpoint(run_b)
+    ck_a, ck_b = a["checkpoint"], b["checkpoint"]
     for key in sorted(set(ck_a) | set(ck_b)):
         if key not in ck_a or key not in ck_b:
             diffs.append(f"checkpoint {key}: only in {'the second' if key not in ck_a else 'the first'} run")
@@ -117,17 +142,16 @@ def main() -> int:
     parser.add_argument("run_b", type=Path)
     args = parser.parse_args()
     try:
-        diffs = compare(args.run_a, args.run_b)
-        n_ckpt = len(_checkpoint(args.run_a))
-    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+        a, b = _load(args.run_a), _load(args.run_b)
+    except (OSError, ValueError) as exc:
         print(f"compare_runs: {exc}", file=sys.stderr)
         return 2
+    diffs = _differences(a, b)
     if diffs:
         print(f"{len(diffs)} differences; the first: " + "; ".join(diffs[:8]))
         return 1
-    rows = len(_rows(args.run_a / "metrics.jsonl"))
-    print(f"identical: {rows} training rows, {len(_rows(args.run_a / 'eval.jsonl'))} evaluation rows, "
-          f"{n_ckpt} checkpoint values")
+    print(f"identical: {len(a['metrics.jsonl'])} training rows, {len(a['eval.jsonl'])} evaluation rows, "
+          f"{len(a['checkpoint'])} checkpoint values")
     return 0
 
 

@@ -66,3 +66,21 @@ def test_one_changed_bit_row_or_key_is_named(tmp_path):
         "checkpoint experts_ep0.safetensors:experts.0: differs",
         "checkpoint rank_00000.json:state.stream.counts.cls: only in the second run",
     ]
+
+
+def test_a_damaged_or_missing_file_is_named_with_exit_2(tmp_path, capsys, monkeypatch):
+    a = _run(tmp_path / "a")
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    experts = b / "checkpoints/step_00000020/experts_ep0.safetensors"
+    experts.write_bytes(experts.read_bytes()[:40])  # cut off mid-header, as a full disk leaves it
+    monkeypatch.setattr("sys.argv", ["compare_runs.py", str(a), str(b)])
+    assert compare_runs.main() == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"compare_runs: {experts}: cannot be read (") and "\n" not in err
+    monkeypatch.setattr("sys.argv", ["compare_runs.py", str(a), str(tmp_path / "nowhere")])
+    assert compare_runs.main() == 2
+    assert capsys.readouterr().err.strip() == f"compare_runs: {tmp_path / 'nowhere'}: not a run directory"
+    monkeypatch.setattr("sys.argv", ["compare_runs.py", str(a), str(a)])
+    assert compare_runs.main() == 0
+    assert capsys.readouterr().out.strip() == "identical: 2 training rows, 1 evaluation rows, 5 checkpoint values"
