@@ -8,10 +8,7 @@ names the key, value or file. Derived values (total steps, scaled lr) come from 
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import functools
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from pretrain.config_checks import ConfigError, check_choices, check_tasks, check_values, need
 from pretrain.durable import atomic_write
 
 # The pretraining tasks. Task id = index here: routers, task embeddings and usage buffers have one row per entry, so
@@ -28,10 +26,6 @@ from pretrain.durable import atomic_write
 TASKS = ("cls", "det", "seg")
 # Keys of `models.BACKBONE_SIZES` (tests/test_config.py checks they agree): an unknown size fails at load, not at build.
 MODEL_SIZES = ("vit_debug", "vit_s16", "vit_b16", "vit_l16")
-
-
-class ConfigError(ValueError):
-    """A config problem, reported to the user as one line (CLI exit code 2)."""
 
 
 @dataclass
@@ -264,69 +258,6 @@ def _load_overlay(path: Path) -> DictConfig:
     return overlay
 
 
-def need(ok: bool, key: str, value: Any, rule: str) -> None:
-    """Raise the one-line `ConfigError` for `key=value` unless `ok`."""
-    if not ok:
-        raise ConfigError(f"config value {key}={value!r} is out of range: {rule}")
-
-
-def check_choices(cfg: Any, choices: dict[str, tuple]) -> None:
-    """Every `section.name` in `choices` holds one of its allowed values."""
-    for key, allowed in choices.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        need(value in allowed, key, value, f"must be one of {', '.join(map(str, allowed))}")
-
-
-def _leaves(value: Any, key: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, value) of every leaf of a config object; tuple/list items as `key.0`, dict entries as `key.name`."""
-    if is_dataclass(value):
-        return [leaf for f in fields(value) for leaf in _leaves(getattr(value, f.name), f"{key}{f.name}.")]
-    if isinstance(value, dict):
-        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{key}{k}.")]
-    if isinstance(value, (list, tuple)):
-        return [leaf for i, v in enumerate(value) for leaf in _leaves(v, f"{key}{i}.")]
-    return [(key.rstrip("."), value)]
-
-
-Rule = tuple[Callable[[Any], bool], str]
-# What `check_values` asks beyond "every float finite, every int >= 0" (which holds for every field of both schemas);
-# fnmatch patterns over dotted keys. Checks that relate two fields stay in check_moe/check_train/check_tasks.
-RANGES: dict[str, Rule] = {
-    "seed": (lambda v: v < 2**32, "must be in [0, 2**32)"),
-    "model.drop_path": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "model.patch_size": (lambda v: v == 0 or v >= 2, "must be 0 (the size's default) or >= 2"),
-    "model.img_size": (lambda v: v == 0 or v >= 16, "must be 0 (the size's default) or >= 16"),
-    "model.det_min_size": (lambda v: v >= 16, "must be >= 16"),
-    "model.det_max_size": (lambda v: v >= 16, "must be >= 16"),
-    "model.pyramid_dim": (lambda v: v >= 1, "must be >= 1"),
-    "model.det_box_fc_dim": (lambda v: v >= 1, "must be >= 1"),
-    "model.det_rois_per_image": (lambda v: v >= 1, "must be >= 1"),
-    "model.det_proposals": (lambda v: v >= 1, "must be >= 1"),
-    "moe.attn_num_experts": (lambda v: v >= 1, "must be >= 1"),
-    "moe.capacity_factor": (lambda v: v > 0, "must be > 0"),
-    "optim.eps": (lambda v: v > 0, "must be > 0"),
-    "optim.weight_decay": (lambda v: v >= 0, "must be >= 0"),
-    "optim.betas.*": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "tasks.*.eval_batch_size": (lambda v: v >= 1, "must be >= 1"),
-    "tasks.*.aug_range.*": (lambda v: v >= 0, "must be >= 0"),
-    "finetune.edge_pos_weight": (lambda v: 0 < v < 1, "must be in (0, 1)"),
-}
-
-
-def check_values(cfg: Any, ranges: dict[str, Rule] = RANGES) -> None:
-    """Every leaf of `cfg` in range: floats finite, ints >= 0 (none of our counts, sizes or seeds is signed), plus
-    the rules of `ranges` whose pattern matches the key. Raises the one-line `ConfigError` naming the key."""
-    for key, value in _leaves(cfg):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        need(math.isfinite(value), key, value, "must be a finite number")
-        need(not isinstance(value, int) or value >= 0, key, value, "must be >= 0")
-        for pattern, (ok, rule) in ranges.items():
-            if fnmatch.fnmatchcase(key, pattern):
-                need(ok(value), key, value, rule)
-
-
 def check_moe(m: MoEConfig, engine: EngineConfig) -> None:
     need(m.num_experts >= 1, "moe.num_experts", m.num_experts, "must be >= 1")
     need(1 <= m.top_k <= m.num_experts, "moe.top_k", m.top_k, f"must be in 1..moe.num_experts={m.num_experts}")
@@ -355,22 +286,6 @@ def check_train(t: TrainConfig, o: OptimConfig) -> None:
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     need(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
     need(o.poly_power > 0, "optim.poly_power", o.poly_power, "must be > 0")
-
-
-def check_tasks(tasks: dict[str, Any], known: tuple[str, ...], *, sampling: str | None = None) -> None:
-    """Task names are known, at least one is enabled, per-task values in range."""
-    unknown = sorted(set(tasks) - set(known))
-    need(not unknown, "tasks", unknown, f"unknown task(s); expected {', '.join(known)}")
-    enabled = [name for name in known if name in tasks and tasks[name].enabled]
-    need(bool(enabled), "tasks", "all disabled", f"enable at least one of {', '.join(known)}")
-    for name, task in tasks.items():
-        need(task.weight >= 0, f"tasks.{name}.weight", task.weight, "sampling weights must be >= 0")
-        need(task.loss_weight >= 0, f"tasks.{name}.loss_weight", task.loss_weight, "must be >= 0")
-        need(task.batch_size >= 1, f"tasks.{name}.batch_size", task.batch_size, "must be >= 1")
-        need(task.num_classes >= 0, f"tasks.{name}.num_classes", task.num_classes, "must be >= 0 (0 = from shards)")
-    if sampling == "fixed":
-        need(sum(tasks[n].weight for n in enabled) > 0, "tasks.*.weight", 0,
-             "fixed sampling needs a positive weight on an enabled task")
 
 
 def _check_run(cfg: RunConfig) -> None:

@@ -18,17 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pretrain"
 MAX_LINES = 600  # house style: 400 per file, 600 hard
 
-FOUNDATION = frozenset({"durable", "dist", "log", "config", "errors"})
+FOUNDATION = frozenset({"durable", "dist", "log", "config", "config_checks", "errors"})
 # `dist` imports torch.distributed at module level, so models and metrics may not import it (their reducers and
 # communicators are injected).
-NO_DIST = frozenset({"durable", "log", "config"})
+NO_DIST = frozenset({"durable", "log", "config", "config_checks"})
 LEAF = FOUNDATION
 # the commands may import any core module; cli imports them
 COMMANDS = frozenset({"train", "evaluate", "export", "extract", "submit", "status"})
-CORE = frozenset({"durable", "dist", "log", "config", "synth", "prepare", "data", "models", "metrics", "signals",
-                  "tracking", "routing_stats", "plots", "expert_parallel", "tasks", "objective", "loop", "layers",
-                  "engine", "ds_moe", "checkpoint", "runs", "portable", "keep_rules", "__init__", "errors",
-                  "integrity", "drift"})
+CORE = frozenset({"durable", "dist", "log", "config", "config_checks", "synth", "prepare", "data", "models",
+                  "metrics", "signals", "tracking", "routing_stats", "plots", "expert_parallel", "tasks",
+                  "objective", "loop", "layers", "engine", "ds_moe", "checkpoint", "runs", "portable", "keep_rules",
+                  "__init__", "errors", "integrity", "drift"})
 ANY_CORE = CORE | COMMANDS  # what a command may import (minus other commands: see COMMAND_IMPORTERS)
 # group -> the groups it may import besides itself and `pretrain/__init__` (version only). Group = first name
 # under pretrain/ (`pretrain/models/decoders/mlore.py` is in `models`).
@@ -36,7 +36,8 @@ RULES: dict[str, frozenset[str]] = {
     "__init__": frozenset(),
     "__main__": frozenset({"cli"}),
     "durable": frozenset(), "dist": frozenset(), "log": frozenset(),
-    "config": frozenset({"durable"}),
+    "config": frozenset({"durable", "config_checks"}),
+    "config_checks": frozenset(),  # the checks both schemas share (ConfigError lives there)
     "errors": frozenset({"config", "dist"}),  # lazily: ConfigError's exit code, the rank that reports
     "synth": LEAF, "prepare": LEAF, "data": LEAF | {"metrics"},  # the one reduce_zero_label lives in metrics
     "signals": LEAF, "tracking": LEAF, "routing_stats": LEAF,
@@ -229,4 +230,4 @@ def test_the_reader_resolves_every_import_form():
         ("pretrain.config", False), ("pretrain.dist", False), ("pretrain.models.heads.cls", False),
         ("deepspeed", True)}
     assert violations("pretrain.models.probe", found) == [
-        "5: pretrain.dist (group 'models' may import ['config', 'durable', 'log'])"]
+        "5: pretrain.dist (group 'models' may import ['config', 'config_checks', 'durable', 'log'])"]

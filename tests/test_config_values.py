@@ -11,7 +11,8 @@ import re
 
 import pytest
 
-from pretrain.config import MODEL_SIZES, RANGES, ConfigError, RunConfig, _leaves, load_config
+from pretrain.config import MODEL_SIZES, ConfigError, RunConfig, load_config
+from pretrain.config_checks import RANGES, _leaves
 from pretrain.finetune.config import FinetuneConfig
 
 SCHEMAS = {"run": RunConfig, "finetune": FinetuneConfig}

@@ -21,13 +21,10 @@ from pretrain.config import (
     MoEConfig,
     OptimConfig,
     TrainConfig,
-    check_choices,
     check_moe,
-    check_tasks,
     check_train,
-    check_values,
-    need,
 )
+from pretrain.config_checks import check_choices, check_tasks, check_values, need
 
 # every dense task the fine-tuning stage knows, in id order (the dense model's router rows follow the enabled ones)
 DENSE_TASKS = ("semseg", "human_parts", "sal", "normals", "edge", "depth")

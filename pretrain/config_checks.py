@@ -1,0 +1,97 @@
+"""The checks every config schema shares, over any dataclass config: `need` (the one-line `ConfigError`),
+`check_values` (every number finite, every count >= 0, plus the per-key `RANGES`), `check_choices` and
+`check_tasks`. The pretraining schema (`config.py`, which adds the checks of its shared sections) and the fine-tuning
+one (`finetune/config.py`) validate with these, so a key is checked and reported the same way whichever command loads
+it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config problem, reported to the user as one line (CLI exit code 2)."""
+
+
+def need(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise the one-line `ConfigError` for `key=value` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"config value {key}={value!r} is out of range: {rule}")
+
+
+def check_choices(cfg: Any, choices: dict[str, tuple]) -> None:
+    """Every `section.name` in `choices` holds one of its allowed values."""
+    for key, allowed in choices.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        need(value in allowed, key, value, f"must be one of {', '.join(map(str, allowed))}")
+
+
+def _leaves(value: Any, key: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a config object; tuple/list items as `key.0`, dict entries as `key.name`."""
+    if is_dataclass(value):
+        return [leaf for f in fields(value) for leaf in _leaves(getattr(value, f.name), f"{key}{f.name}.")]
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{key}{k}.")]
+    if isinstance(value, (list, tuple)):
+        return [leaf for i, v in enumerate(value) for leaf in _leaves(v, f"{key}{i}.")]
+    return [(key.rstrip("."), value)]
+
+
+Rule = tuple[Callable[[Any], bool], str]
+# What `check_values` asks beyond "every float finite, every int >= 0" (which holds for every field of both schemas);
+# fnmatch patterns over dotted keys. Checks that relate two fields stay in check_moe/check_train/check_tasks.
+RANGES: dict[str, Rule] = {
+    "seed": (lambda v: v < 2**32, "must be in [0, 2**32)"),
+    "model.drop_path": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "model.patch_size": (lambda v: v == 0 or v >= 2, "must be 0 (the size's default) or >= 2"),
+    "model.img_size": (lambda v: v == 0 or v >= 16, "must be 0 (the size's default) or >= 16"),
+    "model.det_min_size": (lambda v: v >= 16, "must be >= 16"),
+    "model.det_max_size": (lambda v: v >= 16, "must be >= 16"),
+    "model.pyramid_dim": (lambda v: v >= 1, "must be >= 1"),
+    "model.det_box_fc_dim": (lambda v: v >= 1, "must be >= 1"),
+    "model.det_rois_per_image": (lambda v: v >= 1, "must be >= 1"),
+    "model.det_proposals": (lambda v: v >= 1, "must be >= 1"),
+    "moe.attn_num_experts": (lambda v: v >= 1, "must be >= 1"),
+    "moe.capacity_factor": (lambda v: v > 0, "must be > 0"),
+    "optim.eps": (lambda v: v > 0, "must be > 0"),
+    "optim.weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "optim.betas.*": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "tasks.*.eval_batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "tasks.*.aug_range.*": (lambda v: v >= 0, "must be >= 0"),
+    "finetune.edge_pos_weight": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+}
+
+
+def check_values(cfg: Any, ranges: dict[str, Rule] = RANGES) -> None:
+    """Every leaf of `cfg` in range: floats finite, ints >= 0 (none of our counts, sizes or seeds is signed), plus
+    the rules of `ranges` whose pattern matches the key. Raises the one-line `ConfigError` naming the key."""
+    for key, value in _leaves(cfg):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        need(math.isfinite(value), key, value, "must be a finite number")
+        need(not isinstance(value, int) or value >= 0, key, value, "must be >= 0")
+        for pattern, (ok, rule) in ranges.items():
+            if fnmatch.fnmatchcase(key, pattern):
+                need(ok(value), key, value, rule)
+
+
+def check_tasks(tasks: dict[str, Any], known: tuple[str, ...], *, sampling: str | None = None) -> None:
+    """Task names are known, at least one is enabled, per-task values in range."""
+    unknown = sorted(set(tasks) - set(known))
+    need(not unknown, "tasks", unknown, f"unknown task(s); expected {', '.join(known)}")
+    enabled = [name for name in known if name in tasks and tasks[name].enabled]
+    need(bool(enabled), "tasks", "all disabled", f"enable at least one of {', '.join(known)}")
+    for name, task in tasks.items():
+        need(task.weight >= 0, f"tasks.{name}.weight", task.weight, "sampling weights must be >= 0")
+        need(task.loss_weight >= 0, f"tasks.{name}.loss_weight", task.loss_weight, "must be >= 0")
+        need(task.batch_size >= 1, f"tasks.{name}.batch_size", task.batch_size, "must be >= 1")
+        need(task.num_classes >= 0, f"tasks.{name}.num_classes", task.num_classes, "must be >= 0 (0 = from shards)")
+    if sampling == "fixed":
+        need(sum(tasks[n].weight for n in enabled) > 0, "tasks.*.weight", 0,
+             "fixed sampling needs a positive weight on an enabled task")
