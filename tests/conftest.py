@@ -58,6 +58,8 @@ SLOW = {
     "tests/test_heads.py::test_every_parameter_gets_a_gradient_over_all_tasks",  # 3.9 s
     "tests/test_heads.py::test_eval_outputs_of_cls_and_seg",  # 1.1 s
     "tests/test_decoders.py::test_every_parameter_gets_a_gradient",  # 5 decoders, 3.8 s
+    "tests/test_prepare.py::test_workers_give_identical_shards",  # a forkserver pool: 1.6 s
+    "tests/test_prepare_dense.py::test_dense_workers_give_identical_shards",  # a forkserver pool: 1.6 s
     "tests/test_ring.py::test_ring_batches_equal_the_dataloader_transport_even_when_all_are_held",  # 3.5 s
     "tests/test_objective.py::test_plots_draw_the_data",  # matplotlib: 3.3 s
     "tests/test_synth.py::test_same_seed_same_bytes",  # two corpora: 2.6 s

@@ -139,7 +139,10 @@ def run_ordered(
                 bar.update()
             return
         chunksize = max(1, min(64, len(jobs) // (workers * 8)))
-        with multiprocessing.Pool(workers) as pool:
+        # Not fork (Python 3.11's default on Linux): a child forked while another thread of the caller holds a lock
+        # (torch's OpenMP pool, a test runner's threads) can wait on it forever; a forkserver's workers start from a
+        # clean process. It costs the workers' imports once (~1.5 s), nothing next to a real dataset.
+        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
             for result in pool.imap(fn, jobs, chunksize=chunksize):
                 yield result
                 bar.update()
