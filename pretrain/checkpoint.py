@@ -10,7 +10,8 @@ Layout of `<ckpt_dir>/step_{step:08d}/` (the tag):
   `<layer>.deepspeed_moe.experts.deepspeed_experts.<id>.<param>` (DeepSpeed backend). Together the files hold
   every expert for any ep_size, and any ep_size dividing E can load them.
 - `rank_{r:05d}.json` + `rank_{r:05d}.safetensors`: this rank's `rank_state` (RNG states, stream position...):
-  tensors in safetensors, the rest in JSON. DeepSpeed saves `client_state` from DP rank 0 only and no RNG state.
+  tensors in safetensors, the rest in JSON (`pretrain.rank_state`).
+  DeepSpeed saves `client_state` from DP rank 0 only and no RNG state.
 - `pretrain_meta.json`: step, world size, ep_size and `files`, the size + CRC-32 manifest of every other file of
   the tag (`pretrain.integrity`). `client_state` sits under one key of DeepSpeed's model file.
 
@@ -32,16 +33,14 @@ import functools
 import json
 import logging
 import pickle
-import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from pretrain.durable import atomic_write, fsync_path
@@ -59,6 +58,13 @@ from pretrain.integrity import (  # noqa: F401 - LATEST, META, TAG_RE are part o
 )
 from pretrain.models.moe import MoEMlp
 from pretrain.models.moe_losses import expert_layers
+from pretrain.rank_state import (  # noqa: F401 - capture/restore/read/write are part of this module's interface
+    capture_rng,
+    json_only,
+    read_rank_state,
+    restore_rng,
+    write_rank_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -166,70 +172,6 @@ def load_module_state(src: dict[str, Tensor], dst: nn.Module, *, tag_dir: Path, 
         load_local_experts(dst, files.read)
 
 
-# ---------------------------------------------------------------- per-rank state (JSON + safetensors)
-
-
-def capture_rng() -> dict:
-    """This process's torch (CPU and CUDA), numpy and Python RNG states as a `rank_state` dict."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {"rng.torch": torch.get_rng_state(), "rng.numpy.keys": torch.from_numpy(keys.astype(np.int64)),
-             "rng.numpy": [int(pos), int(has_gauss), float(cached)],
-             "rng.python": [version, list(internal), gauss_next]}
-    if torch.cuda.is_available():
-        state.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    """Restore the RNG states `capture_rng` put into `state` (other keys are ignored)."""
-    if "rng.torch" not in state:
-        raise KeyError(f"rank state has no RNG (keys {sorted(state)}): save it with rank_state=capture_rng()")
-    torch.set_rng_state(state["rng.torch"])
-    pos, has_gauss, cached = state["rng.numpy"]
-    np.random.set_state(("MT19937", state["rng.numpy.keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss_next = state["rng.python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    cuda_keys = sorted((k for k in state if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
-    cuda = [state[k] for k in cuda_keys]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _json_only(what: str, state: dict) -> None:
-    for key, value in state.items():
-        try:
-            json.dumps(value)
-        except TypeError:
-            raise TypeError(f"{what}[{key!r}] is a {type(value).__name__}: checkpoints take tensors (rank_state only) "
-                            "and JSON values") from None
-
-
-def write_rank_state(tag_dir: Path, rank: int, state: dict) -> None:
-    """`rank_{r}.safetensors` (the tensors of `state`) and `rank_{r}.json` (everything else)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, Tensor)}
-    plain = {k: v for k, v in state.items() if not isinstance(v, Tensor)}
-    _json_only("rank_state", plain)
-    save_file(tensors, str(tag_dir / f"rank_{rank:05d}.safetensors"))
-    (tag_dir / f"rank_{rank:05d}.json").write_text(json.dumps({"rank": rank, "state": plain}))
-
-
-def read_rank_state(tag_dir: Path, rank: int) -> dict:
-    """The state `write_rank_state` wrote for `rank`; raises CheckpointError naming an unreadable file."""
-    path = tag_dir / f"rank_{rank:05d}.json"
-    try:
-        plain = json.loads(path.read_text())["state"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: unreadable rank state ({type(exc).__name__}: {one_line(exc)}): the "
-                              "checkpoint is truncated or corrupt") from None
-    path = path.with_suffix(".safetensors")
-    try:
-        return {**plain, **load_file(str(path))}
-    except Exception as exc:  # SafetensorError, OSError
-        raise CheckpointError(f"{path}: unreadable rank state ({one_line(exc)}): the checkpoint is truncated or "
-                              "corrupt") from None
-
-
 # ---------------------------------------------------------------- the `latest` pointer and pruning
 
 
@@ -322,7 +264,7 @@ def save(engine, ckpt_dir: str | Path, step: int, *, client_state: dict, rank_st
     ckpt_dir = Path(ckpt_dir)
     tag, rank = tag_for(step), tdist.get_rank()
     tag_dir = ckpt_dir / tag
-    _json_only("client_state", client_state)
+    json_only("client_state", client_state)
     intact = rank == 0 and read_pointer(ckpt_dir) == (tag, None) and verify_tag(tag_dir, require_meta=False) is None
     if _from_rank0(intact):
         logger.warning("checkpoint %s is already committed; not overwriting it", tag_dir)

@@ -27,8 +27,8 @@ LEAF = FOUNDATION
 COMMANDS = frozenset({"train", "evaluate", "export", "extract", "submit", "status"})
 CORE = frozenset({"durable", "dist", "log", "config", "config_checks", "synth", "prepare", "data", "models",
                   "metrics", "signals", "tracking", "routing_stats", "plots", "expert_parallel", "tasks",
-                  "objective", "loop", "layers", "engine", "ds_moe", "checkpoint", "runs", "portable", "keep_rules",
-                  "__init__", "errors", "integrity", "drift"})
+                  "objective", "loop", "layers", "engine", "ds_moe", "checkpoint", "rank_state", "runs", "portable",
+                  "keep_rules", "__init__", "errors", "integrity", "drift"})
 ANY_CORE = CORE | COMMANDS  # what a command may import (minus other commands: see COMMAND_IMPORTERS)
 # group -> the groups it may import besides itself and `pretrain/__init__` (version only). Group = first name
 # under pretrain/ (`pretrain/models/decoders/mlore.py` is in `models`).
@@ -51,7 +51,8 @@ RULES: dict[str, frozenset[str]] = {
     "ds_moe": FOUNDATION | {"models"},  # not spelled out in ARCHITECTURE.md: the DeepSpeed twin of models/moe
     "engine": FOUNDATION | {"models", "expert_parallel", "ds_moe"},  # ds_moe: `moe.backend=deepspeed`
     "integrity": FOUNDATION,  # the latest pointer, checkpoint manifests, fallback to an intact tag
-    "checkpoint": FOUNDATION | {"models", "expert_parallel", "integrity"},
+    "rank_state": FOUNDATION,  # a rank's RNG + stream state in a checkpoint (JSON + safetensors)
+    "checkpoint": FOUNDATION | {"models", "expert_parallel", "integrity", "rank_state"},
     "runs": FOUNDATION | {"checkpoint", "layers", "models", "objective", "data", "integrity"},  # run dir -> model
     "drift": FOUNDATION | {"integrity"},  # resume safety: a config against the run's config.yaml
     "portable": FOUNDATION | {"checkpoint", "layers", "models", "objective", "runs", "data"},  # portable files
