@@ -7,17 +7,24 @@ names the key, value or file. Derived values (total steps, scaled lr) come from 
 
 from __future__ import annotations
 
-import difflib
 import functools
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.config_checks import ConfigError, check_choices, check_tasks, check_values, need
+from pretrain.config_checks import (
+    ConfigError,
+    check_choices,
+    check_tasks,
+    check_values,
+    failing_key,
+    load_overlay,
+    need,
+    omegaconf_error,
+)
 from pretrain.durable import atomic_write
 
 # The pretraining tasks. Task id = index here: routers, task embeddings and usage buffers have one row per entry, so
@@ -200,64 +207,6 @@ CHOICES = {
 }
 
 
-def _all_keys(schema: Any, prefix: str = "") -> list[str]:
-    keys = []
-    for f in fields(schema):
-        key = f"{prefix}{f.name}"
-        value = getattr(schema, f.name)
-        keys += _all_keys(value, key + ".") if is_dataclass(value) else [key]
-    return keys
-
-
-def _suggest(bad_key: str, schema: type) -> str:
-    valid = _all_keys(schema())
-    leaf = bad_key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(bad_key, valid, n=1, cutoff=0.6)
-    close = close or [k for k in valid if k.rsplit(".", 1)[-1] in difflib.get_close_matches(leaf, [
-        v.rsplit(".", 1)[-1] for v in valid], n=1, cutoff=0.6)][:1]
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _omegaconf_error(exc: OmegaConfBaseException, source: str, schema: type) -> ConfigError:
-    key = getattr(exc, "full_key", "") or ""
-    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
-        return ConfigError(f"{source}: unknown config key '{key}'{_suggest(key, schema)}")
-    if isinstance(exc, ValidationError):
-        msg = str(exc).splitlines()[0]
-        return ConfigError(f"{source}: bad value for '{key}': {msg}")
-    return ConfigError(f"{source}: {str(exc).splitlines()[0]}")
-
-
-def _yaml_message(path: Path, exc: yaml.YAMLError) -> str:
-    """`file:line:col: cannot parse YAML: problem (context at line N)`: PyYAML's problem says what (`found
-    duplicate key lr`), its marks say where; str(exc) would put them on four lines."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-    extra = f" ({context} at line {cmark.line + 1})" if context and cmark is not None else ""
-    return f"{where}: cannot parse YAML: {problem}{extra}"
-
-
-def _load_overlay(path: Path) -> DictConfig:
-    """The YAML file as a DictConfig; the top level must be a mapping (an empty file is an empty overlay)."""
-    try:
-        # the node tree first: OmegaConf.load would turn a top-level scalar `foo` into {foo: None}
-        top = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-        if top is not None and not isinstance(top, yaml.MappingNode):
-            kind = "list" if isinstance(top, yaml.SequenceNode) else "scalar"
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (e.g. `train:`), got a {kind} "
-                              f"at line {top.start_mark.line + 1}")
-        overlay = OmegaConf.load(path)  # its own loader, which also rejects duplicate keys
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(_yaml_message(path, exc)) from None
-    except (OSError, OmegaConfBaseException) as exc:
-        raise ConfigError(f"{path}: cannot load YAML: {str(exc).splitlines()[0]}") from None
-    return overlay
-
-
 def check_moe(m: MoEConfig, engine: EngineConfig) -> None:
     need(m.num_experts >= 1, "moe.num_experts", m.num_experts, "must be >= 1")
     need(1 <= m.top_k <= m.num_experts, "moe.top_k", m.top_k, f"must be in 1..moe.num_experts={m.num_experts}")
@@ -326,18 +275,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        overlay = _load_overlay(path)
+        overlay = load_overlay(path)
         try:
             merged = OmegaConf.merge(merged, overlay)
         except OmegaConfBaseException as exc:
-            raise _omegaconf_error(exc, str(path), schema) from None
+            raise omegaconf_error(exc, str(path), schema, failing_key(merged, overlay)) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
-            raise _omegaconf_error(exc, f"override '{item}'", schema) from None
+            raise omegaconf_error(exc, f"override '{item}'", schema, item.split("=", 1)[0].strip()) from None
     cfg = OmegaConf.to_object(merged)
     VALIDATORS[schema](cfg)
     return cfg

@@ -1,5 +1,6 @@
-"""The checks every config schema shares, over any dataclass config: `need` (the one-line `ConfigError`),
-`check_values` (every number finite, every count >= 0, plus the per-key `RANGES`), `check_choices` and
+"""The checks every config schema shares, over any dataclass config: reading a YAML overlay and turning YAML's and
+OmegaConf's errors into the one-line `ConfigError` that names the file and key (`load_overlay`, `omegaconf_error`),
+`need`, `check_values` (every number finite, every count >= 0, plus the per-key `RANGES`), `check_choices` and
 `check_tasks`. The pretraining schema (`config.py`, which adds the checks of its shared sections) and the fine-tuning
 one (`finetune/config.py`) validate with these, so a key is checked and reported the same way whichever command loads
 it.
@@ -7,15 +8,112 @@ it.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
 class ConfigError(ValueError):
     """A config problem, reported to the user as one line (CLI exit code 2)."""
+
+
+# ---------------------------------------------------------------- reading an overlay; OmegaConf's errors as one line
+
+
+def _all_keys(schema: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        value = getattr(schema, f.name)
+        keys += _all_keys(value, key + ".") if is_dataclass(value) else [key]
+    return keys
+
+
+def _suggest(bad_key: str, schema: type) -> str:
+    valid = _all_keys(schema())
+    leaf = bad_key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(bad_key, valid, n=1, cutoff=0.6)
+    close = close or [k for k in valid if k.rsplit(".", 1)[-1] in difflib.get_close_matches(leaf, [
+        v.rsplit(".", 1)[-1] for v in valid], n=1, cutoff=0.6)][:1]
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def omegaconf_error(exc: OmegaConfBaseException, source: str, schema: type, key_hint: str = "") -> ConfigError:
+    # OmegaConf leaves full_key empty for some errors (a tuple of the wrong length); an override knows its own key
+    key = getattr(exc, "full_key", "") or key_hint
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
+        return ConfigError(f"{source}: unknown config key '{key}'{_suggest(key, schema)}")
+    if isinstance(exc, ValidationError):
+        msg = str(exc).splitlines()[0]
+        return ConfigError(f"{source}: bad value for '{key}': {msg}")
+    return ConfigError(f"{source}: {str(exc).splitlines()[0]}")
+
+
+def failing_key(base: DictConfig, overlay: DictConfig) -> str:
+    """The dotted key of the first overlay leaf that does not merge into `base` ("" if none alone fails): for the
+    errors OmegaConf reports without a key."""
+    def nested(key: str, value: Any) -> dict:
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        return value
+
+    def walk(node: Any, prefix: str) -> str:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                found = walk(v, key + ".")
+            else:
+                try:
+                    OmegaConf.merge(base, nested(key, v))
+                    found = ""
+                except OmegaConfBaseException:
+                    found = key
+            if found:
+                return found
+        return ""
+
+    return walk(OmegaConf.to_container(overlay), "")
+
+
+def _yaml_message(path: Path, exc: yaml.YAMLError) -> str:
+    """`file:line:col: cannot parse YAML: problem (context at line N)`: PyYAML's problem says what (`found
+    duplicate key lr`), its marks say where; str(exc) would put them on four lines."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    extra = f" ({context} at line {cmark.line + 1})" if context and cmark is not None else ""
+    return f"{where}: cannot parse YAML: {problem}{extra}"
+
+
+def load_overlay(path: Path) -> DictConfig:
+    """The YAML file as a DictConfig; the top level must be a mapping (an empty file is an empty overlay)."""
+    try:
+        # the node tree first: OmegaConf.load would turn a top-level scalar `foo` into {foo: None}
+        top = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        if top is not None and not isinstance(top, yaml.MappingNode):
+            kind = "list" if isinstance(top, yaml.SequenceNode) else "scalar"
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (e.g. `train:`), got a {kind} "
+                              f"at line {top.start_mark.line + 1}")
+        overlay = OmegaConf.load(path)  # its own loader, which also rejects duplicate keys
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_message(path, exc)) from None
+    except (OSError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"{path}: cannot load YAML: {str(exc).splitlines()[0]}") from None
+    return overlay
+
+
+# ---------------------------------------------------------------- range and choice checks
 
 
 def need(ok: bool, key: str, value: Any, rule: str) -> None:
