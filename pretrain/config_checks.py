@@ -47,7 +47,9 @@ def _suggest(bad_key: str, schema: type) -> str:
 
 
 def omegaconf_error(exc: OmegaConfBaseException, source: str, schema: type, key_hint: str = "") -> ConfigError:
-    # OmegaConf leaves full_key empty for some errors (a tuple of the wrong length); an override knows its own key
+    """`exc` as the one-line ConfigError: `source` (the file or the override), the key, the problem; an unknown key
+    gets the closest key of `schema`. `key_hint` names the key where OmegaConf leaves `full_key` empty (a tuple of the
+    wrong length)."""
     key = getattr(exc, "full_key", "") or key_hint
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
         return ConfigError(f"{source}: unknown config key '{key}'{_suggest(key, schema)}")
