@@ -47,7 +47,7 @@ SLOW = {
     "tests/test_bad_input.py::test_evaluate_damaged_checkpoints",  # the CLI per damage: 12 cases, 28 s
     "tests/test_bad_input.py::test_missing_shards_and_not_a_run_dir",  # 5 s
     "tests/test_bad_input.py::test_resume_with_a_changed_config_is_refused_before_writing",  # 2.3 s
-    "tests/test_bad_input.py::test_resume_drift_rules",  # 1.3 s
+    "tests/test_drift.py::test_resume_drift_rules",  # 1.3 s
     "tests/test_decode_bad_input.py::test_damaged_pngs_kill_neither_the_process_nor_the_loaders",  # children: 16 s
     "tests/test_mlore.py::test_block_shapes_and_merge_for_every_preset",  # ViT-L widths: 13 s
     "tests/test_mlore.py::test_vits_preset_decoder_merge_is_exact",  # 1.9 s

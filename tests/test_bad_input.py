@@ -25,6 +25,7 @@ from pretrain.integrity import META, build_manifest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_decode_bad_input import bad_crc_png, bad_zlib_png, png_bomb  # noqa: E402
+from test_drift import _fake_run  # noqa: E402
 from test_prepare_bad_input import _coco, _png, _put, _rows  # noqa: E402
 from test_runs import SMALL, write_checkpoint  # noqa: E402
 
@@ -373,14 +374,6 @@ def test_loader_refuses_bad_images_with_a_message(name):
 # ---------------------------------------------------------------- resume with a changed config
 
 
-def _fake_run(tmp_path: Path, *overrides: str) -> Path:
-    run = tmp_path / "run"
-    save_resolved(load_config(DEBUG_PRETRAIN, [f"output_dir={run}", *overrides]), run)
-    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
-    checkpoint.write_latest(run / "checkpoints", "step_00000002")
-    return run
-
-
 DRIFT = {  # name -> (overrides on resume, code, fragment)
     "num_experts": (["moe.num_experts=4"], 2, "moe.num_experts: 8 -> 4"),
     "lr_and_grad_accum": (["optim.lr=0.5", "engine.grad_accum=2"], 2, "engine.grad_accum: 1 -> 2, optim.lr:"),
@@ -395,18 +388,3 @@ def test_resume_with_a_changed_config_is_refused_before_writing(cli, tmp_path, n
     overrides, code, fragment = DRIFT[name]
     check(*cli("train", DEBUG_PRETRAIN, f"output_dir={run}", f"data.root={shards}", *overrides), code, fragment)
     assert (run / "config.yaml").read_bytes() == saved
-
-
-def test_resume_drift_rules(tmp_path, caplog):
-    from pretrain.drift import check_resume
-
-    run = _fake_run(tmp_path)
-    safe = ["train.max_steps=7", "train.ckpt_every=3", "eval.max_samples=2", "logging.wandb=disabled",
-            "data.root=/elsewhere", "engine.threads=2", "tasks.det.eval_batch_size=3"]
-    diff = check_resume(load_config(DEBUG_PRETRAIN, [f"output_dir={run}", *safe]), run)
-    assert sorted(diff) == sorted(s.split("=")[0] for s in safe)
-    forced = load_config(DEBUG_PRETRAIN, [f"output_dir={run}", "moe.top_k=1", "train.allow_config_change=true"])
-    assert check_resume(forced, run) == {"moe.top_k": (2, 1), "train.allow_config_change": (False, True)}
-    assert "resuming" in caplog.text and "moe.top_k" in caplog.text
-    shutil.rmtree(run / "checkpoints")  # no checkpoint: nothing to resume, nothing to refuse
-    assert check_resume(load_config(DEBUG_PRETRAIN, [f"output_dir={run}", "moe.top_k=1"]), run) == {}
