@@ -46,6 +46,7 @@ def restore_rng(state: dict) -> None:
 
 
 def json_only(what: str, state: dict) -> None:
+    """Raise TypeError naming the first entry of `state` that JSON cannot hold (`what[key]` and its type)."""
     for key, value in state.items():
         try:
             json.dumps(value)

@@ -11,7 +11,7 @@ not alter behaviour is checked (issue 8's refactor against the commit before it,
 Not compared: wall-clock fields (`time`, throughput), and the Python/NumPy global RNG states a checkpoint keeps for
 completeness: nothing seeds or draws from them, so they differ between any two processes. Checkpoint files are read
 without unpickling code (safetensors; `torch.load(weights_only=True)`). Exit 0: identical; 1: a difference (the
-first few are printed); 2: a run directory is missing something.
+first few are printed); 2: a run directory is missing something or a file cannot be read (one line naming it).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from pretrain.checkpoint import read_latest
 from pretrain.engine import DS_SAFE_GLOBALS
+from pretrain.errors import CheckpointError, one_line
 
 WALL_CLOCK_KEYS, WALL_CLOCK_PREFIXES = {"time"}, ("img_per_s/",)  # they measure the machine, not the computation
 UNSEEDED_RNG = ("rng.python", "rng.numpy")
@@ -70,18 +73,20 @@ def _flatten(obj: object, prefix: str = "") -> Iterator[tuple[str, object]]:
 
 def _checkpoint(run: Path) -> dict[str, object]:
     """Every tensor and value of the run's latest checkpoint, keyed `file:path.to.leaf`."""
-    latest = run / "checkpoints" / "latest"
-    if not latest.is_file():
-        raise FileNotFoundError(f"{latest}: no checkpoint pointer")
-    tag = run / "checkpoints" / latest.read_text().strip()
-    if not tag.is_dir():
-        raise FileNotFoundError(f"{tag}: the checkpoint `latest` names is missing")
+    name = read_latest(run / "checkpoints")  # CheckpointError: unreadable, or it names a missing tag
+    if name is None:
+        raise FileNotFoundError(f"{run / 'checkpoints' / 'latest'}: no checkpoint pointer")
+    tag = run / "checkpoints" / name
     out: dict[str, object] = {}
     for f in sorted(tag.iterdir()):
         try:
             leaves = _leaves(f)
+        except pickle.UnpicklingError as exc:  # weights_only refused a class: name it, not torch's preamble
+            msg = one_line(exc)
+            msg = msg[max(msg.find("Unsupported global"), 0):][:200]
+            raise ValueError(f"{f}: refused to load, it pickles more than tensors ({msg})") from None
         except Exception as exc:  # safetensors, torch and json each raise their own kinds: name the file
-            raise ValueError(f"{f}: cannot be read ({type(exc).__name__}: {exc})") from None
+            raise ValueError(f"{f}: cannot be read ({type(exc).__name__}: {one_line(exc)[:300]})") from None
         out.update((f"{f.name}:{k}", v) for k, v in leaves if not any(part in k for part in UNSEEDED_RNG))
     return out
 
@@ -143,7 +148,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         a, b = _load(args.run_a), _load(args.run_b)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, CheckpointError) as exc:
         print(f"compare_runs: {exc}", file=sys.stderr)
         return 2
     diffs = _differences(a, b)

@@ -84,3 +84,20 @@ def test_a_damaged_or_missing_file_is_named_with_exit_2(tmp_path, capsys, monkey
     monkeypatch.setattr("sys.argv", ["compare_runs.py", str(a), str(a)])
     assert compare_runs.main() == 0
     assert capsys.readouterr().out.strip() == "identical: 2 training rows, 1 evaluation rows, 5 checkpoint values"
+
+
+class _Planted:
+    def __reduce__(self):
+        return (print, ("planted code ran",))
+
+
+def test_a_checkpoint_that_pickles_code_is_refused_without_running_it(tmp_path, capsys, monkeypatch):
+    a = _run(tmp_path / "a")
+    model_file = a / "checkpoints/step_00000020/mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.zeros(1)}, "x": _Planted()}, model_file)
+    monkeypatch.setattr("sys.argv", ["compare_runs.py", str(a), str(a)])
+    assert compare_runs.main() == 2
+    out, err = capsys.readouterr()
+    assert "planted code ran" not in out + err
+    assert "mp_rank_00_model_states.pt: refused to load, it pickles more than tensors (Unsupported global" in err
+    assert "\n" not in err.strip()
