@@ -279,7 +279,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             merged = OmegaConf.merge(merged, overlay)
         except OmegaConfBaseException as exc:
-            raise omegaconf_error(exc, str(path), schema, failing_key(merged, overlay)) from None
+            hint = "" if getattr(exc, "full_key", "") else failing_key(merged, overlay)  # one merge per leaf
+            raise omegaconf_error(exc, str(path), schema, hint) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")

@@ -60,29 +60,26 @@ def omegaconf_error(exc: OmegaConfBaseException, source: str, schema: type, key_
 
 
 def failing_key(base: DictConfig, overlay: DictConfig) -> str:
-    """The dotted key of the first overlay leaf that does not merge into `base` ("" if none alone fails): for the
-    errors OmegaConf reports without a key."""
-    def nested(key: str, value: Any) -> dict:
-        for part in reversed(key.split(".")):
-            value = {part: value}
-        return value
-
-    def walk(node: Any, prefix: str) -> str:
+    """The dotted key of the first overlay leaf that does not merge into `base` alone ("" if none): for the errors
+    OmegaConf reports without a key."""
+    def walk(node: dict, path: tuple[str, ...]) -> str:
         for k, v in node.items():
-            key = f"{prefix}{k}"
             if isinstance(v, dict):
-                found = walk(v, key + ".")
+                found = walk(v, (*path, k))
             else:
+                alone = v
+                for part in reversed((*path, k)):
+                    alone = {part: alone}
                 try:
-                    OmegaConf.merge(base, nested(key, v))
+                    OmegaConf.merge(base, alone)
                     found = ""
                 except OmegaConfBaseException:
-                    found = key
+                    found = ".".join((*path, k))
             if found:
                 return found
         return ""
 
-    return walk(OmegaConf.to_container(overlay), "")
+    return walk(OmegaConf.to_container(overlay), ())
 
 
 def _yaml_message(path: Path, exc: yaml.YAMLError) -> str:
