@@ -69,6 +69,7 @@ SLOW = {
     "tests/test_modsquad_import.py::test_imported_backbone_computes_modsquads_forward",  # 1.3 s
     "tests/test_data.py::test_two_workers_partition_eval_and_draw_distinct_train_streams",  # worker processes: 1 s
     "tests/test_prepare_dense.py::test_nyud_tree_quirks_and_members",  # 0.9 s
+    "tests/test_submodel_build.py::test_every_submodel_is_a_finetuning_backbone",  # 24 cases, 0.3 s each
 }
 # Modules whose tests launch DeepSpeed in child processes (`pretrain train`, tests/dist_scripts/*).
 DEEPSPEED_CHILDREN = {"tests/test_train.py", "tests/test_engine.py", "tests/test_checkpoint.py", "tests/test_slurm.py"}

@@ -22,6 +22,7 @@ from pretrain.finetune.losses import build_losses
 from pretrain.models.decoders import DECODERS
 from pretrain.models.dense import DenseModel
 from pretrain.models.moe_losses import moe_modules
+from pretrain.models.moe_routing import TaskRouter
 from pretrain.objective import build_objective
 
 logger = logging.getLogger(__name__)
@@ -64,8 +65,9 @@ def apply_trainable_(model: DenseModel, trainable: str) -> None:
         p.requires_grad_(False)
     if trainable == "routers+decoder":
         for _, layer in moe_modules(model.backbone):
-            for p in layer.router.parameters():
-                p.requires_grad_(True)
+            # every router of the layer: its own, or an exact-routing submodel layer's `full_routing.router`
+            for router in (m for m in layer.modules() if isinstance(m, TaskRouter)):
+                router.requires_grad_(True)
 
 
 def build_dense_model(cfg: FinetuneConfig, data: DenseData) -> DenseModel:

@@ -80,7 +80,6 @@ def select_task_rows_(vit: VisionTransformer, rows: list[int]) -> VisionTransfor
         vit: a backbone whose routed layers hold [T_old, ...] per-task parameters and buffers.
         rows: old row index of each new task row.
     """
-    old = vit.num_tasks
     index = torch.tensor(rows, dtype=torch.long)
     for _, layer in moe_modules(vit):
         for module in layer.modules():  # the layer, and an exact-routing submodel's `full_routing` child
@@ -88,7 +87,8 @@ def select_task_rows_(vit: VisionTransformer, rows: list[int]) -> VisionTransfor
                 for name, param in list(module.named_parameters(recurse=False)):
                     setattr(module, name, nn.Parameter(param[index].clone()))
             for name, buf in list(module.named_buffers(recurse=False)):
-                if buf is not None and buf.dim() >= 1 and buf.shape[0] == old:  # usage / MI statistics [T, E]
+                # the per-task statistics [T, E] by name: a submodel's `kept_E` [E'] may happen to have T entries
+                if buf is not None and name.endswith("_TE"):
                     module.register_buffer(name, buf[index].clone())
             if hasattr(module, "num_tasks"):
                 module.num_tasks = len(rows)

@@ -34,7 +34,7 @@ BACKBONE_SIZES: dict[str, dict[str, Any]] = {
 __all__ = ["BACKBONE_SIZES", "DET_HEADS", "HEADS", "SEG_HEADS", "MultiTaskModel", "build_backbone", "build_model"]
 
 
-def _size(model: ModelConfig) -> dict[str, Any]:
+def backbone_size(model: ModelConfig) -> dict[str, Any]:
     if model.size not in BACKBONE_SIZES:
         raise ValueError(f"model.size={model.size!r} is not one of {', '.join(BACKBONE_SIZES)}")
     size = dict(BACKBONE_SIZES[model.size])
@@ -53,7 +53,7 @@ def moe_kwargs(model: ModelConfig, moe: MoEConfig) -> tuple[dict[str, Any], dict
     ep_size/ep_rank are not set here: the rank is a runtime fact, so `pretrain.layers.moe_mlp_factory` binds them
     in the `moe_mlp_layer` factory passed to `build_model`.
     """
-    size, m = _size(model), moe
+    size, m = backbone_size(model), moe
     dim = size["embed_dim"]
     hidden = m.expert_hidden or max(1, int(size["mlp_ratio"] * dim / m.top_k))
     common = {"gate": m.gate, "noisy": m.noisy, "router_init": _resolve(moe, "router_init"),
@@ -78,15 +78,21 @@ def _resolve(moe: MoEConfig, key: str) -> str:
     return PLACEMENT_INITS[moe.placement][key] if value == "auto" else value
 
 
-def build_backbone(model: ModelConfig, moe: MoEConfig, *, moe_mlp_layer: Callable[..., nn.Module] | None = None
-                   ) -> VisionTransformer:
-    """The ViT of `model.size` with `moe.placement`; upcycled from `model.upcycle_from` when set."""
+def build_backbone(model: ModelConfig, moe: MoEConfig, *, num_tasks: int = len(TASKS),
+                   moe_mlp_layer: Callable[..., nn.Module] | None = None,
+                   moe_attn_layer: Callable[..., nn.Module] | None = None) -> VisionTransformer:
+    """The ViT of `model.size` with `moe.placement`; upcycled from `model.upcycle_from` when set.
+
+    The one constructor of every backbone (full model, submodel, fine-tuning source): a variant plugs in its own
+    MoE layer factories (`moe_mlp_layer`, `moe_attn_layer`: default `MoEMlp`, `MoEAttention`) and task-row count,
+    so every backbone option reaches it by construction.
+    """
     mlp_kwargs, attn_kwargs = moe_kwargs(model, moe)
-    vit = VisionTransformer(**_size(model), drop_path=model.drop_path, num_tasks=len(TASKS),
+    vit = VisionTransformer(**backbone_size(model), drop_path=model.drop_path, num_tasks=num_tasks,
                             task_embed=model.task_embed, task_embed_init=model.task_embed_init,
                             dense_attn_head_dim=moe.dense_attn_head_dim, placement=moe.placement,
                             moe_mlp_layer=moe_mlp_layer or MoEMlp, moe_mlp_kwargs=mlp_kwargs,
-                            moe_attn_layer=MoEAttention, moe_attn_kwargs=attn_kwargs)
+                            moe_attn_layer=moe_attn_layer or MoEAttention, moe_attn_kwargs=attn_kwargs)
     if model.upcycle_from:
         upcycle_vit(vit, model.upcycle_from, mode=model.upcycle_mode)
     return vit
@@ -112,6 +118,7 @@ HEADS: dict[str, Callable[..., nn.Module]] = {"cls": _cls_head, "det": _det_head
 
 def build_model(*, model: ModelConfig, moe: MoEConfig, tasks: dict[str, TaskConfig],
                 num_classes: dict[str, int] | None = None, moe_mlp_layer: Callable[..., nn.Module] | None = None,
+                moe_attn_layer: Callable[..., nn.Module] | None = None, task_names: list[str] | None = None,
                 objective: nn.Module | None = None) -> MultiTaskModel:
     """Backbone + a head for each enabled task (+ the training objective, part of the checkpointed state).
 
@@ -119,20 +126,25 @@ def build_model(*, model: ModelConfig, moe: MoEConfig, tasks: dict[str, TaskConf
         model, moe: config sections. tasks: the task table (enabled flags, head kinds, class counts).
         num_classes: task → class count for tasks whose `tasks.<t>.num_classes` is 0 (e.g. from the shards'
             `_info.json`: `DataSpec.num_classes`); det counts foreground classes.
-        moe_mlp_layer: MoE MLP factory with the contract's keywords (default `MoEMlp`).
+        moe_mlp_layer, moe_attn_layer: MoE layer factories with the contract's keywords (default `MoEMlp`,
+            `MoEAttention`); a submodel plugs in its kept-expert layers (`models.submodel`).
+        task_names: build only these tasks, with router / task-embedding rows 0..T'-1 in this order (a submodel);
+            default: every enabled task at its `TASKS` row, T = len(TASKS) rows.
         objective: the loss module (`pretrain.objective.Objective`): a child of the model, so its parameters
             (uncertainty weights) are optimised and checkpointed with it.
     """
-    vit = build_backbone(model, moe, moe_mlp_layer=moe_mlp_layer)
+    rows = {t: i for i, t in enumerate(task_names)} if task_names is not None else \
+        {t: TASKS.index(t) for t in enabled_tasks(tasks)}
+    vit = build_backbone(model, moe, num_tasks=len(task_names) if task_names is not None else len(TASKS),
+                         moe_mlp_layer=moe_mlp_layer, moe_attn_layer=moe_attn_layer)
     heads: dict[str, nn.Module] = {}
-    for task in enabled_tasks(tasks):
+    for task, row in rows.items():
         classes = tasks[task].num_classes or (num_classes or {}).get(task, 0)
         if classes < 1:
             raise ValueError(f"task {task!r} has no class count: set tasks.{task}.num_classes or pass "
                              f"num_classes={{'{task}': N}} (e.g. from the shards' _info.json)")
-        heads[task] = HEADS[task](vit, task_id=TASKS.index(task), kind=tasks[task].head, num_classes=classes,
-                                  model=model)
-    built = MultiTaskModel(vit, heads, {t: TASKS.index(t) for t in heads}, objective=objective)
+        heads[task] = HEADS[task](vit, task_id=row, kind=tasks[task].head, num_classes=classes, model=model)
+    built = MultiTaskModel(vit, heads, rows, objective=objective)
     logger.info("built %s (%s placement, tasks %s): %s", model.size, moe.placement, list(heads),
                 built.param_counts())
     return built

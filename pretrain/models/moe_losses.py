@@ -192,9 +192,18 @@ def expert_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def moe_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every task-routed MoE layer (MoEMlp, MoEAttention) in `model`, in `named_modules` order."""
-    # `pop_aux_losses`, not the `aux` property: hasattr would compute the last forward's losses for nothing
-    return [(name, m) for name, m in model.named_modules() if hasattr(m, "pop_aux_losses") and hasattr(m, "usage_TE")]
+    """(name, module) of every task-routed MoE layer (MoEMlp, MoEAttention) in `model`, in `named_modules` order.
+
+    A routed layer inside another one (an exact-routing submodel layer's `full_routing`) is part of its parent's
+    routing, not a layer of its own: it is not listed, so nothing handles its rows twice.
+    """
+    layers: list[tuple[str, nn.Module]] = []
+    for name, m in model.named_modules():
+        # `pop_aux_losses`, not the `aux` property: hasattr would compute the last forward's losses for nothing
+        if hasattr(m, "pop_aux_losses") and hasattr(m, "usage_TE"):
+            if not any(name.startswith(f"{outer}.") for outer, _ in layers):
+                layers.append((name, m))
+    return layers
 
 
 def collect_aux_losses(model: nn.Module, *, end_of_step: bool = True) -> dict[str, Tensor]:

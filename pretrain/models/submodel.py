@@ -24,11 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from pretrain.config import ModelConfig, MoEConfig, TaskConfig
-from pretrain.models import BACKBONE_SIZES, HEADS, moe_kwargs
+from pretrain.models import backbone_size, build_model
 from pretrain.models.moe import MoEMlp, Routing, TaskRoutedLayer
 from pretrain.models.moe_attention import MoEAttention
 from pretrain.models.multitask import MultiTaskModel
-from pretrain.models.vit import VisionTransformer, moe_layout
+from pretrain.models.vit import moe_layout
 
 logger = logging.getLogger(__name__)
 
@@ -111,26 +111,20 @@ class _KeptFactory:
 
 def build_submodel(*, model: ModelConfig, moe: MoEConfig, tasks: dict[str, TaskConfig], task_names: list[str],
                    num_classes: dict[str, int], kept: dict[str, list[int]], exact_routing: bool) -> MultiTaskModel:
-    """The submodel's structure (random weights): `task_names` get ids 0..T'-1, layer `name` keeps `kept[name]`.
+    """The submodel's structure (random weights): `build_model` with kept-expert layers plugged in; `task_names`
+    get ids 0..T'-1, layer `name` keeps `kept[name]`.
 
     Args:
         model, moe, tasks: the full model's config sections. num_classes: class count per kept task.
         kept: backbone-relative MoE layer name (`blocks.{i}.attn|mlp`) → kept global expert ids, every MoE layer.
     """
-    size = dict(BACKBONE_SIZES[model.size])
-    size.update({"patch_size": model.patch_size} if model.patch_size else {})
-    names = routed_layer_names(moe.placement, size["depth"])
+    names = routed_layer_names(moe.placement, backbone_size(model)["depth"])
     if sorted(kept) != sorted(names):
         raise ValueError(f"kept experts given for layers {sorted(kept)}, the model has MoE layers {sorted(names)}")
-    mlp_kwargs, attn_kwargs = moe_kwargs(model, moe)
-    vit = VisionTransformer(
-        **size, drop_path=model.drop_path, num_tasks=len(task_names), task_embed=model.task_embed,
-        placement=moe.placement, moe_mlp_kwargs=mlp_kwargs, moe_attn_kwargs=attn_kwargs,
+    return build_model(
+        model=model, moe=moe, tasks=tasks, num_classes=num_classes, task_names=list(task_names),
         moe_mlp_layer=_KeptFactory(KeptMoEMlp, [n for n in names if n.endswith("mlp")], kept, exact_routing),
         moe_attn_layer=_KeptFactory(KeptMoEAttention, [n for n in names if n.endswith("attn")], kept, exact_routing))
-    heads = {t: HEADS[t](vit, task_id=i, kind=tasks[t].head, num_classes=num_classes[t], model=model)
-             for i, t in enumerate(task_names)}
-    return MultiTaskModel(vit, heads, {t: i for i, t in enumerate(task_names)})
 
 
 def slice_state(full_state: dict[str, Tensor], sub: MultiTaskModel, *, task_rows: list[int],
