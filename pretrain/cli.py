@@ -202,7 +202,8 @@ def _extract(args: argparse.Namespace) -> int:
     setup_logging()
     rule = {"rule": args.rule, "thresh": args.thresh, "keep": args.keep, "mass": args.mass,
             "calibrate": args.calibrate.split(",") if args.calibrate else None,
-            "calibrate_images": args.calibrate_images, "exact_routing": args.exact_routing}
+            "calibrate_images": args.calibrate_images, "exact_routing": args.exact_routing, "top_k": args.top_k,
+            "attn_top_k": args.attn_top_k}
     try:
         extract_main(args.source, args.task.split(","), args.out, step=args.step, data_root=args.data_root,
                      report=not args.no_report, eval_images=args.eval_images, latency_runs=args.latency_runs,
@@ -235,6 +236,9 @@ def _add_export_extract(sub) -> None:
     p.add_argument("--calibrate-images", type=int, default=64)
     p.add_argument("--exact-routing", action="store_true",
                    help="softmax over all E logits, top-k among the kept experts (default: softmax over kept only)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="route each token to K MLP experts, below the trained k: fewer FLOPs (default: as trained)")
+    p.add_argument("--attn-top-k", type=int, default=0, help="the same for the MoE attention's head experts")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a RUN_DIR (default: latest)")
     p.add_argument("--data-root", default=None, help="shard root for the val metric (default: the run's data.root)")
     p.add_argument("--eval-images", type=int, default=64, help="val images per task for the metric (0 = skip)")

@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from pretrain.config import ModelConfig, MoEConfig
 from pretrain.keep_rules import choose_experts
+from pretrain.models import backbone_size, moe_kwargs
 from pretrain.models.moe_losses import moe_modules
 from pretrain.models.submodel import build_submodel, slice_state
+from pretrain.models.vit import moe_layout
 from pretrain.portable import PortableModel, config_sections, load_model, write_file
 
 logger = logging.getLogger(__name__)
@@ -129,8 +132,13 @@ def check_request(full: PortableModel, tasks: list[str], rule: str, keep: int) -
 
 def extract_submodel(full: PortableModel, tasks: list[str], *, rule: str = "modsquad", thresh: float = 3.0,
                      keep: int = 0, mass: float = 0.9, calibrate: list[str] | None = None,
-                     calibrate_images: int = 64, exact_routing: bool = False) -> Extraction:
-    """Choose each MoE layer's kept experts for `tasks` and build the submodel with their weights (eval mode)."""
+                     calibrate_images: int = 64, exact_routing: bool = False, top_k: int = 0,
+                     attn_top_k: int = 0) -> Extraction:
+    """Choose each MoE layer's kept experts for `tasks` and build the submodel with their weights (eval mode).
+
+    The keep rule reads usage gathered at the trained top-k; `top_k` / `attn_top_k` (0 = as trained) then route
+    each token of the submodel's MoE MLPs / MoE attention layers to fewer experts (`with_top_k`).
+    """
     check_request(full, tasks, rule, keep)
     layers = routed_layers(full.model)
     rows = [full.model.task_ids[t] for t in tasks]
@@ -142,16 +150,32 @@ def extract_submodel(full: PortableModel, tasks: list[str], *, rule: str = "mods
                           mass=mass)
     rule_meta = {"name": rule, "thresh": thresh, "keep": keep, "mass": mass, "usage": source,
                  "calibrate": calibrate or [], "calibrate_images": calibrate_images if calibrate else 0}
-    sub = make_submodel(full, tasks, kept, exact_routing=exact_routing, rule=rule_meta)
+    sub = make_submodel(full, tasks, kept, exact_routing=exact_routing, rule=rule_meta, top_k=top_k,
+                        attn_top_k=attn_top_k)
     return Extraction(full=full, sub=sub, tasks=tasks, usage=usage, usage_source=source, kept=kept)
 
 
+def with_top_k(model: ModelConfig, moe: MoEConfig, *, top_k: int = 0, attn_top_k: int = 0) -> MoEConfig:
+    """The `moe` section of a submodel whose tokens route to `top_k` MLP experts and `attn_top_k` head experts
+    (0 = as trained; each at most the trained k). The expert width is pinned first: by default it derives from
+    top_k (`moe.expert_hidden=0`), and the experts keep their trained shapes."""
+    for flag, value, trained in (("--top-k", top_k, moe.top_k), ("--attn-top-k", attn_top_k, moe.attn_top_k)):
+        if not 0 <= value <= trained:
+            raise ValueError(f"{flag} {value}: must be between 1 and the trained k ({trained}); 0 keeps it")
+    if attn_top_k and not any(attn for attn, _ in moe_layout(moe.placement, backbone_size(model)["depth"])):
+        raise ValueError(f"--attn-top-k {attn_top_k}: placement {moe.placement!r} has no MoE attention")
+    hidden = moe_kwargs(model, moe)[0]["hidden_dim"]
+    return replace(moe, expert_hidden=hidden, top_k=top_k or moe.top_k, attn_top_k=attn_top_k or moe.attn_top_k)
+
+
 def make_submodel(full: PortableModel, tasks: list[str], kept: dict[str, list[int]], *, exact_routing: bool,
-                  rule: dict | None = None) -> PortableModel:
+                  rule: dict | None = None, top_k: int = 0, attn_top_k: int = 0) -> PortableModel:
     """The submodel of `full` keeping experts `kept[layer]` (global ids) and the heads, router rows and
-    task-embedding rows of `tasks`, with its file metadata (eval mode)."""
+    task-embedding rows of `tasks`, routing to `top_k` / `attn_top_k` experts (0 = as trained), with its file
+    metadata (eval mode)."""
     layers = routed_layers(full.model)
     model_cfg, moe_cfg, table = config_sections("metadata", full.meta)
+    moe_cfg = with_top_k(model_cfg, moe_cfg, top_k=top_k, attn_top_k=attn_top_k)
     num_classes = {t: full.meta["num_classes"][t] for t in tasks}
     sub = build_submodel(model=model_cfg, moe=moe_cfg, tasks=table, task_names=tasks, num_classes=num_classes,
                          kept=kept, exact_routing=exact_routing)
@@ -162,7 +186,8 @@ def make_submodel(full: PortableModel, tasks: list[str], kept: dict[str, list[in
             "task_names": tasks, "task_ids": sub.task_ids, "num_classes": num_classes,
             "classes": {t: c for t, c in full.meta.get("classes", {}).items() if t in tasks}, "kept": kept,
             "num_experts_full": {n: m.num_experts for n, m in layers.items()}, "exact_routing": exact_routing,
-            "rule": rule or {}}
+            "rule": rule or {}, "moe": asdict(moe_cfg),
+            "top_k_trained": {n: m.top_k for n, m in layers.items()}}
     return PortableModel(sub, meta).eval()
 
 

@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 def param_parts(model: nn.Module) -> dict[str, int]:
     """`param_counts()` of a `MultiTaskModel` plus `moe_layers`: the routed layers' parameters (experts, routers)."""
-    # by id: with exact routing a layer's `full_routing` child is itself a routed layer
     moe = {id(p): p.numel() for m in routed_layers(model).values() for p in m.parameters()}
     return {**model.param_counts(), "moe_layers": sum(moe.values())}
 
@@ -122,6 +121,8 @@ def build_report(extraction: Extraction, *, source: str, out: Path, data_root: s
         "exact_routing": sub.meta["exact_routing"], "folded_layers": [], "usage_source": extraction.usage_source,
         "file_bytes": out.stat().st_size, "params": {"full": param_parts(full.model), "sub": param_parts(sub.model)},
         "experts_kept": {n: {"kept": ids, "of": sub.meta["num_experts_full"][n]} for n, ids in extraction.kept.items()},
+        "top_k": {n: {"full": m.top_k, "sub": routed_layers(sub.model)[n].top_k}
+                  for n, m in routed_layers(full.model).items()},
         "flops_per_image": {}, "latency_ms": {}, "metrics": {}, "dropped_routes": {},
         "threads": torch.get_num_threads()}
     pair = {"full": full.model, "sub": sub.model}
@@ -169,6 +170,9 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{'routes to dropped experts (' + task + ')':<34}{share['overall']:>32.4f}")
     kept = ", ".join(f"{n}: {len(v['kept'])}/{v['of']}" for n, v in report["experts_kept"].items())
     lines.append(f"experts kept: {kept}")
+    changed = {n: k for n, k in report.get("top_k", {}).items() if k["sub"] != k["full"]}
+    if changed:
+        lines.append("experts per token: " + ", ".join(f"{n}: {k['sub']} of {k['full']}" for n, k in changed.items()))
     return "\n".join(lines)
 
 

@@ -134,3 +134,29 @@ def test_every_submodel_is_a_finetuning_backbone(submodel_files, tasks, exact, r
         out.square().mean().backward()
         assert all(p.grad is not None for p in vit.parameters() if p.requires_grad and id(p) in routers)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_fewer_experts_per_token(tmp_path, exact):
+    """`--top-k 1 --attn-top-k 1` of a k=2 model: the file rebuilds with k=1 and the trained expert width, computes
+    what the full model computes when its layers route to one expert, and costs fewer FLOPs."""
+    from pretrain.extract_report import flops_per_image
+
+    full = portable(tmp_path)
+    extraction = extract_submodel(full, ["cls"], rule="topn", keep=8, exact_routing=exact, top_k=1, attn_top_k=1)
+    sub = load_submodel(save_submodel(extraction, tmp_path / "cls_k1.safetensors"))
+    assert all(layer.top_k == 1 for layer in routed_layers(sub.model).values())
+    assert flops_per_image(sub.model, "cls", 32) < 0.9 * flops_per_image(full.model, "cls", 32)  # 0.80 measured
+    for layer in routed_layers(full.model).values():
+        layer.top_k = 1
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(sub(x), full(x, task="cls"), atol=1e-6, rtol=0)
+
+
+def test_top_k_above_the_trained_k_is_refused(tmp_path):
+    full = portable(tmp_path)
+    with pytest.raises(ValueError, match=r"--top-k 3: must be between 1 and the trained k \(2\)"):
+        extract_submodel(full, ["cls"], top_k=3)
+    with pytest.raises(ValueError, match=r"--attn-top-k -1"):
+        extract_submodel(full, ["cls"], attn_top_k=-1)
