@@ -17,6 +17,7 @@ import string
 import subprocess
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +57,8 @@ class JobOptions:
     signal_grace: int = 300
     max_requeues: int = 20
     sbatch_args: list[str] = field(default_factory=list)  # KEY=VALUE or KEY -> `#SBATCH --KEY=VALUE`
-    python: str = ""  # the interpreter command the job runs `-m pretrain` with; "" = $PRETRAIN_PYTHON or this one
+    python: str = ""  # the interpreter command the job runs `-m pretrain` with; "" = $PRETRAIN_PYTHON or this one.
+    # Its words are shell-quoted into the script: no `$VAR`, `;` or `#` is interpreted on the node.
     template: str = ""  # "" = slurm/train.sbatch of this checkout
 
 
@@ -96,6 +98,59 @@ def time_limit_s(limit: str) -> int | None:
     return a * 60 + (b or 0)
 
 
+def check_value(option: str, value: object) -> str:
+    """`value` as text; SubmitError naming `option` when it holds a newline or another control character.
+
+    A newline would end the line it is rendered into: in a `#SBATCH` line the rest becomes a shell command, and
+    sbatch stops reading directives at the first line that is not a comment (the preemption signal among them).
+    """
+    text = str(value)
+    bad = next((c for c in text if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise SubmitError(f"{option} {text!r}: a newline or other control character ({bad!r}) cannot go into the "
+                          "job script")
+    return text
+
+
+def sbatch_value(option: str, value: object) -> str:
+    """`value` as one word of an `#SBATCH` line, checked and quoted when needed.
+
+    sbatch does not run these lines through a shell: it splits them at whitespace, honours '...' and "..." quotes
+    and backslash escapes (also inside double quotes), and ends the line at an unquoted `#` (Slurm's
+    `_get_argument`). A `hetjob` / `packjob` anywhere in such a line starts another component of a heterogeneous
+    job, quoted or not, so such a value is refused.
+    """
+    text = check_value(option, value)
+    if re.search("hetjob|packjob", text, re.IGNORECASE):
+        raise SubmitError(f"{option} {text!r}: sbatch reads 'hetjob'/'packjob' anywhere in an #SBATCH line as the "
+                          "start of another job component; choose a value without it")
+    if text and not re.search(r"[\s\"'\\#]", text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def output_pattern(run_dir: Path) -> str:
+    """The `--output` filename pattern of the job log, `<run_dir>/slurm/%j.log`: a `%` of the path is doubled (sbatch
+    replaces `%j`, `%x`, ... in it); a backslash is refused, since sbatch then replaces nothing, `%j` included."""
+    text = check_value("output_dir", run_dir)
+    if "\\" in text:
+        raise SubmitError(f"output_dir {text!r}: a backslash in the path turns off sbatch's %j in --output; choose an "
+                          "output_dir without one")
+    return text.replace("%", "%%") + "/slurm/%j.log"
+
+
+def python_words(command: str, option: str) -> str:
+    """The interpreter command for the srun line, each word shell-quoted: `;`, `#`, `$(...)` or a quote in it stay
+    literal (a container prefix such as `apptainer exec --nv image.sif python` is words, not shell code)."""
+    try:
+        words = shlex.split(check_value(option, command))
+    except ValueError as exc:
+        raise SubmitError(f"{option} {command!r}: not a command line ({exc})") from None
+    if not words:
+        raise SubmitError(f"{option} {command!r}: empty interpreter command")
+    return shlex.join(words)
+
+
 def sbatch_lines(opts: JobOptions) -> list[str]:
     """The optional `#SBATCH` lines (only options that were given)."""
     pairs = [("gpus-per-node", opts.gpus_per_node if gpu_count(opts.gpus_per_node) else None), ("mem", opts.mem),
@@ -104,29 +159,47 @@ def sbatch_lines(opts: JobOptions) -> list[str]:
     for item in opts.sbatch_args:
         key, eq, value = item.partition("=")
         key = key.strip().lstrip("-")
-        if not re.fullmatch(r"[a-zA-Z][a-zA-Z0-9-]*", key):
+        if not re.fullmatch(r"[a-zA-Z][a-zA-Z0-9-]*", key) or re.search("hetjob|packjob", key, re.IGNORECASE):
             raise SubmitError(f"--sbatch-arg {item!r}: expected KEY=VALUE (or KEY) with an sbatch option name as KEY")
         pairs.append((key, value if eq else ""))
     lines = []
     for key, value in pairs:
         if value is None:
             continue
-        if re.search(r'[\n"]', str(value)):
-            raise SubmitError(f"sbatch option --{key}={value!r}: a value cannot contain a newline or a double quote")
-        if re.search(r"\s", str(value)):
-            value = f'"{value}"'  # sbatch reads `#SBATCH` lines word by word; quotes keep a value whole
-        lines.append(f"#SBATCH --{key}={value}" if value != "" else f"#SBATCH --{key}")
+        lines.append(f"#SBATCH --{key}={sbatch_value(f'--{key}', value)}" if value != "" else f"#SBATCH --{key}")
     return lines
 
 
+def _integer(option: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SubmitError(f"{option} {value!r}: expected an integer")
+    return value
+
+
 def render(text: str, *, subcommand: str, run_dir: Path, cpus_per_task: int, opts: JobOptions) -> str:
-    """Fill the template's placeholders; raises SubmitError naming an unknown placeholder."""
+    """Fill the template's placeholders; raises SubmitError naming an unknown placeholder or the option whose value
+    cannot be rendered safely.
+
+    Every value is checked (`check_value`) and quoted for where it goes: `#SBATCH` values as sbatch reads them
+    (`sbatch_value`: `job_name`, `log`, `workdir`, `sbatch_options`), shell words with `shlex` (`run_dir`,
+    `python`), numbers as integers; `subcommand` is one of `SCHEMAS`.
+    """
+    if subcommand not in SCHEMAS:
+        raise SubmitError(f"`pretrain {subcommand}` does not exist in this version: nothing submitted")
+    run = check_value("output_dir", run_dir)
+    python_option = "--python" if opts.python else "PRETRAIN_PYTHON"
+    python = opts.python or os.environ.get("PRETRAIN_PYTHON")
     values = {
-        "subcommand": subcommand, "run_dir": shlex.quote(str(run_dir)), "log": f"{run_dir}/slurm/%j.log",
-        "job_name": opts.job_name or f"{subcommand}-{run_dir.name}", "nodes": opts.nodes,
-        "tasks_per_node": tasks_per_node(opts), "cpus_per_task": cpus_per_task, "signal_grace": opts.signal_grace,
-        "max_requeues": opts.max_requeues, "workdir": os.getcwd(), "sbatch_options": "\n".join(sbatch_lines(opts)),
-        "python": opts.python or os.environ.get("PRETRAIN_PYTHON") or shlex.quote(sys.executable),
+        "subcommand": subcommand, "run_dir": shlex.quote(run),
+        "log": sbatch_value("output_dir", output_pattern(run_dir)),
+        "job_name": sbatch_value("--job-name", opts.job_name or f"{subcommand}-{run_dir.name}"),
+        "nodes": _integer("--nodes", opts.nodes), "tasks_per_node": tasks_per_node(opts),
+        "cpus_per_task": _integer("--cpus-per-task", cpus_per_task),
+        "signal_grace": _integer("--signal-grace", opts.signal_grace),
+        "max_requeues": _integer("--max-requeues", opts.max_requeues),
+        "workdir": sbatch_value("the working directory", os.getcwd()),
+        "sbatch_options": "\n".join(sbatch_lines(opts)),
+        "python": python_words(python or shlex.quote(sys.executable), python_option if python else "sys.executable"),
     }
     try:
         return SbatchTemplate(text).substitute(values)

@@ -90,6 +90,8 @@ def test_dry_run_renders_a_valid_script_and_writes_nothing(tmp_path):
     (["--gpus-per-node", "h100"], "--gpus-per-node 'h100': expected [TYPE:]COUNT"),
     (["engine.ep_size=2", "--gpus-per-node", "0", "--tasks-per-node", "3"], "does not divide the job's 3 ranks"),
     (["--sbatch-arg", "=x"], "--sbatch-arg '=x': expected KEY=VALUE"),
+    (["--job-name", "x\necho INJECTED"], "--job-name 'x\\necho INJECTED': a newline or other control character"),
+    (["--python", "python\necho INJECTED"], "--python 'python\\necho INJECTED': a newline"),
 ])
 def test_bad_submissions_are_one_line_and_exit_2(tmp_path, args, message):
     out = _pretrain("submit", "train", DEBUG, f"output_dir={tmp_path}/run", *args)
