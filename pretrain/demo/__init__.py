@@ -45,8 +45,9 @@ def pipeline(out: Path, *, pretrain_config: str, finetune_config: str, fast: boo
     """Every stage in order (paths inside `out`)."""
     p = [sys.executable, "-m", "pretrain"]
     shards, raw = out / "shards", out / "raw"
-    stages = [Stage("synth", [*p, "synth", "--out", str(raw), "--overwrite", *(["--scale", "0.4"] if fast else [])],
-                    1.0)]
+    # no --overwrite: synth then regenerates only the folders it wrote itself (its marker file) and refuses a
+    # user's folder under raw/ before writing anything; prepare's --overwrite only ever replaces shards
+    stages = [Stage("synth", [*p, "synth", "--out", str(raw), *(["--scale", "0.4"] if fast else [])], 1.0)]
     for dataset, folder in RAW_DIRS.items():  # 4 shards per split, as the debug config's reference run used
         for split in ("train", "val"):
             stages.append(Stage(f"prepare_{dataset}_{split}", [

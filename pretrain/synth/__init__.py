@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -45,13 +46,20 @@ FOLDERS = {"imagenet": "imagenet", "coco": "coco", "ade20k": "ade20k", "nyud": "
 MARKER_NAME = ".synth.json"  # written first into every dataset folder synth creates
 
 
-def _claim(folder: Path, *, overwrite: bool, seed: int) -> None:
-    """Make ``folder`` empty and mark it as synth's. A folder synth wrote before (marker present, e.g. from an
-    interrupted run) is regenerated; anything else is only removed with ``overwrite``."""
-    if folder.exists():
-        if not (overwrite or (folder / MARKER_NAME).is_file()):
+def _refuse_foreign(folders: Sequence[Path], *, overwrite: bool) -> None:
+    """Raise FileExistsError for the first folder that exists and was not written by synth (no marker), unless
+    ``overwrite``; checked for every folder before any is touched, so a refusal leaves ``out`` as it was."""
+    for folder in folders:
+        if os.path.lexists(folder) and not (overwrite or (folder / MARKER_NAME).is_file()):
             raise FileExistsError(f"{folder} exists and was not written by pretrain synth; pass overwrite=True "
                                   "(--overwrite) to replace it")
+
+
+def _claim(folder: Path, *, seed: int) -> None:
+    """Make ``folder`` empty and mark it as synth's (``_refuse_foreign`` has allowed it)."""
+    if folder.is_symlink() or folder.is_file():
+        folder.unlink()  # never rmtree through a link: what it points to is not synth's
+    elif folder.exists():
         shutil.rmtree(folder)
     write_file(folder / MARKER_NAME, json.dumps({"generator": "pretrain.synth", "seed": seed}).encode())
 
@@ -97,8 +105,8 @@ def synthesize(
     ``imagenet_train``/``imagenet_val`` count images per class; ``scale`` multiplies every image count (at least
     1, and at least 3 COCO train images with quirks); image sides are drawn uniformly from ``image_size`` =
     (min, max) pixels; the dense scenes are all ``dense_size`` = (height, width) (one NYUD quirk image is larger).
-    A dataset folder synth wrote before is regenerated; any other existing folder is refused
-    unless ``overwrite``.
+    A dataset folder synth wrote before (its ``MARKER_NAME`` file) is regenerated; any other existing folder is
+    refused, before anything is written, unless ``overwrite``.
     """
     out = Path(out)
     _check_arguments(layouts, image_size, dense_size, scale)
@@ -116,8 +124,9 @@ def synthesize(
     }
     start = time.monotonic()
     summary: dict = {"root": str(out), "seed": seed}
+    _refuse_foreign([out / FOLDERS[name] for name in layouts], overwrite=overwrite)
     for name in layouts:
-        _claim(out / FOLDERS[name], overwrite=overwrite, seed=seed)
+        _claim(out / FOLDERS[name], seed=seed)
         summary[name] = LAYOUTS[name](out / FOLDERS[name], seed=seed, quirks=quirks,
                                       **{"image_size": tuple(image_size), **args[name]})
         logger.info("synth %s: %s", name, summary[name])
