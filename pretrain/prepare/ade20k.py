@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from pretrain.prepare.images import IMAGE_SUFFIXES, CheckedImage, ImageError, load_image, load_label_png
-from pretrain.prepare.paths import SYMLINKED_DIR, scan
+from pretrain.prepare.paths import SourceTree, scan
 from pretrain.prepare.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, LayoutError, encode_json, sample_key
 from pretrain.prepare.skeleton import Converter, Listing, Sample, Skip, run_converter, skip_for
 
@@ -35,37 +35,38 @@ def _find_root(src: Path) -> Path:
                       f"folders were found there or in {src}")
 
 
-def _list_files(folder: Path, suffixes: frozenset[str]) -> tuple[dict[str, str], list[str], list[str]]:
+def _list_files(folder: Path, suffixes: frozenset[str], tree: SourceTree
+                ) -> tuple[dict[str, str], list[str], list[tuple[str, str, str]]]:
     """``{stem: file name}`` of the wanted files in ``folder``, the names of everything else, and the directory
-    symlinks (never followed)."""
+    symlinks (never followed) as ``(name, reason, detail)``."""
     wanted: dict[str, str] = {}
     strays: list[str] = []
-    entries, links = scan(folder)
+    entries, links = scan(tree.layout_dir(folder), tree)
     for entry in entries:
         suffix = Path(entry.name).suffix.lower()
         if entry.is_dir or entry.name.startswith(".") or suffix not in suffixes:
             strays.append(entry.name)
         else:
             wanted[Path(entry.name).stem] = entry.name
-    return wanted, strays, [e.name for e in links]
+    return wanted, strays, links
 
 
-def _list_split(src: Path, split: str) -> tuple[Path, list[_Job], list[tuple[str, str, str]]]:
+def _list_split(tree: SourceTree, split: str) -> tuple[Path, list[_Job], list[tuple[str, str, str]]]:
     """Root, (image, annotation) jobs in image-name order, and unpaired or stray files as (rel, reason, detail)."""
-    root = _find_root(src)
+    root = _find_root(tree.src)
     sub = SPLIT_DIRS[split]
     image_dir, ann_dir = root / "images" / sub, root / "annotations" / sub
     for folder in (image_dir, ann_dir):
         if not folder.is_dir():
             raise LayoutError(f"expected ADE20K folder {folder} for split {split!r}, but it is not a directory")
-    images, image_strays, image_links = _list_files(image_dir, IMAGE_SUFFIXES)
-    anns, ann_strays, ann_links = _list_files(ann_dir, frozenset({".png"}))
+    images, image_strays, image_links = _list_files(image_dir, IMAGE_SUFFIXES, tree)
+    anns, ann_strays, ann_links = _list_files(ann_dir, frozenset({".png"}), tree)
     if not images:
         raise LayoutError(f"expected ADE20K images in {image_dir}/*.jpg, found none")
     skips = [(f"images/{sub}/{n}", "not_an_image", "stray file") for n in image_strays]
     skips += [(f"annotations/{sub}/{n}", "not_an_image", "stray file") for n in ann_strays]
-    skips += [(f"{kind}/{sub}/{n}", SYMLINKED_DIR, "directory symlink (not followed)")
-              for kind, links in (("images", image_links), ("annotations", ann_links)) for n in links]
+    skips += [(f"{kind}/{sub}/{n}", reason, detail)
+              for kind, links in (("images", image_links), ("annotations", ann_links)) for n, reason, detail in links]
     jobs: list[_Job] = []
     for stem, name in images.items():
         if stem not in anns:
@@ -101,8 +102,11 @@ class Ade20kConverter(Converter):
     load = staticmethod(load_pair)
 
     def list_jobs(self) -> Listing:
-        root, jobs, skips = _list_split(self.src, self.split)
+        root, jobs, skips = _list_split(self.tree, self.split)
         return Listing(jobs=jobs, skips=[Skip(*s) for s in skips], source={"layout": "ade20k", "root": str(root)})
+
+    def files(self, job: _Job) -> list[tuple[str, Path]]:
+        return [(job[1], job[0]), (job[3], job[2])]
 
     def to_sample(self, job: _Job, loaded: tuple[CheckedImage, CheckedImage] | ImageError) -> Sample | Skip:
         skip = skip_for(job[1], loaded)

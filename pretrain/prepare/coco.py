@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from pretrain.prepare.images import CheckedImage, ImageError, try_load_image
-from pretrain.prepare.paths import OUTSIDE_SRC, confined
+from pretrain.prepare.paths import OUTSIDE_SRC, SourceTree, confined
 from pretrain.prepare.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, LayoutError, encode_json, sample_key
 from pretrain.prepare.skeleton import Converter, Listing, Sample, Skip, run_converter
 
@@ -115,15 +116,15 @@ def load_instances(path: Path) -> dict:
             "bad_boxes": bad_boxes, "clipped_boxes": clipped}
 
 
-def _locate(src: Path, split: str) -> tuple[Path, Path]:
-    ann_path = src / "annotations" / f"instances_{split}2017.json"
-    image_dir = src / f"{split}2017"
+def _locate(tree: SourceTree, split: str) -> tuple[Path, Path]:
+    ann_path = tree.src / "annotations" / f"instances_{split}2017.json"
+    image_dir = tree.src / f"{split}2017"
     expected = f"expected COCO layout {ann_path} and {image_dir}/*.jpg"
-    if not ann_path.is_file():
+    if not os.path.lexists(ann_path):
         raise LayoutError(f"{expected}, but {ann_path} is missing")
     if not image_dir.is_dir():
         raise LayoutError(f"{expected}, but {image_dir} is not a directory")
-    return ann_path, image_dir
+    return tree.layout_file(ann_path), tree.layout_dir(image_dir)
 
 
 def _sample_json(image: dict, annotations: list[dict]) -> bytes:
@@ -151,7 +152,7 @@ class CocoConverter(Converter):
         self.unannotated = 0
 
     def list_jobs(self) -> Listing:
-        self.ann_path, self.image_dir = _locate(self.src, self.split)
+        self.ann_path, self.image_dir = _locate(self.tree, self.split)
         self.coco = load_instances(self.ann_path)
         rel = {image["id"]: f"{self.split}2017/{image['file_name']}" for image in self.coco["images"]}
         skips = [Skip(rel[image_id], "bad_bbox", detail) for image_id, detail in self.coco["bad_boxes"]]
@@ -164,6 +165,9 @@ class CocoConverter(Converter):
             else:
                 jobs.append((image, path))
         return Listing(jobs=jobs, skips=skips, source={"layout": "coco", "annotations": self.ann_path.name})
+
+    def files(self, job: _Job) -> list[tuple[str, Path]]:
+        return [(f"{self.split}2017/{job[0]['file_name']}", job[1])]
 
     def to_sample(self, job: _Job, loaded: CheckedImage | ImageError) -> Sample | Skip:
         image, path = job

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,7 @@ def load_members(job: DenseJob, image_name: str, members: dict[str, Member]
 
 def _find_root(src: Path, layout: DenseLayout, split: str) -> Path:
     for root in (src / layout.root_name, src):
-        if (root / layout.split_list.format(split=split)).is_file():
+        if os.path.lexists(root / layout.split_list.format(split=split)):  # a FIFO here is refused, not passed over
             return root
     raise LayoutError(f"expected {layout.dataset} layout with split list {src}/{layout.root_name}/"
                       f"{layout.split_list.format(split=split)} (or {src}/{layout.split_list.format(split=split)})"
@@ -169,7 +170,7 @@ class DenseConverter(Converter):
         if any(p is None for p in paths):
             return Skip(candidates[0].format(id=ident), OUTSIDE_SRC, f"id {ident!r} leaves {root}")
         for path in paths:
-            if path.is_file():
+            if path.exists():  # not is_file(): a FIFO or a folder in its place is refused by name (admit), not missing
                 return path
         return Skip(candidates[0].format(id=ident), "missing_file",
                     f"id {ident}: none of {', '.join(c.format(id=ident) for c in candidates)} exists")
@@ -180,17 +181,17 @@ class DenseConverter(Converter):
         for split, release in self.layout.expected.items():
             path = root / self.layout.split_list.format(split=split)
             if path.is_file():
-                counts[split] = {"listed": len(_read_ids(path)), "release": release}
+                counts[split] = {"listed": len(_read_ids(self.tree.layout_file(path))), "release": release}
                 if counts[split]["listed"] != release:
                     logger.info("%s/%s: %d ids listed, the release has %d (information only)", self.dataset, split,
                                 counts[split]["listed"], release)
         return counts
 
     def list_jobs(self) -> Listing:
-        root = _find_root(self.src, self.layout, self.split)
+        root = self.tree.layout_dir(_find_root(self.src, self.layout, self.split))
         self.root = root
         missing_folders = self._check_folders(root)
-        ids = _read_ids(root / self.layout.split_list.format(split=self.split))
+        ids = _read_ids(self.tree.layout_file(root / self.layout.split_list.format(split=self.split)))
         roles = {"image": self.layout.image, **{r: self.layout.roles[r] for t in self.tasks
                                                 for r in self.layout.tasks[t]}}
         jobs, skips = [], []
@@ -204,6 +205,10 @@ class DenseConverter(Converter):
         self.validation = {"split_counts": self._split_counts(root), "missing_task_folders": missing_folders,
                            "pad_target_hw": list(self.layout.pad_hw)}
         return Listing(jobs=jobs, skips=skips, source={"layout": self.dataset, "root": str(root)})
+
+    def files(self, job: DenseJob) -> list[tuple[str, Path]]:
+        root = os.path.abspath(self.root)  # the job's paths are absolute (``confined``)
+        return [(os.path.relpath(path, root), path) for path in job.files.values()]
 
     def to_sample(self, job: DenseJob, loaded: Any) -> Sample | Skip:
         rel = self.layout.image[0].format(id=job.id)

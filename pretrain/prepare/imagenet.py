@@ -9,11 +9,12 @@ Sample: ``__key__`` (file stem), ``jpg`` or ``png`` (original bytes; the key fol
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.prepare.images import IMAGE_SUFFIXES, CheckedImage, ImageError, try_load_image
-from pretrain.prepare.paths import SYMLINKED_DIR, scan
+from pretrain.prepare.paths import SourceTree, scan
 from pretrain.prepare.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, LayoutError, encode_json, sample_key
 from pretrain.prepare.skeleton import Converter, Listing, Sample, Skip, run_converter, skip_for
 
@@ -44,33 +45,36 @@ def read_synset_mapping(path: Path) -> dict[str, str]:
     return names
 
 
-def _class_dirs(split_dir: Path) -> list[str]:
+def _class_dirs(split_dir: Path, tree: SourceTree) -> list[str]:
     """Names of the real (not symlinked) class folders; directory symlinks are never followed."""
-    return [e.name for e in scan(split_dir)[0] if e.is_dir and not e.name.startswith(".")]
+    return [e.name for e in scan(split_dir, tree)[0] if e.is_dir and not e.name.startswith(".")]
 
 
-def imagenet_classes(src: Path) -> list[dict]:
+def imagenet_classes(src: Path, tree: SourceTree | None = None) -> list[dict]:
     """Class table ``[{index, wnid, name}]`` with index = position in sorted wnid order.
 
-    The wnids come from ``LOC_synset_mapping.txt`` when present, else from the union of the class folders of
-    ``{src}/train`` and ``{src}/val``, so both splits get the same indices even if one lacks a class.
+    The wnids come from ``LOC_synset_mapping.txt`` when present (it must be a regular file inside ``src``), else
+    from the union of the class folders of ``{src}/train`` and ``{src}/val``, so both splits get the same indices
+    even if one lacks a class.
     """
+    tree = tree or SourceTree(src)
     mapping = src / MAPPING_NAME
-    if mapping.is_file():
-        names = read_synset_mapping(mapping)
+    if os.path.lexists(mapping):
+        names = read_synset_mapping(tree.layout_file(mapping))
     else:
-        split_dirs = [src / s for s in ("train", "val") if (src / s).is_dir()]
-        names = {wnid: wnid for d in split_dirs for wnid in _class_dirs(d)}
+        split_dirs = [tree.layout_dir(src / s) for s in ("train", "val") if (src / s).is_dir()]
+        names = {wnid: wnid for d in split_dirs for wnid in _class_dirs(d, tree)}
     return [{"index": i, "wnid": wnid, "name": names[wnid]} for i, wnid in enumerate(sorted(names))]
 
 
-def _list_split(src: Path, split: str, known: set[str]) -> tuple[list[_Job], list[tuple[str, str, str]]]:
+def _list_split(tree: SourceTree, split: str, known: set[str]) -> tuple[list[_Job], list[tuple[str, str, str]]]:
     """Image jobs in (wnid, file name) order, and stray entries as (rel, reason, detail)."""
+    src = tree.src
     split_dir = src / split
     expected = f"expected ImageNet layout {split_dir}/<wnid>/*.JPEG"
     if not split_dir.is_dir():
         raise LayoutError(f"{expected}, but {split_dir} is not a directory")
-    entries, links = scan(split_dir)
+    entries, links = scan(tree.layout_dir(split_dir), tree)
     wnids = [e.name for e in entries if e.is_dir and not e.name.startswith(".")]
     loose = [e.name for e in entries if not e.is_dir]
     if not wnids:
@@ -80,11 +84,11 @@ def _list_split(src: Path, split: str, known: set[str]) -> tuple[list[_Job], lis
     if unknown:
         raise LayoutError(f"{split_dir}/{unknown[0]}: class folder not listed in {src / MAPPING_NAME}")
     strays = [(f"{split}/{name}", "not_an_image", "file outside the class folders") for name in loose]
-    strays += [(f"{split}/{e.name}", SYMLINKED_DIR, "directory symlink (not followed)") for e in links]
+    strays += [(f"{split}/{name}", reason, detail) for name, reason, detail in links]
     jobs: list[_Job] = []
     for wnid in wnids:
-        entries, links = scan(split_dir / wnid)
-        strays += [(f"{split}/{wnid}/{e.name}", SYMLINKED_DIR, "directory symlink (not followed)") for e in links]
+        entries, links = scan(split_dir / wnid, tree)
+        strays += [(f"{split}/{wnid}/{name}", reason, detail) for name, reason, detail in links]
         for entry in entries:
             rel = f"{split}/{wnid}/{entry.name}"
             if entry.is_dir:
@@ -102,11 +106,14 @@ class ImageNetConverter(Converter):
     dataset = "imagenet"
 
     def list_jobs(self) -> Listing:
-        self.classes = imagenet_classes(self.src)
+        self.classes = imagenet_classes(self.src, self.tree)
         self.index = {c["wnid"]: c["index"] for c in self.classes}
-        jobs, strays = _list_split(self.src, self.split, set(self.index))
+        jobs, strays = _list_split(self.tree, self.split, set(self.index))
         return Listing(jobs=jobs, skips=[Skip(*stray) for stray in strays],
                        source={"layout": "imagenet", "mapping": (self.src / MAPPING_NAME).is_file()})
+
+    def files(self, job: _Job) -> list[tuple[str, Path]]:
+        return [(job.rel, job.path)]
 
     @staticmethod
     def load(job: _Job) -> CheckedImage | ImageError:

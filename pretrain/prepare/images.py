@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pretrain.prepare.paths import NOT_REGULAR, file_kind
 from pretrain.prepare.pngcheck import PNG_MAGIC, PngDamage, verify_png
 
 logger = logging.getLogger(__name__)
@@ -65,9 +68,24 @@ def sniff_format(data: bytes) -> str | None:
 
 
 def read_bytes(path: Path) -> bytes:
-    """Read a whole file; unreadable files (dangling link, permissions, I/O error) raise ImageError."""
+    """Read a whole regular file; anything else (FIFO, socket, device, directory) raises ImageError
+    ``not_a_regular_file`` without being opened, and unreadable files (dangling link, permissions, I/O error)
+    raise ImageError ``unreadable``.
+
+    The converter skeleton already refused such files while listing (``SourceTree.refusal``); this is the second
+    check at the moment of reading, for a file replaced in between: the open is non-blocking (a FIFO swapped in
+    cannot hang the worker) and the descriptor itself must be a regular file.
+    """
     try:
-        return path.read_bytes()
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageError(NOT_REGULAR, f"{path} is {file_kind(mode)}, not a regular file: not opened")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise ImageError(NOT_REGULAR, f"{path} is {file_kind(mode)}, not a regular file: not read")
+            return f.read()
     except OSError as err:
         raise ImageError("unreadable", f"{path}: {type(err).__name__}: {err}") from None
 
