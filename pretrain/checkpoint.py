@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from pretrain.durable import atomic_write, fsync_path
+from pretrain.durable import atomic_write, fsync_path, honour_umask
 from pretrain.errors import CheckpointError, one_line
 from pretrain.integrity import (  # noqa: F401 - LATEST, META, TAG_RE are part of this module's interface
     LATEST,
@@ -242,6 +242,7 @@ def _write_files(engine, ckpt_dir: Path, tag: str, step: int, client_state: dict
     if expert_writer:
         save_file(local_expert_tensors(engine.module), str(tag_dir / f"experts_ep{ep_rank}.safetensors"),
                   metadata={"ep_size": str(ep_size), "ep_rank": str(ep_rank), "step": str(step)})
+        honour_umask(tag_dir / f"experts_ep{ep_rank}.safetensors")
     write_rank_state(tag_dir, tdist.get_rank(), rank_state)
     return ep_size
 

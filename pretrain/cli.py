@@ -119,6 +119,7 @@ def _import_modsquad(args: argparse.Namespace) -> int:
 
     from safetensors.torch import save_file
 
+    from pretrain.durable import honour_umask
     from pretrain.models import build_backbone
     from pretrain.models.modsquad import import_modsquad, parse_task_map
 
@@ -130,6 +131,7 @@ def _import_modsquad(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(out))
+    honour_umask(out)
     print(json.dumps({"out": str(out), "ignored": len(report["ignored"]), "dropped": len(report["dropped"])}))
     return 0
 

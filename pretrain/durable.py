@@ -19,6 +19,25 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux `/proc`; elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give a file the permissions a plain `open()` would have: safetensors creates every file 0600, so without this
+    a colleague on a shared filesystem could not read an exported model or resume a run."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def atomic_write(path: str | Path, data: str | bytes) -> None:
     """Write `data` to `path` via a tmp file in the same directory, fsync, `os.replace`, then fsync the directory."""
     path = Path(path)

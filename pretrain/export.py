@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from pretrain.checkpoint import META, MODEL_FILE, TAG_RE, ExpertFiles
-from pretrain.config import RunConfig, enabled_tasks, load_config
+from pretrain.config import RunConfig, load_config
 from pretrain.portable import DTYPES, PortableModel, config_metadata, decode_meta, write_file
 
 logger = logging.getLogger(__name__)
@@ -88,22 +88,20 @@ def native_module_state(module_state: dict[str, Tensor], experts: dict[str, Tens
     return {**out, **experts}
 
 
-def class_lists(cfg: RunConfig) -> tuple[dict[str, int], dict[str, object]]:
-    """Class counts and class lists of the enabled tasks from their train shards' `_info.json` (ImageNet
-    {index, wnid, name}; COCO categories and the contiguous label → category id map; ADE names when present)."""
-    from pretrain.data.build import resolve_shards
-    from pretrain.data.sources import read_shard_info, task_info
+def class_lists(run_dir: Path, cfg: RunConfig, data_root: str | None) -> tuple[dict[str, int], dict[str, object]]:
+    """Class counts and lists of the run's tasks: those the run saved at its start (`classes.json`), or, for a run
+    that saved none or when `--data-root` is given, its train shards' `_info.json`."""
+    from pretrain.data.build import check_shards, load_class_lists
 
-    counts, classes = {}, {}
-    for task in enabled_tasks(cfg.tasks):
-        shard_dir = resolve_shards(cfg.data.root, cfg.tasks[task].shards)
-        info, raw = task_info(task, shard_dir), read_shard_info(shard_dir)
-        counts[task] = cfg.tasks[task].num_classes or info["num_classes"]
-        if "categories" in info:
-            classes[task] = {"categories": info["categories"], "contiguous_to_cat_id": info["contiguous_to_cat_id"]}
-        elif "classes" in raw:
-            classes[task] = raw["classes"]
-    return counts, classes
+    saved = None if data_root else load_class_lists(run_dir)
+    if saved is not None:
+        return saved
+    try:
+        spec = check_shards(cfg.data, cfg.tasks)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}; the run saved no class lists ({run_dir}/classes.json): pass --data-root "
+                                f"with the folder that holds its shards now") from None
+    return spec.num_classes, spec.classes
 
 
 def consolidate(run_dir: str | Path, *, step: int | None = None, dtype: str | None = None,
@@ -132,7 +130,7 @@ def consolidate(run_dir: str | Path, *, step: int | None = None, dtype: str | No
         raise FileNotFoundError(f"checkpoint {tag_dir} has no {MODEL_FILE}")
     module_state = torch.load(tag_dir / MODEL_FILE, map_location="cpu", weights_only=True)["module"]
     state = native_module_state(module_state, stacked_experts(tag_dir, cfg.moe.num_experts))
-    counts, classes = class_lists(cfg)
+    counts, classes = class_lists(run_dir, cfg, data_root)
     moe = replace(cfg.moe, backend="native")
     model = build_model(model=replace(cfg.model, upcycle_from=""), moe=moe, tasks=cfg.tasks, num_classes=counts)
     result = model.load_state_dict(state, strict=False)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pretrain.config import ModelConfig, MoEConfig, TaskConfig
+from pretrain.durable import honour_umask
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def write_file(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
+    honour_umask(tmp)
     tmp.replace(path)
     return path
 

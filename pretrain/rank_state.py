@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from pretrain.durable import honour_umask
 from pretrain.errors import CheckpointError, one_line
 
 
@@ -61,6 +62,7 @@ def write_rank_state(tag_dir: Path, rank: int, state: dict) -> None:
     plain = {k: v for k, v in state.items() if not isinstance(v, Tensor)}
     json_only("rank_state", plain)
     save_file(tensors, str(tag_dir / f"rank_{rank:05d}.safetensors"))
+    honour_umask(tag_dir / f"rank_{rank:05d}.safetensors")
     (tag_dir / f"rank_{rank:05d}.json").write_text(json.dumps({"rank": rank, "state": plain}))
 
 

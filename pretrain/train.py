@@ -15,7 +15,7 @@ import torch
 
 from pretrain import checkpoint, dist
 from pretrain.config import RunConfig, enabled_tasks
-from pretrain.data.build import DataSpec, build_sampler, build_stream, check_shards
+from pretrain.data.build import DataSpec, build_sampler, build_stream, check_shards, save_class_lists
 from pretrain.data.collate import TARGET_KEYS
 from pretrain.drift import check_resume
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
@@ -179,6 +179,8 @@ def main(cfg: RunConfig, dry_run: bool = False) -> int:
         print(to_yaml(cfg))
         print(json.dumps({"params": model.param_counts()}))
         return 0
+    if info.rank == 0:  # what `pretrain export` needs from the shards, so a run exports without them
+        save_class_lists(run_dir, spec)
     engine, start_step, stream_state = start_engine(cfg, model, info)
     logger.info("params %s; training steps %d → %d", model.param_counts(), start_step, cfg.train.max_steps)
     return train_loop(cfg, engine, model, spec, info, start_step, stream_state)

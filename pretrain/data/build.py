@@ -3,6 +3,7 @@ mixed training stream and the eval loaders."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from pretrain.config import DataConfig, TaskConfig, enabled_tasks
 from pretrain.data.mixture import MixedStream, TaskSampler
 from pretrain.data.sources import make_eval_loader, read_shard_info, task_info
 from pretrain.dist import DistInfo
+from pretrain.durable import atomic_write
 
 
 @dataclass
@@ -23,6 +25,28 @@ class DataSpec:
     num_classes: dict[str, int]
     categories: list[dict] = field(default_factory=list)
     contiguous_to_cat_id: list[int] = field(default_factory=list)
+    classes: dict[str, object] = field(default_factory=dict)  # task → class list, as a model file carries it
+
+
+CLASSES_FILE = "classes.json"  # in a run directory: what export needs from the shards, so it needs no shards
+
+
+def save_class_lists(run_dir: Path, spec: DataSpec) -> None:
+    """Write the run's class counts and lists (`run_dir/classes.json`, atomically) for `pretrain export`."""
+    atomic_write(run_dir / CLASSES_FILE, json.dumps({"num_classes": spec.num_classes, "classes": spec.classes}))
+
+
+def load_class_lists(run_dir: Path) -> tuple[dict[str, int], dict[str, object]] | None:
+    """(class counts, class lists) a run saved, or None for a run that saved none (written before they were)."""
+    path = run_dir / CLASSES_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        return {t: int(n) for t, n in saved["num_classes"].items()}, dict(saved["classes"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a class list this pretrain wrote ({exc}); delete it to read the shards' "
+                         f"_info.json instead") from None
 
 
 def resolve_shards(root: str, path: str) -> Path:
@@ -44,6 +68,9 @@ def check_shards(data: DataConfig, tasks: dict[str, TaskConfig], *, need_val: bo
         spec.num_classes[task] = tcfg.num_classes or info["num_classes"]
         if "categories" in info:
             spec.categories, spec.contiguous_to_cat_id = info["categories"], info["contiguous_to_cat_id"]
+            spec.classes[task] = {key: info[key] for key in ("categories", "contiguous_to_cat_id")}
+        elif "classes" in (raw := read_shard_info(spec.train_dirs[task])):
+            spec.classes[task] = raw["classes"]  # ImageNet {index, wnid, name}; ADE20K names
         if tcfg.val_shards:
             val_dir = resolve_shards(data.root, tcfg.val_shards)
             if need_val or (val_dir / "_info.json").is_file():

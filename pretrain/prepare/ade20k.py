@@ -20,6 +20,24 @@ from pretrain.prepare.skeleton import Converter, Listing, Sample, Skip, run_conv
 logger = logging.getLogger(__name__)
 
 NUM_CLASSES = 150
+# The SceneParsing benchmark's class names for label ids 1..150 (index 0 here = label 1, after reduce-zero-label),
+# as the devkit's objectInfo150 lists them and mmsegmentation's ADE20KDataset spells them; a model file carries them.
+CLASS_NAMES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
+    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
+    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag")
 ROOT_NAME = "ADEChallengeData2016"
 SPLIT_DIRS = {"train": "training", "val": "validation"}
 
@@ -118,7 +136,7 @@ class Ade20kConverter(Converter):
         return Sample(sample_key(job[0].stem), fields, f"{image.ext}/{image.mode}")
 
     def extra(self) -> dict:
-        return {"num_classes": NUM_CLASSES, "reduce_zero_label": True,
+        return {"num_classes": NUM_CLASSES, "classes": list(CLASS_NAMES), "reduce_zero_label": True,
                 "label_note": "seg.png holds raw ids: 0 = other (ignore), 1..150 = classes; reduce-zero-label "
                               "maps 0 -> 255 and c -> c-1",
                 "image_kinds": dict(sorted(self.image_kinds.items())),

@@ -1,0 +1,60 @@
+"""`pretrain export` writes a complete file: every task's class names (ADE20K's too), without the training shards on
+disk (the run saved its class lists), with the permissions the user's umask gives."""
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from test_extract import native_run
+
+from pretrain.cli import main as cli_main
+from pretrain.config import load_config
+from pretrain.data.build import check_shards, save_class_lists
+from pretrain.portable import load_model
+from pretrain.prepare.ade20k import CLASS_NAMES, NUM_CLASSES
+
+
+def test_ade20k_has_one_name_per_class():
+    assert len(CLASS_NAMES) == NUM_CLASSES == len(set(CLASS_NAMES))
+    assert CLASS_NAMES[0] == "wall" and CLASS_NAMES[12] == "person" and CLASS_NAMES[-1] == "flag"
+
+
+def moved_shards(run: Path) -> None:
+    """The run's config now names a data.root that does not exist (shards moved or deleted)."""
+    config = run / "config.yaml"
+    cfg = load_config(config)
+    config.write_text(config.read_text().replace(f"root: {cfg.data.root}", "root: /nonexistent/shards"))
+
+
+def test_export_needs_no_shards_once_the_run_saved_its_class_lists(shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    native_run(run, shards)
+    moved_shards(run)
+    out = tmp_path / "m.safetensors"
+    assert cli_main(["export", str(run), "--out", str(out)]) == 2  # a run from before classes.json: says what to do
+    err = capsys.readouterr().err
+    assert "/nonexistent/shards" in err and "pass --data-root" in err and not out.exists()
+    cfg = load_config(run / "config.yaml", [f"data.root={shards}"])
+    save_class_lists(run, check_shards(cfg.data, cfg.tasks))
+    assert cli_main(["export", str(run), "--out", str(out)]) == 0  # as `pretrain train` writes it at start
+    meta = load_model(out).meta
+    assert meta["classes"]["seg"] == list(CLASS_NAMES)
+    assert [c["wnid"] for c in meta["classes"]["cls"]][:2] == ["n90000000", "n90000001"]
+    assert len(meta["classes"]["det"]["categories"]) == meta["num_classes"]["det"]
+    assert cli_main(["export", str(run), "--out", str(out), "--data-root", str(shards)]) == 0  # shards win if given
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_files_honour_the_umask(shards, tmp_path, mask):
+    run = tmp_path / "run"
+    native_run(run, shards)
+    old = os.umask(mask)
+    try:
+        assert cli_main(["export", str(run), "--out", str(tmp_path / "m.safetensors")]) == 0
+        assert cli_main(["extract", str(tmp_path / "m.safetensors"), "--task", "cls", "--no-report",
+                         "--out", str(tmp_path / "cls.safetensors")]) == 0
+    finally:
+        os.umask(old)
+    for name in ("m.safetensors", "cls.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask
