@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from pretrain.checkpoint import TAG_RE, load_model_weights, tag_for
 from pretrain.config import TASKS, RunConfig, enabled_tasks, load_config
 from pretrain.integrity import select_tag
@@ -30,6 +32,17 @@ def build_run_model(cfg: RunConfig, *, num_classes: dict[str, int] | None, rank:
     return build_model(model=cfg.model, moe=cfg.moe, tasks=cfg.tasks, num_classes=num_classes,
                        moe_mlp_layer=moe_mlp_factory(cfg.moe, engine, rank=0 if single_process else rank),
                        objective=build_objective(cfg.tasks, cfg.optim, cfg.moe))
+
+
+def model_counts(cfg: RunConfig, *, num_classes: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Parameter counts of the whole model (`params`: every expert) and of what one rank holds (`params_per_rank`:
+    its expert slice at `engine.ep_size`), built on the meta device: no memory, no weights, no upcycling source read.
+    """
+    meta_cfg = replace(cfg, model=replace(cfg.model, upcycle_from=""))
+    with torch.device("meta"):
+        whole = build_run_model(meta_cfg, num_classes=num_classes, rank=0, single_process=True).param_counts()
+        rank = build_run_model(meta_cfg, num_classes=num_classes, rank=0).param_counts()
+    return {"params": whole, "params_per_rank": rank}
 
 
 @dataclass

@@ -157,6 +157,23 @@ def finish_run(cfg: RunConfig, model, tasks: list[str], info: dist.DistInfo, wri
     plot_usage({n: u.numpy() for n, u in usage_snapshot(model).items()}, tasks, run_dir / "expert_usage.png")
 
 
+def print_dry_run(cfg: RunConfig) -> int:
+    """`--dry-run`: the resolved config, then one JSON line: the whole model's parameters, what one rank holds at
+    `engine.ep_size`, and where the class counts came from (the shards when they are there, else the releases')."""
+    from pretrain.config import to_yaml
+    from pretrain.data.build import RELEASE_CLASSES
+    from pretrain.runs import model_counts
+
+    try:
+        num_classes, source = check_shards(cfg.data, cfg.tasks).num_classes, "shards"
+    except FileNotFoundError:
+        num_classes, source = dict(RELEASE_CLASSES), "release (no shards at data.root)"
+    print(to_yaml(cfg))
+    print(json.dumps({**model_counts(cfg, num_classes=num_classes), "ep_size": cfg.engine.ep_size,
+                      "num_classes": num_classes, "class_counts_from": source}))
+    return 0
+
+
 def main(cfg: RunConfig, dry_run: bool = False) -> int:
     """Build data, model and engine, resume from `output_dir` if it holds a checkpoint, and train."""
     info = dist.resolve()
@@ -169,16 +186,12 @@ def main(cfg: RunConfig, dry_run: bool = False) -> int:
         return 0
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
+    if dry_run:
+        return print_dry_run(cfg)
     spec = check_shards(cfg.data, cfg.tasks)  # validates every shard set before anything heavy starts
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     # every rank builds the full MoE layers from the same seed and keeps its expert slice (any ep_size, same init)
     model = build_run_model(cfg, num_classes=spec.num_classes, rank=info.rank)
-    if dry_run:
-        from pretrain.config import to_yaml
-
-        print(to_yaml(cfg))
-        print(json.dumps({"params": model.param_counts()}))
-        return 0
     if info.rank == 0:  # what `pretrain export` needs from the shards, so a run exports without them
         save_class_lists(run_dir, spec)
     engine, start_step, stream_state = start_engine(cfg, model, info)

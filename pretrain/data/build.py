@@ -28,6 +28,10 @@ class DataSpec:
     classes: dict[str, object] = field(default_factory=dict)  # task → class list, as a model file carries it
 
 
+# Class counts of the releases (ImageNet-1k, COCO 2017's 80 categories, ADE20K's 150): a dry run without shards on
+# disk counts the heads' parameters with these (`tasks.<t>.num_classes` wins when set).
+RELEASE_CLASSES = {"cls": 1000, "det": 80, "seg": 150}
+
 CLASSES_FILE = "classes.json"  # in a run directory: what export needs from the shards, so it needs no shards
 
 

@@ -15,6 +15,7 @@ import torch
 
 from pretrain import checkpoint, dist
 from pretrain.config import to_yaml
+from pretrain.data.dense import DENSE_DATASETS
 from pretrain.drift import check_resume
 from pretrain.finetune.build import DenseData, build_dense_model, check_dense_shards, make_eval_loader, make_stream
 from pretrain.finetune.config import FinetuneConfig, enabled_dense_tasks
@@ -138,6 +139,21 @@ def finetune_loop(cfg: FinetuneConfig, engine, model, data: DenseData, info: dis
     return exit_code
 
 
+def print_dry_run(cfg: FinetuneConfig) -> int:
+    """`--dry-run`: the resolved config, then one JSON line with the parameter counts (one process holds every
+    parameter: fine-tuning runs without expert parallelism) and where the class counts came from (the shards when
+    they are there, else the dataset's release)."""
+    try:
+        data, source = check_dense_shards(cfg), "shards"
+    except FileNotFoundError:
+        release = DENSE_DATASETS[cfg.data.dataset]
+        data, source = DenseData(cfg.data.dataset, Path(), Path(), 0, dict(release.num_classes)), "release"
+    model = build_dense_model(cfg, data)
+    print(to_yaml(cfg))
+    print(json.dumps({"params": model.param_counts(), "num_classes": data.num_classes, "class_counts_from": source}))
+    return 0
+
+
 def main(cfg: FinetuneConfig, dry_run: bool = False) -> int:
     """Build data, model and engine, resume from `output_dir` if it holds a checkpoint, and fine-tune."""
     info = dist.resolve()
@@ -149,13 +165,11 @@ def main(cfg: FinetuneConfig, dry_run: bool = False) -> int:
     check_resume(cfg, run_dir, ignore=("model.*", "moe.*") if from_run else ())
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
+    if dry_run:
+        return print_dry_run(cfg)
     data = check_dense_shards(cfg)  # every shard set and task checked before anything heavy starts
     torch.manual_seed(cfg.seed)
     model = build_dense_model(cfg, data)
-    if dry_run:
-        print(to_yaml(cfg))
-        print(json.dumps({"params": model.param_counts()}))
-        return 0
     if already_complete(run_dir, cfg.train.max_steps):
         return 0
     engine, start_step, stream_state = start_engine(cfg, model, info)
