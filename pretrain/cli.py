@@ -197,19 +197,47 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_extract_args(args: argparse.Namespace) -> None:
+    """ValueError naming the first `pretrain extract` option whose value cannot mean anything."""
+    import math
+
+    checks = [("--thresh", args.thresh, math.isfinite(args.thresh) and args.thresh >= 0, "a number >= 0"),
+              ("--mass", args.mass, 0 < args.mass <= 1, "in (0, 1]"),
+              ("--share", args.share, 0 < args.share <= 1, "in (0, 1]"),
+              ("--eval-images", args.eval_images, args.eval_images >= 0, "an image count >= 0 (0 skips the metric)"),
+              ("--calibrate-images", args.calibrate_images, args.calibrate_images >= 1, "an image count >= 1"),
+              ("--latency-runs", args.latency_runs, args.latency_runs >= 1, "a run count >= 1"),
+              ("--latency-batches", args.latency_batches,
+               all(b.strip().isdigit() and int(b) >= 1 for b in args.latency_batches.split(",")),
+               "comma-separated batch sizes >= 1, e.g. 1,32")]
+    for flag, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{flag} {value}: expected {expected}")
+    if args.sweep and args.rule not in ("modsquad", "share"):
+        raise ValueError(f"--sweep keeps a share of each layer's experts: it does not combine with --rule {args.rule}")
+
+
 def _extract(args: argparse.Namespace) -> int:
     from pretrain.extract import main as extract_main
     from pretrain.log import setup_logging
 
     setup_logging()
-    rule = {"rule": args.rule, "thresh": args.thresh, "keep": args.keep, "mass": args.mass,
+    rule = {"rule": args.rule, "thresh": args.thresh, "keep": args.keep, "mass": args.mass, "share": args.share,
             "calibrate": args.calibrate.split(",") if args.calibrate else None,
             "calibrate_images": args.calibrate_images, "exact_routing": args.exact_routing, "top_k": args.top_k,
             "attn_top_k": args.attn_top_k}
     try:
-        extract_main(args.source, args.task.split(","), args.out, step=args.step, data_root=args.data_root,
-                     report=not args.no_report, eval_images=args.eval_images, latency_runs=args.latency_runs,
-                     latency_batches=tuple(int(b) for b in args.latency_batches.split(",")), **rule)
+        check_extract_args(args)
+        batches = tuple(int(b) for b in args.latency_batches.split(","))
+        common = {"step": args.step, "data_root": args.data_root, "eval_images": args.eval_images,
+                  "latency_runs": args.latency_runs, "latency_batches": batches}
+        if args.sweep:
+            from pretrain.extract_sweep import main as sweep_main
+            from pretrain.extract_sweep import parse_shares
+
+            sweep_main(args.source, args.task.split(","), args.out, parse_shares(args.sweep), **common, **rule)
+        else:
+            extract_main(args.source, args.task.split(","), args.out, report=not args.no_report, **common, **rule)
     except PretrainError:
         raise  # typed failures keep their own exit code
     except (ValueError, RuntimeError, KeyError) as exc:
@@ -230,10 +258,14 @@ def _add_export_extract(sub) -> None:
     p.add_argument("source", help="RUN_DIR or a FILE.safetensors written by `pretrain export`")
     p.add_argument("--task", required=True, help="task or comma-separated tasks (their experts' union is kept)")
     p.add_argument("--out", required=True, help="NAME.safetensors (report: NAME.report.json/.png beside it)")
-    p.add_argument("--rule", choices=["modsquad", "topn", "mass"], default="modsquad")
+    p.add_argument("--rule", choices=["modsquad", "topn", "mass", "share"], default="modsquad")
     p.add_argument("--thresh", type=float, default=3.0, help="modsquad: keep usage%% > thresh / k")
     p.add_argument("--keep", type=int, default=0, help="topn: experts kept per layer (at least the layer's k)")
     p.add_argument("--mass", type=float, default=0.9, help="mass: fraction of the task's usage kept")
+    p.add_argument("--share", type=float, default=1.0, help="share: fraction of each layer's experts kept")
+    p.add_argument("--sweep", default="", metavar="SHARES",
+                   help="several sizes in one call (e.g. 0.25,0.5,0.75,1): a submodel and report per share, one "
+                        "table NAME.sweep.md/.json and one plot NAME.sweep.png")
     p.add_argument("--calibrate", default=None, help="shard folder(s), one per task: usage = top-k counts there")
     p.add_argument("--calibrate-images", type=int, default=64)
     p.add_argument("--exact-routing", action="store_true",

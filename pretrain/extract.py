@@ -131,7 +131,7 @@ def check_request(full: PortableModel, tasks: list[str], rule: str, keep: int) -
 
 
 def extract_submodel(full: PortableModel, tasks: list[str], *, rule: str = "modsquad", thresh: float = 3.0,
-                     keep: int = 0, mass: float = 0.9, calibrate: list[str] | None = None,
+                     keep: int = 0, mass: float = 0.9, share: float = 1.0, calibrate: list[str] | None = None,
                      calibrate_images: int = 64, exact_routing: bool = False, top_k: int = 0,
                      attn_top_k: int = 0) -> Extraction:
     """Choose each MoE layer's kept experts for `tasks` and build the submodel with their weights (eval mode).
@@ -140,15 +140,31 @@ def extract_submodel(full: PortableModel, tasks: list[str], *, rule: str = "mods
     each token of the submodel's MoE MLPs / MoE attention layers to fewer experts (`with_top_k`).
     """
     check_request(full, tasks, rule, keep)
+    usage, source = task_usage(full, tasks, calibrate, calibrate_images)
+    return extract_with_usage(full, tasks, usage, source, rule=rule, thresh=thresh, keep=keep, mass=mass,
+                              share=share, calibrate=calibrate, calibrate_images=calibrate_images,
+                              exact_routing=exact_routing, top_k=top_k, attn_top_k=attn_top_k)
+
+
+def task_usage(full: PortableModel, tasks: list[str], calibrate: list[str] | None,
+               calibrate_images: int) -> tuple[dict[str, Tensor], str]:
+    """Usage [T, E] per layer the keep rules read: top-k counts on the tasks' images with `calibrate`, else the
+    training EMA; and which of the two it is."""
+    if calibrate:
+        return calibrate_usage(full, tasks, calibrate, calibrate_images), "calibration"
+    return {n: m.usage_TE.detach().double() for n, m in routed_layers(full.model).items()}, "ema"
+
+
+def extract_with_usage(full: PortableModel, tasks: list[str], usage: dict[str, Tensor], source: str, *, rule: str,
+                       thresh: float = 3.0, keep: int = 0, mass: float = 0.9, share: float = 1.0,
+                       calibrate: list[str] | None = None, calibrate_images: int = 64, exact_routing: bool = False,
+                       top_k: int = 0, attn_top_k: int = 0) -> Extraction:
+    """`extract_submodel` once the usage is known (a sweep computes it once for every size)."""
     layers = routed_layers(full.model)
     rows = [full.model.task_ids[t] for t in tasks]
-    if calibrate:
-        usage, source = calibrate_usage(full, tasks, calibrate, calibrate_images), "calibration"
-    else:
-        usage, source = {n: m.usage_TE.detach().double() for n, m in layers.items()}, "ema"
     kept = choose_experts(usage, {n: m.top_k for n, m in layers.items()}, rows, rule, thresh=thresh, keep=keep,
-                          mass=mass)
-    rule_meta = {"name": rule, "thresh": thresh, "keep": keep, "mass": mass, "usage": source,
+                          mass=mass, share=share)
+    rule_meta = {"name": rule, "thresh": thresh, "keep": keep, "mass": mass, "share": share, "usage": source,
                  "calibrate": calibrate or [], "calibrate_images": calibrate_images if calibrate else 0}
     sub = make_submodel(full, tasks, kept, exact_routing=exact_routing, rule=rule_meta, top_k=top_k,
                         attn_top_k=attn_top_k)
@@ -201,6 +217,8 @@ def main(source: str, tasks: list[str], out: str, *, step: int | None = None, da
          **rule_args) -> dict:
     """`pretrain extract`: build, save, and (unless `report=False`) write `NAME.report.json` / `.png` and print the
     comparison table. Returns the report (or the kept experts without a report)."""
+    if Path(out).resolve() == Path(source).resolve():
+        raise ValueError(f"--out {out} is the source model: choose another file name (nothing was written)")
     full = load_source(source, step=step, data_root=data_root)
     extraction = extract_submodel(full, tasks, **rule_args)
     path = save_submodel(extraction, out)

@@ -6,12 +6,14 @@ Rules (`RULES`), each on one layer's usage row u [E] of one task, each keeping a
   the k most used.
 - `topn`: the `keep` most used.
 - `mass`: the fewest most-used experts holding a fraction `mass` of the usage.
+- `share`: the ceil(share·E) most used (the same fraction of every layer, whatever its E: `pretrain extract --sweep`).
 Ties go to the lower expert id. Several tasks keep the union of their sets.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -65,7 +67,16 @@ def keep_mass(usage_E: Tensor, *, top_k: int, mass: float = 0.9, **_: float) -> 
     return _floor(chosen, usage_E, top_k)
 
 
-RULES: dict[str, Callable[..., list[int]]] = {"modsquad": keep_modsquad, "topn": keep_topn, "mass": keep_mass}
+def keep_share(usage_E: Tensor, *, top_k: int, share: float = 1.0, **_: float) -> list[int]:
+    """The ceil(share·E) most used experts (at least top_k): one size for layers of different E (`--sweep`)."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"--share {share}: must be in (0, 1]")
+    count = math.ceil(round(share * len(usage_E), 9))  # 0.3·10 is 3.0000000000000004 in floats: keep 3, not 4
+    return _floor(_by_usage(usage_E)[:count], usage_E, top_k)
+
+
+RULES: dict[str, Callable[..., list[int]]] = {"modsquad": keep_modsquad, "topn": keep_topn, "mass": keep_mass,
+                                              "share": keep_share}
 
 
 def choose_experts(usage: dict[str, Tensor], top_k: dict[str, int], task_rows: list[int], rule: str,
@@ -74,7 +85,7 @@ def choose_experts(usage: dict[str, Tensor], top_k: dict[str, int], task_rows: l
 
     Args:
         usage: layer name → usage [T, E] (rows = task ids). top_k: layer name → k.
-        params: the rule's parameters (`thresh`, `keep`, `mass`).
+        params: the rule's parameters (`thresh`, `keep`, `mass`, `share`).
     """
     if rule not in RULES:
         raise ValueError(f"--rule {rule!r}: expected one of {', '.join(RULES)}")

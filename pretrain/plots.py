@@ -1,4 +1,4 @@
-"""PNG plots written into the run directory: per-task loss curves and task×expert usage heatmaps."""
+"""PNG plots: per-task loss curves and task×expert usage heatmaps (run directory), the extraction sweep."""
 
 from __future__ import annotations
 
@@ -72,6 +72,29 @@ def plot_usage(usage: dict[str, np.ndarray], tasks: list[str], out: Path, *,
         fig.colorbar(im, ax=ax, fraction=0.05)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_sweep(rows: list[dict], task: str, out: Path) -> Path:
+    """`pretrain extract --sweep`: the task metric and the latency ratios against the share of experts kept."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    shares = [100.0 * r["experts_kept"] / r["experts"] for r in rows]
+    if rows and rows[0]["value"] is not None:
+        ax.plot(shares, [r["value"] for r in rows], "o-", label=f"{task} {rows[0]['metric']} (submodel)")
+        ax.axhline(rows[0]["value_full"], ls="--", color="gray", label="full model")
+        ax.set_ylabel(rows[0]["metric"])
+    ax.set_xlabel("MoE-layer experts kept (%)")
+    right = ax.twinx()
+    for batch in rows[0]["latency_ratio"] if rows else []:
+        right.plot(shares, [r["latency_ratio"][batch] for r in rows], "s:", label=f"latency ratio {batch}")
+    right.set_ylabel("latency / full model")
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
