@@ -8,7 +8,7 @@ names the key, value or file. Derived values (total steps, scaled lr) come from 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +260,25 @@ def _defaults(schema: type) -> DictConfig:
     return OmegaConf.structured(schema)
 
 
+STAGE_SECTIONS = ("finetune",)  # a config file with one of these top-level sections is that stage's (its command)
+
+
+def check_schema_of(path: Path, overlay: DictConfig, schema: type) -> None:
+    """ConfigError naming the mix-up when a file written for one command is given to another (a fine-tuning file to
+    `pretrain train` reported `unknown config key 'data.dataset'`)."""
+    names = {f.name for f in fields(schema)}
+    keys = set(overlay.keys()) if isinstance(overlay, DictConfig) else set()
+    stage = next((k for k in STAGE_SECTIONS if k in keys and k not in names), None)
+    if stage is not None:
+        raise ConfigError(f"{path} is a `pretrain {stage}` config (it has a '{stage}:' section): run "
+                          f"`pretrain {stage} {path}`")
+    missing = next((k for k in STAGE_SECTIONS if k in names and k not in keys), None)
+    tasks = set(overlay.get("tasks", None) or {}) if keys else set()
+    if missing is not None and tasks & set(TASKS):
+        raise ConfigError(f"{path} is a pretraining config (tasks {sorted(tasks & set(TASKS))}, no '{missing}:' "
+                          f"section): run `pretrain train {path}`")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
                 schema: type | None = None) -> Any:
     """Merge `schema` defaults ← YAML file ← `key=value` overrides, then validate.
@@ -276,6 +295,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         overlay = load_overlay(path)
+        check_schema_of(path, overlay, schema)
         try:
             merged = OmegaConf.merge(merged, overlay)
         except OmegaConfBaseException as exc:

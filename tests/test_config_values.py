@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 
 from pretrain.config import MODEL_SIZES, ConfigError, RunConfig, load_config
 from pretrain.config_checks import RANGES, _leaves
 from pretrain.finetune.config import FinetuneConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SCHEMAS = {"run": RunConfig, "finetune": FinetuneConfig}
 
@@ -88,3 +91,23 @@ def test_model_sizes_are_the_backbone_table():
     from pretrain.models import BACKBONE_SIZES
 
     assert MODEL_SIZES == tuple(BACKBONE_SIZES)
+
+
+@pytest.mark.parametrize(("config", "overrides", "fragment"), [
+    ("configs/debug/finetune.yaml", ["finetune.decoder_options.bogus=1"], "unexpected keyword argument 'bogus'"),
+    ("configs/debug/finetune.yaml", ["finetune.decoder_options.top_k=99"], "top_k=99 must lie in [1, 15]"),
+    ("configs/debug/finetune.yaml", ["finetune.decoder=heads"], "unexpected keyword argument 'ranks'"),
+    ("configs/debug/finetune.yaml", ["data.dataset=pascal_context"], "pascal_context has no depth labels"),
+])
+def test_finetune_config_errors_are_found_at_load(config, overrides, fragment):
+    """Decoder options against the decoder (built on the meta device), task sets against the dataset: at load time,
+    one ConfigError, not a failure after start-up."""
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_config(ROOT / config, overrides, schema=FinetuneConfig)
+
+
+def test_a_config_given_to_the_wrong_command_is_named():
+    with pytest.raises(ConfigError, match=r"finetune.yaml is a `pretrain finetune` config .*run `pretrain finetune"):
+        load_config(ROOT / "configs/debug/finetune.yaml")
+    with pytest.raises(ConfigError, match=r"pretrain.yaml is a pretraining config .*run `pretrain train"):
+        load_config(ROOT / "configs/debug/pretrain.yaml", schema=FinetuneConfig)

@@ -24,7 +24,7 @@ from pretrain.config import (
     check_moe,
     check_train,
 )
-from pretrain.config_checks import check_choices, check_tasks, check_values, need
+from pretrain.config_checks import ConfigError, check_choices, check_tasks, check_values, need
 
 # every dense task the fine-tuning stage knows, in id order (the dense model's router rows follow the enabled ones)
 DENSE_TASKS = ("semseg", "human_parts", "sal", "normals", "edge", "depth")
@@ -123,6 +123,42 @@ def _check(cfg: FinetuneConfig) -> None:
          "must be in (0, 1)")
     unknown = sorted(set(cfg.finetune.baselines) - set(DENSE_TASKS))
     need(not unknown, "finetune.baselines", unknown, f"unknown task(s); expected {', '.join(DENSE_TASKS)}")
+    check_dataset_tasks(cfg)
+    check_decoder(cfg)
+
+
+def check_dataset_tasks(cfg: FinetuneConfig) -> None:
+    """Every enabled task has labels in `data.dataset`'s release (PASCAL-Context has no depth)."""
+    from pretrain.data.dense_decode import DENSE_DATASETS
+
+    labelled = DENSE_DATASETS[cfg.data.dataset].tasks
+    for task in enabled_dense_tasks(cfg):
+        need(task in labelled, f"tasks.{task}.enabled", True,
+             f"data.dataset={cfg.data.dataset} has no {task} labels (it has {', '.join(labelled)}): disable it")
+
+
+def check_decoder(cfg: FinetuneConfig) -> None:
+    """Build `finetune.decoder` with `finetune.decoder_options` on the meta device (no memory, no weights), so an
+    option the decoder does not take or a value out of its range is a config error now, not a failure at start-up.
+    The configured backbone size gives the widths (a run or file in `finetune.init_from` brings its own later)."""
+    import torch
+
+    from pretrain.data.dense_decode import DENSE_DATASETS
+    from pretrain.finetune.build import OUT_CHANNELS
+    from pretrain.models import backbone_size
+    from pretrain.models.decoders import DECODERS
+
+    size = backbone_size(cfg.model)
+    classes = DENSE_DATASETS[cfg.data.dataset].num_classes
+    channels = {t: OUT_CHANNELS.get(t) or classes[t] for t in enabled_dense_tasks(cfg)}
+    try:
+        with torch.device("meta"):
+            DECODERS[cfg.finetune.decoder](embed_dim=size["embed_dim"], depth=size["depth"], tasks=channels,
+                                           **cfg.finetune.decoder_options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"finetune.decoder_options={dict(cfg.finetune.decoder_options)} for finetune.decoder="
+                          f"{cfg.finetune.decoder}: {exc} (options of a config file stay when an override changes "
+                          "the decoder: set the file's decoder_options to match)") from None
 
 
 VALIDATORS[FinetuneConfig] = _check
