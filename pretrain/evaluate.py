@@ -39,10 +39,11 @@ class ClsEval:
 
 
 class SegEval:
-    """mIoU at the original label resolution: crop the padding, resize logits to the GT size (mmseg protocol)."""
+    """mIoU at the original label resolution: crop the padding, resize logits to the GT size (mmseg protocol, whose
+    mIoU leaves out classes absent from both GT and prediction: `empty_classes="skip"`)."""
 
     def __init__(self, spec: DataSpec) -> None:
-        self.meter = SegmentationMeter(num_classes=spec.num_classes["seg"])
+        self.meter = SegmentationMeter(num_classes=spec.num_classes["seg"], empty_classes="skip")
 
     def update(self, logits_BCHW: torch.Tensor, batch: dict) -> None:
         for b, gt_hw in enumerate(batch["orig_masks"]):

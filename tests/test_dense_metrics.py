@@ -346,8 +346,8 @@ def test_parts_miou_ignores_images_without_person():
     no_person_pred, no_person_gt = torch.full((2, 3), 4), torch.full((2, 3), 255)  # predictions there are ignored
     with_empty.update(torch.stack([person_pred, no_person_pred]), torch.stack([person_gt, no_person_gt]))
     assert torch.equal(with_empty.confusion, only_person.confusion)
-    # gt/pred pairs (0,0) (1,1) (1,2) (2,2) (2,2): IoU 0 = 1, 1 = 1/2, 2 = 2/3; classes 3..6 absent → left out
-    assert with_empty.compute()["mIoU"] == pytest.approx(100 * (1 + 0.5 + 2 / 3) / 3)
+    # pairs (0,0) (1,1) (1,2) (2,2) (2,2): IoU 0 = 1, 1 = 1/2, 2 = 2/3; classes 3..6 empty: 0 each (HumanPartsMeter)
+    assert with_empty.compute()["mIoU"] == pytest.approx(100 * (1 + 0.5 + 2 / 3 + 0 * 4) / 7)
 
 
 # ------------------------------------------------------------------------------------------------------ multi-task

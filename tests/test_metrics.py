@@ -119,30 +119,61 @@ SEG_PRED = torch.tensor([[0, 1, 1, 2], [2, 0, 1, 0]])
 # Valid (gt, pred) pairs: (0,0) (0,1) (1,1) (2,2) (2,0) (1,1) (1,0)
 # confusion rows gt:  gt0 [1,1,0,0]  gt1 [1,2,0,0]  gt2 [1,0,1,0]  gt3 [0,0,0,0]
 # diag [1,2,1,0]; gt sums [2,3,2,0]; pred sums [3,3,1,0]; union = gt + pred - diag = [4,4,2,0]
-# IoU = [1/4, 2/4, 1/2, NaN (no GT, no pred → excluded)] → mIoU = (0.25 + 0.5 + 0.5) / 3 = 41.667 %
-# acc = [1/2, 2/3, 1/2, NaN] → mAcc = (0.5 + 0.6667 + 0.5) / 3 = 55.556 %; aAcc = 4 / 7 = 57.143 %
+# IoU = [1/4, 2/4, 1/2, class 3 has union 0 (no GT, no prediction)]
+# "skip" (mmseg): class 3 left out → mIoU = (0.25 + 0.5 + 0.5) / 3 = 41.667 %
+# "zero" (official dense meters): class 3 counts 0 → mIoU = (0.25 + 0.5 + 0.5 + 0) / 4 = 31.25 %
+# acc = [1/2, 2/3, 1/2, NaN] → mAcc = (0.5 + 0.6667 + 0.5) / 3 = 55.556 % under both; aAcc = 4 / 7 = 57.143 %
 SEG_GOLDEN = {"mIoU": 100 * 1.25 / 3, "mAcc": 100 * (0.5 + 2 / 3 + 0.5) / 3, "aAcc": 100 * 4 / 7}
 
 
 def test_segmentation_golden_with_ignore_and_absent_class():
-    meter = SegmentationMeter(num_classes=4, ignore_index=255)
+    meter = SegmentationMeter(num_classes=4, ignore_index=255, empty_classes="skip")
     meter.update(SEG_PRED, SEG_LABEL)
     assert meter.confusion.tolist() == [[1, 1, 0, 0], [1, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
     assert meter.compute() == pytest.approx(SEG_GOLDEN)
     assert math.isnan(meter.class_iou()[3])
+    official = SegmentationMeter(num_classes=4, ignore_index=255)  # the default: "zero"
+    official.update(SEG_PRED, SEG_LABEL)
+    assert official.class_iou().tolist() == [0.25, 0.5, 0.5, 0.0]
+    assert official.compute() == pytest.approx({**SEG_GOLDEN, "mIoU": 31.25})
+
+
+def test_segmentation_empty_class_conventions_pooled_over_images():
+    """Two images, C = 4. Class 3 is predicted only on an ignored pixel, so it stays empty (union 0)."""
+    meter_zero, meter_skip = SegmentationMeter(num_classes=4), SegmentationMeter(num_classes=4, empty_classes="skip")
+    images = [(torch.tensor([[0, 1, 2], [1, 1, 0]]), torch.tensor([[0, 0, 255], [1, 1, 1]])),
+              (torch.tensor([[2, 0], [0, 3]]), torch.tensor([[2, 2], [0, 255]]))]
+    for meter in (meter_zero, meter_skip):
+        for pred, label in images:
+            meter.update(pred, label)
+    # valid (gt, pred): image 1 (0,0) (0,1) (1,1) (1,1) (1,0) [pred 2 at the ignored pixel dropped];
+    #                   image 2 (2,2) (2,0) (0,0) [pred 3 at the ignored pixel dropped]
+    # rows gt: [2,1,0,0] [1,2,0,0] [1,0,1,0] [0,0,0,0]; diag [2,2,1,0]; gt sums [3,3,2,0]; pred sums [4,3,1,0]
+    # union = gt + pred − diag = [5, 4, 2, 0] → IoU = [2/5, 2/4, 1/2, empty]
+    assert meter_zero.confusion.tolist() == [[2, 1, 0, 0], [1, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    # acc = [2/3, 2/3, 1/2, no GT] → mAcc = (11/6) / 3 = 61.111 % (mmseg's, both); aAcc = 5 correct / 8 valid
+    common = {"mAcc": 100 * 11 / 18, "aAcc": 100 * 5 / 8}
+    assert meter_zero.compute() == pytest.approx({"mIoU": 100 * (0.4 + 0.5 + 0.5 + 0) / 4, **common})  # 35 %
+    assert meter_skip.compute() == pytest.approx({"mIoU": 100 * (0.4 + 0.5 + 0.5) / 3, **common})  # 46.667 %
+    # with E empty classes out of C, zero = skip · (C − E) / C (the issue's NYUD: 38.03 · 37/40 = 35.18)
+    assert meter_zero.compute()["mIoU"] == pytest.approx(meter_skip.compute()["mIoU"] * 3 / 4)
+    with pytest.raises(ValueError, match="empty_classes"):
+        SegmentationMeter(num_classes=4, empty_classes="nan")
 
 
 def test_segmentation_false_positive_class_counts_as_zero_iou():
-    # gt [[0,0],[1,1]], pred [[0,3],[1,1]], C=4: IoU = [1/2, 2/2, NaN (absent), 0/1 (predicted, no GT)]
-    # mIoU = (0.5 + 1 + 0) / 3 = 50 %; acc = [1/2, 1, NaN, NaN] → mAcc 75 %; aAcc = 3/4
-    meter = SegmentationMeter(num_classes=4)
-    meter.update(torch.tensor([[0, 3], [1, 1]]), torch.tensor([[0, 0], [1, 1]]))
-    assert meter.compute() == pytest.approx({"mIoU": 50.0, "mAcc": 75.0, "aAcc": 75.0})
+    # gt [[0,0],[1,1]], pred [[0,3],[1,1]], C=4: IoU = [1/2, 2/2, class 2 empty, 0/1 (predicted, no GT)]
+    # "skip": mIoU = (0.5 + 1 + 0) / 3 = 50 %; "zero": (0.5 + 1 + 0 + 0) / 4 = 37.5 %
+    # acc = [1/2, 1, NaN, NaN] → mAcc 75 %; aAcc = 3/4
+    for empty_classes, miou in (("skip", 50.0), ("zero", 37.5)):
+        meter = SegmentationMeter(num_classes=4, empty_classes=empty_classes)
+        meter.update(torch.tensor([[0, 3], [1, 1]]), torch.tensor([[0, 0], [1, 1]]))
+        assert meter.compute() == pytest.approx({"mIoU": miou, "mAcc": 75.0, "aAcc": 75.0})
 
 
 def test_segmentation_accepts_logits_batched():
     logits_BCHW = torch.nn.functional.one_hot(SEG_PRED, 4).permute(2, 0, 1).float().unsqueeze(0)
-    meter = SegmentationMeter(num_classes=4)
+    meter = SegmentationMeter(num_classes=4, empty_classes="skip")
     meter.update(logits_BCHW, SEG_LABEL.unsqueeze(0).to(torch.uint8))
     assert meter.compute() == pytest.approx(SEG_GOLDEN)
 

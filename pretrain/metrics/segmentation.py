@@ -1,19 +1,32 @@
-"""Semantic segmentation metrics (mIoU, mAcc, aAcc) from a dataset-level confusion matrix, mmseg conventions.
+"""Semantic segmentation metrics (mIoU, mAcc, aAcc) from a dataset-level confusion matrix, in two conventions.
 
-Pixels are pooled over the whole dataset before any ratio is taken (mmseg `IoUMetric`): per-class IoU =
-intersection / union and per-class accuracy = intersection / GT pixels, each averaged with nanmean. So:
+Pixels are pooled over the whole dataset before any ratio is taken: per-class IoU = TP / (TP + FP + FN) =
+intersection / union, per-class accuracy = intersection / GT pixels. The conventions differ only for a class with
+union 0 (neither GT nor predicted pixels anywhere in the set), chosen by `empty_classes`:
 
-- a class with neither GT nor predicted pixels has union 0, IoU NaN, and is left out of mIoU;
+- "zero" (the default): its IoU is 0 and mIoU is the plain mean over all C classes. This is the official dense
+  multi-task meters' rule (ASTMT → M3ViT, ATRC, InvPT / TaskPrompter, MLoRE `evaluation/eval_semseg.py` and
+  `eval_human_parts.py`: jac = tp / max(tp + fp + fn, 1e-8), then `np.mean` over every class), so the dense
+  fine-tuning meters (NYUD / PASCAL semseg, human parts) use it and their numbers compare with published tables.
+  A val set with empty classes scores lower than under "skip" (NYUD with 3 empty classes: 35.18 vs 38.03).
+- "skip": its IoU is NaN and mIoU is the nanmean over classes with union > 0 (mmseg `IoUMetric`:
+  `total_area_to_metrics` + `np.nanmean`). The ADE20K pretraining evaluation uses it (mmseg protocol, evaluation.md
+  §7), where ADE's published numbers come from.
+
+Under both:
 - a class predicted but absent from the GT has IoU 0 and lowers mIoU (false positives count);
-- mAcc averages over classes with GT pixels only; aAcc is correct pixels / valid pixels.
+- mAcc is mmseg's, averaged over classes with GT pixels only (nanmean), and aAcc is correct pixels / valid pixels.
+  The official dense meters report neither (mIoU only), so mAcc/aAcc of a dense run are diagnostics, not numbers
+  to set next to a paper's.
 
-Pixels whose label equals `ignore_index` are dropped before counting, whatever was predicted there. Predictions are
-compared at the label's resolution: the caller resizes logits to the GT size first.
+Pixels whose label equals `ignore_index` are dropped before counting, whatever was predicted there (both codes do).
+Predictions are compared at the label's resolution: the caller resizes logits to the GT size first.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -24,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 MaskT = TypeVar("MaskT", torch.Tensor, np.ndarray)
+# IoU of a class with union 0, per convention (module docstring): the official dense meters' 0, or mmseg's NaN that
+# nanmean leaves out.
+EMPTY_CLASS_IOU = {"zero": 0.0, "skip": math.nan}
 
 
 def reduce_zero_label(mask: MaskT, *, ignore_index: int = 255) -> MaskT:
@@ -54,9 +70,15 @@ class SegmentationMeter:
     Args:
         num_classes: C (150 for ADE20K after reduce-zero-label).
         ignore_index: label value excluded from every metric.
+        empty_classes: "zero" (official dense meters) or "skip" (mmseg): the IoU of a class with neither GT nor
+            predicted pixels, 0 inside the mean or left out of it (module docstring).
     """
 
-    def __init__(self, *, num_classes: int = 150, ignore_index: int = 255) -> None:
+    def __init__(self, *, num_classes: int = 150, ignore_index: int = 255, empty_classes: str = "zero") -> None:
+        if empty_classes not in EMPTY_CLASS_IOU:
+            raise ValueError(
+                f"SegmentationMeter: empty_classes must be one of {sorted(EMPTY_CLASS_IOU)}, got {empty_classes!r}"
+            )
         if num_classes < 1:
             raise ValueError(f"SegmentationMeter: num_classes must be >= 1, got {num_classes}")
         if 0 <= ignore_index < num_classes:
@@ -65,6 +87,7 @@ class SegmentationMeter:
             )
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.empty_classes = empty_classes
         self.reset()
 
     def reset(self) -> None:
@@ -131,14 +154,16 @@ class SegmentationMeter:
         return conf
 
     def class_iou(self) -> torch.Tensor:
-        """[C] float64 IoU per class in 0..1; NaN where the class has neither GT nor predicted pixels."""
+        """[C] float64 IoU per class in 0..1; where the class has neither GT nor predicted pixels, 0 ("zero") or NaN
+        ("skip", then excluded from mIoU by nanmean)."""
         conf = self.confusion.cpu().to(torch.float64)
         intersect_C = conf.diagonal()
         union_C = conf.sum(dim=1) + conf.sum(dim=0) - intersect_C
-        return intersect_C / union_C  # 0/0 → NaN on purpose: excluded by nanmean
+        empty_C = torch.full_like(union_C, EMPTY_CLASS_IOU[self.empty_classes])
+        return torch.where(union_C > 0, intersect_C / union_C.clamp_min(1), empty_C)
 
     def compute(self) -> dict[str, float]:
-        """Return {"mIoU", "mAcc", "aAcc"} in percent (see the module docstring for the NaN rules)."""
+        """Return {"mIoU", "mAcc", "aAcc"} in percent (module docstring: empty classes, mAcc's class set)."""
         conf = self.confusion.cpu().to(torch.float64)
         total = conf.sum()
         if total == 0:
