@@ -3,7 +3,9 @@ scikit-image thinning, a per-pixel transcription of SEISM's NMS and correspondPi
 
 from __future__ import annotations
 
+import logging
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,9 +13,11 @@ import torch
 from scipy import ndimage
 from test_dense_metrics import sync_two
 
+from pretrain.finetune.evaluate import evaluate_dense
 from pretrain.metrics import EDGE_DATASETS, EdgeMeter
 from pretrain.metrics.boundaries import edge_nms, match_count, seg2bmap, thin
-from pretrain.metrics.edges import HED_THRESHOLDS
+from pretrain.metrics.edges import GT_BOUNDARIES, HED_THRESHOLDS
+from pretrain.prepare.pascal_labels import edge_map
 
 # ------------------------------------------------------------------------------------------------------------ edges
 
@@ -195,3 +199,59 @@ def test_edges_seg2bmap_gt_sync_and_bad_input():
         EdgeMeter(matching="csa")
     assert EDGE_DATASETS["pascal_context"]["max_dist"] == 0.0075 and EDGE_DATASETS["nyud"]["max_dist"] == 0.011
     assert len(HED_THRESHOLDS) == 101 and HED_THRESHOLDS[:2] == (0.001, 0.01) and HED_THRESHOLDS[-1] == 0.999
+
+
+# ------------------------------------------------------------------- PASCAL-Context GT: SEISM's vs the training edge
+
+# A LabelMap of three 2-pixel-wide stripes, 4 × 6. r = 0.0075 · √(4² + 6²) = 0.054 px: only coincident pixels match.
+STRIPES = np.tile(np.array([1, 1, 2, 2, 3, 3], dtype=np.float32), (4, 1))
+SEISM_LINES = np.zeros((4, 6), dtype=np.float32)
+SEISM_LINES[:, [1, 3]] = 1.0
+
+
+def test_pascal_seism_gt_differs_from_training_edge():
+    # SEISM: seg2bmap marks a pixel whose east (or south, south-east) neighbour differs: columns 1 (1|2) and 3 (2|3)
+    # in every row (the last row compares east only, the last column south only: never); thinning keeps 1-px lines.
+    assert GT_BOUNDARIES["seg2bmap"](STRIPES).astype(int).tolist() == SEISM_LINES.astype(int).tolist()
+    # training target thin(|Laplacian| > 0): +1, −1, +1, −1 on columns 1..4 (both sides of each step; columns 0 and 5
+    # cancel by mirroring), a solid 4 × 4 block that thinning shrinks to one pixel
+    training = edge_map(STRIPES).astype(np.float32)
+    assert training.sum() == 1 and training[2, 2] == 1
+    # a prediction on SEISM's lines: 8 of 8 matched under SEISM's GT (F = 1); under the old convention its only GT
+    # pixel (2, 2) lies between the lines: nothing matched, P = R = 0, F = 0
+    seism, old = EdgeMeter(mode="old", gt_boundary="seg2bmap"), EdgeMeter(mode="old", gt_boundary="thin")
+    edge_update(seism, 0.9 * SEISM_LINES, STRIPES)
+    edge_update(old, 0.9 * SEISM_LINES, training)
+    assert seism.compute()["odsF"] == pytest.approx(100.0) and old.compute()["odsF"] == 0.0
+    assert EDGE_DATASETS["pascal_context"]["gt_boundary"] == EDGE_DATASETS["nyud"]["gt_boundary"] == "seg2bmap"
+
+
+class _FixedEdgeModel(torch.nn.Module):
+    """Predicts edge probability 0.9 on SEISM_LINES (logit log 9) and ~0 elsewhere (−30), whatever the image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        logits_HW = np.where(SEISM_LINES > 0, math.log(9), -30.0).astype(np.float32)
+        self.logits_11HW = torch.nn.Parameter(torch.from_numpy(logits_HW)[None, None])
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"edge": self.logits_11HW.expand(len(images), -1, -1, -1)}
+
+
+def test_dense_eval_scores_pascal_edge_on_regions_and_falls_back(caplog):
+    training = torch.from_numpy(edge_map(STRIPES).astype(np.float32))[None, None]
+    regions = torch.from_numpy(STRIPES)[None, None]
+    box = torch.tensor([[0, 0, 4, 6]])
+    batches = [{"images": torch.zeros(1, 3, 4, 6), "crop_box": box,
+                "targets": {"edge": training, "edge_regions": regions}},
+               {"images": torch.zeros(1, 3, 4, 6), "crop_box": box, "targets": {"edge": training}}]  # old shards
+    cfg = SimpleNamespace(data=SimpleNamespace(dataset="pascal_context", protocol="old"),
+                          finetune=SimpleNamespace(baselines={}))
+    with caplog.at_level(logging.WARNING, logger="pretrain.finetune.evaluate"):
+        out = evaluate_dense(cfg, _FixedEdgeModel(), batches, ["edge"], {}, SimpleNamespace(is_main=False))
+    # image 1 on edge_regions (SEISM): 8 predicted, 8 GT, 8 matched; image 2 falls back to the training target
+    # ("thin"): 8 predicted, 1 GT, 0 matched. Pooled for t = 0.01 .. 0.89 (0.9 is stored as 229/255 = 0.898):
+    # P = 8/16, R = 8/9 → F = 2 · (1/2) · (8/9) / (1/2 + 8/9) = 16/25
+    assert out == pytest.approx({"eval/edge/odsF": 64.0, "eval/edge/ods_precision": 50.0,
+                                 "eval/edge/ods_recall": 100 * 8 / 9, "eval/edge/ods_threshold": 0.01})
+    assert "edge: 1 image(s) lack the evaluation GT 'edge_regions'" in caplog.text

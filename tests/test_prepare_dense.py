@@ -14,10 +14,12 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from pretrain.data.dense_decode import DENSE_DATASETS, decode_dense_sample
+from pretrain.metrics.boundaries import seg2bmap
 from pretrain.prepare import LayoutError, PrepareError
 from pretrain.prepare.nyud import convert_nyud
 from pretrain.prepare.pascal_context import convert_pascal_context
-from pretrain.prepare.pascal_labels import LabelFileError, edge_map, normals_valid, parts_map
+from pretrain.prepare.pascal_labels import LabelFileError, edge_map, edge_regions, normals_valid, parts_map
 from pretrain.synth import synthesize
 from pretrain.synth.dense_layouts import parts_mat
 
@@ -115,7 +117,7 @@ def test_pascal_tree_quirks_and_members(dense_raw, tmp_path):
     assert info["num_classes"] == {"semseg": 21, "human_parts": 7, "sal": 2}
     assert len(info["normals_valid_classes"]) == 170
     members = {"jpg", "semseg.png", "human_parts.png", "sal.png", "normals.png", "normals_valid.png", "edge.png",
-               "json"}
+               "edge_regions.png", "json"}
     assert all(s.keys() == members for s in samples.values())
     # image 3 (i % 3 == 2) has no person: all-ignore parts; image 1 has a person with parts
     assert (_array(samples["2008_000003"]["human_parts.png"]) == 255).all()
@@ -131,6 +133,12 @@ def test_pascal_tree_quirks_and_members(dense_raw, tmp_path):
     valid = _array(samples["2008_000001"]["normals_valid.png"])
     # of the classes synth draws, sky (360) and bird (25) are not NYU-compatible
     assert np.array_equal(valid, (~np.isin(labels, [360, 25])).astype(np.uint8))
+    # SEISM's edge GT partition: the LabelMap renumbered, the same boundaries; decoded as the evaluation label
+    regions = _array(samples["2008_000001"]["edge_regions.png"])
+    assert regions.max() == np.unique(labels).size - 1 and np.array_equal(seg2bmap(regions), seg2bmap(labels))
+    decoded = decode_dense_sample(samples["2008_000001"], dataset=DENSE_DATASETS["pascal_context"], tasks=("edge",))
+    assert decoded["targets"]["edge_regions"].tolist() == [regions.astype(np.float32).tolist()]
+    assert decoded["targets"]["edge"].tolist() == [edge_map(labels).astype(np.float32).tolist()]
 
 
 def test_dense_workers_give_identical_shards(dense_raw, tmp_path):
@@ -219,6 +227,13 @@ def test_edge_map_transcribes_laplacian_and_thinning():
     edge = edge_map(step)
     assert (edge.sum(1) <= 1).all() and edge.sum() >= 5 and not edge[:, [0, 1, 4, 5]].any()
     assert not edge_map(np.full((3, 3), 7)).any()
+
+
+def test_edge_regions_renumber_classes():
+    labels = np.array([[440, 0, 440], [25, 25, 0]])  # classes 0 < 25 < 440 → regions 0, 1, 2
+    assert edge_regions(labels).tolist() == [[2, 0, 2], [1, 1, 0]] and edge_regions(labels).dtype == np.uint8
+    with pytest.raises(LabelFileError, match="256 classes"):  # 255 must stay free: it is the padding value
+        edge_regions(np.arange(256).reshape(16, 16))
 
 
 def test_normals_valid_classes():

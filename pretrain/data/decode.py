@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png")
 MASK_KEY = "seg.png"
 # dense multi-task members (DENSE_SCHEMA: data/dense.py); `.npy` is read with allow_pickle=False only
-DENSE_KEYS = ("semseg.png", "depth.npy", "normals.png", "normals_valid.png", "edge.png", "human_parts.png", "sal.png")
+DENSE_KEYS = ("semseg.png", "depth.npy", "normals.png", "normals_valid.png", "edge.png", "edge_regions.png",
+              "human_parts.png", "sal.png")
 # Tar member extensions (text after the first dot of the file name) that are read at all.
 ALLOWED_EXTENSIONS = frozenset({*IMAGE_KEYS, MASK_KEY, "cls", "json", *DENSE_KEYS})
 IGNORE_INDEX = 255

@@ -11,6 +11,11 @@ Label conventions (what the references' loaders do, evaluation.md §2):
   normals n = 2·v/255 − 1, zeroed where PASCAL's `normals_valid.png` is 0 (AddIgnoreRegions then marks 255).
 A task the sample's json does not list gets a map of its padding value (ignored by its loss and metric); a listed
 task whose member is missing or malformed raises, and the pipeline skips and counts the sample.
+
+Evaluation labels (`DenseDataset.eval_labels`) are GT maps a task is scored against instead of its training target,
+decoded with the task whenever the sample carries their member (never required, never trained on): PASCAL-Context's
+`edge_regions` (the LabelMap partition SEISM derives its boundary GT from, `metrics/edges.py`). They are rows of
+`DENSE_TASKS` too, so the geometry treats them like any map.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class DenseDataset:
         num_classes: per class-map task; semseg's is the count AFTER any reduce-zero-label.
         semseg_zero_is_ignore: raw semseg 0 means unlabelled (NYUD): reduce-zero-label, raw range 0..C.
         normals_valid_member: a 0/1 mask member; normals are zeroed (→ ignored) where it is 0.
+        eval_labels: task → the evaluation label (a `DENSE_TASKS` row) its metric takes as GT when present.
         train_size / eval_size: new protocol crop and pad targets; old_size: the old protocol's FixedResize.
         old_scale_rotate: the old protocol's ScaleNRotate ranges (ASTMT get_transformations).
     """
@@ -71,6 +77,7 @@ class DenseDataset:
     old_size: tuple[int, int]
     old_scale_rotate: ScaleRotate
     normals_valid_member: str | None = None
+    eval_labels: dict[str, str] = field(default_factory=dict)
     label_range: dict[str, int] = field(default_factory=dict)  # derived: largest raw label value accepted
 
     def __post_init__(self) -> None:
@@ -89,6 +96,7 @@ DENSE_DATASETS: dict[str, DenseDataset] = {
                                    num_classes={"semseg": 21, "human_parts": 7, "sal": 2},
                                    semseg_zero_is_ignore=False, train_size=(512, 512), eval_size=(512, 512),
                                    old_size=(512, 512), normals_valid_member="normals_valid.png",
+                                   eval_labels={"edge": "edge_regions"},
                                    old_scale_rotate=ScaleRotate(rotations=(-20.0, 20.0), scales=(0.75, 1.25),
                                                                 discrete=False)),
 }
@@ -118,6 +126,14 @@ def _decode_sal(sample: Mapping[str, Any], ds: DenseDataset) -> torch.Tensor:
 
 def _decode_edge(sample: Mapping[str, Any], ds: DenseDataset) -> torch.Tensor:
     return (decode_mask(sample["edge.png"]).to(torch.float32) / 255.0)[None]
+
+
+def _decode_regions(sample: Mapping[str, Any], ds: DenseDataset) -> torch.Tensor:
+    """Region ids 0..254 as float32 [1,H,W]: a float map like the edge target, so both crop and batch alike."""
+    regions_HW = decode_mask(sample["edge_regions.png"])
+    if bool((regions_HW == IGNORE_INDEX).any()):
+        raise ValueError(f"edge_regions.png holds {IGNORE_INDEX}, the padding value (regions are 0..254)")
+    return regions_HW.to(torch.float32)[None]
 
 
 def _decode_normals(sample: Mapping[str, Any], ds: DenseDataset) -> torch.Tensor:
@@ -200,6 +216,7 @@ DENSE_TASKS: dict[str, DenseTask] = {
                              ignore_without_foreground=True),
     "sal": DenseTask("sal.png", _decode_sal, 1, IGNORE_INDEX, index_map=True),
     "edge": DenseTask("edge.png", _decode_edge, 1, float(IGNORE_INDEX), index_map=False),
+    "edge_regions": DenseTask("edge_regions.png", _decode_regions, 1, float(IGNORE_INDEX), index_map=False),
     "depth": DenseTask("depth.npy", _decode_depth, 1, 0.0, index_map=False, divide_by_scale=True),
     "normals": DenseTask("normals.png", _decode_normals, 3, 0.0, index_map=False, negate_x_on_flip=True,
                          zero_norm_ignored=True, old_normals=True),
@@ -210,7 +227,8 @@ def decode_dense_sample(sample: Mapping[str, Any], *, dataset: DenseDataset,
                         tasks: tuple[str, ...]) -> dict[str, Any]:
     """Raw dense sample → {"image": uint8 [3,H,W], "targets": {task: [C,H,W] (uint8 or float32)}, "id": str}.
 
-    Every label map must have the image's size. Tasks absent from the json's "tasks" get a map of their fill value.
+    Every label map must have the image's size. Tasks absent from the json's "tasks" get a map of their fill value;
+    a decoded task's evaluation label joins the targets when the sample has its member.
     """
     meta = decode_json(sample["json"])
     if not isinstance(meta.get("tasks"), list):
@@ -226,8 +244,11 @@ def decode_dense_sample(sample: Mapping[str, Any], *, dataset: DenseDataset,
             continue
         if task.member not in sample:
             raise KeyError(f"json lists task {name!r} but the sample has no {task.member} member")
-        target_CHW = task.decode(sample, dataset)
-        if tuple(target_CHW.shape[1:]) != hw:
-            raise ValueError(f"{task.member} is {tuple(target_CHW.shape[1:])}, image is {hw}")
-        targets[name] = target_CHW
+        label = dataset.eval_labels.get(name)
+        decoded = (name, label) if label is not None and DENSE_TASKS[label].member in sample else (name,)
+        for key in decoded:
+            target_CHW = DENSE_TASKS[key].decode(sample, dataset)
+            if tuple(target_CHW.shape[1:]) != hw:
+                raise ValueError(f"{DENSE_TASKS[key].member} is {tuple(target_CHW.shape[1:])}, image is {hw}")
+            targets[key] = target_CHW
     return {"image": image_3HW, "targets": targets, "id": str(meta.get("id", ""))}

@@ -18,10 +18,11 @@ import torch
 from torch import Tensor
 
 from pretrain import dist
+from pretrain.data.dense_decode import DENSE_DATASETS
 from pretrain.finetune.config import FinetuneConfig
 from pretrain.log import progress
 from pretrain.metrics import DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegmentationMeter
-from pretrain.metrics.edges import EDGE_DATASETS
+from pretrain.metrics.edges import EDGE_DATASETS, TARGET_GT_BOUNDARY
 from pretrain.metrics.multitask import PRIMARY, delta_m
 
 logger = logging.getLogger(__name__)
@@ -30,10 +31,14 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DenseMeter:
     """How one task is scored: `activate` turns the raw output [B,C,H,W] into the prediction the meter and the saved
-    PNGs take (class ids, probabilities, normals, metres); `make(cfg, num_classes)` builds the meter."""
+    PNGs take (class ids, probabilities, normals, metres); `make(cfg, num_classes)` builds the meter;
+    `without_label(meter, pred, target)` scores the task's own target where the dataset names an evaluation label
+    for the task (`DenseDataset.eval_labels`) that the batch lacks (shards converted before it existed); None makes
+    that an error."""
 
     activate: Callable[[Tensor], Tensor]
     make: Callable[[FinetuneConfig, dict[str, int]], Any]
+    without_label: Callable[[Any, Tensor, Tensor], None] | None = None
 
 
 def _classes(out_BCHW: Tensor) -> Tensor:
@@ -52,14 +57,24 @@ def _identity(out: Tensor) -> Tensor:
     return out.float()
 
 
+def _segmentation(task: str) -> Callable[[FinetuneConfig, dict[str, int]], SegmentationMeter]:
+    # the official dense meters count a class with neither GT nor predicted pixels as IoU 0 (metrics/segmentation.py)
+    return lambda cfg, nc: SegmentationMeter(num_classes=nc[task], empty_classes="zero")
+
+
+def _edge_on_target(meter: EdgeMeter, prob_B1HW: Tensor, target_B1HW: Tensor) -> None:
+    meter.update(prob_B1HW, target_B1HW, gt_boundary=TARGET_GT_BOUNDARY)  # a binary edge map, not SEISM's partition
+
+
 DENSE_METERS: dict[str, DenseMeter] = {
-    "semseg": DenseMeter(_classes, lambda cfg, nc: SegmentationMeter(num_classes=nc["semseg"])),
-    "human_parts": DenseMeter(_classes, lambda cfg, nc: SegmentationMeter(num_classes=nc["human_parts"])),
+    "semseg": DenseMeter(_classes, _segmentation("semseg")),
+    "human_parts": DenseMeter(_classes, _segmentation("human_parts")),
     "sal": DenseMeter(_foreground, lambda cfg, nc: SaliencyMeter(mode=cfg.data.protocol)),
     "normals": DenseMeter(_identity, lambda cfg, nc: NormalsMeter(mode=cfg.data.protocol)),
     "depth": DenseMeter(_identity, lambda cfg, nc: DepthMeter()),
     "edge": DenseMeter(_sigmoid, lambda cfg, nc: EdgeMeter(mode=cfg.data.protocol,
-                                                             **EDGE_DATASETS[cfg.data.dataset])),
+                                                             **EDGE_DATASETS[cfg.data.dataset]),
+                       without_label=_edge_on_target),
 }
 
 
@@ -72,6 +87,28 @@ def crop(x_BCHW: Tensor, box: list[int]) -> Tensor:
     """The original image's region (top, left, h, w) of a padded [..., H, W] map."""
     top, left, h, w = box
     return x_BCHW[..., top:top + h, left:left + w]
+
+
+def score(task: str, meter: Any, pred: Tensor, targets: dict[str, Tensor], label: str) -> bool:
+    """Update `meter` with the prediction of `task` against `targets[label]` (the task's evaluation label, or the task
+    itself); without that label, against the task's own target through `DenseMeter.without_label`. Returns whether
+    `label` was there."""
+    if label in targets:
+        meter.update(pred, targets[label])
+        return True
+    fallback = DENSE_METERS[task].without_label
+    if fallback is None:
+        raise ValueError(f"{task}: the batch has no {label!r} GT map and this task has no fallback")
+    fallback(meter, pred, targets[task])
+    return False
+
+
+def _warn_unlabelled(unlabelled: dict[str, int], labels: dict[str, str], dataset: str) -> None:
+    for task, count in unlabelled.items():
+        if count:
+            logger.warning("%s: %d image(s) lack the evaluation GT %r (shards converted before it existed) and were "
+                           "scored on the training target instead, not comparable to the official number; re-run "
+                           "`pretrain prepare %s` for the val split", task, count, labels[task], dataset)
 
 
 def as_map(target: Tensor) -> Tensor:
@@ -89,18 +126,21 @@ def evaluate_dense(cfg: FinetuneConfig, model: torch.nn.Module, loader, tasks: l
     model.eval()
     device = next(model.parameters()).device
     meters = {t: DENSE_METERS[t].make(cfg, num_classes) for t in tasks}
-    seen = 0
+    labels = {t: DENSE_DATASETS[cfg.data.dataset].eval_labels.get(t, t) for t in tasks}
+    unlabelled, seen = dict.fromkeys(tasks, 0), 0
     for batch in progress(loader, desc="eval", enabled=info.is_main):
         if max_images and seen >= max_images:
             break
         preds = activate(model(batch["images"].to(device)))
         for b, box in enumerate(batch["crop_box"].tolist()):
+            targets = {k: crop(v[b:b + 1], box).to(device) for k, v in batch["targets"].items()}
             for task in tasks:
-                target = batch["targets"][task][b:b + 1]
-                meters[task].update(crop(preds[task][b:b + 1], box), crop(target, box).to(device))
+                pred = crop(preds[task][b:b + 1], box)
+                unlabelled[task] += not score(task, meters[task], pred, targets, labels[task])
         if on_batch is not None:
             on_batch(batch, preds)
         seen += len(batch["images"])
+    _warn_unlabelled(unlabelled, labels, cfg.data.dataset)
     metrics: dict[str, float] = {}
     for task, meter in meters.items():
         meter.sync(dist.all_reduce_sum)

@@ -13,10 +13,14 @@ Per image (at its ORIGINAL size: the tolerance is a fraction of the image diagon
    thresholds of SEISM's `parameters/HED.txt` (0.001, 0.01 … 0.99, 0.999).
    mode "old" (M3ViT / ASTMT, reader `read_one_png`): no NMS, positive where value >= t, t = 0.01 … 0.99 (99).
 3. the binary map is thinned (`bwmorph thin Inf`, `boundaries.thin`), as `edgesEvalImg` does.
-4. GT: `gt_boundary="thin"` thins the binary edge target (> 0); `"seg2bmap"` treats the GT map as a label image,
-   takes `seg2bmap` and thins, which is what SEISM's NYUD wrapper does with the NYUD edge PNG. For PASCAL-Context
-   SEISM derives the GT from `seg2bmap(LabelMap)`; the shards carry the reference's thin(|Laplacian(LabelMap)| > 0)
-   edge map instead, whose lines can sit one pixel off SEISM's (within every tolerance used here).
+4. GT: `gt_boundary="seg2bmap"` treats the GT map as a label image, takes `seg2bmap` and thins: SEISM's rule for
+   both datasets (`gt_wrappers/db_gt.m` hands a partition to `edgesEvalImg`). NYUD: the partition is the NYUD edge
+   PNG itself. PASCAL-Context: it is relabel(LabelMap), which the converter stores as the evaluation label
+   `edge_regions` (`data/dense_decode.py`); it is not the training target thin(|Laplacian(LabelMap)| > 0), which
+   misses the middle class of three in a row (its Laplacian cancels) and, elsewhere, may keep the other pixel of
+   the two-pixel band that seg2bmap (upper/left pixel of each class change) does not: not "within every tolerance".
+   `gt_boundary="thin"` thins a binary edge map (> 0): the old PASCAL convention, scoring the training target;
+   `finetune/evaluate.py` falls back to it, with a warning, for PASCAL shards converted before `edge_regions`.
 5. matching within r = max_dist · sqrt(H² + W²) pixels: `matching="bipartite"` counts a maximum-cardinality
    one-to-one matching, equal to correspondPixels' count (see `boundaries.match_count`); `matching="distance"` is
    the cheaper distance-transform approximation (a pixel counts if any pixel of the other map is within r), which
@@ -51,10 +55,11 @@ EDGE_MODES = {
     "new": (HED_THRESHOLDS, True, True),
     "old": (OLD_THRESHOLDS, False, False),
 }
-EDGE_DATASETS = {
-    "pascal_context": {"max_dist": 0.0075, "gt_boundary": "thin"},
+EDGE_DATASETS = {  # EdgeMeter keywords per dataset; PASCAL's GT map is its `edge_regions` label
+    "pascal_context": {"max_dist": 0.0075, "gt_boundary": "seg2bmap"},
     "nyud": {"max_dist": 0.011, "gt_boundary": "seg2bmap"},
 }
+TARGET_GT_BOUNDARY = "thin"  # how a binary training edge target becomes GT (PASCAL shards without edge_regions)
 GT_BOUNDARIES = {
     "thin": lambda gt_HW: thin(gt_HW > 0),
     "seg2bmap": lambda gt_HW: thin(seg2bmap(gt_HW)),
@@ -69,13 +74,19 @@ def _bipartite(pred_HW: np.ndarray, gt_HW: np.ndarray, radius: float) -> tuple[i
 MATCHERS = {"bipartite": _bipartite, "distance": match_count_distance}
 
 
+def _check_choice(name: str, value: str, table: dict) -> None:
+    if value not in table:
+        raise ValueError(f"EdgeMeter: {name} must be one of {sorted(table)}, got {value!r}")
+
+
 class EdgeMeter:
     """Dataset-level boundary F-measure at the optimal dataset scale (ODS); state is 3·T + 1 sums.
 
     Args:
         mode: "new" (NMS, HED thresholds) or "old" (no NMS, 99 thresholds), see the module docstring.
         max_dist: tolerance as a fraction of the image diagonal (0.0075 PASCAL-Context, 0.011 NYUD).
-        gt_boundary: "thin" or "seg2bmap", how the GT map becomes a 1-pixel boundary map.
+        gt_boundary: "seg2bmap" (a label image: SEISM) or "thin" (a binary edge map), how the GT map becomes a
+            1-pixel boundary map (module docstring, step 4).
         matching: "bipartite" (correspondPixels' count) or "distance" (faster approximation).
         quantize: read predictions through 8-bit storage as SEISM does (trunc(prob·255)/255).
         ignore_value: GT value of padding; a GT containing it is rejected (crop to the original size first).
@@ -93,13 +104,12 @@ class EdgeMeter:
     ) -> None:
         for name, value, table in (("mode", mode, EDGE_MODES), ("gt_boundary", gt_boundary, GT_BOUNDARIES),
                                    ("matching", matching, MATCHERS)):
-            if value not in table:
-                raise ValueError(f"EdgeMeter: {name} must be one of {sorted(table)}, got {value!r}")
+            _check_choice(name, value, table)
         if not max_dist > 0:
             raise ValueError(f"EdgeMeter: max_dist must be > 0, got {max_dist}")
         self.mode, self.max_dist, self.quantize, self.ignore_value = mode, max_dist, quantize, ignore_value
         self.thresholds, self._nms, self._strict = EDGE_MODES[mode]
-        self._gt_boundary = GT_BOUNDARIES[gt_boundary]
+        self.gt_boundary = gt_boundary
         self._matcher = MATCHERS[matching]
         self._sums = PooledSums(3 * len(self.thresholds) + 1, owner="EdgeMeter")
 
@@ -107,13 +117,13 @@ class EdgeMeter:
         """Forget all sums (local and synced)."""
         self._sums.reset()
 
-    def _image_sums(self, prob_HW: np.ndarray, gt_HW: np.ndarray) -> np.ndarray:
+    def _image_sums(self, prob_HW: np.ndarray, gt_HW: np.ndarray, gt_boundary: str) -> np.ndarray:
         """[3T + 1]: matched predicted, predicted, matched GT pixels per threshold, then GT pixels."""
         num = len(self.thresholds)
         edges = np.floor(prob_HW * 255).astype(np.float32) / 255 if self.quantize else prob_HW.astype(np.float32)
         if self._nms:
             edges = edge_nms(edges)
-        gt = self._gt_boundary(gt_HW)
+        gt = GT_BOUNDARIES[gt_boundary](gt_HW)
         radius = self.max_dist * math.hypot(*gt.shape)
         sums = np.zeros(3 * num + 1, dtype=np.float64)
         sums[-1] = gt.sum()
@@ -127,13 +137,17 @@ class EdgeMeter:
         return sums
 
     @torch.no_grad()
-    def update(self, prob_B1HW: torch.Tensor, gt_B1HW: torch.Tensor) -> None:
+    def update(self, prob_B1HW: torch.Tensor, gt_B1HW: torch.Tensor, *, gt_boundary: str | None = None) -> None:
         """Add images at their ORIGINAL size (batch only equal-size crops; usually one image per call).
 
         Args:
             prob_B1HW: edge probability (sigmoid output) in [0, 1], [B, 1, H, W] (or [1, H, W] / [H, W]).
-            gt_B1HW: GT edge map, same shape, 0/1 (or a label map with gt_boundary="seg2bmap"); no padding.
+            gt_B1HW: GT map, same shape: a label image ("seg2bmap") or a 0/1 edge map ("thin"); no padding.
+            gt_boundary: this call's GT convention instead of the meter's (a GT of another kind, e.g. the training
+                edge target of shards that lack PASCAL's `edge_regions`).
         """
+        gt_boundary = self.gt_boundary if gt_boundary is None else gt_boundary
+        _check_choice("gt_boundary", gt_boundary, GT_BOUNDARIES)
         if prob_B1HW.shape != gt_B1HW.shape:
             raise ValueError(f"EdgeMeter.update: prediction {tuple(prob_B1HW.shape)} != GT {tuple(gt_B1HW.shape)}")
         prob_NHW = prob_B1HW.detach().to(device="cpu", dtype=torch.float32).reshape(-1, *prob_B1HW.shape[-2:])
@@ -146,7 +160,7 @@ class EdgeMeter:
         if bool(((prob_NHW < 0) | (prob_NHW > 1)).any()):
             raise ValueError("EdgeMeter.update: prediction must be a probability in [0, 1] (apply the sigmoid)")
         for prob_HW, gt_HW in zip(prob_NHW.numpy(), gt_NHW.numpy()):
-            self._sums.add(torch.from_numpy(self._image_sums(prob_HW, gt_HW)))
+            self._sums.add(torch.from_numpy(self._image_sums(prob_HW, gt_HW, gt_boundary)))
 
     def sync(self, reduce_fn: ReduceFn) -> None:
         """Sum the state over ranks (a collective: every rank calls it). See `PooledSums.sync`."""

@@ -4,7 +4,8 @@
 Layout: ``{src}/PASCALContext/`` (or ``{src}``) with ``JPEGImages/<id>.jpg``, ``ImageSets/Context/{train,val}.txt``,
 ``semseg/VOC12/<id>.png`` (else ``semseg/pascal-context/<id>.png``), ``human_parts/<id>.mat``,
 ``pascal-context/trainval/<id>.mat`` (``LabelMap``), ``normals_distill/<id>.png``, ``sal_distill/<id>.png``.
-Derived at conversion (`pascal_labels.py`): ``human_parts.png``, ``edge.png`` (0/255), ``normals_valid.png`` (0/1).
+Derived at conversion (`pascal_labels.py`): ``human_parts.png``, ``edge.png`` (0/255, the training target),
+``edge_regions.png`` (the LabelMap renumbered 0..K-1: SEISM's boundary GT for evaluation), ``normals_valid.png`` (0/1).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pretrain.prepare.pascal_labels import (
     NUM_PART_CLASSES,
     LabelFileError,
     edge_map,
+    edge_regions,
     label_map,
     normals_valid,
     parts_map,
@@ -89,6 +91,17 @@ def _labels(job: DenseJob, hw: tuple[int, int], cache: dict) -> np.ndarray:
     return cache["labels"]
 
 
+def _edge(job: DenseJob, hw: tuple[int, int], cache: dict) -> dict[str, bytes]:
+    """The training edge target and, for evaluation, the LabelMap regions SEISM derives its GT from."""
+    labels_HW = _labels(job, hw, cache)
+    try:
+        regions_HW = edge_regions(labels_HW)
+    except LabelFileError as err:
+        raise ImageError(err.reason, f"pascal-context/trainval/{job.id}.mat: {err}") from None
+    return {"edge.png": png_bytes(edge_map(labels_HW).astype(np.uint8) * 255),
+            "edge_regions.png": png_bytes(regions_HW)}
+
+
 def _parts(job: DenseJob, hw: tuple[int, int], cache: dict) -> dict[str, bytes]:
     return {"human_parts.png": png_bytes(_mat_labels(parts_map, job, "parts", f"human_parts/{job.id}.mat", hw))}
 
@@ -100,7 +113,7 @@ MEMBERS = {  # task -> members of the sample (DENSE_SCHEMA)
     "normals": lambda job, hw, cache: {
         "normals.png": png_member(job.files["normals"], f"normals_distill/{job.id}.png", "RGB", hw),
         "normals_valid.png": png_bytes(normals_valid(_labels(job, hw, cache)))},
-    "edge": lambda job, hw, cache: {"edge.png": png_bytes(edge_map(_labels(job, hw, cache)).astype(np.uint8) * 255)},
+    "edge": _edge,
 }
 
 
@@ -121,7 +134,8 @@ PASCAL_CONTEXT = DenseLayout(
     info={"num_classes": {"semseg": len(VOC_CLASSES), "human_parts": NUM_PART_CLASSES, "sal": 2},
           "semseg_classes": list(VOC_CLASSES), "normals_valid_classes": sorted(NORMALS_VALID_CLASSES),
           "label_note": "semseg.png 0..20, 255 ignore; human_parts.png 0..6, all 255 = no person; sal.png v / 255 "
-                        "> 0.5; normals n = 2 v / 255 - 1, ignored where normals_valid.png is 0; edge.png 0/255"},
+                        "> 0.5; normals n = 2 v / 255 - 1, ignored where normals_valid.png is 0; edge.png 0/255; "
+                        "edge_regions.png LabelMap renumbered 0..K-1 (SEISM's edge GT: seg2bmap, thin)"},
 )
 
 

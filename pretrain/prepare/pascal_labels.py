@@ -10,6 +10,9 @@ the PASCAL-Context ``LabelMap``.
   (Guo-Hall two-subiteration thinning, run to convergence). Note: a pixel whose neighbours' label differences
   cancel (e.g. labels 1 | 2 | 3 in a row) has Laplacian 0 and is no edge; this is the reference's behaviour.
 - Normals valid: LabelMap classes that are NYU-compatible (+ tvmonitor); the reference zeroes normals elsewhere.
+- Edge regions (evaluation only): the LabelMap relabelled 0..K−1. SEISM scores PASCAL-Context boundaries against
+  `seg2bmap(relabel(LabelMap))` (`gt_wrappers/db_gt.m`), not against the training edge above; the boundary itself is
+  taken at evaluation (`metrics/edges.py`, which owns `seg2bmap`).
 """
 
 from __future__ import annotations
@@ -96,6 +99,18 @@ def edge_map(labels_HW: np.ndarray) -> np.ndarray:
     """Boolean [H, W] edge GT: ``thin(|Laplacian(labels)| > 0)`` exactly as the reference (see module doc)."""
     lap = ndimage.convolve(labels_HW.astype(np.float64), _LAPLACIAN, mode="mirror")
     return thin(np.abs(lap) > 0)
+
+
+def edge_regions(labels_HW: np.ndarray) -> np.ndarray:
+    """uint8 [H, W]: the LabelMap's classes renumbered 0..K−1 in increasing order (SEISM's `relabel`).
+
+    Renumbering keeps every boundary (seg2bmap compares neighbours for inequality) and fits 8 bits with 255 left for
+    padding; an image with more than 255 classes (PASCAL-Context has 459 in all) raises LabelFileError.
+    """
+    classes, regions = np.unique(labels_HW, return_inverse=True)
+    if classes.size > 255:
+        raise LabelFileError(f"LabelMap has {classes.size} classes, an 8-bit region map holds 255")
+    return regions.reshape(labels_HW.shape).astype(np.uint8)
 
 
 def normals_valid(labels_HW: np.ndarray) -> np.ndarray:
