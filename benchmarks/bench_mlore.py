@@ -87,10 +87,10 @@ def section_inference(rounds: int, out: dict) -> None:
     block: dict[str, Callable[[], None]] = {"conv": lambda: conv(u)}
     for n in (5, 20):
         ours, official = make_blocks(n)
-        ours.eval().merge()
+        ours.eval()  # eval mode runs the merged inference form
         official.eval().reparameter()
         gates, prob_mix = ours.router[TASK](u)
-        core[f"merged_n{n}"] = lambda o=ours, g=gates, p=prob_mix: o.merged_conv(u, TASK, g, p)
+        core[f"merged_n{n}"] = lambda o=ours, g=gates, p=prob_mix: o.merged_mix({TASK: u}, {TASK: g}, {TASK: p})
         core[f"official_n{n}"] = lambda o=official, g=gates, p=prob_mix: o.merged_loop(u, TASK, g, p[:, None])
         block[f"merged_n{n}"] = lambda o=ours: o({TASK: u})
         block[f"official_n{n}"] = lambda o=official: o.forward_merged_loop(u, TASK)
@@ -178,7 +178,8 @@ def section_training(rounds: int, out: dict, profile: bool) -> None:
 def section_decoder(preset: str, rounds: int, out: dict) -> None:
     """Whole decoder at a preset: training step per train_form, eval unmerged vs merged (and their difference)."""
     dataset, size = preset.split("_")
-    dec = build_mlore(embed_dim=EMBED[size], depth=12, tasks=DECODER_TASKS[dataset], preset=preset)
+    dec = build_mlore(embed_dim=EMBED[size], depth=12, tasks=DECODER_TASKS[dataset], preset=preset,
+                      inference_form="unmerged")
     taps = [torch.randn(2, EMBED[size], HW, HW) for _ in range(4)]
     feats = {t: taps for t in dec.tasks}
 
@@ -199,7 +200,7 @@ def section_decoder(preset: str, rounds: int, out: dict) -> None:
     dec.eval()
     merged_dec = build_mlore(embed_dim=EMBED[size], depth=12, tasks=DECODER_TASKS[dataset], preset=preset)
     merged_dec.load_state_dict(dec.state_dict())
-    merged_dec.eval().merge()
+    merged_dec.eval()
     with torch.no_grad():
         res_inf = interleaved(synced({"unmerged": lambda: dec(feats, (4 * HW, 4 * HW)),
                                       "merged": lambda: merged_dec(feats, (4 * HW, 4 * HW))}), "unmerged", rounds)

@@ -49,9 +49,6 @@ SLOW = {
     "tests/test_bad_input.py::test_resume_with_a_changed_config_is_refused_before_writing",  # 2.3 s
     "tests/test_drift.py::test_resume_drift_rules",  # 1.3 s
     "tests/test_decode_bad_input.py::test_damaged_pngs_kill_neither_the_process_nor_the_loaders",  # children: 16 s
-    "tests/test_mlore.py::test_block_shapes_and_merge_for_every_preset",  # ViT-L widths: 13 s
-    "tests/test_mlore.py::test_vits_preset_decoder_merge_is_exact",  # 1.9 s
-    "tests/test_mlore.py::test_saved_in_training_form_then_merged_equals_unmerged",  # 1.2 s
     "tests/test_config.py::test_resolved_config_round_trips",  # 7 files, 7 s
     "tests/test_extract.py",  # trains and exports small runs: 1-4 s each (the keep-rule units are ms)
     "tests/test_export_file.py::test_export_needs_no_shards_once_the_run_saved_its_class_lists",  # 3 exports: 9 s

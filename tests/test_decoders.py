@@ -111,6 +111,16 @@ def test_bad_options_and_inputs_are_named():
         heads({"semseg": tapped(heads)}, (16, 16))
 
 
+def test_mlore_keeps_its_expert_biases_out_of_weight_decay():
+    """The optimizer groups decay every ≥ 2-D parameter not named by `no_weight_decay()`; the shared experts' biases
+    are stored [E, C], so the decoder names them, and only them (every other bias is 1-D)."""
+    decoder = build("mlore")
+    stacked_biases = {n for n, p in decoder.named_parameters() if n.endswith("bias") and p.ndim > 1}
+    assert len(stacked_biases) == 8 and decoder.no_weight_decay() == stacked_biases
+    with pytest.raises(ValueError, match="inference_form"):
+        build("mlore", inference_form="fast")
+
+
 def test_mlore_options_override_preset_defaults():
     decoder = DECODERS["mlore"](embed_dim=24, depth=12, tasks={"semseg": 5}, preset="nyud_vitl", channels=16,
                                 ranks=(2, 4, 6), spe_rank=2, top_k=2)

@@ -1,5 +1,5 @@
-"""MLoRE decoder: router invariants, equality with a transcription of the official block and decoder, exact merge,
-load-balance loss, official key map, parameter counts (methods.md §1)."""
+"""MLoRE decoder: router invariants and ties, inits, equality with a transcription of the official block and decoder,
+load-balance loss, official key map, parameter counts (methods.md §1). Merged inference: test_mlore_merge.py."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.models.decoders import MLORE_PRESETS, build_mlore, load_strict, official_to_ours, ours_to_official
-from pretrain.models.decoders.lowrank import ExpertKernels, LowRankExperts
+from pretrain.models.decoders import build_mlore, load_strict, official_to_ours, ours_to_official
+from pretrain.models.decoders.lowrank import ExpertKernels, LowRankConv, LowRankExperts
 from pretrain.models.decoders.mlore_block import MLoREBlock
-from pretrain.models.decoders.mlore_official import OfficialMoEBlock
+from pretrain.models.decoders.mlore_official import OfficialLora, OfficialMoEBlock
 from pretrain.models.decoders.router import balance_loss, route_top_k
 
 PASCAL = {"semseg": 21, "human_parts": 7, "sal": 2, "normals": 3, "edge": 1}
@@ -124,6 +124,38 @@ def test_router_noise_only_in_training_and_std_raw_unless_softplus():
     assert not torch.equal(block(x)[1]["a"], block(x)[1]["a"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pre_softmax", [True, False])
+def test_top_k_ties_drop_the_experts_the_official_drops(pre_softmax, dtype):
+    """Tied logits (bf16 rounds many close ones together): the official drops `topk(E − k, largest=False)` of the
+    logits (pre_softmax) or of the probabilities; keeping `topk(k)` of the largest picks other experts on ties."""
+    official = OfficialMoEBlock(tasks=["a"], pre_softmax=pre_softmax, hw=1, **SMALL)  # E = 5, k = 3
+    official.router_1["a"] = nn.ModuleList([nn.Identity(), nn.Identity()])  # route() reads [B, 2E+1] as given
+    e, k = len(SMALL["ranks"]), SMALL["top_k"]
+    logits_BE = torch.randint(0, 3, (256, e), generator=torch.Generator().manual_seed(0)).to(dtype)
+    want, _ = official.route(torch.cat([logits_BE, torch.zeros(256, e + 1, dtype=dtype)], 1)[:, :, None, None], "a")
+    got = route_top_k(logits_BE, torch.zeros_like(logits_BE), top_k=k, pre_softmax=pre_softmax, noisy=False)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(route_top_k(logits_BE, torch.zeros_like(logits_BE), top_k=k, pre_softmax=pre_softmax,
+                                   noisy=False), got)  # deterministic
+    largest_BE = torch.zeros_like(logits_BE, dtype=torch.bool).scatter_(1, logits_BE.topk(k, dim=1).indices, True)
+    assert (largest_BE != (want > 0)).any()  # control: the rule of keeping the largest differs on these rows
+
+
+def test_inits_follow_the_official_code():
+    """Shared experts: Kaiming-uniform weights, zero biases (`LoraBlock.init_weights`); task experts (`conv2[t]`,
+    never re-initialised officially): PyTorch's default conv init, biases included."""
+    block = MLoREBlock(tasks=["a"], pre_softmax=False, **SMALL)
+    assert not block.experts.w_bias.any() and not block.experts.m_bias.any()
+    torch.manual_seed(3)
+    ours = LowRankConv(channels=16, rank=SMALL["spe_rank"])
+    torch.manual_seed(3)
+    official = OfficialLora(16, SMALL["spe_rank"])
+    for mine, theirs in ((ours.w, official.W), (ours.m, official.M)):
+        assert torch.equal(mine.weight, theirs.weight) and torch.equal(mine.bias, theirs.bias)
+        assert mine.bias.abs().min() > 0
+
+
 def test_linear_pool_is_tied_to_its_resolution():
     block = MLoREBlock(tasks=["a"], pre_softmax=False, router_pool="linear", router_hw=(4, 4), **SMALL)
     block({"a": torch.randn(1, 16, 4, 4)})
@@ -169,9 +201,10 @@ def test_block_eval_and_merged_equal_official_merge_loop(pre_softmax):
     ours.eval()
     x = torch.randn(3, 16, 6, 6)
     want, _ = official.forward_merged_loop(x, "a")
-    unmerged = ours({"a": x})[0]["a"]
-    ours.merge()
-    merged = ours({"a": x})[0]["a"]
+    with torch.no_grad():
+        merged = ours({"a": x})[0]["a"]  # the eval default
+        ours.inference_form = "unmerged"
+        unmerged = ours({"a": x})[0]["a"]
     assert rel_err(unmerged, want) < 1e-5
     assert rel_err(merged, want) < 1e-5
 
@@ -191,36 +224,6 @@ def test_generic_path_is_detached():
     u = block.task_in["a"](x)  # control: the same conv without detach does pass a gradient
     block.generic(u).pow(2).sum().backward()
     assert torch.count_nonzero(x.grad) > 0
-
-
-@pytest.mark.parametrize("preset", list(MLORE_PRESETS))
-def test_block_shapes_and_merge_for_every_preset(preset):
-    p = MLORE_PRESETS[preset]
-    torch.manual_seed(0)
-    block = MLoREBlock(channels=p["channels"], tasks=["a"], ranks=p["ranks"], spe_rank=p["spe_rank"],
-                       top_k=p["top_k"], pre_softmax=p["pre_softmax"])
-    x = {"a": torch.randn(2, p["channels"], 3, 3)}
-    out, gates = block(x)
-    assert out["a"].shape == (2, p["channels"], 3, 3) and gates["a"].shape == (2, 15)
-    assert ((gates["a"] > 0).sum(1) == p["top_k"]).all()
-    randomize_bn(block)
-    block.eval()
-    with torch.no_grad():
-        unmerged = block(x)[0]["a"]
-        block.merge()
-        merged = block(x)[0]["a"]
-    assert rel_err(merged, unmerged) < 1e-5
-
-
-def test_train_mode_drops_merged_kernels_and_state_dict_stays_training_form():
-    block = MLoREBlock(tasks=["a"], pre_softmax=False, **SMALL).eval()
-    keys = set(block.state_dict())
-    block.merge()
-    assert block.merged and set(block.state_dict()) == keys
-    block.train()
-    assert not block.merged and block.merged_kernels_EF is None
-    with pytest.raises(RuntimeError, match="eval"):
-        block.merge()
 
 
 # ---------------------------------------------------------------- decoder
@@ -321,43 +324,6 @@ def test_key_map_and_strict_loading_report_bad_keys():
         load_strict(ours, state)
     with pytest.raises(ValueError, match="router_pool"):  # attention pooling has no official counterpart
         ours_to_official(ours.state_dict(), SMALL["ranks"])
-
-
-def test_saved_in_training_form_then_merged_equals_unmerged():
-    torch.manual_seed(0)
-    dec = small_decoder()
-    feats = [torch.randn(2, 24, 4, 4) for _ in range(4)]
-    for _ in range(2):  # a few training steps: BN statistics and weights move away from their init
-        preds, aux = dec({"semseg": feats, "depth": feats}, (16, 16))
-        (sum(p.pow(2).mean() for p in preds.values()) + aux["mlore_balance"]).backward()
-        with torch.no_grad():
-            for p in dec.parameters():
-                p -= 0.01 * p.grad
-                p.grad = None
-    fresh = small_decoder()
-    load_strict(fresh, dec.state_dict())
-    fresh.eval()
-    dec.eval()
-    with torch.no_grad():
-        want = dec({"semseg": feats, "depth": feats}, (16, 16))[0]
-        fresh.merge()
-        got = fresh({"semseg": feats, "depth": feats}, (16, 16))[0]
-    for t in want:
-        assert rel_err(got[t], want[t]) < 1e-5
-
-
-def test_vits_preset_decoder_merge_is_exact():
-    torch.manual_seed(0)
-    dec = build_mlore(embed_dim=384, depth=12, tasks={"semseg": 21, "normals": 3}, preset="pascal_vits")
-    randomize_bn(dec)
-    dec.eval()
-    feats = [torch.randn(1, 384, 3, 3) for _ in range(4)]
-    with torch.no_grad():
-        want = dec({"semseg": feats, "normals": feats}, (24, 24))[0]
-        dec.merge()
-        got = dec({"semseg": feats, "normals": feats}, (24, 24))[0]
-    for t in want:
-        assert rel_err(got[t], want[t]) < 1e-5
 
 
 def test_parameter_counts_pascal_vitl_match_official():

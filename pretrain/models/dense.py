@@ -121,7 +121,10 @@ class DenseModel(nn.Module):
         return {t: {t: self.losses[t](preds[t].float(), targets[t])} for t in self.tasks}, aux
 
     def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+        skip = {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+        if hasattr(self.decoder, "no_weight_decay"):  # MLoRE: the shared experts' biases are stored [E, C]
+            skip |= {f"decoder.{name}" for name in self.decoder.no_weight_decay()}
+        return skip
 
     def param_counts(self) -> dict[str, int]:
         """backbone; heads = the decoder's per-task output layers; decoder = the rest of the decoder; total."""

@@ -6,7 +6,8 @@ come from the config section `decoder.<name>`. A decoder has
   - `forward(feats, out_size)`: feats {task: [one map [B, D, h, w] per tap]} (the same list object for every task
     when the backbone ran once) → ({task: [B, C_t, H, W] at out_size}, {aux loss name: unweighted scalar});
   - `predictor_modules()`: {task: [final output layers]} (counted as "heads", the rest as "decoder");
-  - `aux_weights`: {aux loss name: weight}.
+  - `aux_weights`: {aux loss name: weight};
+  - optionally `no_weight_decay()`: names of its parameters (relative to the decoder) to keep out of weight decay.
 Normalisation is plain `nn.BatchNorm2d` (converted to SyncBN by the engine on several GPUs).
 """
 

@@ -83,15 +83,17 @@ class LowRankExperts(nn.Module):
         y_BCN = torch.baddbmm((gates_BE @ self.m_bias)[:, :, None], self.m_weight.expand(b, -1, -1), z_BRN)
         return y_BCN.view(b, self.channels, h, w)
 
-    def kernels(self) -> tuple[Tensor, Tensor]:
+    def kernels(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """Each expert as one conv: kernels [E, C·C·k·k] (rows: output channel, input channel, ky, kx), biases [E, C].
 
-        Differentiable (the merged training form builds them every step, see `ExpertKernels`).
+        Differentiable (the merged training form builds them every step, see `ExpertKernels`). `dtype`: compute in
+        this dtype (merged inference folds bf16 weights in fp32); default the parameters' dtype.
         """
-        kernels_ECF = ExpertKernels.apply(self.w_weight.flatten(1), self.m_weight, self.ranks)
-        bias_EC = torch.stack([m_CR @ b_R for m_CR, b_R in
-                               zip(self.m_weight.split(self.ranks, dim=1), self.w_bias.split(self.ranks))])
-        return kernels_ECF.flatten(1), bias_EC + self.m_bias
+        w_RF, w_R, m_CR, m_EC = (p.to(dtype) for p in (self.w_weight.flatten(1), self.w_bias, self.m_weight,
+                                                      self.m_bias))
+        kernels_ECF = ExpertKernels.apply(w_RF, m_CR, self.ranks)
+        bias_EC = torch.stack([m_Cr @ b_r for m_Cr, b_r in zip(m_CR.split(self.ranks, dim=1), w_R.split(self.ranks))])
+        return kernels_ECF.flatten(1), bias_EC + m_EC
 
 
 class ExpertKernels(torch.autograd.Function):
@@ -129,21 +131,23 @@ class ExpertKernels(torch.autograd.Function):
 
 
 class LowRankConv(nn.Module):
-    """One low-rank conv expert: `w` 3×3 conv C→r then `m` 1×1 conv r→C (the task-specific expert of MLoRE)."""
+    """One low-rank conv expert: `w` 3×3 conv C→r then `m` 1×1 conv r→C (the task-specific expert of MLoRE).
+
+    PyTorch's default conv init, biases included: the official `MOEBlock` calls `LoraBlock.init_weights` (zero
+    biases) on the shared experts only, never on the task experts `conv2[t]`, and its ViT init leaves convs alone.
+    """
 
     def __init__(self, *, channels: int, rank: int, kernel_size: int = 3) -> None:
         super().__init__()
         self.kernel_size = kernel_size
         self.w = nn.Conv2d(channels, rank, kernel_size, padding=kernel_size // 2)
         self.m = nn.Conv2d(rank, channels, 1)
-        nn.init.zeros_(self.w.bias)  # official LoraBlock.init_weights
-        nn.init.zeros_(self.m.bias)
 
     def forward(self, x_BCHW: Tensor) -> Tensor:
         """[B, C, H, W] → [B, C, H, W]."""
         return self.m(self.w(x_BCHW))
 
-    def kernel(self) -> tuple[Tensor, Tensor]:
-        """The expert as one conv: kernel [C, C·k·k], bias [C]."""
-        m_CR = self.m.weight.flatten(1)
-        return m_CR @ self.w.weight.flatten(1), m_CR @ self.w.bias + self.m.bias
+    def kernel(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """The expert as one conv: kernel [C, C·k·k], bias [C]; computed in `dtype` (default the weights')."""
+        m_CR = self.m.weight.flatten(1).to(dtype)
+        return m_CR @ self.w.weight.flatten(1).to(dtype), m_CR @ self.w.bias.to(dtype) + self.m.bias.to(dtype)

@@ -10,9 +10,12 @@ BN → GELU → 1×1 conv to the task's channels, bilinear to `out_size`.
 Auxiliary loss "mlore_balance": CV² over experts of the top-k-masked gates, per block over all tasks and images,
 summed over the 8 blocks (official `losses/loss_schemes.py`); its weight is `load_balance` (`aux_weights`).
 
-Training form: `train_form="merged"` by default (see mlore_block.py for why); `merge()` switches an eval-mode
-decoder to merged inference. Official checkpoints: mlore_keys.official_to_ours + `load_strict`, with
-`router_pool="linear"` and `router_hw` = the official feature-map size (e.g. (32, 32) at 512 px).
+Training form: `train_form="merged"` by default (see mlore_block.py for why). Inference: in eval mode every block
+runs the re-parameterised form of the official `MLoRE_repara.py` (`inference_form="merged"`, the default: one conv
+per image and block instead of three, folded from the current weights, nothing to call and nothing saved), so
+fine-tuning evaluation, loaded and exported models all get it; `inference_form="unmerged"` keeps the training form.
+Official checkpoints: mlore_keys.official_to_ours + `load_strict`, with `router_pool="linear"` and `router_hw` = the
+official feature-map size (e.g. (32, 32) at 512 px).
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ class MLoREDecoder(nn.Module):
     def __init__(self, *, embed_dim: int, taps: Sequence[int], tasks: Mapping[str, int], channels: int,
                  ranks: Sequence[int], spe_rank: int, top_k: int, pre_softmax: bool, load_balance: float,
                  router_pool: str = "attention", router_hw: Sequence[int] | None = None, noise_softplus: bool = False,
-                 train_form: str = "merged") -> None:
+                 train_form: str = "merged", inference_form: str = "merged") -> None:
         super().__init__()
         if len(taps) != NUM_LEVELS:
             raise ValueError(f"MLoRE reads {NUM_LEVELS} backbone taps, got taps={tuple(taps)}")
@@ -108,7 +111,7 @@ class MLoREDecoder(nn.Module):
         block = {"channels": channels, "tasks": list(tasks), "ranks": tuple(ranks), "spe_rank": spe_rank,
                  "top_k": top_k, "pre_softmax": pre_softmax, "router_pool": router_pool,
                  "noise_softplus": noise_softplus, "router_hw": tuple(router_hw) if router_hw else None,
-                 "train_form": train_form}
+                 "train_form": train_form, "inference_form": inference_form}
         self.proj = nn.ModuleList(nn.Conv2d(embed_dim, channels, 1) for _ in range(NUM_LEVELS))
         self.blocks = nn.ModuleList(nn.ModuleList(MLoREBlock(**block) for _ in range(BLOCKS_PER_LEVEL))
                                     for _ in range(NUM_LEVELS))
@@ -151,24 +154,18 @@ class MLoREDecoder(nn.Module):
             preds[t] = F.interpolate(self.heads[t](fused_BChw), size=out_size, mode="bilinear", align_corners=False)
         return preds, {"mlore_balance": balance}
 
-    def merge(self) -> None:
-        """Merged inference in every block (eval mode only; see mlore_block.py). `train()` undoes it."""
-        for level_blocks in self.blocks:
-            for block in level_blocks:
-                block.merge()
-
-    def unmerge(self) -> None:
-        """Back to the `train_form` in every block (drops the merged kernels)."""
-        for level_blocks in self.blocks:
-            for block in level_blocks:
-                block.unmerge()
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to keep out of weight decay: the shared experts' biases `experts.m_bias`, stored [E, C]
+        (one bias per expert), which the "decay ≥ 2-D tensors" rule would otherwise decay like a weight."""
+        return {name for name, _ in self.named_parameters() if name.endswith(".experts.m_bias")}
 
 
 def build_mlore(*, embed_dim: int, depth: int, tasks: Mapping[str, int], preset: str | None = None,
                 channels: int | None = None, ranks: Sequence[int] | None = None, spe_rank: int | None = None,
                 top_k: int | None = None, pre_softmax: bool | None = None, load_balance: float | None = None,
                 router_pool: str = "attention", router_hw: Sequence[int] | None = None, noise_softplus: bool = False,
-                train_form: str = "merged", taps: Sequence[int] | None = None) -> MLoREDecoder:
+                train_form: str = "merged", inference_form: str = "merged",
+                taps: Sequence[int] | None = None) -> MLoREDecoder:
     """`DECODERS["mlore"]`: values not given come from `MLORE_PRESETS[preset]` (default: the PASCAL ViT-S config).
 
     Args: see MLoREDecoder and the module docstring; `taps` defaults to `default_taps(depth)`.
@@ -180,7 +177,8 @@ def build_mlore(*, embed_dim: int, depth: int, tasks: Mapping[str, int], preset:
              "load_balance": load_balance}
     values = {**MLORE_PRESETS[name], **{k: v for k, v in given.items() if v is not None}}
     return MLoREDecoder(embed_dim=embed_dim, taps=taps or default_taps(depth), tasks=tasks, router_pool=router_pool,
-                        router_hw=router_hw, noise_softplus=noise_softplus, train_form=train_form, **values)
+                        router_hw=router_hw, noise_softplus=noise_softplus, train_form=train_form,
+                        inference_form=inference_form, **values)
 
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = "state dict") -> None:

@@ -18,6 +18,10 @@ Gates (`route_top_k`): logits + N(0,1)·std in training only (std used raw as in
 `noise_softplus` softplus(std), which keeps the noise scale non-negative); keep the top-k experts per image:
   - pre_softmax=True: softmax over the kept logits only, so the kept gates sum to 1 (NYUD ViT-L config);
   - pre_softmax=False: softmax over all E, dropped gates set to 0, so the kept gates sum to < 1 (PASCAL configs).
+Which experts are dropped is the official rule to the tie: `topk(E − k, largest=False)` over the (noisy) logits
+when pre_softmax, else over the softmax probabilities (distinct logits can round to equal probabilities, in bf16
+often). Keeping `topk(k)` of the largest instead picks other experts among tied values; torch.topk breaks ties the
+same way on every call on one device, so gates are deterministic and equal the official ones (tests/test_mlore.py).
 """
 
 from __future__ import annotations
@@ -41,10 +45,13 @@ def route_top_k(logits_BE: Tensor, std_BE: Tensor, *, top_k: int, pre_softmax: b
     if noisy:
         scale_BE = F.softplus(std_BE) if noise_softplus else std_BE
         logits_BE = logits_BE + torch.randn_like(logits_BE) * scale_BE
-    keep_BE = torch.zeros_like(logits_BE, dtype=torch.bool).scatter_(1, logits_BE.topk(top_k, dim=1).indices, True)
+    num_drop = logits_BE.shape[1] - top_k
+    scores_BE = logits_BE if pre_softmax else logits_BE.softmax(dim=1)
+    drop_idx_BD = scores_BE.topk(num_drop, dim=1, largest=False).indices  # the official call, ties included
+    drop_BE = torch.zeros_like(scores_BE, dtype=torch.bool).scatter_(1, drop_idx_BD, True)
     if pre_softmax:
-        return logits_BE.masked_fill(~keep_BE, float("-inf")).softmax(dim=1)
-    return logits_BE.softmax(dim=1) * keep_BE
+        return logits_BE.masked_fill(drop_BE, float("-inf")).softmax(dim=1)
+    return scores_BE.masked_fill(drop_BE, 0.0)
 
 
 def balance_loss(gates: list[Tensor]) -> Tensor:
