@@ -136,6 +136,19 @@ def _import_modsquad(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_mlore(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config
+    from pretrain.finetune.config import FinetuneConfig
+    from pretrain.finetune.init import import_mlore_file
+
+    cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)
+    try:
+        print(json.dumps(import_mlore_file(cfg, args.checkpoint, args.out)))
+    except ValueError as exc:  # a bad checkpoint or a config that does not describe it: one line, exit 2
+        raise UserError(str(exc)) from None
+    return 0
+
+
 def _submit(args: argparse.Namespace) -> int:
     import pretrain.finetune.config  # noqa: F401  (registers the fine-tuning schema for `submit finetune`)
     from pretrain.submit import JobOptions, SubmitError, submit, summary
@@ -157,8 +170,12 @@ def _status(args: argparse.Namespace) -> int:
     import pretrain.finetune.config  # noqa: F401  (registers the fine-tuning schema: status reads its runs too)
     from pretrain.status import collect, format_report
 
-    if not Path(args.run_dir).is_dir():
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
         raise UserError(f"{args.run_dir} is not a directory")
+    marks = ("config.yaml", "checkpoints", "logs", "slurm", "metrics.jsonl")
+    if not any((run_dir / mark).exists() for mark in marks):  # not "nothing written yet": nothing ever was
+        raise UserError(f"{args.run_dir} is not a run directory (none of {', '.join(marks)} in it)")
     report = collect(args.run_dir)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
@@ -347,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: identity; required when the task counts differ)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.set_defaults(func=_import_modsquad)
+    p = sub.add_parser("import-mlore", help="an official MLoRE checkpoint -> backbone + decoder file for "
+                       "finetune.init_from")
+    p.add_argument("checkpoint", help="official checkpoint.pth.tar (read weights-only) or .safetensors")
+    p.add_argument("--config", required=True, help="fine-tuning config of the checkpoint's recipe, e.g. "
+                   "configs/finetune/pascal_vitl_mlore.yaml")
+    p.add_argument("--out", required=True, help="FILE.safetensors (backbone.* + decoder.*, kind 'dense')")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of --config, next to CHECKPOINT")
+    p.set_defaults(func=_import_mlore)
     p = sub.add_parser("submit", help="submit a requeueable SLURM job (slurm/train.sbatch) for a config")
     p.add_argument("subcommand", choices=["train", "finetune"], help="what the job runs")
     p.add_argument("config", help="YAML overlay; validated and frozen into output_dir/config.yaml")

@@ -84,3 +84,12 @@ def test_render_refuses_what_cannot_be_rendered_safely(tmp_path, monkeypatch, ru
     with pytest.raises(SubmitError) as caught:
         _render(tmp_path, monkeypatch, run, **opts)
     assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_status_of_a_folder_that_is_no_run_is_exit_2(tmp_path, capsys):
+    from pretrain.cli import main as cli_main
+
+    assert cli_main(["status", str(tmp_path)]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("train: {max_steps: 3}\n")  # a submitted run before its first job
+    assert cli_main(["status", str(tmp_path)]) == 0
