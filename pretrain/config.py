@@ -104,6 +104,10 @@ class ModelConfig:
     size: str = "vit_b16"  # key of models.BACKBONE_SIZES
     patch_size: int = 0  # 0 = the size's default
     img_size: int = 0  # grid the position embedding is stored for (0 = the size's default; 384 for AugReg-384)
+    # (rows, cols) of patches the position embedding is stored for, overriding img_size when not (0, 0): a
+    # non-square training grid (MLoRE's NYUD 448×576 → 28×36) needs no resampling on the forward
+    pos_grid: tuple[int, int] = (0, 0)
+    class_token: bool = True  # false: patch tokens only (MLoRE's official ViT; `pretrain import-mlore` sets it)
     drop_path: float = 0.1
     task_embed: bool = True
     # zero (no weight decay: an upcycled model starts as the dense one, no task-constant std-1 offset dominating the
@@ -237,9 +241,16 @@ def check_train(t: TrainConfig, o: OptimConfig) -> None:
     need(o.poly_power > 0, "optim.poly_power", o.poly_power, "must be > 0")
 
 
+def check_model(m: ModelConfig) -> None:
+    rows, cols = m.pos_grid
+    need((rows == 0) == (cols == 0), "model.pos_grid", [rows, cols], "must be [0, 0] (from model.img_size) or "
+         "[rows, cols] of patches, both >= 1")
+
+
 def _check_run(cfg: RunConfig) -> None:
     check_values(cfg)
     check_choices(cfg, CHOICES)
+    check_model(cfg.model)
     check_moe(cfg.moe, cfg.engine)
     check_train(cfg.train, cfg.optim)
     need(cfg.data.temperature > 0, "data.temperature", cfg.data.temperature, "must be > 0")

@@ -42,6 +42,11 @@ def backbone_size(model: ModelConfig) -> dict[str, Any]:
         size["patch_size"] = model.patch_size
     if model.img_size:
         size["img_size"] = model.img_size
+    if any(model.pos_grid):  # a (possibly non-square) stored grid, in pixels for PatchEmbed
+        rows, cols = model.pos_grid
+        if rows < 1 or cols < 1:
+            raise ValueError(f"model.pos_grid={list(model.pos_grid)}: expected [rows, cols] >= 1, or [0, 0]")
+        size["img_size"] = (rows * size["patch_size"], cols * size["patch_size"])
     return size
 
 
@@ -89,7 +94,8 @@ def build_backbone(model: ModelConfig, moe: MoEConfig, *, num_tasks: int = len(T
     """
     mlp_kwargs, attn_kwargs = moe_kwargs(model, moe)
     vit = VisionTransformer(**backbone_size(model), drop_path=model.drop_path, num_tasks=num_tasks,
-                            task_embed=model.task_embed, task_embed_init=model.task_embed_init,
+                            class_token=model.class_token, task_embed=model.task_embed,
+                            task_embed_init=model.task_embed_init,
                             dense_attn_head_dim=moe.dense_attn_head_dim, placement=moe.placement,
                             moe_mlp_layer=moe_mlp_layer or MoEMlp, moe_mlp_kwargs=mlp_kwargs,
                             moe_attn_layer=moe_attn_layer or MoEAttention, moe_attn_kwargs=attn_kwargs)

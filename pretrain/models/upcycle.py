@@ -1,7 +1,10 @@
 """Sparse upcycling (Komatsuzaki et al. 2023): initialise the MoE ViT from a dense timm ViT state dict file.
 
 Dense parameters (patch embedding, class token, position embedding, norms, dense attention/MLP blocks, final
-norm) are copied by name; the position embedding is resampled when the grids differ. MoE layers:
+norm) are copied by name; the position embedding is resampled when the grids differ. A backbone without a class
+token (`model.class_token=false`, MLoRE's geometry) ignores the file's `cls_token` and drops the class row of its
+position embedding (the row before a square patch grid) before resampling, as MLoRE's `pos_embed[:, 1:]` does.
+MoE layers:
 - MoE MLP at `blocks.{i}.mlp` from the dense `fc1`/`fc2` of that block. `copy`: every expert is the dense MLP
   (expert hidden H must equal the dense hidden H_d). `slice`: global expert g gets the dense hidden units
   [j·H, (j+1)·H) with j = g mod (H_d/H); exact partition when E·H = H_d. Each slice keeps fc2's bias divided by
@@ -28,6 +31,7 @@ raise a `ValueError` that names them.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -52,7 +56,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own types for a damaged header or a truncated file
+            raise ValueError(f"{path}: cannot read as safetensors: {exc}") from None
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -139,6 +146,14 @@ def _upcycle_attn(layer: MoEAttention, sd: dict[str, Tensor], prefix: str, num_h
         used.add(f"{prefix}proj.bias")  # no bias in the head experts: the dense output bias is dropped
 
 
+def _grid_rows(pos: Tensor) -> Tensor:
+    """The patch-grid rows [1, h·w, D] of a file's `pos_embed` [1, P + h·w, D]: P = 1 when the grid left after one
+    row is square and the whole is not (a class position), else 0."""
+    rows = pos.shape[1]
+    square = math.isqrt(rows) ** 2 == rows
+    return pos[:, 1:] if not square and math.isqrt(rows - 1) ** 2 == rows - 1 else pos
+
+
 def _dense_key_owner(vit: VisionTransformer, key: str) -> str | None:
     """`blocks.{i}.mlp.` / `blocks.{i}.attn.` when `key` lies inside a MoE layer, else None."""
     parts = key.split(".")
@@ -178,8 +193,8 @@ def upcycle_vit(vit: VisionTransformer, path: str | Path, *, mode: str = "copy",
         elif key == "pos_embed" and key in sd and sd[key].shape != param.shape:
             used.add(key)
             grid = vit.patch_embed.grid_size
-            _copy(param, resample_abs_pos_embed(sd[key], new_size=grid, num_prefix_tokens=vit.num_prefix_tokens),
-                  key)
+            src = sd[key] if vit.num_prefix_tokens else _grid_rows(sd[key])  # no class token here: drop its row
+            _copy(param, resample_abs_pos_embed(src, new_size=grid, num_prefix_tokens=vit.num_prefix_tokens), key)
         elif (src := _take(sd, used, missing, key)) is not None:
             _copy(param, src, key)
     for prefix, layer in moe_layers.items():
@@ -191,8 +206,10 @@ def upcycle_vit(vit: VisionTransformer, path: str | Path, *, mode: str = "copy",
             if not isinstance(layer, MoEAttention):
                 raise TypeError(f"upcycling {prefix}: expected MoEAttention, got {type(layer).__name__}")
             _upcycle_attn(layer, sd, prefix, vit.num_heads, used, missing)
-    ignored = sorted(k for k in sd if k not in used and k.startswith(IGNORED_PREFIXES))
-    unexpected = sorted(k for k in sd if k not in used and not k.startswith(IGNORED_PREFIXES))
+    # a backbone without a class token has no use for the file's
+    ignore = IGNORED_PREFIXES + (("cls_token",) if vit.cls_token is None else ())
+    ignored = sorted(k for k in sd if k not in used and k.startswith(ignore))
+    unexpected = sorted(k for k in sd if k not in used and not k.startswith(ignore))
     report = {"missing": sorted(missing), "unexpected": unexpected, "ignored": ignored}
     if strict and (missing or unexpected):
         raise ValueError(f"upcycling from {path}: missing keys [{_format_keys(report['missing'])}]; "

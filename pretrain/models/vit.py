@@ -109,11 +109,14 @@ def _init_dense(module: nn.Module) -> None:
 
 
 class VisionTransformer(nn.Module):
-    """ViT with a class token, absolute position embedding resampled to any input grid, optional per-task
+    """ViT with an optional class token, absolute position embedding resampled to any input grid, optional per-task
     embedding, and task-routed MoE layers placed by `placement`.
 
     Args:
-        img_size: size the position embedding is stored for (other sizes are resampled on the fly).
+        img_size: size the position embedding is stored for, int (square) or (h, w); an input whose patch grid
+            differs is resampled on the fly, one at the stored grid is not.
+        class_token: prepend a learned class token (timm's default). False = the geometry of MLoRE's official ViT
+            (`mlore_import.py`): patch tokens only, `pos_embed` [1, h·w, D], `num_prefix_tokens` 0.
         patch_size, embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the usual ViT shape.
         drop_path: stochastic-depth rate of the last block (linear ramp from 0).
         init_values: LayerScale init (None = no LayerScale, as timm's plain ViT).
@@ -132,9 +135,10 @@ class VisionTransformer(nn.Module):
         moe_attn_layer, moe_attn_kwargs: the same for MoE attention (`modsquad` only).
     """
 
-    def __init__(self, *, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
-                 init_values: float | None = None, num_tasks: int = 1, task_embed: bool = False,
+    def __init__(self, *, img_size: int | tuple[int, int] = 224, patch_size: int = 16, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, init_values: float | None = None, class_token: bool = True,
+                 num_tasks: int = 1, task_embed: bool = False,
                  task_embed_init: str = "zero", dense_attn_head_dim: int = 0, placement: str = "dense",
                  moe_mlp_layer: Callable[..., nn.Module] | None = None,
                  moe_mlp_kwargs: dict[str, Any] | None = None, moe_attn_layer: Callable[..., nn.Module] | None = None,
@@ -144,14 +148,14 @@ class VisionTransformer(nn.Module):
         self.num_heads = num_heads
         self.patch_size = patch_size
         self.num_tasks = num_tasks
-        self.num_prefix_tokens = 1
+        self.num_prefix_tokens = 1 if class_token else 0
         self.placement = placement
         # NHWC output + no strict size: any input size works; inputs not divisible by the patch are padded.
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=3, embed_dim=embed_dim,
                                       output_fmt="NHWC", strict_img_size=False, dynamic_img_pad=True)
         grid = self.patch_embed.grid_size
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + self.num_prefix_tokens, embed_dim))
         if task_embed_init not in TASK_EMBED_INITS:
             raise ValueError(f"task_embed_init={task_embed_init!r} is not one of {TASK_EMBED_INITS}")
         self.task_embed_init = task_embed_init
@@ -178,7 +182,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = LayerNorm(embed_dim)
         trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
         if self.task_embed is not None and task_embed_init == "randn":
             nn.init.normal_(self.task_embed)
 
@@ -188,16 +193,20 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this module) excluded from weight decay."""
-        names = {"pos_embed", "cls_token"}
+        names = {"pos_embed"} | ({"cls_token"} if self.cls_token is not None else set())
         return names | ({"task_embed"} if self.task_embed is not None and self.task_embed_init == "zero" else set())
 
     def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """x [B,3,H,W] → tokens [B,1+h·w,D] with class token and position embedding, and the grid (h, w)."""
+        """x [B,3,H,W] → tokens [B,P+h·w,D] (P = num_prefix_tokens: the class token, if any, first) with the
+        position embedding added, and the grid (h, w)."""
         x_BhwD = self.patch_embed(x)
         B, h, w, D = x_BhwD.shape
+        # at the stored grid timm returns the parameter itself (no interpolation per forward)
         pos = resample_abs_pos_embed(self.pos_embed, new_size=(h, w), old_size=self.patch_embed.grid_size,
                                      num_prefix_tokens=self.num_prefix_tokens)
-        x_BND = torch.cat([self.cls_token.expand(B, -1, -1), x_BhwD.reshape(B, h * w, D)], dim=1)
+        x_BND = x_BhwD.reshape(B, h * w, D)
+        if self.cls_token is not None:
+            x_BND = torch.cat([self.cls_token.expand(B, -1, -1), x_BND], dim=1)
         # timm releases differ in whether the resampled embedding keeps the weights' dtype (bf16 under DeepSpeed)
         return x_BND + pos.to(x_BND.dtype), (h, w)
 
@@ -211,8 +220,9 @@ class VisionTransformer(nn.Module):
         return self.blocks[i](x_BND, task_B)
 
     def forward_features(self, x: Tensor, task_B: Tensor, norm: bool = True) -> Tensor:
-        """x [B,3,H,W] normalised float, task_B [B] int64 → tokens [B,1+h·w,D] (class token first), final-normed
-        unless `norm=False` (Mod-Squad's class path pools the un-normed tokens: `ClsHead(order="modsquad")`)."""
+        """x [B,3,H,W] normalised float, task_B [B] int64 → tokens [B,P+h·w,D] (class token first, if any),
+        final-normed unless `norm=False` (Mod-Squad's class path pools the un-normed tokens:
+        `ClsHead(order="modsquad")`)."""
         self._check_task(x, task_B)
         x_BND, _ = self._embed(x)
         for i in range(self.depth):
@@ -229,7 +239,7 @@ class VisionTransformer(nn.Module):
             indices: None = every block, int n = last n blocks, sequence = those block indices.
             norm: apply the final norm to each intermediate.
             output_fmt: `NCHW` → [B,D,h,w] maps (h = ceil(H/patch)); `NLC` → [B,h·w,D].
-            intermediates_only: return only the list; otherwise (final-normed tokens [B,1+h·w,D], list).
+            intermediates_only: return only the list; otherwise (final-normed tokens [B,P+h·w,D], list).
             stop_early: skip blocks after the last tapped one (only with intermediates_only).
         """
         if output_fmt not in ("NCHW", "NLC"):
