@@ -17,7 +17,7 @@ from pretrain.data.mixture import MixedStream, TaskSampler
 from pretrain.data.sources import read_shard_info
 from pretrain.dist import DistInfo
 from pretrain.finetune.config import DENSE_TASKS, FinetuneConfig, enabled_dense_tasks
-from pretrain.finetune.init import build_finetune_backbone
+from pretrain.finetune.init import build_finetune_backbone, load_source_decoder_
 from pretrain.finetune.losses import build_losses
 from pretrain.models.decoders import DECODERS
 from pretrain.models.dense import DenseModel
@@ -77,6 +77,7 @@ def build_dense_model(cfg: FinetuneConfig, data: DenseData) -> DenseModel:
     channels = {t: OUT_CHANNELS.get(t) or data.num_classes[t] for t in tasks}
     decoder = DECODERS[cfg.finetune.decoder](embed_dim=backbone.embed_dim, depth=backbone.depth, tasks=channels,
                                              **cfg.finetune.decoder_options)
+    load_source_decoder_(cfg, decoder)  # an imported official MLoRE file (`pretrain import-mlore`) brings its decoder
     objective = build_objective(cfg.tasks, cfg.optim, cfg.moe, extra_aux=decoder.aux_weights, order=DENSE_TASKS)
     model = DenseModel(backbone=backbone, decoder=decoder, tasks=tasks, routing=cfg.finetune.routing,
                        losses=build_losses(tasks, edge_pos_weight=cfg.finetune.edge_pos_weight), objective=objective)

@@ -21,6 +21,7 @@ from pretrain.config import (
     MoEConfig,
     OptimConfig,
     TrainConfig,
+    check_model,
     check_moe,
     check_train,
 )
@@ -107,6 +108,7 @@ CHOICES = {
 def _check(cfg: FinetuneConfig) -> None:
     check_values(cfg)
     check_choices(cfg, CHOICES)
+    check_model(cfg.model)
     check_moe(cfg.moe, cfg.engine)
     check_train(cfg.train, cfg.optim)
     check_tasks(cfg.tasks, DENSE_TASKS)

@@ -1,9 +1,11 @@
 """Where a fine-tuning backbone comes from (`finetune.init_from`), and how its routers become the dense tasks'.
 
 Sources: a pretraining run directory (`runs.load_run`), a file written by `pretrain export` / `pretrain extract`
-(their loader), a dense timm ViT state dict (`.safetensors` / `.pth`, weights only: sparse-upcycled into the configured
-placement), or nothing (random init). Position embeddings are resampled to the fine-tuning grid on the fly by the
-backbone itself. Each dense task's router row and task-embedding row start from those of one pretraining task
+(their loader), a `dense` file written by `pretrain import-mlore` (backbone + MLoRE decoder of an official MLoRE
+checkpoint, `import_mlore_file`; its decoder is taken by `load_source_decoder_`), a dense timm ViT state dict
+(`.safetensors` / `.pth`, weights only: sparse-upcycled into the configured placement), or nothing (random init).
+Position embeddings are resampled to the fine-tuning grid on the fly by the backbone itself (not at its stored
+grid). Each dense task's router row and task-embedding row start from those of one pretraining task
 (`finetune.router_from`), or one shared row serves every task (`finetune.routing=shared`).
 """
 
@@ -12,19 +14,22 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from pretrain.config import TASKS
-from pretrain.finetune.config import FinetuneConfig
+from pretrain.config import TASKS, ModelConfig
+from pretrain.finetune.config import FinetuneConfig, enabled_dense_tasks
 from pretrain.layers import moe_mlp_factory
-from pretrain.models import build_backbone
+from pretrain.models import backbone_size, build_backbone
 from pretrain.models.moe_losses import moe_modules
 from pretrain.models.moe_routing import TaskRouter
 from pretrain.models.vit import VisionTransformer
 
 logger = logging.getLogger(__name__)
+
+DENSE_KIND = "dense"  # portable-format file kind of `pretrain import-mlore`: `backbone.*` + `decoder.*` tensors
 
 
 def _portable_meta(path: Path) -> dict | None:
@@ -61,6 +66,8 @@ def load_source_backbone(cfg: FinetuneConfig) -> tuple[VisionTransformer, tuple[
     if not path.is_file():
         raise FileNotFoundError(f"finetune.init_from={src}: no such run directory or file")
     meta = _portable_meta(path)
+    if meta is not None and meta.get("kind") == DENSE_KIND:
+        return _dense_backbone(cfg, path), TASKS
     if meta is not None:
         from pretrain.portable import load_backbone
 
@@ -110,3 +117,138 @@ def build_finetune_backbone(cfg: FinetuneConfig, tasks: list[str]) -> VisionTran
         source = 0
     count = len(tasks) if cfg.finetune.routing == "per_task" else 1
     return select_task_rows_(vit, [source] * count)
+
+
+def _dense_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix` (`backbone.` / `decoder.`) of a `dense` file, prefix removed; only those are read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+def _dense_backbone(cfg: FinetuneConfig, path: Path) -> VisionTransformer:
+    """The backbone of a `dense` file, built from the file's model/moe sections (its geometry: no class token,
+    position embedding at the official training grid); drop path is the fine-tuning config's."""
+    from pretrain.portable import config_sections, read_meta
+
+    model, moe, _ = config_sections(path, read_meta(path, DENSE_KIND))
+    model = replace(model, drop_path=cfg.model.drop_path)
+    vit = build_backbone(model, moe, moe_mlp_layer=moe_mlp_factory(moe, cfg.engine, rank=0))
+    result = vit.load_state_dict(_dense_tensors(path, "backbone."), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}: backbone tensors do not match its metadata: missing {result.missing_keys[:8]}, "
+                         f"unexpected {result.unexpected_keys[:8]}")
+    logger.info("backbone: %s (dense file of an official MLoRE checkpoint: %s, class token %s, grid %s)", path,
+                model.size, model.class_token, list(model.pos_grid))
+    return vit
+
+
+@torch.no_grad()
+def load_source_decoder_(cfg: FinetuneConfig, decoder: nn.Module) -> bool:
+    """Load the decoder of a `dense` file in `finetune.init_from` into `decoder` (built from the config) in place.
+
+    Returns False (nothing loaded) for any other source, or when `finetune.decoder` is not the file's decoder (then
+    only its backbone is taken). Tasks of the file that the config leaves out are dropped; everything else must fit
+    exactly, else ValueError naming the file, the first differing key and the options to set.
+    """
+    src = cfg.finetune.init_from
+    path = Path(src)
+    meta = _portable_meta(path) if src and path.is_file() else None
+    if meta is None or meta.get("kind") != DENSE_KIND:
+        return False
+    stored = meta["decoder"]
+    if cfg.finetune.decoder != stored["name"]:
+        logger.info("%s holds a %s decoder, finetune.decoder=%s: only its backbone is taken", path, stored["name"],
+                    cfg.finetune.decoder)
+        return False
+    missing_tasks = sorted(set(decoder.tasks) - set(stored["tasks"]))
+    if missing_tasks:
+        raise ValueError(f"finetune.init_from={path}: its decoder has no tasks {missing_tasks} (it has "
+                         f"{sorted(stored['tasks'])}): disable them with tasks.<task>.enabled=false")
+    left_out = set(stored["tasks"]) - set(decoder.tasks)
+    tensors = {k: v for k, v in _dense_tensors(path, "decoder.").items() if not left_out & set(k.split("."))}
+    own = decoder.state_dict()
+    differ = sorted(set(own) ^ set(tensors)) + sorted(k for k in set(own) & set(tensors)
+                                                      if own[k].shape != tensors[k].shape)
+    if differ:
+        raise ValueError(f"finetune.init_from={path}: its {stored['name']} decoder does not fit finetune."
+                         f"decoder_options={dict(cfg.finetune.decoder_options)} (first differing key {differ[0]}): "
+                         f"set them to the file's {stored['options']}")
+    decoder.load_state_dict(tensors, strict=True)
+    logger.info("decoder: %s from %s (tasks %s; left out %s)", stored["name"], path, list(decoder.tasks),
+                sorted(left_out))
+    return True
+
+
+def mlore_import_target(cfg: FinetuneConfig, shape: Any, source: str
+                        ) -> tuple[ModelConfig, VisionTransformer, nn.Module, dict[str, Any]]:
+    """The backbone and decoder an official MLoRE checkpoint of `shape` (`mlore_import.OfficialShape`) loads into,
+    built from the fine-tuning config `cfg`; raises ValueError naming `source` and the key when they cannot fit.
+
+    `cfg` describes the target: `model.size` (width/depth/patch must be the checkpoint's), `moe.placement=dense`,
+    `finetune.decoder=mlore` with `decoder_options` (preset: the checkpoint's widths), the enabled tasks (a subset of
+    the checkpoint's, output channels as `data.dataset`'s) and `data.train_size` (the official training size: its
+    patch grid must hold the checkpoint's position embedding). The backbone gets `class_token=false`, `pos_grid` =
+    that grid, no task embedding; the decoder `router_pool=linear`, `router_hw` = the grid (models/mlore_import.py).
+    Returns (the backbone's model section, backbone, decoder, decoder options).
+    """
+    from pretrain.data.dense_decode import DENSE_DATASETS
+    from pretrain.finetune.build import OUT_CHANNELS  # build imports this module: import it lazily
+    from pretrain.models.decoders import DECODERS
+
+    size = backbone_size(cfg.model)
+    if (size["embed_dim"], size["depth"], size["patch_size"]) != (shape.embed_dim, shape.depth, shape.patch_size):
+        raise ValueError(f"{source}: a ViT of width {shape.embed_dim}, depth {shape.depth}, patch "
+                         f"{shape.patch_size}; --config model.size={cfg.model.size} has {size['embed_dim']}, "
+                         f"{size['depth']}, {size['patch_size']}")
+    patch, (h, w) = shape.patch_size, cfg.data.train_size
+    grid = (h // patch, w // patch)
+    if grid[0] * grid[1] != shape.tokens:
+        raise ValueError(f"{source}: its position embedding holds {shape.tokens} patches (+1 class row); "
+                         f"data.train_size={[h, w]} gives a {grid[0]}x{grid[1]} grid: set data.train_size to the "
+                         "official training size (PASCAL-Context [512, 512], NYUD-v2 [448, 576])")
+    tasks = enabled_dense_tasks(cfg)
+    lacking = [t for t in tasks if t not in shape.tasks]
+    if lacking:
+        raise ValueError(f"{source}: no heads for tasks {lacking} (it has {sorted(shape.tasks)}): disable them "
+                         "with tasks.<task>.enabled=false")
+    channels = {t: OUT_CHANNELS.get(t) or DENSE_DATASETS[cfg.data.dataset].num_classes[t] for t in tasks}
+    wrong = {t: shape.tasks[t] for t in tasks if shape.tasks[t] != channels[t]}
+    if wrong:
+        raise ValueError(f"{source}: heads with {wrong} outputs, data.dataset={cfg.data.dataset} has "
+                         f"{ {t: channels[t] for t in wrong} }: is --config for this checkpoint's dataset?")
+    model = replace(cfg.model, class_token=False, pos_grid=grid, task_embed=False, upcycle_from="")
+    vit = build_backbone(model, cfg.moe)
+    options = {**cfg.finetune.decoder_options, "router_pool": "linear", "router_hw": list(grid)}
+    decoder = DECODERS["mlore"](embed_dim=vit.embed_dim, depth=vit.depth, tasks=channels, **options)
+    return model, vit, decoder, options
+
+
+def import_mlore_file(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+    """`pretrain import-mlore`: an official MLoRE checkpoint → a `dense` file (`backbone.*` + `decoder.*` tensors,
+    the backbone's model/moe sections and the decoder's name, options and tasks in the metadata) for
+    `finetune.init_from`. The target comes from `cfg` (`mlore_import_target`). Returns the command's JSON report:
+    mapped / dropped key counts with the reason per dropped group, and the overrides that take the decoder too.
+    """
+    from pretrain.models.mlore_import import import_mlore, official_shape, read_official
+    from pretrain.portable import config_metadata, write_file
+
+    if cfg.moe.placement != "dense" or cfg.finetune.decoder != "mlore":
+        raise ValueError(f"--config: an official MLoRE checkpoint is a plain ViT + MLoRE decoder: set moe.placement="
+                         f"dense (is {cfg.moe.placement}) and finetune.decoder=mlore (is {cfg.finetune.decoder})")
+    if Path(out).suffix != ".safetensors":
+        raise ValueError(f"--out {out}: the file name must end in .safetensors")
+    sd = read_official(checkpoint)
+    model, vit, decoder, options = mlore_import_target(cfg, official_shape(sd, str(checkpoint)), str(checkpoint))
+    report = import_mlore(sd, vit, decoder, name=str(checkpoint))
+    tensors = {**{f"backbone.{k}": v for k, v in vit.state_dict().items()},
+               **{f"decoder.{k}": v for k, v in decoder.state_dict().items()}}
+    meta = {**config_metadata(model=model, moe=cfg.moe, tasks={}), "source": str(checkpoint),
+            "decoder": {"name": "mlore", "options": options, "tasks": decoder.tasks}, "import_report": report}
+    write_file(out, tensors, meta, kind=DENSE_KIND)
+    rows, cols = model.pos_grid
+    overrides = [f"finetune.init_from={out}", "finetune.decoder=mlore", "finetune.decoder_options.router_pool=linear",
+                 f"finetune.decoder_options.router_hw=[{rows},{cols}]", "finetune.routing=shared"]
+    return {"out": str(out), "kind": DENSE_KIND, "grid": [rows, cols], "tasks": decoder.tasks, **report,
+            "finetune_overrides": overrides}

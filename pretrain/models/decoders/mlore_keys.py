@@ -7,6 +7,10 @@ Official names (training form, models/transformers/MLoRE.py): the decoder lives 
 the rank axis (`experts.{w,m}_{weight,bias}`), and the router's 1×1 convs on pooled vectors are `nn.Linear`
 here ([o, i, 1, 1] ↔ [o, i]). Official `router_1.{t}.0.convsp` (Linear(H·W, 1)) maps to `router.{t}.pool`, which
 exists only with `router_pool="linear"`.
+
+Modules of the official checkpoints that take no part in the official forward or loss (`UNUSED_OFFICIAL`) are
+dropped by `official_to_ours` rather than refused: the ViT-B model file (`MLoRE_vitB.py`) builds `q_fuse` and
+`classify_route_{1,2}`, and `utils/common_config.py` builds `aux_heads` that the ViT-B wrapper keeps.
 """
 
 from __future__ import annotations
@@ -36,6 +40,16 @@ _RULES = [("backbone.fea_fuse.{l}", "proj.{l}", False), ("backbone.task_mask.{t}
           ("heads.{t}.linear_pred", "heads.{t}.pred", False)]
 _RULES += [(f"backbone.MLoRE_{j + 1}.{{l}}.{off}", f"blocks.{{l}}.{j}.{ours}", lin)
            for j in (0, 1) for off, ours, lin in _BLOCK_RULES]
+# group → (official key pattern, why it is dropped): read in MLoRE_vitB.py (`MLoRE.__init__`, `forward`),
+# MLoRE_wrapper_vitb.py, utils/common_config.py (`get_model`) and losses/loss_schemes.py (`MultiTaskLoss`)
+UNUSED_OFFICIAL: dict[str, tuple[re.Pattern, str]] = {
+    "q_fuse": (re.compile(r"^(backbone\.)?q_fuse\."),
+               "ViT-B only: a per-task 1x1 conv 4C->C built and never called (task_mask fuses the levels)"),
+    "classify_route": (re.compile(r"^(backbone\.)?classify_route_[12]\."),
+                       "ViT-B only: two 1x1 convs C/2->T built and never called, by the forward or by the loss"),
+    "aux_heads": (re.compile(r"^aux_heads\."),
+                  "a second ConvHead per task, built by get_model and kept by the ViT-B wrapper; never called"),
+}
 _OFFICIAL_EXPERT = re.compile(r"^backbone\.MLoRE_(?P<j>[12])\.(?P<l>\d+)\.lora_list_1\.(?P<i>\d+)\.(?P<wm>[WM])\."
                               r"(?P<param>weight|bias)$")
 _OUR_EXPERT = re.compile(r"^blocks\.(?P<l>\d+)\.(?P<j>[01])\.experts\.(?P<wm>[wm])_(?P<param>weight|bias)$")
@@ -62,16 +76,24 @@ def _rename(key: str, rules, tensor: Tensor, to_linear: bool) -> tuple[str, Tens
     return None
 
 
+def unused_official_group(key: str) -> str | None:
+    """The `UNUSED_OFFICIAL` group an official key (without `module.`) belongs to, or None."""
+    return next((group for group, (rx, _) in UNUSED_OFFICIAL.items() if rx.match(key)), None)
+
+
 def official_to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Official MLoRE checkpoint → MLoREDecoder state dict (load it with `load_strict`).
 
     Args: state_dict: official `model` state dict; a leading `module.` is stripped and a bare decoder (keys
         without `backbone.`) is accepted. ViT keys (`backbone.blocks.*`, `patch_embed`, `pos_embed`, `norm`) are
-        left out: they belong to the backbone. Returns: the decoder's keys. Raises ValueError on any other key.
+        left out: they belong to the backbone; so are the `UNUSED_OFFICIAL` modules. Returns: the decoder's keys.
+        Raises ValueError on any other key.
     """
     out, experts, unknown = {}, {}, []
     for key, tensor in state_dict.items():
         key = key.removeprefix("module.")
+        if unused_official_group(key) is not None:
+            continue
         if not key.startswith(("backbone.", "heads.")):
             key = "backbone." + key
         if _VIT_KEYS.match(key):
