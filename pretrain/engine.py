@@ -29,25 +29,58 @@ How DeepSpeed is made to treat our native `MoEMlp` experts as expert-parallel pa
   form an EP group, so this rank's expert-parallel rank is `rank % ep_size` (`layers.moe_mlp_factory` binds it).
 """
 
-# ruff: noqa: E402  (DS_ACCELERATOR must be set before DeepSpeed is first imported)
+# ruff: noqa: E402  (prepare_op_build sets DS_ACCELERATOR before DeepSpeed is first imported)
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import pickle
 import sys
+from collections.abc import Mapping, MutableMapping
 
 import torch
+from torch.utils.cpp_extension import get_default_build_root
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator when first imported
-# DeepSpeed JIT-builds its CPU shared-memory op with the `ninja` first on PATH. The venv's (pip) and a system one log
-# build commands differently, so a run from an activated venv and one from `.venv/bin/pretrain` rebuilt each other's
-# cached op (~80 s per start on 2 cores): always build with the interpreter's own, as scripts/setup.sh does.
-_BIN = os.path.dirname(sys.executable)
-if os.path.isfile(os.path.join(_BIN, "ninja")) and os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
-    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
+OP_CACHE_VAR = "TORCH_EXTENSIONS_DIR"  # where torch builds and caches JIT-compiled ops (DeepSpeed's included)
+
+
+def op_cache_dir(environ: Mapping[str, str], prefix: str, *, writable: bool, user_cache: str) -> str:
+    """The folder DeepSpeed's JIT-built ops are cached in for the Python environment at `prefix` (`sys.prefix`).
+
+    torch's default, `~/.cache/torch_extensions/py311_cu130`, is per Python and CUDA version: two environments on
+    one machine shared it, each wrote its own paths into the op's build.ninja, and every start rebuilt the other's
+    op (2.5-5.5 min on 2 cores). So: the user's TORCH_EXTENSIONS_DIR if set; else the environment's own
+    `<prefix>/torch_extensions` (goes away with the venv); else, for a prefix we cannot write (a system Python in a
+    container), one folder per prefix under `user_cache` (torch's default root).
+    """
+    if environ.get(OP_CACHE_VAR):
+        return environ[OP_CACHE_VAR]
+    if writable:
+        return os.path.join(prefix, "torch_extensions")
+    return os.path.join(user_cache, "env-" + hashlib.sha256(prefix.encode()).hexdigest()[:12])
+
+
+def prepare_op_build(environ: MutableMapping[str, str] = os.environ) -> str:
+    """Set up `environ` (this process's, inherited by ranks and ninja) for DeepSpeed's op builds; returns the cache.
+
+    Every process that starts DeepSpeed imports this module first (scripts/setup.sh too), so all of them build into
+    and load from the same per-environment cache (`op_cache_dir`) with the same ninja: the interpreter's own, first
+    on PATH. The venv's ninja (pip) and a system one log build commands differently, so a run from an activated venv
+    and one from `.venv/bin/pretrain` rebuilt each other's cached op (~80 s per start on 2 cores).
+    """
+    if not torch.cuda.is_available():
+        environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator when first imported
+    bin_dir = os.path.dirname(sys.executable)
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        environ["PATH"] = os.pathsep.join([bin_dir, environ.get("PATH", "")])
+    environ[OP_CACHE_VAR] = op_cache_dir(environ, sys.prefix, writable=os.access(sys.prefix, os.W_OK),
+                                         user_cache=get_default_build_root())
+    return environ[OP_CACHE_VAR]
+
+
+prepare_op_build()
 
 import deepspeed
 import torch.distributed as tdist

@@ -45,7 +45,7 @@ EXIT_CODES = {
     EXIT_SETUP: "the process layout (world size, expert parallelism, launcher) does not fit the config",
     EXIT_DISK_FULL: "disk full while saving a checkpoint; the previous checkpoint is intact",
     EXIT_PEER: "another rank failed and left the job: its error is in <output_dir>/logs/rank<N>.log",
-    EXIT_REQUEUE: "stopped by a signal after a checkpoint: requeue the job",
+    EXIT_REQUEUE: "stopped by a signal after a checkpoint (or before the first step, none needed): requeue the job",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
@@ -80,6 +80,13 @@ class SetupError(PretrainError, ValueError):
     """The process layout does not fit the config (exit 7)."""
 
     exit_code = EXIT_SETUP
+
+
+class StoppedError(PretrainError):
+    """A stop signal came where no checkpoint is needed (exit 75): DeepSpeed was still building its op, before the
+    first step (`pretrain.signals`). A requeued job resumes from the run's latest checkpoint, or starts it."""
+
+    exit_code = EXIT_REQUEUE
 
 
 class UsageError(PretrainError):
@@ -133,6 +140,8 @@ def describe(exc: BaseException, command: str) -> tuple[int, str]:
     """The exit code and the one line a user sees for an exception that ended `pretrain <command>`."""
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED, f"pretrain {command}: interrupted"
+    if isinstance(exc, StoppedError):  # a clean stop, not an error
+        return exc.exit_code, f"pretrain {command}: stopped: {message(exc)}"
     if isinstance(exc, PretrainError):
         return exc.exit_code, f"pretrain {command}: error: {message(exc)}"
     if isinstance(exc, _usage_types()):

@@ -8,7 +8,6 @@ its CPU communication op (scripts/setup.sh normally does it) never runs inside a
 """
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -71,6 +70,9 @@ SLOW = {
     "tests/test_data.py::test_two_workers_partition_eval_and_draw_distinct_train_streams",  # worker processes: 1 s
     "tests/test_prepare_dense.py::test_nyud_tree_quirks_and_members",  # 0.9 s
     "tests/test_submodel_build.py::test_every_submodel_is_a_finetuning_backbone",  # 24 cases, 0.3 s each
+    "tests/test_mlore_import.py::test_import_then_finetune_init_computes_the_official_forward",  # the CLI: 6 s
+    "tests/test_mlore_import.py::test_bad_checkpoints_are_one_line_and_exit_2",  # the CLI per damage: 7 cases, 1-2 s
+    "tests/test_mlore_import.py::test_official_names_and_shapes_at_full_size_fit_the_shipped_configs",  # 4-7 s each
 }
 # Modules whose tests launch DeepSpeed in child processes (`pretrain train`, tests/dist_scripts/*).
 DEEPSPEED_CHILDREN = {"tests/test_train.py", "tests/test_engine.py", "tests/test_checkpoint.py", "tests/test_slurm.py"}
@@ -100,14 +102,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def deepspeed_shm_op() -> None:
     """Build DeepSpeed's `deepspeed_shm_comm` CPU op once, untimed, if scripts/setup.sh has not (a first build takes
-    minutes on a loaded machine and used to time out the first multi-process test)."""
-    from torch.utils.cpp_extension import _get_build_directory
+    minutes on a loaded machine and used to time out the first multi-process test). The build runs in a child that
+    imports pretrain.engine first, as every run does: the same per-environment cache and ninja
+    (`engine.prepare_op_build`). The look for an existing op only saves that child (~10-20 s, mostly importing
+    DeepSpeed); where it looks in the wrong place, the child runs and finds the op built."""
+    from harness import run
 
-    built = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "deepspeed_shm_comm.so"
-    if not built.is_file():
-        code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
-        subprocess.run([sys.executable, "-c", code], check=True, timeout=1800, capture_output=True,
-                       env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions")
+    if (Path(cache) / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file():
+        return
+    code = "import pretrain.engine; from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    out = run([sys.executable, "-c", code], timeout=1800)
+    assert out.returncode == 0, f"building DeepSpeed's CPU op failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="session")
