@@ -8,6 +8,10 @@ whatever else runs on the machine.
 
 `PRETRAIN_TEST_TIMEOUT_SCALE` (default 1) multiplies every timeout; the defaults leave >= 3x headroom over the
 durations measured on 2 idle cores, so a machine 3x slower passes without setting it.
+
+Tests start processes only through `run`, `run_ranks` or `popen` (+ `communicate` / `kill_group`), and scale their
+own waits with `scaled`: tests/test_harness.py fails on any other `subprocess` / `os` process call under tests/
+(outside the few files it names, with the reason).
 """
 
 from __future__ import annotations
@@ -65,37 +69,56 @@ def timeout_scale() -> float:
     return scale
 
 
-def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def scaled(seconds: float) -> float:
+    """`seconds` × `PRETRAIN_TEST_TIMEOUT_SCALE`: for a test's own waits (a deadline while polling a file)."""
+    return seconds * timeout_scale()
+
+
+def child_env(extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
     """The test process's environment for a child: this checkout first on PYTHONPATH, CPU DeepSpeed, one thread,
-    unbuffered output, and no inherited rank variables (a test run under torchrun or SLURM must not leak them)."""
+    unbuffered output, and no inherited rank variables (a test run under torchrun or SLURM must not leak them);
+    then `extra`, where None removes a variable (`{"OMP_NUM_THREADS": None}`: torch's default thread count)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC_"))}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(extra or {})
+    for key, value in (extra or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 
-def run(cmd: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None,
-        cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run(cmd: Sequence[str], *, timeout: float, env: Mapping[str, str | None] | None = None, cwd: Path = ROOT,
+        input: str | None = None) -> subprocess.CompletedProcess:
     """Run `cmd` in its own process group, capturing text output; `timeout` (seconds) is multiplied by the scale.
+    `env` is added to `child_env`; `input` is written to the child's stdin.
 
     On timeout the WHOLE group is killed (SIGKILL) and AssertionError shows the tails of stdout and stderr.
     A non-zero exit is returned, not raised: the caller decides what a failure means.
     """
-    limit = timeout * timeout_scale()
     proc = subprocess.Popen(list(map(str, cmd)), cwd=cwd, env=child_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            stdin=None if input is None else subprocess.PIPE)
+    out, err = communicate(proc, timeout=timeout, input=input)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def communicate(proc: subprocess.Popen, *, timeout: float,
+                input: str | None = None) -> tuple[str | None, str | None]:
+    """`proc.communicate()` within `timeout` × the scale, for a child from `popen` (or `run`); the group is killed
+    afterwards in any case. On timeout AssertionError shows the tails of what the child wrote."""
+    limit = scaled(timeout)
     try:
-        out, err = proc.communicate(timeout=limit)
+        return proc.communicate(input, timeout=limit)
     except subprocess.TimeoutExpired:
         kill_group(proc)
         out, err = proc.communicate()
         raise AssertionError(f"timed out after {limit:.0f} s (PRETRAIN_TEST_TIMEOUT_SCALE={timeout_scale():g}): "
-                             f"{' '.join(map(str, cmd))}\n{tails(out, err)}") from None
+                             f"{' '.join(map(str, proc.args))}\n{tails(out, err)}") from None
     finally:
         kill_group(proc)  # a child that exited may have left grandchildren behind
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -106,9 +129,9 @@ def kill_group(proc: subprocess.Popen) -> None:
         pass  # the group is already gone
 
 
-def popen(cmd: Sequence[str], env: Mapping[str, str] | None = None, **kwargs) -> subprocess.Popen:
+def popen(cmd: Sequence[str], env: Mapping[str, str | None] | None = None, **kwargs) -> subprocess.Popen:
     """`subprocess.Popen` in a new session with `child_env`, for tests that signal or kill a run mid-way.
-    Pair it with `kill_group(proc)` in a `finally`."""
+    Pair it with `communicate(proc, timeout=...)`, or `kill_group(proc)` in a `finally`."""
     return subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=child_env(env), start_new_session=True, **kwargs)
 
 
@@ -121,7 +144,7 @@ def torchrun_cmd(script: str | Path, *args: str, nprocs: int = 2) -> list[str]:
 
 
 def run_ranks(script: str | Path, *args: str, nprocs: int = 2, timeout: float = 600,
-              env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+              env: Mapping[str, str | None] | None = None) -> subprocess.CompletedProcess:
     """Run `script` (a path, a name under tests/dist_scripts/, or "-m" + module in `args`) on `nprocs` gloo ranks.
 
     Each rank's lines carry torchrun's `[default<rank>]:` prefix. Raises AssertionError showing the tail of every

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from harness import run
 from PIL import Image
 
 from pretrain.data.decode import (
@@ -33,7 +34,6 @@ from pretrain.data.decode import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -86,9 +86,7 @@ def png_bomb(width: int = 30000, height: int = 30000, colour: int = 2) -> bytes:
 
 
 def _run_isolated(code: str) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-W", "ignore", "-c", textwrap.dedent(code)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run([sys.executable, "-W", "ignore", "-c", textwrap.dedent(code)], timeout=300)
 
 
 RGB = np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)

@@ -1,13 +1,12 @@
 """`pretrain export` / `pretrain extract`: portable files, keep rules, submodels that reproduce the full model."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from harness import run as run_cmd
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -309,10 +308,8 @@ def test_files_load_without_deepspeed_or_a_process_group(shards, tmp_path):
             "print(s(x).shape[-1], m(x, task='seg').shape[1], type(b).__name__, b.patch_embed.proj.weight.dtype,"
             "{b.dtype for n, b in m.named_buffers() if n.endswith('usage_TE')},"
             "'deepspeed' in sys.modules, torch.distributed.is_initialized())")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     files = [str(tmp_path / "m.safetensors"), str(tmp_path / "s.safetensors")]
-    proc = subprocess.run([sys.executable, "-c", code, *files], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_cmd([sys.executable, "-c", code, *files], timeout=300)  # harness.child_env: this checkout first
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["4", "150", "VisionTransformer", "torch.bfloat16", "{torch.float32}", "False",
                                    "False"]

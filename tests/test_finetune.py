@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import communicate, kill_group, popen, scaled
+from harness import run as run_cmd
 from PIL import Image
 
 from pretrain.log import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/debug/finetune.yaml"
 FAST = ["data.num_workers=0", "data.train_size=[48,64]", "data.batch_size=2", "data.eval_batch_size=4",
         "data.shuffle_buffer=8", "logging.wandb=disabled", "logging.plots=false", "train.log_every=1",
         "engine.threads=1", "eval.num_workers=0"]
+pytestmark = pytest.mark.usefixtures("deepspeed_shm_op")  # `pretrain finetune` starts DeepSpeed in a child
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +35,13 @@ def dense_root(shards) -> Path:
     return shards
 
 
-def _env() -> dict:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_"))}
-    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def _cmd(root: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pretrain", "finetune", CONFIG, f"data.root={root}", f"output_dir={out}", *FAST,
             *extra]
 
 
 def _run(cmd: list[str], timeout: float = 1200) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return run_cmd(cmd, timeout=timeout)  # harness.child_env: no rank variables, CPU DeepSpeed, one thread
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -90,13 +85,16 @@ def test_signal_then_resume_is_bitwise_exact(dense_root, tmp_path):
              "eval.max_samples=4"]
     full = _run(_cmd(dense_root, tmp_path / "full", *steps))
     assert full.returncode == 0, full.stderr[-3000:]
-    proc = subprocess.Popen(_cmd(dense_root, tmp_path / "cut", *steps), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and not (tmp_path / "cut" / "metrics.jsonl").exists():
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=600)
+    proc = popen(_cmd(dense_root, tmp_path / "cut", *steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                 text=True)
+    try:
+        deadline = time.time() + scaled(600)
+        while time.time() < deadline and proc.poll() is None and not (tmp_path / "cut" / "metrics.jsonl").exists():
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = communicate(proc, timeout=600)
+    finally:
+        kill_group(proc)
     from pretrain.signals import EXIT_REQUEUE
 
     assert proc.returncode == EXIT_REQUEUE, err[-3000:]

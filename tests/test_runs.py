@@ -1,12 +1,12 @@
 """Run loading without DeepSpeed: `pretrain evaluate` and `runs.load_run` on a checkpoint in the saved format."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from harness import run
 from safetensors.torch import save_file
 
 from pretrain import checkpoint
@@ -60,8 +60,7 @@ def test_evaluate_never_imports_deepspeed(run_dir):
     path, _ = run_dir
     code = ("import sys; from pretrain.cli import main; rc = main(['evaluate', sys.argv[1], 'eval.max_samples=4']); "
             "print('DS', 'deepspeed' in sys.modules); sys.exit(rc)")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    out = run([sys.executable, "-c", code, str(path)], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert lines[-1] == "DS False"

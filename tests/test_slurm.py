@@ -4,15 +4,12 @@ The cluster comes from tests/cluster.py (`.ci/run` installs the packages; the da
 skipped, in CI it must run.
 """
 
-import subprocess
 import sys
-from pathlib import Path
 
 from cluster import slurm_cluster  # noqa: F401 - the `slurm` fixture: the session's one-node cluster
+from harness import run
 
 from pretrain.log import read_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_srun_two_ranks_expert_parallel(slurm, shards, tmp_path):
@@ -26,7 +23,7 @@ def test_srun_two_ranks_expert_parallel(slurm, shards, tmp_path):
            "tasks.det.img_size=64", "tasks.det.batch_size=2", "model.det_min_size=64", "model.det_max_size=64",
            "tasks.seg.img_size=32", "tasks.seg.batch_size=4", "logging.wandb=disabled", "logging.plots=false",
            "engine.ep_size=2", "train.max_steps=3", "train.ckpt_every=3", "train.log_every=1"]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    out = run(cmd, timeout=400, env=env)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "world=2" in out.stderr and "ep_size=2" in out.stderr
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"
