@@ -1,13 +1,14 @@
 """The bad-input matrix: for every command, the input, the exit code and a fragment of the one-line message.
 
 Rows run the CLI in this process (`cli.main`, stderr captured) or call the failing function; the slow rows (real
-training in subprocesses, one process and two torchrun ranks) are in test_bad_input_runs.py. No row may print a
-traceback unless --debug is given. The exit codes are `pretrain.errors.EXIT_CODES`.
+training in subprocesses, one process and two torchrun ranks) are in test_bad_input_runs.py, and real failures
+mapped to exit codes (full disk, Ctrl-C, a loader worker, a signal during the op build) in
+test_bad_input_failures.py. No row may print a traceback unless --debug is given, and every row names a non-empty
+message fragment (`test_every_row_expects_a_message`). The exit codes are `pretrain.errors.EXIT_CODES`.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain import checkpoint, errors
+from pretrain import checkpoint
 from pretrain.cli import main as cli_main
 from pretrain.config import ConfigError, load_config, save_resolved
 from pretrain.integrity import META, build_manifest
@@ -56,6 +57,7 @@ def cli(capsys):
 
 
 def check(code: int, err: str, want_code: int, fragment: str) -> None:
+    assert fragment.strip(), "a row must name the message it expects (an empty fragment matches anything)"
     assert code == want_code, err[-3000:]
     assert fragment in err, err[-3000:]
     assert "Traceback" not in err
@@ -236,77 +238,6 @@ def test_evaluate_fewer_tasks_than_trained(cli, template_run, tmp_path, capsys):
     assert metrics["step"] == 7 and "eval/seg/mIoU" in metrics and not any("det" in k for k in metrics)
 
 
-# ---------------------------------------------------------------- failures as typed errors and exit codes
-
-
-def _raise(exc: BaseException):
-    raise exc
-
-
-def _consecutive() -> None:
-    from pretrain.data.sources import ErrorCounter
-
-    counter = ErrorCounter("cls", max_consecutive=3)
-    for _ in range(3):
-        counter.record(ValueError("cannot identify image file"), key="x")
-
-
-def _ep_mismatch() -> None:
-    from pretrain.config import EngineConfig, OptimConfig
-    from pretrain.engine import build_engine
-
-    build_engine(torch.nn.Linear(1, 1), engine=EngineConfig(ep_size=2), optim=OptimConfig(), max_steps=1,
-                 world_size=1)
-
-
-def _rank_json(tmp: Path) -> None:
-    checkpoint.write_rank_state(tmp, 0, {"step": 1})
-    (tmp / "rank_00000.json").write_text('{"rank": 0, "state": ')
-    checkpoint.read_rank_state(tmp, 0)
-
-
-def _rank_tensors(tmp: Path) -> None:
-    checkpoint.write_rank_state(tmp, 0, {"x": torch.zeros(3)})
-    (tmp / "rank_00000.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
-    checkpoint.read_rank_state(tmp, 0)
-
-
-FAILURES = {  # name -> (raise it(tmp_path), code, fragment)
-    "consecutive_bad_samples": (lambda t: _consecutive(), 6, "3 consecutive bad samples/shards"),
-    "ep_size_vs_world": (lambda t: _ep_mismatch(), 7, "engine.ep_size=2 must divide the world size 1"),
-    "malformed_rank_json": (_rank_json, 5, "rank_00000.json: unreadable rank state (JSONDecodeError"),
-    "truncated_rank_tensors": (_rank_tensors, 5, "rank_00000.safetensors: unreadable rank state"),
-    "enospc": (lambda t: _raise(OSError(errno.ENOSPC, "No space left on device")), 8, "disk full"),
-    "torch_zip_writer_full": (lambda t: _raise(RuntimeError("[enforce fail at inline_container.cc:626] . "
-                                                            "unexpected pos 64 vs 0")), 8, "disk full"),
-    "unexpected": (lambda t: _raise(ZeroDivisionError("division by zero")), 1,
-                   "pretrain train: internal error: ZeroDivisionError: division by zero (run with --debug"),
-    "interrupt": (lambda t: _raise(KeyboardInterrupt()), 130, "pretrain train: interrupted"),
-    "from_a_loader_worker": (lambda t: _raise(errors.DataError(
-        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n  File \"x\", "
-        "line 1, in f\npretrain.errors.DataError: cls: 100 consecutive bad samples/shards")), 6,
-        "pretrain train: error: cls: 100 consecutive bad samples/shards"),
-}
-
-
-@pytest.mark.parametrize("name", list(FAILURES))
-def test_failures_map_to_codes(name, tmp_path):
-    fn, code, fragment = FAILURES[name]
-    with pytest.raises(BaseException) as info:
-        fn(tmp_path)
-    got, line = errors.describe(info.value, "train")
-    assert got == code and fragment in line and "\n" not in line, line
-
-
-def test_every_exit_code_is_documented():
-    codes = [errors.EXIT_OK, errors.EXIT_INTERNAL, errors.EXIT_USAGE, errors.EXIT_ABORT, errors.EXIT_DEMO_STAGE,
-             errors.EXIT_CHECKPOINT, errors.EXIT_DATA, errors.EXIT_SETUP, errors.EXIT_DISK_FULL, errors.EXIT_PEER,
-             errors.EXIT_REQUEUE, errors.EXIT_INTERRUPTED]
-    assert len(set(codes)) == len(codes) and set(errors.EXIT_CODES) == set(codes)
-    for cls in (errors.CheckpointError, errors.DataError, errors.SetupError, errors.DiskFullError):
-        assert cls.exit_code in errors.EXIT_CODES and cls.exit_code != errors.EXIT_INTERNAL
-
-
 # ---------------------------------------------------------------- A-E: bad raw data at `pretrain prepare`
 
 
@@ -358,7 +289,7 @@ DECODE = {  # name -> (bytes, decoder name, message fragment): the loader skips 
     "E_png_bomb_rgb": (png_bomb(), "decode_rgb", "30000x30000"),
     "E_png_bomb_mask": (png_bomb(colour=0), "decode_mask", "over the limit"),
     "A_png_crc_rgb": (bad_crc_png(PIXELS), "decode_rgb", "CRC"),
-    "A_png_zlib_rgb": (bad_zlib_png(PIXELS), "decode_rgb", ""),
+    "A_png_zlib_rgb": (bad_zlib_png(PIXELS), "decode_rgb", "broken data stream"),  # PIL's zlib error
 }
 
 
@@ -388,3 +319,29 @@ def test_resume_with_a_changed_config_is_refused_before_writing(cli, tmp_path, n
     overrides, code, fragment = DRIFT[name]
     check(*cli("train", DEBUG_PRETRAIN, f"output_dir={run}", f"data.root={shards}", *overrides), code, fragment)
     assert (run / "config.yaml").read_bytes() == saved
+
+
+# ---------------------------------------------------------------- the matrix itself
+
+
+def empty_fragments(tables: dict[str, list[tuple[str, object]]]) -> list[str]:
+    """`table[row]` for each row whose expected message fragment is not a non-empty string."""
+    return [f"{table}[{row}]" for table, rows in tables.items() for row, fragment in rows
+            if not isinstance(fragment, str) or not fragment.strip()]
+
+
+def test_every_row_expects_a_message():
+    """An empty fragment is in every message, so its row could never fail: each row must name what it expects."""
+    import test_bad_input_failures
+    import test_bad_input_runs
+    import test_prepare_bad_input
+
+    assert empty_fragments({"T": [("a", ""), ("b", " "), ("c", None), ("d", "x")]}) == ["T[a]", "T[b]", "T[c]"]
+    tables = {"CONFIG_CASES": [(f"{c[0]} {c[1]} {c[2]}", c[4]) for c in CONFIG_CASES],
+              "DAMAGE": [(k, v[2]) for k, v in DAMAGE.items()],
+              "PREPARE": [(k, v[4]) for k, v in PREPARE.items()], "DECODE": [(k, v[2]) for k, v in DECODE.items()],
+              "DRIFT": [(k, v[2]) for k, v in DRIFT.items()],
+              "FAILURES": [(k, v[2]) for k, v in test_bad_input_failures.FAILURES.items()],
+              "TWO_RANK_CASES": test_bad_input_runs.TWO_RANK_CASES,
+              "test_prepare_bad_input.DAMAGE": [(k, v[3]) for k, v in test_prepare_bad_input.DAMAGE.items()]}
+    assert not empty_fragments(tables), f"rows whose expected message is empty: {empty_fragments(tables)}"

@@ -18,6 +18,7 @@ from pretrain import checkpoint
 from pretrain.integrity import META
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("deepspeed_shm_op")  # `pretrain train` starts DeepSpeed in the children
 
 
 # ---------------------------------------------------------------- slow: real training runs in a subprocess
@@ -133,11 +134,14 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("mode", "message"), [
+TWO_RANK_CASES = [  # (mode, message)
     ("full", "disk full while saving the checkpoint"),
     ("rank1", "injected on rank 1"),
-])
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "message"), TWO_RANK_CASES)
 def test_two_ranks_one_line_and_nobody_hangs(shards, tmp_path, mode, message):
     """Under torchrun (which exits 1 whatever the child's code, stops the other workers when one exits, and prints
     its own summary): the failure's line appears once, the failing rank's line is in its log file, the job ends."""
