@@ -175,9 +175,7 @@ BYPASS_ALLOWED = {
 }
 # Files that still bypass the harness, to be routed through it (strict: the test fails once one is fixed, so the
 # entry gets removed).
-BYPASS_KNOWN = {
-    "tests/test_mixture.py": "one `python -c` child without a timeout (outside the change that routed the rest)",
-}
+BYPASS_KNOWN: dict[str, str] = {}
 
 
 def bare_process_calls(source: str) -> list[str]:

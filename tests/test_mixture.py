@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from harness import run
 
 from pretrain.data.mixture import MixedStream, TaskSampler, task_probabilities
 
@@ -67,8 +66,8 @@ def test_same_task_on_every_rank_independent_of_process_and_hash_seed() -> None:
     code = ("import json; from pretrain.data.mixture import TaskSampler; "
             f"s = TaskSampler({TASKS!r}, weights=[3, 2, 1], seed=5); "
             "print(json.dumps([s.task_for_step(i) for i in range(300)]))")
-    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT), "RANK": "3", "WORLD_SIZE": "4"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    out = run([sys.executable, "-c", code], timeout=60, env={"PYTHONHASHSEED": "12345", "RANK": "3", "WORLD_SIZE": "4"})
+    assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout) == here  # another "rank": other process, other string-hash seed, other env
     assert here != [TaskSampler(TASKS, weights=[3, 2, 1], seed=6).task_for_step(s) for s in range(300)]
 
