@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,24 @@ def decode_meta(meta: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def build_checked(path: Path, build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()` once its tensors' shapes, built first on the meta device (no memory), match the file's header: a
+    forged or mismatched metadata value (`num_experts=2048`) is one line naming a key before anything is allocated.
+    """
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    missing, unexpected = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
+    differ = [f"{k} {stored[k]} (metadata says {wanted[k]})" for k in wanted if k in stored and stored[k] != wanted[k]]
+    if missing or unexpected or differ:
+        raise ValueError(f"{path}: tensors do not match the model its metadata describes: "
+                         + "; ".join(part for part in (f"shapes {differ[:3]}" if differ else "",
+                                                        f"missing {missing[:8]}" if missing else "",
+                                                        f"unexpected {unexpected[:8]}" if unexpected else "") if part))
+    return build()
+
+
 def load_state(path: Path, module: nn.Module, dtype: torch.dtype, device: str | torch.device) -> None:
     """Load the file's tensors strictly into `module` (cast to the file's dtype first); raises naming keys."""
     module.to(dtype=dtype)
@@ -160,7 +179,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Portable
     meta = read_meta(path, "model")
     model_cfg, moe_cfg, tasks = config_sections(path, meta)
     decoded = decode_meta(meta)
-    net = build_model(model=model_cfg, moe=moe_cfg, tasks=tasks, num_classes=decoded["num_classes"])
+    net = build_checked(path, lambda: build_model(model=model_cfg, moe=moe_cfg, tasks=tasks,
+                                                  num_classes=decoded["num_classes"]))
     load_state(path, net, DTYPES[decoded["dtype"]], device)
     return PortableModel(net, decoded).eval()
 
@@ -185,8 +205,9 @@ def load_submodel(path: str | Path, device: str | torch.device = "cpu") -> Porta
     model_cfg, moe_cfg, tasks = config_sections(path, raw)
     from pretrain.models.submodel import build_submodel
 
-    net = build_submodel(model=model_cfg, moe=moe_cfg, tasks=tasks, task_names=meta["task_names"],
-                         num_classes=meta["num_classes"], kept=meta["kept"], exact_routing=bool(meta["exact_routing"]))
+    net = build_checked(path, lambda: build_submodel(
+        model=model_cfg, moe=moe_cfg, tasks=tasks, task_names=meta["task_names"], num_classes=meta["num_classes"],
+        kept=meta["kept"], exact_routing=bool(meta["exact_routing"])))
     load_state(path, net, DTYPES[meta["dtype"]], device)
     return PortableModel(net, meta).eval()
 

@@ -160,3 +160,19 @@ def test_top_k_above_the_trained_k_is_refused(tmp_path):
         extract_submodel(full, ["cls"], top_k=3)
     with pytest.raises(ValueError, match=r"--attn-top-k -1"):
         extract_submodel(full, ["cls"], attn_top_k=-1)
+
+
+def test_forged_metadata_is_refused_before_anything_is_allocated(tmp_path):
+    """A model file whose metadata promises 2048 experts per layer: one line naming a tensor and both shapes, from
+    the meta-device build (the full build would allocate GBs first)."""
+    import json
+
+    full = portable(tmp_path)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in full.meta.items()
+            if k not in ("format", "format_version", "kind", "pretrain_version")}
+    moe = json.loads(meta["moe"])
+    meta["moe"] = json.dumps({**moe, "num_experts": 2048})
+    path = write_file(tmp_path / "forged.safetensors", full.model.state_dict(), meta, kind="model")
+    forged = r"forged.safetensors: tensors do not match .*\(3, 8\) \(metadata says \(3, 2048\)\)"
+    with pytest.raises(ValueError, match=forged):
+        load_model(path)
