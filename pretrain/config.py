@@ -274,6 +274,16 @@ def _defaults(schema: type) -> DictConfig:
 STAGE_SECTIONS = ("finetune",)  # a config file with one of these top-level sections is that stage's (its command)
 
 
+def stage_of_file(path: str | Path) -> str | None:
+    """The stage a config file is written for (`finetune` for a file with a `finetune:` section), None for a
+    pretraining file or one that cannot be read (`load_config` reports that properly)."""
+    try:
+        keys = set(OmegaConf.load(path).keys())
+    except Exception:
+        return None
+    return next((stage for stage in STAGE_SECTIONS if stage in keys), None)
+
+
 def check_schema_of(path: Path, overlay: DictConfig, schema: type) -> None:
     """ConfigError naming the mix-up when a file written for one command is given to another (a fine-tuning file to
     `pretrain train` reported `unknown config key 'data.dataset'`)."""
@@ -333,11 +343,8 @@ SCHEMAS: dict[str, type] = {"train": RunConfig}
 
 def schema_of_file(path: str | Path) -> type:
     """The registered schema a config file is written for (a `finetune:` section → fine-tuning), else RunConfig."""
-    try:
-        keys = set(OmegaConf.load(path).keys())
-    except Exception:  # unreadable or broken: load_config reports it properly, with its line number
-        return RunConfig
-    return next((schema for name, schema in SCHEMAS.items() if name != "train" and name in keys), RunConfig)
+    stage = stage_of_file(path)
+    return SCHEMAS.get(stage, RunConfig) if stage else RunConfig
 
 
 def to_yaml(cfg: Any) -> str:

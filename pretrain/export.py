@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from pretrain.checkpoint import META, MODEL_FILE, TAG_RE, ExpertFiles
-from pretrain.config import RunConfig, load_config
+from pretrain.config import RunConfig, load_config, stage_of_file
 from pretrain.portable import DTYPES, PortableModel, config_metadata, decode_meta, write_file
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,9 @@ def consolidate(run_dir: str | Path, *, step: int | None = None, dtype: str | No
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: no config.yaml in it")
+    if stage_of_file(run_dir / "config.yaml"):
+        raise ValueError(f"{run_dir} is a fine-tuning run: export and extract take pretraining runs (evaluate it with "
+                         f"`pretrain evaluate {run_dir}`)")
     root = [f"data.root={data_root}"] if data_root else []
     cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}", *root])
     dtype = dtype or cfg.engine.precision

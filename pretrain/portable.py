@@ -72,7 +72,10 @@ def write_file(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any
         raise ValueError(f"--out {path}: the file name must end in .safetensors")
     header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": kind, "pretrain_version": __version__}
     header.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"--out {path}: {path.parent} is not a folder (a file of that name is in the way)") from None
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
     honour_umask(tmp)

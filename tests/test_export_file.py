@@ -14,6 +14,8 @@ from pretrain.data.build import check_shards, save_class_lists
 from pretrain.portable import load_model
 from pretrain.prepare.ade20k import CLASS_NAMES, NUM_CLASSES
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_ade20k_has_one_name_per_class():
     assert len(CLASS_NAMES) == NUM_CLASSES == len(set(CLASS_NAMES))
@@ -58,3 +60,29 @@ def test_files_honour_the_umask(shards, tmp_path, mask):
         os.umask(old)
     for name in ("m.safetensors", "cls.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask
+
+
+def test_wrong_inputs_are_one_line_and_exit_2(shards, tmp_path, capsys):
+    """A fine-tuning run given to export/extract, --out under a file, garbage weights as init_from / upcycle_from."""
+    finetune_run = tmp_path / "ft"
+    finetune_run.mkdir()
+    (finetune_run / "config.yaml").write_text((ROOT / "configs/debug/finetune.yaml").read_text())
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    (tmp_path / "afile").write_text("")
+    run = tmp_path / "run"
+    native_run(run, shards)
+    cases = [
+        (["export", str(finetune_run), "--out", str(tmp_path / "m.safetensors")], "is a fine-tuning run"),
+        (["extract", str(finetune_run), "--task", "cls", "--out", str(tmp_path / "m.safetensors")],
+         "is a fine-tuning run"),
+        (["export", str(run), "--out", str(tmp_path / "afile" / "m.safetensors")], "afile is not a folder"),
+        (["finetune", str(ROOT / "configs/debug/finetune.yaml"), f"finetune.init_from={garbage}",
+          f"output_dir={tmp_path / 'f'}", "--dry-run"], f"finetune.init_from={garbage}: neither a pretrain model"),
+        (["train", str(ROOT / "configs/debug/pretrain.yaml"), f"data.root={shards}", f"output_dir={tmp_path / 't'}",
+          f"model.upcycle_from={garbage}", "model.size=vit_debug"], f"model.upcycle_from={garbage}: "),
+    ]
+    for args, fragment in cases:
+        assert cli_main(args) == 2, args
+        err = capsys.readouterr().err
+        assert fragment in err.strip().splitlines()[-1] and "Traceback" not in err, (args, err[-2000:])

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pretrain.config import TASKS, ModelConfig
+from pretrain.config_checks import ConfigError
 from pretrain.finetune.config import FinetuneConfig, enabled_dense_tasks
 from pretrain.layers import moe_mlp_factory
 from pretrain.models import backbone_size, build_backbone
@@ -73,10 +74,17 @@ def load_source_backbone(cfg: FinetuneConfig) -> tuple[VisionTransformer, tuple[
 
         rows = tuple(meta["task_names"]) if meta.get("kind") == "submodel" else TASKS
         logger.info("backbone: %s (%s file, task rows %s)", path, meta.get("kind"), list(rows))
-        return load_backbone(path), rows
+        try:
+            return load_backbone(path), rows
+        except (ValueError, KeyError) as exc:  # metadata or tensors that do not describe one model: the user's input
+            raise ConfigError(f"finetune.init_from={src}: {str(exc).strip(chr(39))}") from None
     logger.info("backbone: dense ViT weights %s, upcycled into the %s placement", path, cfg.moe.placement)
     model = replace(cfg.model, upcycle_from=str(path))
-    return build_backbone(model, cfg.moe, moe_mlp_layer=moe_mlp_factory(cfg.moe, cfg.engine, rank=0)), TASKS
+    try:
+        return build_backbone(model, cfg.moe, moe_mlp_layer=moe_mlp_factory(cfg.moe, cfg.engine, rank=0)), TASKS
+    except ConfigError as exc:
+        raise ConfigError(f"finetune.init_from={src}: neither a pretrain model file nor dense ViT weights the "
+                          f"upcycler reads ({str(exc).split(': ', 1)[-1]})") from None
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from pretrain.config import TASKS, ModelConfig, MoEConfig, TaskConfig, enabled_tasks
+from pretrain.config_checks import ConfigError
 from pretrain.models.heads import DET_HEADS, SEG_HEADS, ClsHead, DetHead, SegHead
 from pretrain.models.moe import MoEMlp
 from pretrain.models.moe_attention import MoEAttention
@@ -100,7 +101,10 @@ def build_backbone(model: ModelConfig, moe: MoEConfig, *, num_tasks: int = len(T
                             moe_mlp_layer=moe_mlp_layer or MoEMlp, moe_mlp_kwargs=mlp_kwargs,
                             moe_attn_layer=moe_attn_layer or MoEAttention, moe_attn_kwargs=attn_kwargs)
     if model.upcycle_from:
-        upcycle_vit(vit, model.upcycle_from, mode=model.upcycle_mode)
+        try:
+            upcycle_vit(vit, model.upcycle_from, mode=model.upcycle_mode)
+        except (ValueError, KeyError, OSError) as exc:  # a garbage, foreign or unreadable file: the user's input
+            raise ConfigError(f"model.upcycle_from={model.upcycle_from}: {str(exc).strip(chr(39))}") from None
     return vit
 
 
