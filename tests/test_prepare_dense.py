@@ -107,6 +107,30 @@ def test_missing_task_folder(dense_raw, tmp_path):
         convert_nyud(tmp_path / "nowhere", tmp_path / "x", "val")
 
 
+def test_bad_depth_files_are_skipped_not_fatal(dense_raw, tmp_path):
+    """An .npz saved under the .npy name, an integer array and a header promising 20000x20000: each one sample
+    skipped with its reason (the .npz stopped the whole conversion), nothing allocated for the forged shape."""
+    root, _ = dense_raw
+    src = tmp_path / "NYUDv2"
+    shutil.copytree(root / "NYUDv2", src)
+    ids = (src / "gt_sets" / "val.txt").read_text().split()
+    archive = io.BytesIO()
+    np.savez(archive, depth=np.ones((4, 4)))
+    (src / "depth" / f"{ids[0]}.npy").write_bytes(archive.getvalue())
+    np.save(src / "depth" / f"{ids[1]}.npy", np.ones((4, 4), dtype=np.int32), allow_pickle=False)
+    forged = io.BytesIO()
+    np.lib.format.write_array_header_1_0(forged, {"descr": "<f4", "fortran_order": False, "shape": (20000, 20000)})
+    (src / "depth" / f"{ids[2]}.npy").write_bytes(forged.getvalue())  # magic + header, no data
+    convert_nyud(src, tmp_path / "out", "val", progress=False)
+    _, samples, rows = _read(tmp_path / "out")
+    reasons = {r["file"]: (r["reason"], r["detail"]) for r in rows}  # keyed by the sample's image
+    npz, ints, forged = (reasons[f"images/{i}.png"] for i in ids[:3])
+    assert npz[0] == "bad_label_format" and "not a .npy" in npz[1]
+    assert ints[0] == "bad_label_format" and "2-D float array, got int32" in ints[1]
+    assert forged == ("size_mismatch", f"depth/{ids[2]}.npy is 20000x20000, the image is 64x48")
+    assert len(samples) == len(ids) - 3
+
+
 def test_pascal_tree_quirks_and_members(dense_raw, tmp_path):
     root, expected = dense_raw
     src = root / "PASCALContext"

@@ -28,17 +28,28 @@ SEMSEG_CLASSES = (  # NYUv2 40-class names (Gupta et al.), raw value v is class 
 )
 
 
-def _depth(path: Path, name: str, image_hw: tuple[int, int]) -> bytes:
+def _npy_header(name: str, buf: io.BytesIO) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy header, read before any array is allocated; an .npz (a zip archive) or any other
+    file under the .npy name is a `bad_label_format` skip, not an error that stops the conversion."""
     try:
-        depth = np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
-    except ImageError:
-        raise
-    except Exception as err:  # numpy raises ValueError, OSError, EOFError, ... for a damaged .npy
+        major, _ = np.lib.format.read_magic(buf)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(buf)
+    except Exception as err:  # numpy raises ValueError, OSError, EOFError, ... for a non-.npy or damaged header
+        raise ImageError("bad_label_format", f"{name}: not a .npy array ({type(err).__name__}: {err})") from None
+    return shape, dtype
+
+
+def _depth(path: Path, name: str, image_hw: tuple[int, int]) -> bytes:
+    buf = io.BytesIO(read_bytes(path))
+    shape, dtype = _npy_header(name, buf)
+    if len(shape) != 2 or dtype.kind != "f":
+        raise ImageError("bad_label_format", f"{name}: depth must be a 2-D float array, got {dtype} {shape}")
+    check_size(name, shape, image_hw)  # before the array is read: a forged header allocates nothing
+    try:
+        depth = np.load(io.BytesIO(buf.getvalue()), allow_pickle=False)
+    except Exception as err:  # a truncated or damaged body
         raise ImageError("decode_error", f"{name}: {type(err).__name__}: {err}") from None
-    if depth.ndim != 2 or depth.dtype.kind != "f":
-        raise ImageError("bad_label_format", f"{name}: depth must be a 2-D float array, got {depth.dtype} "
-                                             f"{depth.shape}")
-    check_size(name, depth.shape, image_hw)
     if not np.isfinite(depth).all() or (depth < 0).any():
         raise ImageError("bad_label_format", f"{name}: depth has NaN, infinite or negative values")
     buf = io.BytesIO()
