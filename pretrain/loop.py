@@ -143,12 +143,14 @@ def start_engine(cfg: Any, model: torch.nn.Module, info: dist.DistInfo) -> tuple
     run_dir = Path(cfg.output_dir)
     ds_config = make_ds_config(cfg.engine, cfg.optim, max_steps=cfg.train.max_steps, world_size=info.world_size)
     if info.is_main:
-        save_resolved(cfg, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     init_distributed(cfg.engine.backend)
     engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, max_steps=cfg.train.max_steps,
                           world_size=info.world_size)
     resumed = checkpoint.load_latest(engine, run_dir / "checkpoints")
+    if info.is_main:  # only once the checkpoint loaded: a resume that fails must leave the run's config.yaml as it was
+        save_resolved(cfg, run_dir)
     if resumed is None:
         torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # per-rank randomness (drop path, noisy gates)
         return engine, 0, None
