@@ -309,9 +309,6 @@ DRIFT = {  # name -> (overrides on resume, code, fragment)
     "num_experts": (["moe.num_experts=4"], 2, "moe.num_experts: 8 -> 4"),
     "lr_and_grad_accum": (["optim.lr=0.5", "engine.grad_accum=2"], 2, "engine.grad_accum: 1 -> 2, optim.lr:"),
     "data_stream": (["data.num_workers=3"], 2, "data.num_workers"),
-    # forced through, the load then fails: the run's config.yaml must still describe its checkpoint
-    "forced_then_load_fails": (["moe.num_experts=4", "train.allow_config_change=true"], 5,
-                               "is not a checkpoint written by `pretrain train`"),
 }
 
 

@@ -56,6 +56,10 @@ def test_real_checkpoint_manifest_damage_and_drift(shards, trained_run, tmp_path
     proc = _train(shards, run, "moe.num_experts=4")
     check(proc.returncode, proc.stderr, 2, "moe.num_experts: 8 -> 4")
     assert (run / "config.yaml").read_bytes() == saved
+    # forced through, the load fails: config.yaml still describes the checkpoint (it was rewritten before the load)
+    proc = _train(shards, run, "moe.num_experts=4", "train.allow_config_change=true", "train.max_steps=5")
+    check(proc.returncode, proc.stderr, 5, "size mismatch for backbone.blocks.1.mlp")
+    assert (run / "config.yaml").read_bytes() == saved
     # a malformed rank file in the newest checkpoint: resume falls back to step 2 and finishes
     (tag / "rank_00000.json").write_text('{"rank": 0, "state": ')
     proc = _train(shards, run, "train.max_steps=5")
