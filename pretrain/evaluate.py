@@ -99,7 +99,7 @@ def evaluate_task(cfg: RunConfig, model: torch.nn.Module, task: str, spec: DataS
     device = next(model.parameters()).device
     loader = build_eval_loader(task, cfg.tasks[task], spec, info, num_workers=cfg.eval.num_workers)
     limit = cfg.eval.max_samples or None
-    evaluator, seen, size = EVALUATORS[task](spec), 0, cfg.tasks[task].img_size
+    evaluator, seen, skipped, size = EVALUATORS[task](spec), 0, 0, cfg.tasks[task].img_size
     batches = iter(progress(loader, desc=f"eval {task}", enabled=info.is_main))
     while True:
         batch = next(batches, None) if limit is None or seen < limit else None
@@ -112,8 +112,14 @@ def evaluate_task(cfg: RunConfig, model: torch.nn.Module, task: str, spec: DataS
             continue
         images = batch["images"].to(device)
         evaluator.update(model(task, images), batch)
-        seen += len(images)
-    return evaluator.compute()
+        seen, skipped = seen + len(images), skipped + int(batch.get("skipped", 0))
+    metrics = evaluator.compute()
+    seen, skipped = (int(v) for v in dist.all_reduce_sum(torch.tensor([float(seen), float(skipped)])))
+    if skipped:  # the metric is over fewer images than the val set holds: say so where the number is read
+        logger.warning("eval %s: %d damaged val sample(s) skipped (warnings above name them): the metrics are over "
+                       "the %d images that decoded", task, skipped, seen)
+        metrics["skipped_samples"] = float(skipped)
+    return metrics
 
 
 def evaluate_model(cfg: RunConfig, model: torch.nn.Module, spec: DataSpec, info: dist.DistInfo) -> dict[str, float]:

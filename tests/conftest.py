@@ -55,6 +55,7 @@ SLOW = {
     "tests/test_extract_sweep.py",  # CLI extractions with reports: 1-30 s each (the share-rule unit is ms)
     "tests/test_export_file.py::test_files_honour_the_umask",  # export + extract: 7 s each
     "tests/test_export_file.py::test_wrong_inputs_are_one_line_and_exit_2",  # a run + five CLI calls: 8 s
+    "tests/test_export_file.py::test_evaluation_says_when_damaged_images_were_skipped",  # a run + an evaluation: 8 s
     "tests/test_heads.py::test_detector_train_losses_and_eval_boxes",  # 4 s
     "tests/test_heads.py::test_every_parameter_gets_a_gradient_over_all_tasks",  # 3.9 s
     "tests/test_heads.py::test_eval_outputs_of_cls_and_seg",  # 1.1 s

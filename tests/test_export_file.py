@@ -86,3 +86,31 @@ def test_wrong_inputs_are_one_line_and_exit_2(shards, tmp_path, capsys):
         assert cli_main(args) == 2, args
         err = capsys.readouterr().err
         assert fragment in err.strip().splitlines()[-1] and "Traceback" not in err, (args, err[-2000:])
+
+
+def test_evaluation_says_when_damaged_images_were_skipped(shards, tmp_path, capsys):
+    """One undecodable val image: the metrics carry `skipped_samples` and a warning says they cover fewer images."""
+    import io
+    import json
+    import shutil
+    import tarfile
+
+    run = tmp_path / "run"
+    native_run(run, shards)
+    val = tmp_path / "val"
+    shutil.copytree(shards / "imagenet" / "val", val)
+    tar_path = sorted(val.glob("*.tar"))[0]
+    with tarfile.open(tar_path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first = next(name for name, _ in members if name.rsplit(".", 1)[-1] in ("jpg", "jpeg", "png"))
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in members:
+            data = b"not an image" if name == first else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert cli_main(["evaluate", str(run), f"tasks.cls.val_shards={val}", "tasks.det.enabled=false",
+                     "tasks.seg.enabled=false", "eval.num_workers=0"]) == 0
+    out, err = capsys.readouterr()
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["eval/cls/skipped_samples"] == 1.0 and "1 damaged val sample(s) skipped" in err
