@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from pretrain.checkpoint import read_latest
 from pretrain.engine import DS_SAFE_GLOBALS
 from pretrain.errors import CheckpointError, one_line
+from pretrain.models.upcycle import refused_global
 
 WALL_CLOCK_KEYS, WALL_CLOCK_PREFIXES = {"time"}, ("img_per_s/",)  # they measure the machine, not the computation
 UNSEEDED_RNG = ("rng.python", "rng.numpy")
@@ -82,9 +83,7 @@ def _checkpoint(run: Path) -> dict[str, object]:
         try:
             leaves = _leaves(f)
         except pickle.UnpicklingError as exc:  # weights_only refused a class: name it, not torch's preamble
-            msg = one_line(exc)
-            msg = msg[max(msg.find("Unsupported global"), 0):][:200]
-            raise ValueError(f"{f}: refused to load, it pickles more than tensors ({msg})") from None
+            raise ValueError(f"{f}: refused to load, it pickles more than tensors ({refused_global(exc)})") from None
         except Exception as exc:  # safetensors, torch and json each raise their own kinds: name the file
             raise ValueError(f"{f}: cannot be read ({type(exc).__name__}: {one_line(exc)[:300]})") from None
         out.update((f"{f.name}:{k}", v) for k, v in leaves if not any(part in k for part in UNSEEDED_RNG))

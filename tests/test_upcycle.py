@@ -159,10 +159,27 @@ def test_pos_embed_is_resampled_to_the_model_grid(tmp_path):
 def test_files_must_hold_only_tensors(tmp_path):
     bad = tmp_path / "pickled.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "fn": print}, bad)
-    with pytest.raises(ValueError, match="pickled.pth: cannot load as a weights-only torch state dict"):
+    with pytest.raises(ValueError, match="pickled.pth: refused, it pickles more than tensors"):
         load_state_dict_file(bad)
     nested = tmp_path / "nested.pth"
     torch.save({"state_dict": {"module.w": torch.ones(2)}}, nested)
     assert list(load_state_dict_file(nested)) == ["w"]
     with pytest.raises(FileNotFoundError, match="upcycling source not found"):
         load_state_dict_file(tmp_path / "nope.safetensors")
+
+
+def test_a_pickle_that_runs_code_is_refused_in_one_line_naming_the_global(tmp_path, capsys):
+    """torch's weights-only refusal is paragraphs long and ends in "re-run with weights_only=False": users see one
+    line naming what the file tried to import, and the file's code never runs."""
+    from pretrain.models.upcycle import load_state_dict_file
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("the file's code ran",))
+
+    torch.save({"model": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError) as info:
+        load_state_dict_file(tmp_path / "evil.pth")
+    message = str(info.value)
+    assert "Unsupported global: GLOBAL print" in message and "weights_only" not in message
+    assert len(message.splitlines()) == 1 and "the file's code ran" not in capsys.readouterr().out

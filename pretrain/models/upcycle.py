@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -46,6 +47,14 @@ logger = logging.getLogger(__name__)
 
 MODES = ("copy", "slice")
 IGNORED_PREFIXES = ("head.", "head_drop.", "fc_norm.")
+
+
+def refused_global(exc: Exception) -> str:
+    """The one line of torch's multi-paragraph weights-only refusal that matters: the global it refused. Never
+    "re-run with weights_only=False", which would run the file's code."""
+    text = " ".join(str(exc).split())
+    start = text.find("Unsupported global")
+    return text[start:].split(" was not an allowed global", 1)[0] if start >= 0 else text[:200]
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -63,8 +72,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # weights_only refuses pickled objects; say which file
-            raise ValueError(f"{path}: cannot load as a weights-only torch state dict: {exc}") from None
+        except pickle.UnpicklingError as exc:  # weights_only refused a pickled object: name it, not torch's preamble
+            raise ValueError(f"{path}: refused, it pickles more than tensors and nothing here unpickles code "
+                             f"({refused_global(exc)})") from None
+        except Exception as exc:  # a truncated or foreign file: say which
+            raise ValueError(f"{path}: cannot load as a weights-only torch state dict: "
+                             f"{' '.join(str(exc).split())[:300]}") from None
     for key in ("model", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
