@@ -230,6 +230,10 @@ def check_extract_args(args: argparse.Namespace) -> None:
     for flag, value, ok, expected in checks:
         if not ok:
             raise ValueError(f"{flag} {value}: expected {expected}")
+    if args.heal < 0 or not (math.isfinite(args.heal_lr) and args.heal_lr > 0):
+        raise ValueError(f"--heal {args.heal} --heal-lr {args.heal_lr}: expected steps >= 0 and a learning rate > 0")
+    if args.sweep and args.heal:
+        raise ValueError("--sweep with --heal: heal the size you pick, one extraction at a time")
     if args.sweep and args.rule not in ("modsquad", "share"):
         raise ValueError(f"--sweep keeps a share of each layer's experts: it does not combine with --rule {args.rule}")
 
@@ -254,7 +258,8 @@ def _extract(args: argparse.Namespace) -> int:
 
             sweep_main(args.source, args.task.split(","), args.out, parse_shares(args.sweep), **common, **rule)
         else:
-            extract_main(args.source, args.task.split(","), args.out, report=not args.no_report, **common, **rule)
+            extract_main(args.source, args.task.split(","), args.out, report=not args.no_report, heal=args.heal,
+                         heal_lr=args.heal_lr, **common, **rule)
     except PretrainError:
         raise  # typed failures keep their own exit code
     except (ValueError, RuntimeError, KeyError) as exc:
@@ -290,6 +295,10 @@ def _add_export_extract(sub) -> None:
     p.add_argument("--top-k", type=int, default=0,
                    help="route each token to K MLP experts, below the trained k: fewer FLOPs (default: as trained)")
     p.add_argument("--attn-top-k", type=int, default=0, help="the same for the MoE attention's head experts")
+    p.add_argument("--heal", type=int, default=0, metavar="STEPS",
+                   help="distil the submodel from the full model for STEPS steps on the tasks' training shards "
+                        "(run directory NAME.heal/, resumable; the report gives the metric before and after)")
+    p.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate of --heal")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a RUN_DIR (default: latest)")
     p.add_argument("--data-root", default=None, help="shard root for the val metric (default: the run's data.root)")
     p.add_argument("--eval-images", type=int, default=64, help="val images per task for the metric (0 = skip)")

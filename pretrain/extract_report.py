@@ -170,6 +170,10 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{'routes to dropped experts (' + task + ')':<34}{share['overall']:>32.4f}")
     kept = ", ".join(f"{n}: {len(v['kept'])}/{v['of']}" for n, v in report["experts_kept"].items())
     lines.append(f"experts kept: {kept}")
+    healed = report.get("heal")
+    if healed:
+        lines.append(f"healed: {healed['steps']} distillation steps, loss {healed['loss_first']} -> "
+                     f"{healed['loss_last']}; submodel before healing: {healed['metric_before']}")
     changed = {n: k for n, k in report.get("top_k", {}).items() if k["sub"] != k["full"]}
     if changed:
         lines.append("experts per token: " + ", ".join(f"{n}: {k['sub']} of {k['full']}" for n, k in changed.items()))

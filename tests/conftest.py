@@ -52,6 +52,7 @@ SLOW = {
     "tests/test_extract.py",  # trains and exports small runs: 1-4 s each (the keep-rule units are ms)
     "tests/test_export_file.py::test_export_needs_no_shards_once_the_run_saved_its_class_lists",  # 3 exports: 9 s
     "tests/test_dry_run.py",  # builds every shipped config's model, ViT-L ones in memory: 1-15 s each
+    "tests/test_heal.py",  # extractions with DeepSpeed heals in children: 60 s
     "tests/test_extract_sweep.py",  # CLI extractions with reports: 1-30 s each (the share-rule unit is ms)
     "tests/test_export_file.py::test_files_honour_the_umask",  # export + extract: 7 s each
     "tests/test_export_file.py::test_wrong_inputs_are_one_line_and_exit_2",  # a run + five CLI calls: 8 s

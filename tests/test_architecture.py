@@ -59,7 +59,8 @@ RULES: dict[str, frozenset[str]] = {
     "keep_rules": FOUNDATION,  # which experts a task keeps (pure functions over usage tables)
     "extract_report": ANY_CORE,  # the report of `pretrain extract` (a part of that command)
     **{command: ANY_CORE for command in COMMANDS},
-    "extract": ANY_CORE | {"extract_report"},  # its report lives beside it
+    "extract": ANY_CORE | {"extract_report", "heal"},  # its report lives beside it; --heal
+    "heal": ANY_CORE,  # `pretrain extract --heal`: distillation on the training engine
     "extract_sweep": ANY_CORE | {"extract", "extract_report"},  # `pretrain extract --sweep`: several sizes
     "finetune": ANY_CORE,  # stage 3 imports the core; the core never imports it
     "demo": ANY_CORE | {"finetune", "cli"},  # stage 4 drives the user-facing commands
