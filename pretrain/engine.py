@@ -38,6 +38,7 @@ import logging
 import os
 import pickle
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
 
 import torch
@@ -62,6 +63,34 @@ def op_cache_dir(environ: Mapping[str, str], prefix: str, *, writable: bool, use
     return os.path.join(user_cache, "env-" + hashlib.sha256(prefix.encode()).hexdigest()[:12])
 
 
+STALE_LOCK_S = 30 * 60  # no op build takes this long, even on a loaded 2-core machine (3.5 min measured)
+
+
+def clear_stale_build_lock(build_dir: str, *, now: float) -> bool:
+    """Remove a build directory's `lock` left by a build that was killed; returns whether one was removed.
+
+    torch's JIT build waits, with no timeout, for that file to disappear, and it takes the lock at every start
+    (the build is a no-op when the op is current): one killed build made every later start hang. A lock older
+    than the op it guards (a finished build removes its lock; a new build makes a fresh one) or older than
+    `STALE_LOCK_S` is stale.
+    """
+    lock = os.path.join(build_dir, "lock")
+    try:
+        locked = os.stat(lock).st_mtime
+    except FileNotFoundError:
+        return False
+    built = [os.stat(os.path.join(build_dir, f)).st_mtime for f in os.listdir(build_dir) if f.endswith(".so")]
+    if not (any(t > locked for t in built) or now - locked > STALE_LOCK_S):
+        return False
+    try:
+        os.unlink(lock)
+    except FileNotFoundError:  # another process cleared it first
+        return False
+    logging.getLogger(__name__).warning("removed a stale op build lock %s (a build was killed before it released "
+                                        "it; torch would wait for it forever)", lock)
+    return True
+
+
 def prepare_op_build(environ: MutableMapping[str, str] = os.environ) -> str:
     """Set up `environ` (this process's, inherited by ranks and ninja) for DeepSpeed's op builds; returns the cache.
 
@@ -77,6 +106,10 @@ def prepare_op_build(environ: MutableMapping[str, str] = os.environ) -> str:
         environ["PATH"] = os.pathsep.join([bin_dir, environ.get("PATH", "")])
     environ[OP_CACHE_VAR] = op_cache_dir(environ, sys.prefix, writable=os.access(sys.prefix, os.W_OK),
                                          user_cache=get_default_build_root())
+    if os.path.isdir(environ[OP_CACHE_VAR]):
+        for name in os.listdir(environ[OP_CACHE_VAR]):
+            if os.path.isdir(os.path.join(environ[OP_CACHE_VAR], name)):
+                clear_stale_build_lock(os.path.join(environ[OP_CACHE_VAR], name), now=time.time())
     return environ[OP_CACHE_VAR]
 
 

@@ -137,3 +137,26 @@ def test_train_stopped_during_a_real_op_build_exits_75_in_one_line(shards, tmp_p
     assert f"pretrain train: stopped: {name} arrived while DeepSpeed was building its op" in err, err[-3000:]
     assert "internal error" not in err and "Traceback" not in err and "will checkpoint" not in err, err[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained, nothing saved
+
+
+def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path):
+    """torch waits forever on a build's `lock`: one left by a killed build (older than the op it guards, or older
+    than any build takes) is removed; a build in progress (lock newer than the op, recent) keeps its lock."""
+    import os
+
+    from pretrain.engine import STALE_LOCK_S, clear_stale_build_lock
+
+    build = tmp_path / "deepspeed_shm_comm"
+    build.mkdir()
+    lock, op = build / "lock", build / "deepspeed_shm_comm.so"
+    assert not clear_stale_build_lock(str(build), now=0.0)  # no lock
+    lock.write_text("")
+    op.write_bytes(b"\x7fELF")
+    os.utime(lock, (100.0, 100.0))
+    os.utime(op, (50.0, 50.0))  # an older op, a build running since t=100
+    assert not clear_stale_build_lock(str(build), now=200.0) and lock.exists()
+    assert clear_stale_build_lock(str(build), now=100.0 + STALE_LOCK_S + 1) and not lock.exists()
+    lock.write_text("")
+    os.utime(lock, (100.0, 100.0))
+    os.utime(op, (300.0, 300.0))  # the op finished after the lock was taken: its build died before releasing
+    assert clear_stale_build_lock(str(build), now=301.0) and not lock.exists()
