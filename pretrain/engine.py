@@ -63,16 +63,21 @@ def op_cache_dir(environ: Mapping[str, str], prefix: str, *, writable: bool, use
     return os.path.join(user_cache, "env-" + hashlib.sha256(prefix.encode()).hexdigest()[:12])
 
 
-STALE_LOCK_S = 30 * 60  # no op build takes this long, even on a loaded 2-core machine (3.5 min measured)
+STALE_LOCK_S = 30 * 60  # no first build of the op takes this long, even on a loaded 2-core machine (3.5 min here)
+# With the op already built, a start holds the lock for the second ninja needs to find nothing to do; a rebuild over
+# a built op (after a DeepSpeed or torch upgrade) takes minutes, once. A lock older than this beside a built op was
+# left by a start that was killed (SIGKILL at a SLURM time limit) while it held the lock.
+STALE_LOCK_BUILT_S = 5 * 60
 
 
 def clear_stale_build_lock(build_dir: str, *, now: float) -> bool:
     """Remove a build directory's `lock` left by a build that was killed; returns whether one was removed.
 
     torch's JIT build waits, with no timeout, for that file to disappear, and it takes the lock at every start
-    (the build is a no-op when the op is current): one killed build made every later start hang. A lock older
-    than the op it guards (a finished build removes its lock; a new build makes a fresh one) or older than
-    `STALE_LOCK_S` is stale.
+    (the build is a no-op when the op is current): one start killed while holding it made every later start hang.
+    A lock older than the op it guards (a finished build removes its lock; a new build makes a fresh one) is
+    stale, and so is one older than `STALE_LOCK_BUILT_S` beside a built op or `STALE_LOCK_S` before the first
+    build.
     """
     lock = os.path.join(build_dir, "lock")
     try:
@@ -80,7 +85,8 @@ def clear_stale_build_lock(build_dir: str, *, now: float) -> bool:
     except FileNotFoundError:
         return False
     built = [os.stat(os.path.join(build_dir, f)).st_mtime for f in os.listdir(build_dir) if f.endswith(".so")]
-    if not (any(t > locked for t in built) or now - locked > STALE_LOCK_S):
+    age_limit = STALE_LOCK_BUILT_S if built else STALE_LOCK_S
+    if not (any(t > locked for t in built) or now - locked > age_limit):
         return False
     try:
         os.unlink(lock)

@@ -144,7 +144,7 @@ def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path):
     than any build takes) is removed; a build in progress (lock newer than the op, recent) keeps its lock."""
     import os
 
-    from pretrain.engine import STALE_LOCK_S, clear_stale_build_lock
+    from pretrain.engine import STALE_LOCK_BUILT_S, STALE_LOCK_S, clear_stale_build_lock
 
     build = tmp_path / "deepspeed_shm_comm"
     build.mkdir()
@@ -153,9 +153,15 @@ def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path):
     lock.write_text("")
     op.write_bytes(b"\x7fELF")
     os.utime(lock, (100.0, 100.0))
-    os.utime(op, (50.0, 50.0))  # an older op, a build running since t=100
+    os.utime(op, (50.0, 50.0))  # an older op, a start (or a rebuild) running since t=100
     assert not clear_stale_build_lock(str(build), now=200.0) and lock.exists()
+    assert clear_stale_build_lock(str(build), now=100.0 + STALE_LOCK_BUILT_S + 1) and not lock.exists()
+    op.unlink()  # before the first build: a build may hold the lock for minutes
+    lock.write_text("")
+    os.utime(lock, (100.0, 100.0))
+    assert not clear_stale_build_lock(str(build), now=100.0 + STALE_LOCK_BUILT_S + 1) and lock.exists()
     assert clear_stale_build_lock(str(build), now=100.0 + STALE_LOCK_S + 1) and not lock.exists()
+    op.write_bytes(b"\x7fELF")
     lock.write_text("")
     os.utime(lock, (100.0, 100.0))
     os.utime(op, (300.0, 300.0))  # the op finished after the lock was taken: its build died before releasing
