@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mlore_testing import one_thread  # noqa: F401 - an autouse fixture
 from torch import nn
 
 from pretrain.models.decoders import DECODERS
@@ -11,15 +12,6 @@ from pretrain.models.decoders.heads import HeadsDecoder
 
 TASKS = {"semseg": 5, "depth": 1, "normals": 3}
 SMALL_MLORE = {"channels": 16, "ranks": (2, 3, 4), "spe_rank": 2, "top_k": 2}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs on a shared 2-core machine: one thread avoids OpenMP barriers stalled by preempted vCPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(name: str, depth: int = 8, **options) -> nn.Module:

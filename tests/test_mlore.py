@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from mlore_testing import OfficialConvHead, one_thread, randomize_bn, rel_err  # noqa: F401 - one_thread: an autouse fixture
 from torch import nn
 
 from pretrain.models.decoders import build_mlore, load_strict, official_to_ours, ours_to_official
@@ -18,32 +19,6 @@ from pretrain.models.decoders.router import balance_loss, route_top_k
 
 PASCAL = {"semseg": 21, "human_parts": 7, "sal": 2, "normals": 3, "edge": 1}
 SMALL = {"channels": 16, "ranks": (2, 3, 4, 5, 6), "spe_rank": 3, "top_k": 3}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs on a shared 2-core machine: one thread avoids OpenMP barriers stalled by preempted vCPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach() - b.detach()).abs().max() / b.detach().abs().max())
-
-
-def randomize_bn(module: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BatchNorm affine parameters and running statistics (so folding them is really tested)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in module.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                n = bn.num_features
-                bn.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                bn.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-                bn.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                bn.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
 
 
 # ---------------------------------------------------------------- low-rank experts
@@ -250,13 +225,7 @@ def test_balance_loss_golden_and_decoder_sums_eight_blocks():
     assert torch.allclose(aux["mlore_balance"], want)
 
 
-class OfficialDecoderHead(nn.Module):
-    """Official ConvHead layout: mt_proj (3×3 conv, BN, GELU), linear_pred."""
-
-    def __init__(self, c: int, n: int) -> None:
-        super().__init__()
-        self.mt_proj = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU())
-        self.linear_pred = nn.Conv2d(c, n, 1)
+OfficialDecoderHead = OfficialConvHead
 
 
 class OfficialDecoder(nn.Module):

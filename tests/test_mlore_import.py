@@ -18,6 +18,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from mlore_testing import OfficialConvHead, one_thread  # noqa: F401 - one_thread: an autouse fixture
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
@@ -52,21 +53,7 @@ moe: {{placement: dense}}
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class OfficialHead(nn.Module):
-    """`ConvHead`: mt_proj (3×3 conv, BN, GELU) then linear_pred."""
-
-    def __init__(self, c: int, n: int) -> None:
-        super().__init__()
-        self.mt_proj = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU())
-        self.linear_pred = nn.Conv2d(c, n, 1)
+OfficialHead = OfficialConvHead
 
 
 class OfficialBackbone(nn.Module):

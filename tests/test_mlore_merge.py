@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mlore_testing import one_thread, randomize_bn, rel_err  # noqa: F401 - one_thread: an autouse fixture
 from torch import nn
 
 from pretrain.config import load_config
@@ -21,32 +22,6 @@ TOL = 1e-5
 SMALL = {"channels": 16, "ranks": (2, 3, 4, 5, 6), "spe_rank": 3, "top_k": 3}
 TASKS = {"pascal": {"semseg": 21, "human_parts": 7, "sal": 2, "normals": 3, "edge": 1},
          "nyud": {"semseg": 40, "depth": 1, "normals": 3, "edge": 1}}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs on a shared 2-core machine: one thread avoids OpenMP barriers stalled by preempted vCPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach() - b.detach()).abs().max() / b.detach().abs().max())
-
-
-def randomize_bn(module: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BatchNorm affine parameters and running statistics (so folding them is really tested)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in module.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                n = bn.num_features
-                bn.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                bn.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-                bn.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                bn.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
 
 
 def pair(**options) -> tuple[nn.Module, nn.Module]:
