@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_extract import model_file
 
 from pretrain.config import load_config
 from pretrain.extract import extract_submodel, routed_layers, save_submodel
@@ -14,7 +15,7 @@ from pretrain.finetune.init import build_finetune_backbone
 from pretrain.models import build_model
 from pretrain.models.moe_routing import TaskRouter
 from pretrain.models.submodel import build_submodel, slice_state
-from pretrain.portable import config_metadata, load_model, load_submodel, write_file
+from pretrain.portable import load_model, load_submodel, write_file
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")
@@ -66,16 +67,9 @@ OPTIONS = ["moe.dense_attn_head_dim=64", "model.img_size=96", "model.task_embed_
 
 
 def portable(tmp_path: Path, *overrides: str):
-    """A tiny three-task model file with random weights and usage, loaded as `pretrain extract` loads it."""
-    cfg = load_config(None, [*TINY, *overrides])
-    torch.manual_seed(0)
-    model = build_model(model=cfg.model, moe=cfg.moe, tasks=cfg.tasks, num_classes=CLASSES).eval()
-    with torch.no_grad():
-        for layer in routed_layers(model).values():
-            layer.usage_TE.copy_(torch.rand(layer.usage_TE.shape) ** 3)
-    meta = {**config_metadata(model=cfg.model, moe=cfg.moe, tasks=cfg.tasks), "task_names": list(model.task_ids),
-            "task_ids": model.task_ids, "num_classes": CLASSES, "classes": {}, "dtype": "fp32", "step": 3}
-    return load_model(write_file(tmp_path / "full.safetensors", model.state_dict(), meta, kind="model"))
+    """A tiny three-task model file with random weights and usage (test_extract's), loaded as `pretrain extract`
+    loads it."""
+    return load_model(model_file(tmp_path / "full.safetensors", *overrides)[0])
 
 
 @pytest.mark.parametrize("exact", [False, True])
