@@ -1,6 +1,6 @@
 """Dense multi-task samples (NYUD-v2, PASCAL-Context) → image + per-task label tensors at the original resolution.
 
-Shard schema: /work/wt/_notes/DENSE_SCHEMA.md (summarised in DATA.md). Two tables drive everything:
+Shard schema: DATA.md beside this file, "Dense multi-task fine-tuning data". Two tables drive everything:
 `DENSE_TASKS` says how each task's member decodes, what pads it and how geometry treats it; `DENSE_DATASETS` says
 which tasks a dataset has, its class counts, label conventions and default sizes. Only whitelisted members are read
 (`decode.is_allowed_member`); `.npy` goes through `np.load(allow_pickle=False)` after a magic/dtype/shape check.

@@ -1,6 +1,6 @@
 """COCO box AP with pycocotools, from torchvision detector outputs, gathered across ranks.
 
-Conventions (see /work/shared/reference/evaluation.md §7):
+Conventions (pycocotools' COCOeval, as the official COCO evaluation runs it):
 - boxes reach `update` as xyxy in ORIGINAL image pixels (the caller undoes any loader resize) and are stored as COCO
   `[x, y, w, h]`;
 - detector labels are contiguous 1..K (0 is torchvision's background); `contiguous_to_cat_id[label - 1]` gives the
