@@ -235,3 +235,13 @@ def test_the_reader_resolves_every_import_form():
         ("deepspeed", True)}
     assert violations("pretrain.models.probe", found) == [
         "5: pretrain.dist (group 'models' may import ['config', 'config_checks', 'durable', 'log'])"]
+
+
+def test_no_absolute_machine_paths_in_the_package():
+    """A docstring or message naming /work/..., /home/... or /root/... means nothing on a reader's machine."""
+    import re
+
+    pattern = re.compile(r"""['"` (](/work|/home|/root|/tmp)/""")
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "pretrain").rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []
