@@ -7,6 +7,7 @@ ranks, backward/step, log, checkpoint, evaluate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -148,7 +149,9 @@ def print_dry_run(cfg: FinetuneConfig) -> int:
     except FileNotFoundError:
         release = DENSE_DATASETS[cfg.data.dataset]
         data, source = DenseData(cfg.data.dataset, Path(), Path(), 0, dict(release.num_classes)), "release"
-    model = build_dense_model(cfg, data)
+    # from random init nothing needs real memory: counts on the meta device (a ViT-L decoder takes seconds, not GBs)
+    with torch.device("meta") if not cfg.finetune.init_from else contextlib.nullcontext():
+        model = build_dense_model(cfg, data)
     print(to_yaml(cfg))
     print(json.dumps({"params": model.param_counts(), "num_classes": data.num_classes, "class_counts_from": source}))
     return 0
