@@ -9,6 +9,7 @@ been trained yet and the build would fail anyway (see `StopFlag._handle`).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from types import FrameType
 
@@ -48,7 +49,9 @@ class StopFlag:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
         self.signum = signum
-        if in_op_build(frame):
+        # Only a lone process stops at once: with several ranks, one leaving before the others are told would
+        # strand them in the rendezvous (seen under SLURM: rank 1 waited 600 s for rank 0); they agree after step 1.
+        if in_op_build(frame) and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             # Stop now: nothing is trained yet, so nothing needs a checkpoint, and waiting would not help: SLURM and
             # torchrun signal the whole process group, so the build's ninja got the signal too and the build fails
             # ("ninja: build stopped"), which used to end the run as an internal error (exit 1, never requeued).
