@@ -94,6 +94,11 @@ class MoEConfig:
     usage_momentum: float = 0.95
     mi_ema: float = 0.9  # EMA of task×expert statistics across steps; keeps the MI loss alive with one task per step
     w_mi: float = 0.005
+    # MI weight schedule: w_mi_start at step 0, cosine-decayed to w_mi at step w_mi_decay_steps, w_mi after;
+    # 0 = constant w_mi. A strong early MI weight makes tasks pick distinct experts while the routers are still
+    # uniform; decaying it lets the task losses recover (MOE.md, "What makes tasks specialise")
+    w_mi_start: float = 0.0
+    w_mi_decay_steps: int = 0
     w_cv: float = 0.0
     w_switch: float = 0.0
     w_z: float = 0.0
@@ -220,8 +225,10 @@ def check_moe(m: MoEConfig, engine: EngineConfig) -> None:
     need(0 <= m.mi_ema < 1, "moe.mi_ema", m.mi_ema, "must be in [0, 1)")
     need(m.prob_eps >= 0, "moe.prob_eps", m.prob_eps, "must be >= 0")
     need(m.dense_attn_head_dim >= 0, "moe.dense_attn_head_dim", m.dense_attn_head_dim, "must be >= 0 (0 = dim/heads)")
-    for name in ("w_mi", "w_cv", "w_switch", "w_z"):
+    for name in ("w_mi", "w_cv", "w_switch", "w_z", "w_mi_start"):
         need(getattr(m, name) >= 0, f"moe.{name}", getattr(m, name), "must be >= 0")
+    need(not m.w_mi_start or m.w_mi_decay_steps >= 1, "moe.w_mi_decay_steps", m.w_mi_decay_steps,
+         "must be >= 1 when moe.w_mi_start is set")
     need(engine.ep_size >= 1 and m.num_experts % engine.ep_size == 0, "engine.ep_size", engine.ep_size,
          f"must divide moe.num_experts={m.num_experts}")
     need(engine.grad_accum >= 1, "engine.grad_accum", engine.grad_accum, "must be >= 1")

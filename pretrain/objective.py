@@ -8,6 +8,8 @@ and checkpointed with the model.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -24,7 +26,8 @@ class Objective(nn.Module):
     checkpointed with it.
     """
 
-    def __init__(self, *, tasks: list[str], weights: dict[str, float], mode: str, aux_weights: dict[str, float]):
+    def __init__(self, *, tasks: list[str], weights: dict[str, float], mode: str, aux_weights: dict[str, float],
+                 aux_start: dict[str, tuple[float, int]] | None = None):
         super().__init__()
         if mode not in WEIGHTINGS:
             raise ValueError(f"loss weighting mode must be one of {WEIGHTINGS}, got {mode!r}")
@@ -32,6 +35,8 @@ class Objective(nn.Module):
         self.mode = mode
         self.weights = dict(weights)
         self.aux_weights = {k: float(v) for k, v in aux_weights.items()}
+        # key → (weight at step 0, steps of the cosine decay to aux_weights[key])
+        self.aux_start = {k: (float(w), int(n)) for k, (w, n) in (aux_start or {}).items()}
         self.sigma = nn.Parameter(torch.ones(len(tasks))) if mode == "uncertainty" else None
 
     def task_term(self, task: str, loss: Tensor) -> Tensor:
@@ -41,8 +46,20 @@ class Objective(nn.Module):
         var = self.sigma[self.tasks.index(task)] ** 2
         return 0.5 / var * loss + torch.log1p(var)
 
-    def forward(self, task_losses: dict[str, dict[str, Tensor]], aux: dict[str, Tensor]) -> tuple[Tensor, dict]:
-        """Args: task_losses {task: {term: scalar}}, aux {"mi"|"cv"|"switch"|"z": scalar} (unweighted).
+    def aux_weight(self, key: str, step: int | None) -> float:
+        """The weight of aux loss `key` at optimizer step `step` (0-based); None = the final weight."""
+        final = self.aux_weights.get(key, 0.0)
+        if step is None or key not in self.aux_start:
+            return final
+        start, steps = self.aux_start[key]
+        if step >= steps:
+            return final
+        return final + (start - final) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+    def forward(self, task_losses: dict[str, dict[str, Tensor]], aux: dict[str, Tensor],
+                step: int | None = None) -> tuple[Tensor, dict]:
+        """Args: task_losses {task: {term: scalar}}, aux {"mi"|"cv"|"switch"|"z": scalar} (unweighted), step the
+        optimizer step (0-based) for scheduled aux weights (None: the final weights).
 
         Returns (total, parts) where parts holds detached scalars for logging: `loss/<task>`, `loss/<task>/<term>`,
         `aux/<key>` (unweighted) and `loss/total`. Aux keys without a weight are logged and not added.
@@ -56,7 +73,9 @@ class Objective(nn.Module):
             if len(terms) > 1:
                 parts.update({f"loss/{task}/{k}": v.detach() for k, v in terms.items()})
         for key, value in aux.items():
-            weight = self.aux_weights.get(key, 0.0)
+            weight = self.aux_weight(key, step)
+            if key in self.aux_start:
+                parts[f"aux_weight/{key}"] = weight
             if weight:
                 total = total + weight * value
             parts[f"aux/{key}"] = value.detach()
@@ -72,5 +91,6 @@ def build_objective(tasks: dict[str, TaskConfig], optim: OptimConfig, moe: MoECo
     auxiliary-loss weights (plus `extra_aux`, e.g. a decoder's balance-loss weight)."""
     names = enabled_tasks(tasks, order) if order else enabled_tasks(tasks)
     aux = {"mi": moe.w_mi, "cv": moe.w_cv, "switch": moe.w_switch, "z": moe.w_z, **(extra_aux or {})}
+    start = {"mi": (moe.w_mi_start, moe.w_mi_decay_steps)} if moe.w_mi_start else None
     return Objective(tasks=names, weights={t: tasks[t].loss_weight for t in names}, mode=optim.loss_weighting,
-                     aux_weights=aux)
+                     aux_weights=aux, aux_start=start)

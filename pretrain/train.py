@@ -80,7 +80,8 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             timer.add(task_losses, clock(engine.device) - t0, {b["task"]: len(b["images"]) for b in batches})
             # every forward of this micro-batch enters one MI loss; earlier micro-batches of the step stay in its
             # statistics (detached) until the step's last one
-            loss, parts = model.objective(task_losses, collect_aux_losses(model, end_of_step=_micro == accum - 1))
+            loss, parts = model.objective(task_losses, collect_aux_losses(model, end_of_step=_micro == accum - 1),
+                                          step=step)
             # 2. agree across ranks: any non-finite loss skips the step everywhere; any stop request stops everywhere
             finite, stopping = agree(loss, stop.requested)
             if not finite:

@@ -21,6 +21,23 @@ def test_fixed_weighting_and_aux():
     assert float(parts["aux/z"]) == 7.0  # logged unweighted even when its weight is 0
 
 
+def test_mi_weight_schedule_cosine_to_final():
+    from pretrain.config import MoEConfig, OptimConfig, TaskConfig
+    from pretrain.objective import build_objective
+
+    moe = MoEConfig(w_mi=0.01, w_mi_start=0.5, w_mi_decay_steps=100)
+    tl = build_objective({"cls": TaskConfig()}, OptimConfig(), moe)
+    assert tl.aux_weight("mi", 0) == 0.5 and math.isclose(tl.aux_weight("mi", 50), 0.255, rel_tol=1e-9)
+    assert tl.aux_weight("mi", 100) == tl.aux_weight("mi", 10**6) == tl.aux_weight("mi", None) == 0.01
+    assert tl.aux_weight("cv", 0) == 0.0  # unscheduled keys keep their constant weight
+    losses, aux = {"cls": {"cls": torch.tensor(1.0)}}, {"mi": torch.tensor(-2.0)}
+    total, parts = tl(losses, aux, step=0)
+    assert math.isclose(float(total), 1.0 - 0.5 * 2, rel_tol=1e-6) and parts["aux_weight/mi"] == 0.5
+    assert math.isclose(float(tl(losses, aux)[0]), 1.0 - 0.01 * 2, rel_tol=1e-6)  # no step: the final weight
+    constant = build_objective({"cls": TaskConfig()}, OptimConfig(), MoEConfig(w_mi=0.01))
+    assert constant.aux_weight("mi", 0) == 0.01 and "aux_weight/mi" not in constant(losses, aux, step=0)[1]
+
+
 def test_uncertainty_weighting_matches_modsquad():
     tl = Objective(tasks=["cls", "seg"], weights={}, mode="uncertainty", aux_weights={})
     with torch.no_grad():
