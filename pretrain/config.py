@@ -118,6 +118,9 @@ class ModelConfig:
     # zero (no weight decay: an upcycled model starts as the dense one, no task-constant std-1 offset dominating the
     # residual stream at init) | randn (Mod-Squad: std 1, weight-decayed)
     task_embed_init: str = "zero"
+    # std of the randn init (Mod-Squad: 1). What routers read to tell tasks apart in the first blocks, where the
+    # tokens carry little else; std 1 dwarfs a small model's patch embeddings (MOE.md, "What makes tasks specialise")
+    task_embed_std: float = 1.0
     upcycle_from: str = ""  # dense timm ViT state dict (.safetensors/.pth); empty = random init
     upcycle_mode: str = "copy"
     det_min_size: int = 512

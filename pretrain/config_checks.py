@@ -146,6 +146,7 @@ Rule = tuple[Callable[[Any], bool], str]
 RANGES: dict[str, Rule] = {
     "seed": (lambda v: v < 2**32, "must be in [0, 2**32)"),
     "model.drop_path": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "model.task_embed_std": (lambda v: v > 0, "must be > 0"),
     "model.patch_size": (lambda v: v == 0 or v >= 2, "must be 0 (the size's default) or >= 2"),
     "model.img_size": (lambda v: v == 0 or v >= 16, "must be 0 (the size's default) or >= 16"),
     "model.det_min_size": (lambda v: v >= 16, "must be >= 16"),

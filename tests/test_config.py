@@ -98,6 +98,7 @@ ERRORS = [
     ("train.ckpt_every=0", "config value train.ckpt_every=0 is out of range: must be >= 1"),
     ("optim.lr=0", "config value optim.lr=0.0 is out of range: must be > 0"),
     ("moe.mi_ema=1", "config value moe.mi_ema=1.0 is out of range: must be in [0, 1)"),
+    ("model.task_embed_std=0", "config value model.task_embed_std=0.0 is out of range: must be > 0"),
     ("moe.w_mi_start=0.5",
      "config value moe.w_mi_decay_steps=0 is out of range: must be >= 1 when moe.w_mi_start is set"),
     ("foo", "override 'foo' is not of the form key=value"),

@@ -189,5 +189,7 @@ def test_dense_attention_head_dim_and_randn_task_embedding():
     assert vit.forward_features(torch.randn(1, 3, 64, 64), tasks(2)).shape == (1, 65, 128)
     assert vit.task_embed.std().item() == pytest.approx(1.0, rel=0.1)
     assert vit.no_weight_decay() == {"pos_embed", "cls_token"}
+    cfg.model.task_embed_std = 0.1
+    assert build_backbone(cfg).task_embed.std().item() == pytest.approx(0.1, rel=0.1)
     with pytest.raises(ValueError, match="task_embed_init='ones'"):
         VisionTransformer(embed_dim=32, depth=1, num_heads=2, task_embed=True, task_embed_init="ones")

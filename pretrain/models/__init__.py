@@ -96,7 +96,7 @@ def build_backbone(model: ModelConfig, moe: MoEConfig, *, num_tasks: int = len(T
     mlp_kwargs, attn_kwargs = moe_kwargs(model, moe)
     vit = VisionTransformer(**backbone_size(model), drop_path=model.drop_path, num_tasks=num_tasks,
                             class_token=model.class_token, task_embed=model.task_embed,
-                            task_embed_init=model.task_embed_init,
+                            task_embed_init=model.task_embed_init, task_embed_std=model.task_embed_std,
                             dense_attn_head_dim=moe.dense_attn_head_dim, placement=moe.placement,
                             moe_mlp_layer=moe_mlp_layer or MoEMlp, moe_mlp_kwargs=mlp_kwargs,
                             moe_attn_layer=moe_attn_layer or MoEAttention, moe_attn_kwargs=attn_kwargs)

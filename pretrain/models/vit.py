@@ -123,7 +123,8 @@ class VisionTransformer(nn.Module):
         num_tasks: T; size of the task embedding and of each MoE layer's router stack.
         task_embed: add a learned per-task vector to the tokens before every block (Mod-Squad).
         task_embed_init: `zero` (no weight decay; an upcycled model then starts as the dense one) or `randn`
-            (std 1, weight-decayed: Mod-Squad's `torch.randn(1, T, D)`, which its optimizer groups decay).
+            (std `task_embed_std`, weight-decayed: Mod-Squad's `torch.randn(1, T, D)`, std 1, which its optimizer
+            groups decay).
         dense_attn_head_dim: head dim of the dense attention blocks; 0 = embed_dim / num_heads. Mod-Squad's ViT-B
             uses 128 (its `head_dim` reaches the dense `Attention` too: qkv D -> 3*H*128, proj H*128 -> D).
         placement: `modsquad` | `m3vit` | `dense` (module docstring).
@@ -139,7 +140,8 @@ class VisionTransformer(nn.Module):
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path: float = 0.0, init_values: float | None = None, class_token: bool = True,
                  num_tasks: int = 1, task_embed: bool = False,
-                 task_embed_init: str = "zero", dense_attn_head_dim: int = 0, placement: str = "dense",
+                 task_embed_init: str = "zero", task_embed_std: float = 1.0, dense_attn_head_dim: int = 0,
+                 placement: str = "dense",
                  moe_mlp_layer: Callable[..., nn.Module] | None = None,
                  moe_mlp_kwargs: dict[str, Any] | None = None, moe_attn_layer: Callable[..., nn.Module] | None = None,
                  moe_attn_kwargs: dict[str, Any] | None = None) -> None:
@@ -185,7 +187,7 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.task_embed is not None and task_embed_init == "randn":
-            nn.init.normal_(self.task_embed)
+            nn.init.normal_(self.task_embed, std=task_embed_std)
 
     @property
     def depth(self) -> int:
