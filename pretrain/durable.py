@@ -7,6 +7,7 @@ pointer, the resolved `config.yaml`.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -48,3 +49,13 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create `folder` (and its parents) and create and remove one file in it; raises the OSError a write there
+    meets (EACCES, EROFS, ENOTDIR...). Only trying tells: root passes every permission bit, not a read-only mount."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".pretrain-write-check-")
+    os.close(fd)
+    os.unlink(name)

@@ -126,6 +126,10 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "DistBack
               "NCCL communicator was aborted")
 
 
+# a path this process may not read or write: no permission, a read-only filesystem
+_NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 def message(exc: BaseException) -> str:
     """The exception's message on one line. An error re-raised from a DataLoader worker carries the worker's whole
     traceback in its message; the original message is its last line, after the exception's type name."""
@@ -146,6 +150,8 @@ def describe(exc: BaseException, command: str) -> tuple[int, str]:
         return exc.exit_code, f"pretrain {command}: error: {message(exc)}"
     if isinstance(exc, _usage_types()):
         return EXIT_USAGE, f"pretrain {command}: error: {message(exc)}"
+    if isinstance(exc, OSError) and exc.errno in _NO_ACCESS and exc.filename:  # a path the user chose, not a bug
+        return EXIT_USAGE, f"pretrain {command}: error: cannot access {exc.filename}: {exc.strerror}"
     if is_disk_full(exc):
         return EXIT_DISK_FULL, f"pretrain {command}: error: disk full: {message(exc)}"
     first = message(exc) if "Original Traceback" in str(exc) else one_line((str(exc).strip() or " ").splitlines()[0])

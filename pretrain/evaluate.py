@@ -149,11 +149,12 @@ def main(cfg: RunConfig, *, random_init: bool = False) -> int:
     model = build_run_model(cfg, num_classes=spec.num_classes, rank=0, single_process=True)
     step = 0
     if not random_init:
-        from pretrain.checkpoint import TAG_RE, load_model_weights
+        from pretrain.checkpoint import load_model_weights
+        from pretrain.integrity import tag_step
 
         tag_dir = find_tag(run_dir / "checkpoints", None)
         load_model_weights(tag_dir, model, skip=unused_prefixes(cfg), verify=False)  # find_tag verified it
-        step = int(TAG_RE.match(tag_dir.name).group(1))
+        step = tag_step(tag_dir)
     if info.world_size > 1:  # metrics are reduced across ranks: that needs a process group
         dist.init_process_group(cfg.engine.backend)
     metrics = evaluate_model(cfg, model, spec, info)

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pretrain.checkpoint import META, MODEL_FILE, TAG_RE, ExpertFiles
+from pretrain.checkpoint import META, MODEL_FILE, ExpertFiles
 from pretrain.config import RunConfig, load_config, stage_of_file
-from pretrain.portable import DTYPES, PortableModel, config_metadata, decode_meta, write_file
+from pretrain.integrity import tag_step
+from pretrain.portable import DTYPES, PortableModel, check_out, config_metadata, decode_meta, write_file
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def consolidate(run_dir: str | Path, *, step: int | None = None, dtype: str | No
     model.to(DTYPES[dtype])
     meta = {**config_metadata(model=cfg.model, moe=moe, tasks=cfg.tasks), "task_names": list(model.task_ids),
             "task_ids": model.task_ids, "num_classes": counts, "classes": classes, "dtype": dtype,
-            "step": int(TAG_RE.match(tag_dir.name).group(1)),
+            "step": tag_step(tag_dir),
             "source": {"run_dir": str(run_dir.resolve()), "tag": tag_dir.name, "backend": cfg.moe.backend,
                        "ep_size": cfg.engine.ep_size, "zero_stage": cfg.engine.zero_stage,
                        "precision": cfg.engine.precision, "data_root": cfg.data.root}}
@@ -154,6 +155,7 @@ def consolidate(run_dir: str | Path, *, step: int | None = None, dtype: str | No
 def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None, dtype: str | None = None,
                data_root: str | None = None) -> Path:
     """Consolidate `run_dir`'s checkpoint (see `consolidate`) into the portable file `out`; returns its path."""
+    check_out(out)  # an unwritable --out fails before the checkpoint is read
     full = consolidate(run_dir, step=step, dtype=dtype, data_root=data_root)
     path = write_file(out, full.model.state_dict(), full.meta, kind="model")
     logger.info("exported %s (step %d, %s) to %s", run_dir, full.meta["step"], full.meta["dtype"], path)

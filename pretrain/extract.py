@@ -23,7 +23,7 @@ from pretrain.models import backbone_size, moe_kwargs
 from pretrain.models.moe_losses import moe_modules
 from pretrain.models.submodel import build_submodel, slice_state
 from pretrain.models.vit import moe_layout
-from pretrain.portable import PortableModel, config_sections, load_model, write_file
+from pretrain.portable import PortableModel, check_out, config_sections, load_model, write_file
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +220,7 @@ def main(source: str, tasks: list[str], out: str, *, step: int | None = None, da
     kept experts without a report)."""
     if Path(out).resolve() == Path(source).resolve():
         raise ValueError(f"--out {out} is the source model: choose another file name (nothing was written)")
+    check_out(out)  # an unwritable --out fails before the extraction (and --heal) runs
     full = load_source(source, step=step, data_root=data_root)
     extraction = extract_submodel(full, tasks, **rule_args)
     healed = heal_submodel(extraction, out, data_root=data_root, steps=heal, lr=heal_lr,
@@ -242,13 +243,18 @@ def heal_submodel(extraction: Extraction, out: str | Path, *, data_root: str | N
                   eval_images: int) -> dict:
     """Distil the submodel from the full model in `NAME.heal/` (`pretrain.heal`); with `eval_images`, the tasks'
     metric of the unhealed submodel first (the report then has before and after)."""
+    from pretrain.data.build import check_shards
     from pretrain.extract_report import evaluate_pair
-    from pretrain.heal import heal
+    from pretrain.heal import heal, heal_config
 
     root = data_root or extraction.full.meta.get("source", {}).get("data_root", "")
+    out_dir = Path(out).with_suffix(".heal")
+    # unreachable shards (a wrong --data-root) fail here, before `heal` starts NAME.heal/
+    cfg = heal_config(extraction.full, extraction.tasks, out_dir=out_dir, data_root=root, steps=steps, lr=lr)
+    check_shards(cfg.data, cfg.tasks)
     before = {t: evaluate_pair(extraction, t, data_root=root, eval_images=eval_images)["sub"]
               for t in extraction.tasks} if eval_images else {}
-    result = heal(extraction.full, extraction.sub, extraction.tasks, out_dir=Path(out).with_suffix(".heal"),
-                  data_root=root, steps=steps, lr=lr)
+    result = heal(extraction.full, extraction.sub, extraction.tasks, out_dir=out_dir, data_root=root, steps=steps,
+                  lr=lr)
     extraction.sub.meta["healed"] = {"steps": steps, "lr": lr}
     return {**result, "metric_before": before}

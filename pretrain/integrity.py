@@ -4,8 +4,10 @@ newest checkpoint that verifies when the one `latest` names is damaged.
 At save time rank 0 lists the tag directory after every rank has written its files and records each file's size
 and CRC-32 under `files` in `pretrain_meta.json`, before `latest` moves. On load, `select_tag` verifies the tag
 `latest` names; if it is missing, truncated or corrupt, it warns (naming what was wrong) and takes the newest older
-tag whose manifest verifies. Tags written before manifests existed (no `files` key) and hand-made tags without a
-metadata file are accepted as `latest` unverified; a fallback candidate must verify. CRC-32 (zlib, ~1 GB/s) finds
+tag whose manifest verifies. A `latest` that leaves the checkpoint directory (`..`, a path, a link to elsewhere)
+is damage like a missing tag. Tags written before manifests existed (no `files` key) are accepted as `latest`
+unverified, and so are hand-made tags without a metadata file when no older tag verifies (a tag that lost its
+metadata falls back to one that does); a fallback candidate must verify. CRC-32 (zlib, ~1 GB/s) finds
 truncation and torn/bit-rotted writes; it is not a defence against tampering (loading never unpickles anyway).
 """
 
@@ -63,6 +65,18 @@ def read_meta(tag_dir: Path) -> dict:
     return meta
 
 
+def tag_step(tag_dir: Path) -> int:
+    """The step of a tag: from its name (`step_XXXXXXXX`), else from its metadata (a hand-made tag's name);
+    CheckpointError naming the file when neither says."""
+    if match := TAG_RE.match(tag_dir.name):
+        return int(match.group(1))
+    step = read_meta(tag_dir).get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise CheckpointError(f"{tag_dir / META}: no integer 'step' (got {step!r}), and {tag_dir.name!r} is not a "
+                              "tag name like step_00001000")
+    return step
+
+
 def verify_tag(tag_dir: Path, *, require_meta: bool = True) -> str | None:
     """What is wrong with a tag directory (one phrase), or None when it verifies.
 
@@ -88,17 +102,29 @@ def verify_tag(tag_dir: Path, *, require_meta: bool = True) -> str | None:
     return None
 
 
+def _escapes(ckpt_dir: Path, tag: str) -> bool:
+    """True when `tag` is not one plain entry of `ckpt_dir` (`..`, `.`, a path, a NUL) or is a link that resolves
+    outside it: loading it would read something that is not one of this run's checkpoints."""
+    if tag in (".", "..") or any(c in tag for c in "/\\\0"):
+        return True
+    return (ckpt_dir / tag).resolve().parent != ckpt_dir.resolve()
+
+
 def read_pointer(ckpt_dir: Path) -> tuple[str | None, str | None]:
-    """(tag named by `latest`, None) when it names an existing directory; (None, None) without a `latest` file;
-    (tag or None, what is wrong) otherwise."""
+    """(tag named by `latest`, None) when it names an existing directory of `ckpt_dir`; (None, None) without a
+    `latest` file; (tag or None, what is wrong) otherwise."""
     path = ckpt_dir / LATEST
     if not path.is_file():
+        if path.is_dir() or path.is_symlink():  # a link to a directory, or dangling: not a pointer DeepSpeed reads
+            return None, f"{path} is not a file holding a tag name"
         return None, None
     try:
         tag = path.read_bytes().decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         return None, f"{path} is unreadable or not text ({type(exc).__name__})"
-    if not TAG_RE.match(tag) and not (tag and "/" not in tag and (ckpt_dir / tag).is_dir()):
+    if not tag or _escapes(ckpt_dir, tag):
+        return None, f"{path} holds {tag[:40]!r}, which leaves {ckpt_dir}: not a tag name like step_00001000"
+    if not TAG_RE.match(tag) and not (ckpt_dir / tag).is_dir():
         return None, f"{path} holds {tag[:40]!r}, not a tag name like step_00001000"
     if not (ckpt_dir / tag).is_dir():
         return tag, f"{path} names tag {tag!r}, but {ckpt_dir / tag} does not exist"
@@ -113,18 +139,22 @@ def committed_tags(ckpt_dir: Path, latest: str | None) -> list[str]:
 
 def select_tag(ckpt_dir: str | Path) -> str | None:
     """The tag to load: the one `latest` names if it verifies, else the newest older one that verifies (warning
-    what was wrong); None when there is no checkpoint (no `latest`). Raises CheckpointError naming every tag tried
-    and its problem when none verifies."""
+    what was wrong; a `latest` tag without metadata is still taken when none does); None when there is no
+    checkpoint (no `latest`). Raises CheckpointError naming every tag tried and its problem when none verifies."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return None
     tag, problem = read_pointer(ckpt_dir)
     if tag is None and problem is None:
         return None
+    unverified = None  # a tag without metadata: loaded only when no older tag verifies (see the docstring)
     if problem is None:
         problem = verify_tag(ckpt_dir / tag, require_meta=False)
-        if problem is None:
+        if problem is None and (ckpt_dir / tag / META).is_file():
             return tag
+        if problem is None:
+            # `pretrain train` writes the metadata before `latest` moves: a committed tag without it was damaged
+            unverified, problem = tag, f"{META} is missing (removed, or not written by `pretrain train`)"
         problem = f"{tag}: {problem}"
     failures = [problem]
     for candidate in committed_tags(ckpt_dir, tag):
@@ -136,6 +166,9 @@ def select_tag(ckpt_dir: str | Path) -> str | None:
                            ckpt_dir / candidate)
             return candidate
         failures.append(f"{candidate}: {why}")
+    if unverified is not None:
+        logger.warning("loading %s unverified: it has no %s and no older checkpoint verifies", ckpt_dir / tag, META)
+        return unverified
     raise CheckpointError(f"{ckpt_dir}: no checkpoint verifies ({'; '.join(failures)}): restore the files from a "
                           f"copy, or move {ckpt_dir} away to start the run from scratch")
 

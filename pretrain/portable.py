@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pretrain.config import ModelConfig, MoEConfig, TaskConfig
-from pretrain.durable import honour_umask
+from pretrain.durable import check_writable, honour_umask
+from pretrain.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -62,20 +63,29 @@ def config_sections(path: str | Path, meta: dict[str, Any]) -> tuple[ModelConfig
     return _section(Path(path), meta, "model", ModelConfig), _section(Path(path), meta, "moe", MoEConfig), tasks
 
 
+def check_out(path: str | Path) -> Path:
+    """`--out` of a portable file: a `.safetensors` name in a folder this process can write (created if missing).
+    Raises ValueError / UsageError (exit 2) naming the path otherwise: commands call it before their work, too."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"--out {path}: the file name must end in .safetensors")
+    try:
+        check_writable(path.parent)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"--out {path}: {path.parent} is not a folder (a file of that name is in the way)") from None
+    except OSError as exc:  # no permission, a read-only filesystem
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
 def write_file(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any], *, kind: str) -> Path:
     """Write `tensors` (contiguous CPU copies) with `meta` (values JSON-encoded unless already str) and the format
     fields; a partial file never replaces an existing one (tmp + rename)."""
     from pretrain import __version__
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"--out {path}: the file name must end in .safetensors")
+    path = check_out(path)
     header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": kind, "pretrain_version": __version__}
     header.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"--out {path}: {path.parent} is not a folder (a file of that name is in the way)") from None
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
     honour_umask(tmp)

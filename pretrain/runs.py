@@ -15,7 +15,7 @@ import torch
 
 from pretrain.checkpoint import TAG_RE, load_model_weights, tag_for
 from pretrain.config import TASKS, RunConfig, enabled_tasks, load_config
-from pretrain.integrity import select_tag
+from pretrain.integrity import select_tag, tag_step
 from pretrain.layers import moe_mlp_factory
 from pretrain.models import MultiTaskModel, build_model
 from pretrain.objective import build_objective
@@ -96,4 +96,4 @@ def load_run(run_dir: str | Path, *, step: int | None = None, overrides: list[st
         num_classes = check_shards(cfg.data, cfg.tasks).num_classes
     model = build_run_model(cfg, num_classes=num_classes, rank=0, single_process=True)
     load_model_weights(tag_dir, model, skip=unused_prefixes(cfg), verify=step is not None)
-    return LoadedRun(cfg=cfg, model=model.eval(), step=int(TAG_RE.match(tag_dir.name).group(1)), tag_dir=tag_dir)
+    return LoadedRun(cfg=cfg, model=model.eval(), step=tag_step(tag_dir), tag_dir=tag_dir)

@@ -64,7 +64,8 @@ RULES: dict[str, frozenset[str]] = {
     "extract_sweep": ANY_CORE | {"extract", "extract_report"},  # `pretrain extract --sweep`: several sizes
     "finetune": ANY_CORE,  # stage 3 imports the core; the core never imports it
     "demo": ANY_CORE | {"finetune", "cli"},  # stage 4 drives the user-facing commands
-    "cli": ANY_CORE | {"finetune", "demo", "extract_sweep"},
+    "extract_args": frozenset(),  # the export/extract command lines (argparse only): cli reads them
+    "cli": ANY_CORE | {"finetune", "demo", "extract_sweep", "extract_args"},
 }
 COMMAND_IMPORTERS = frozenset({"cli", "demo"})  # "nothing imports them except cli" (+ the demo pipeline)
 # train's periodic evaluation; submit reads the run state status computes (ARCHITECTURE.md says so)

@@ -180,6 +180,18 @@ def _drop_manifest(tag: Path) -> None:
     (tag / META).unlink()
 
 
+def _drop_manifests(ckpt: Path) -> None:
+    for tag in ckpt.glob("step_*"):
+        _drop_manifest(tag)
+
+
+def _link_outside(ckpt: Path, name: str) -> None:
+    """`latest` names a link to an intact copy of the newest tag outside the checkpoint directory."""
+    shutil.copytree(ckpt / "step_00000007", ckpt.parent / name)
+    (ckpt / name).symlink_to(ckpt.parent / name, target_is_directory=True)
+    (ckpt / "latest").write_text(name)
+
+
 DAMAGE = {  # name -> (damage(ckpt dir), code, fragment)
     "intact": (lambda c: None, 0, "not loading objective.sigma"),
     "latest_missing_tag_falls_back": (lambda c: (c / "latest").write_text("step_00000009"), 0, "falling back to"),
@@ -195,13 +207,19 @@ DAMAGE = {  # name -> (damage(ckpt dir), code, fragment)
                                  5, "no checkpoint verifies (step_00000007: mp_rank_00_model_states.pt has"),
     "only_tag_missing": (lambda c: [shutil.rmtree(c / "step_00000005"), (c / "latest").write_text("step_00000009"),
                                     shutil.rmtree(c / "step_00000007")], 5, "names tag 'step_00000009'"),
-    "no_manifest_truncated_model": (lambda c: [_drop_manifest(c / t) for t in ("step_00000007",)] and
+    # `latest` leaving the checkpoint directory, and a newest tag that lost its metadata: damage like the above
+    "latest_dotdot_falls_back": (lambda c: (c / "latest").write_text(".."), 0, "holds '..', which leaves"),
+    "latest_link_outside_falls_back": (lambda c: _link_outside(c, "elsewhere"), 0, "holds 'elsewhere', which leaves"),
+    "newest_meta_removed_falls_back": (lambda c: _drop_manifest(c / "step_00000007"), 0,
+                                       "step_00000007: pretrain_meta.json is missing"),
+    # no tag has metadata (hand-made): the newest is loaded unverified and the loader's own checks name the damage
+    "no_manifest_truncated_model": (lambda c: _drop_manifests(c) or
                                     _truncate(c / "step_00000007" / checkpoint.MODEL_FILE), 5,
                                     "mp_rank_00_model_states.pt: unreadable"),
-    "no_manifest_truncated_experts": (lambda c: _drop_manifest(c / "step_00000007") or
+    "no_manifest_truncated_experts": (lambda c: _drop_manifests(c) or
                                       _truncate(c / "step_00000007" / "experts_ep0.safetensors", 0.001), 5,
                                       "experts_ep0.safetensors: unreadable expert file"),
-    "no_manifest_planted_pickle": (lambda c: _drop_manifest(c / "step_00000007") or
+    "no_manifest_planted_pickle": (lambda c: _drop_manifests(c) or
                                    _plant_pickle(c / "step_00000007" / checkpoint.MODEL_FILE), 5,
                                    "refused to load, it pickles more than tensors"),
     "no_checkpoint": (lambda c: shutil.rmtree(c), 2, "no checkpoint (no 'latest' file)"),
@@ -226,6 +244,8 @@ def test_evaluate_damaged_checkpoints(cli, template_run, tmp_path, damage):
     if code == 0:  # the newest intact checkpoint: step 7 unless its own files are damaged
         step = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["step"]
         assert step == (5 if damage.startswith("newest_") else 7)
+    if damage.startswith(("latest_dotdot", "latest_link", "newest_meta")):  # export falls back the same way
+        check(*cli("export", run, "--out", tmp_path / "m.safetensors"), 0, "falling back to")
 
 
 def test_evaluate_fewer_tasks_than_trained(cli, template_run, tmp_path, capsys):

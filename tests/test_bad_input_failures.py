@@ -5,11 +5,13 @@ real SIGINT, a loader worker's error comes from a real DataLoader worker, a stop
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
 import pytest
 import torch
+from test_bad_input import check
 
 from pretrain import checkpoint, errors
 
@@ -101,7 +103,31 @@ def _stop_during_op_build(tmp: Path) -> None:
         engine.deepspeed.init_distributed = real
 
 
+def unwritable(kind: str, tmp: Path) -> Path:
+    """A folder in which creating a file really fails: `read_only` a 0555 directory (root passes permission bits: the
+    row is skipped), `sysfs` /sys (EACCES for root too), `under_a_file` a path below a regular file (ENOTDIR)."""
+    if kind == "read_only":
+        if os.geteuid() == 0:
+            pytest.skip("root creates files in a 0555 directory (the sysfs row covers root)")
+        (tmp / "read_only").mkdir(mode=0o555)
+        return tmp / "read_only"
+    if kind == "sysfs":
+        try:
+            (Path("/sys") / f"pretrain-probe-{os.getpid()}").open("x").close()
+        except OSError:
+            return Path("/sys")
+        pytest.skip("/sys takes new files here (not a Linux sysfs)")
+    (tmp / "a_file").write_text("")
+    return tmp / "a_file"
+
+
+def _no_permission(tmp: Path) -> None:
+    with open(unwritable("sysfs" if os.geteuid() == 0 else "read_only", tmp) / "config.yaml", "w") as f:
+        f.write("output_dir: x\n")
+
+
 FAILURES = {  # name -> (fail(tmp_path), code, fragment)
+    "permission_denied": (_no_permission, 2, "pretrain train: error: cannot access /"),
     "consecutive_bad_samples": (lambda t: _consecutive(), 6, "3 consecutive bad samples/shards"),
     "ep_size_vs_world": (lambda t: _ep_mismatch(), 7, "engine.ep_size=2 must divide the world size 1"),
     "malformed_rank_json": (_rank_json, 5, "rank_00000.json: unreadable rank state (JSONDecodeError"),
@@ -141,3 +167,36 @@ def test_every_exit_code_is_documented():
     for cls in (errors.CheckpointError, errors.DataError, errors.SetupError, errors.DiskFullError,
                 errors.StoppedError):
         assert cls.exit_code in errors.EXIT_CODES and cls.exit_code != errors.EXIT_INTERNAL
+
+
+@pytest.fixture(scope="module")
+def sources(shards, tmp_path_factory) -> dict[str, Path]:
+    """What export, extract and prepare read: a run directory, a model file, an ImageNet layout with one image."""
+    from test_extract import model_file, native_run
+    from test_prepare_bad_input import _png, _put
+
+    tmp = tmp_path_factory.mktemp("unwritable_sources")
+    native_run(tmp / "run", shards)
+    _put(tmp / "imagenet/train/n01/a.JPEG", _png(torch.zeros(12, 16, 3, dtype=torch.uint8).numpy()))
+    return {"run": tmp / "run", "model": model_file(tmp / "model.safetensors")[0], "imagenet": tmp / "imagenet"}
+
+
+OUT_ARGS = {  # command -> (its arguments but --out, the --out name inside the unwritable folder)
+    "export": (lambda s: ["export", s["run"]], "m.safetensors"),
+    "extract": (lambda s: ["extract", s["model"], "--task", "cls", "--no-report"], "cls.safetensors"),
+    "prepare": (lambda s: ["prepare", "imagenet", "--src", s["imagenet"], "--split", "train"], "shards"),
+}
+UNWRITABLE = [(c, k) for c in OUT_ARGS for k in ("read_only", "sysfs")] + [("prepare", "under_a_file")]
+
+
+@pytest.mark.parametrize(("command", "kind"), UNWRITABLE)
+def test_an_unwritable_out_is_one_line_naming_it(capsys, sources, tmp_path, command, kind):
+    """--out in a folder that takes no new file: exit 2 and "cannot write PATH: REASON", before any work, and
+    nothing left behind (the unique name keeps /sys's own entries out of reach)."""
+    args, name = OUT_ARGS[command]
+    out = unwritable(kind, tmp_path) / f"{os.getpid()}-{name}"
+    from pretrain.cli import main as cli_main
+
+    code = cli_main([str(a) for a in [*args(sources), "--out", out]])
+    check(code, capsys.readouterr().err, 2, f"pretrain {command}: error: cannot write {out}: ")
+    assert not os.path.lexists(out)

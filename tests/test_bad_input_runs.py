@@ -69,6 +69,24 @@ def test_real_checkpoint_manifest_damage_and_drift(shards, trained_run, tmp_path
 
 
 @pytest.mark.slow
+def test_real_resume_falls_back_past_an_escaping_latest_and_a_removed_metadata_file(shards, trained_run, tmp_path):
+    """Resume, not only evaluate/export: `latest` holding '..' and a newest tag without pretrain_meta.json are
+    skipped with a warning naming them, and the run continues from the newest intact checkpoint."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    ckpt = run / "checkpoints"
+    (ckpt / "latest").write_text("..")
+    proc = _train(shards, run, "train.max_steps=5")
+    check(proc.returncode, proc.stderr, 0, "holds '..', which leaves")
+    assert "falling back to" in proc.stderr and "resumed from step 4" in proc.stderr
+    assert checkpoint.read_latest(ckpt) == "step_00000005"
+    (ckpt / "step_00000005" / META).unlink()
+    proc = _train(shards, run, "train.max_steps=6")
+    check(proc.returncode, proc.stderr, 0, "step_00000005: pretrain_meta.json is missing")
+    assert "resumed from step 4" in proc.stderr and checkpoint.read_latest(ckpt) == "step_00000006"
+
+
+@pytest.mark.slow
 def test_real_run_setup_and_disk_full(shards, trained_run, tmp_path):
     proc = _train(shards, tmp_path / "ep", "engine.ep_size=2")
     check(proc.returncode, proc.stderr, 7, "engine.ep_size=2 must divide the world size 1")

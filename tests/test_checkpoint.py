@@ -58,6 +58,46 @@ def test_uncommitted_tags_are_ignored_and_pruned(tmp_path):
         checkpoint.read_latest(tmp_path)
 
 
+@pytest.mark.parametrize("pointer", ["..", ".", "../step_00000003", "/etc", "step_00000003/..", "outside",
+                                     "as_directory", "meta_removed", "notes"])
+def test_a_latest_leaving_the_run_or_a_tag_without_metadata_falls_back(tmp_path, pointer, caplog):
+    """`latest` naming something that is not one of this run's tags, or the newest tag without its metadata: the
+    newest older tag that verifies is loaded, with a warning naming what was skipped."""
+    from pretrain.integrity import META, build_manifest, select_tag
+
+    ckpt = tmp_path / "run" / "checkpoints"
+    make_tags(ckpt, 2, 3)
+    for step in (2, 3):
+        tag = ckpt / checkpoint.tag_for(step)
+        (tag / META).write_text(json.dumps({"step": step, "files": build_manifest(tag)}))
+    (ckpt / "notes").mkdir()  # not a checkpoint: no metadata
+    (tmp_path / "outside").mkdir()
+    (ckpt / "outside").symlink_to(tmp_path / "outside", target_is_directory=True)
+    if pointer == "as_directory":
+        (ckpt / "latest").mkdir()
+    elif pointer == "meta_removed":
+        (ckpt / "latest").write_text("step_00000003")
+        (ckpt / "step_00000003" / META).unlink()
+    else:
+        (ckpt / "latest").write_text(pointer)
+    want = "step_00000002" if pointer == "meta_removed" else "step_00000003"
+    assert select_tag(ckpt) == want
+    named = {"meta_removed": "step_00000003: pretrain_meta.json is missing", "as_directory": "latest is not a file",
+             "notes": "notes: pretrain_meta.json is missing"}
+    assert f"falling back to {ckpt / want}" in caplog.text and named.get(pointer, f"holds {pointer!r}") in caplog.text
+
+
+def test_a_hand_made_tag_takes_its_step_from_its_metadata(tmp_path):
+    from pretrain.errors import CheckpointError
+    from pretrain.integrity import META, tag_step
+
+    (tmp_path / "best").mkdir()
+    with pytest.raises(CheckpointError, match="best/pretrain_meta.json is missing"):
+        tag_step(tmp_path / "best")
+    (tmp_path / "best" / META).write_text(json.dumps({"step": 12}))
+    assert tag_step(tmp_path / "best") == 12 and tag_step(tmp_path / "step_00000034") == 34
+
+
 def test_rank_state_roundtrip_restores_every_rng(tmp_path):
     state = {**checkpoint.capture_rng(), "stream": {"step": 3, "tasks": ["cls"]}}
     expect = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])

@@ -58,8 +58,13 @@ def test_sweep_writes_a_submodel_per_size_a_table_and_a_plot(model_file, tmp_pat
     (["--latency-batches", "abc"], "--latency-batches abc"),
     (["--calibrate-images", "0"], "--calibrate-images 0"),
     (["--sweep", "0.5,2"], "every share must be in (0, 1]"),
+    (["--sweep", "0,2"], "--sweep '0,2': every share must be in (0, 1] (got [0.0, 2.0])"),
+    (["--sweep", "abc"], "--sweep 'abc': expected comma-separated shares in (0, 1]"),
     (["--sweep", "0.5", "--rule", "topn"], "does not combine with --rule topn"),
+    (["--heal", "-1"], "--heal -1 --heal-lr 0.0001: expected steps >= 0"),
     (["--top-k", "9"], "--top-k 9: must be between 1 and the trained k (2)"),
+    (["--top-k", "0"], "--top-k 0: expected between 1 and the trained k (leave it out to keep the trained k)"),
+    (["--attn-top-k", "0"], "--attn-top-k 0: expected between 1 and the trained k"),
 ])
 def test_bad_extract_options_are_one_line_and_exit_2(model_file, tmp_path, capsys, args, fragment):
     source, before = model_file, model_file.read_bytes()
@@ -78,3 +83,19 @@ def test_out_equal_to_the_source_is_refused(shards, tmp_path, capsys):
     for extra in ([], ["--sweep", "0.5"]):
         assert cli_main(["extract", str(model), "--task", "cls", "--out", str(model), "--no-report", *extra]) == 2
         assert "is the source model" in capsys.readouterr().err and model.read_bytes() == before
+
+
+@pytest.mark.parametrize(("args", "fragment", "unfinished"), [
+    (["--heal", "5", "--no-report"], "ade20k/train does not exist", "s.heal"),
+    (["--sweep", "0.5", "--eval-images", "2"], "no val shards for seg at", "s.sweep.json"),
+])
+def test_heal_or_sweep_without_reachable_shards_leaves_nothing_behind(model_file, tmp_path, capsys, args, fragment,
+                                                                      unfinished):
+    """A wrong --data-root: --heal fails before it starts NAME.heal/, a sweep before NAME.sweep.json (written last,
+    after every size): one line naming the folder, exit 2, and nothing that could pass for a finished result."""
+    missing = tmp_path / "no_shards"
+    code = cli_main(["extract", str(model_file), "--task", "seg", "--out", str(tmp_path / "s.safetensors"),
+                     "--data-root", str(missing), *args])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and fragment in last and str(missing) in last, last
+    assert not (tmp_path / unfinished).exists() and not (tmp_path / "s.safetensors").exists()

@@ -78,3 +78,38 @@ def test_select_task_rows_copies_one_pretraining_router():
     x = torch.randn(2, 3, 32, 32)
     out = vit.forward_features(x, torch.tensor([0, 3]))  # every new row routes
     assert out.shape[0] == 2 and torch.isfinite(out).all()
+
+
+def test_a_model_file_defines_the_backbone_and_a_conflicting_override_is_refused(tmp_path, capsys):
+    """`finetune.init_from=MODEL` (vit_debug, 8 experts, top-2, attention top-2): the config's model/moe fields take
+    the file's values, from the schema's defaults or the overlay's (the saved config tells the truth); a key=value
+    override that contradicts the file is refused with one line naming both values, before anything is written."""
+    from pathlib import Path
+
+    import yaml
+    from test_extract import model_file
+
+    from pretrain.cli import main as cli_main
+    from pretrain.finetune.init import build_finetune_backbone
+
+    path, _ = model_file(tmp_path / "model.safetensors")
+    cfg = load_config(None, [f"finetune.init_from={path}"], schema=FinetuneConfig)
+    assert (cfg.model.size, cfg.moe.num_experts, cfg.moe.top_k) == ("vit_b16", 16, 4)  # the schema's defaults
+    vit = build_finetune_backbone(cfg, ["semseg"])
+    assert (cfg.model.size, cfg.moe.num_experts, cfg.moe.top_k) == ("vit_debug", 8, 2)
+    assert {m.num_experts for _, m in moe_modules(vit)} == {8}
+    config = str(Path(__file__).resolve().parents[1] / "configs/debug/finetune.yaml")  # moe.attn_top_k: 4
+    assert cli_main(["finetune", config, f"finetune.init_from={path}", f"output_dir={tmp_path / 'ok'}",
+                     "--dry-run"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out.split("\n{")[0])  # the resolved config, then the counts
+    assert (printed["moe"]["attn_top_k"], printed["moe"]["num_experts"]) == (2, 8)
+    for override, source in (("moe.num_experts=4", 8), ("moe.attn_top_k=4", 2), ("model.size=vit_s16", "vit_debug")):
+        code = cli_main(["finetune", config, f"finetune.init_from={path}", override,
+                         f"output_dir={tmp_path / 'run'}", "--dry-run"])
+        err = capsys.readouterr().err
+        key = override.split("=")[0]
+        assert code == 2 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == (
+            f"pretrain finetune: error: {override} conflicts with finetune.init_from={path}, whose backbone has "
+            f"{key}={source}: the source defines the architecture; drop the override")
+    assert not (tmp_path / "run").exists()

@@ -196,6 +196,52 @@ def test_pascal_bad_label_files(dense_raw, tmp_path):
         ("JPEGImages/2009_000002.jpg", "size_mismatch")]
 
 
+def test_pascal_mat_declaring_huge_arrays_is_skipped_before_decoding(dense_raw, tmp_path, monkeypatch):
+    """A LabelMap and a parts annotation of 2000x2000 (4 MB; the release's are one 64x48 image's size): each sample
+    skipped as `too_large` from the .mat's element tags, compressed or not, without scipy decoding the file."""
+    root, _ = dense_raw
+    src = tmp_path / "PASCALContext"
+    shutil.copytree(root / "PASCALContext", src)
+    huge = np.zeros((2000, 2000), np.uint8)
+    scipy.io.savemat(src / "pascal-context/trainval/2009_000001.mat", {"LabelMap": huge}, do_compression=True)
+    scipy.io.savemat(src / "human_parts/2009_000002.mat", {"anno": huge}, do_compression=False)
+    (src / "ImageSets/Context/val.txt").write_text("2009_000001\n2009_000002\n2009_000003\n")
+    decoded, loadmat = [], scipy.io.loadmat  # the size of every file scipy decodes
+
+    def counted(f, *args, **kwargs):
+        decoded.append(len(f.getvalue()))
+        return loadmat(f, *args, **kwargs)
+
+    monkeypatch.setattr(scipy.io, "loadmat", counted)
+    convert_pascal_context(src, tmp_path / "out", "val", progress=False)
+    _, samples, rows = _read(tmp_path / "out")
+    assert list(samples) == ["2009_000003"] and decoded and max(decoded) < 2**20
+    assert [(r["file"], r["reason"]) for r in rows] == [("JPEGImages/2009_000001.jpg", "too_large"),
+                                                        ("JPEGImages/2009_000002.jpg", "too_large")]
+    assert rows[0]["detail"].startswith("pascal-context/trainval/2009_000001.mat holds at least 4000064 bytes")
+    assert "human_parts/2009_000002.mat holds at least" in rows[1]["detail"] and "its 64x48 image" in rows[1]["detail"]
+
+
+def test_mat_size_counts_what_a_compressed_element_inflates_to():
+    """A compressed element whose inner tag claims 100 bytes but inflates to 4 MB counts as what it inflates to
+    (counting stops just past the limit); files without a level-5 header are left to scipy's reader."""
+    import struct
+    import zlib
+
+    from pretrain.prepare.matfile import declared_bytes
+
+    plain = io.BytesIO()
+    scipy.io.savemat(plain, {"LabelMap": np.zeros((2000, 2000), np.uint8)}, do_compression=False)
+    data = plain.getvalue()
+    inner = bytearray(data[128:])
+    struct.pack_into("<II", inner, 0, 14, 100)  # the lie
+    packed = zlib.compress(bytes(inner))
+    forged = data[:128] + struct.pack("<II", 15, len(packed)) + packed
+    assert declared_bytes(data, 2**30) == declared_bytes(forged, 2**30) == 4000064
+    assert 2**20 < declared_bytes(forged, 2**20) <= 2**21
+    assert declared_bytes(b"not a mat file", 2**20) is None and declared_bytes(b"MATLAB 7.3" + data[10:], 1) is None
+
+
 # ---------------------------------------------------------------- .mat derivations, hand-computed
 
 

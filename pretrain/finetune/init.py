@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.config import TASKS, ModelConfig
+from pretrain.config import TASKS, ModelConfig, MoEConfig, load_config
 from pretrain.config_checks import ConfigError
 from pretrain.finetune.config import FinetuneConfig, enabled_dense_tasks
 from pretrain.layers import moe_mlp_factory
@@ -31,6 +31,69 @@ from pretrain.models.vit import VisionTransformer
 logger = logging.getLogger(__name__)
 
 DENSE_KIND = "dense"  # portable-format file kind of `pretrain import-mlore`: `backbone.*` + `decoder.*` tensors
+# The fields of `model` / `moe` that fix a backbone's shapes and routing. With `finetune.init_from` the source defines
+# them: its values go into the run's config (the saved config.yaml tells the truth), and a key=value override that
+# contradicts the source is refused (`check_source_overrides`) rather than silently trained as the source's value.
+ARCH_FIELDS = {"model": ("size", "patch_size", "img_size", "pos_grid", "class_token", "task_embed"),
+               "moe": ("placement", "num_experts", "top_k", "expert_hidden", "attn_num_experts", "attn_top_k",
+                       "attn_head_dim", "dense_attn_head_dim", "gate")}
+SOURCE_KEYS = tuple(f"{section}.{name}" for section, names in ARCH_FIELDS.items() for name in names)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def source_sections(src: str) -> tuple[ModelConfig, MoEConfig] | None:
+    """The model/moe sections of the backbone `finetune.init_from` names: a run directory's config.yaml, a pretrain
+    file's metadata; None for random init, dense ViT weights (upcycled into the config's architecture) and anything
+    unreadable (`load_source_backbone` then says what is wrong)."""
+    path = Path(src)
+    if not src:
+        return None
+    if path.is_dir():
+        try:
+            run = load_config(path / "config.yaml")
+        except ConfigError:
+            return None
+        return run.model, run.moe
+    meta = _portable_meta(path) if path.is_file() else None
+    if meta is None:
+        return None
+    from pretrain.portable import config_sections
+
+    try:
+        model, moe, _ = config_sections(path, meta)
+    except (ValueError, KeyError):
+        return None
+    return model, moe
+
+
+def check_source_overrides(cfg: FinetuneConfig, overrides: list[str] | tuple[str, ...]) -> None:
+    """ConfigError naming both values when a `key=value` override of an architecture field (`ARCH_FIELDS`)
+    contradicts the `finetune.init_from` source: before anything is built or written."""
+    asked = [key for key in SOURCE_KEYS if key in {item.split("=", 1)[0].strip() for item in overrides}]
+    sections = source_sections(cfg.finetune.init_from) if asked else None
+    for key in asked if sections else ():
+        section, name = key.split(".")
+        have = getattr(getattr(cfg, section), name)
+        want = getattr(sections[0] if section == "model" else sections[1], name)
+        if _plain(have) != _plain(want):
+            raise ConfigError(f"{key}={have} conflicts with finetune.init_from={cfg.finetune.init_from}, whose "
+                              f"backbone has {key}={want}: the source defines the architecture; drop the override")
+
+
+def adopt_source_sections_(cfg: FinetuneConfig, model: ModelConfig, moe: MoEConfig, src: str) -> None:
+    """Write the source backbone's architecture fields (`ARCH_FIELDS`) into `cfg.model` / `cfg.moe` in place, so the
+    saved config.yaml describes the backbone the run trains; the values that change are logged."""
+    for section, source in (("model", model), ("moe", moe)):
+        mine = getattr(cfg, section)
+        changed = {f"{section}.{name}": (getattr(mine, name), getattr(source, name)) for name in ARCH_FIELDS[section]
+                   if _plain(getattr(mine, name)) != _plain(getattr(source, name))}
+        if changed:
+            logger.info("finetune.init_from=%s defines the backbone: %s", src,
+                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        setattr(cfg, section, replace(mine, **{name: getattr(source, name) for name in ARCH_FIELDS[section]}))
 
 
 def _portable_meta(path: Path) -> dict | None:
@@ -70,11 +133,13 @@ def load_source_backbone(cfg: FinetuneConfig) -> tuple[VisionTransformer, tuple[
     if meta is not None and meta.get("kind") == DENSE_KIND:
         return _dense_backbone(cfg, path), TASKS
     if meta is not None:
-        from pretrain.portable import load_backbone
+        from pretrain.portable import config_sections, load_backbone
 
         rows = tuple(meta["task_names"]) if meta.get("kind") == "submodel" else TASKS
         logger.info("backbone: %s (%s file, task rows %s)", path, meta.get("kind"), list(rows))
         try:
+            model, moe, _ = config_sections(path, meta)
+            adopt_source_sections_(cfg, model, moe, src)
             return load_backbone(path), rows
         except (ValueError, KeyError) as exc:  # metadata or tensors that do not describe one model: the user's input
             raise ConfigError(f"finetune.init_from={src}: {str(exc).strip(chr(39))}") from None
@@ -141,6 +206,7 @@ def _dense_backbone(cfg: FinetuneConfig, path: Path) -> VisionTransformer:
     from pretrain.portable import config_sections, read_meta
 
     model, moe, _ = config_sections(path, read_meta(path, DENSE_KIND))
+    adopt_source_sections_(cfg, model, moe, str(path))
     model = replace(model, drop_path=cfg.model.drop_path)
     vit = build_backbone(model, moe, moe_mlp_layer=moe_mlp_factory(moe, cfg.engine, rank=0))
     result = vit.load_state_dict(_dense_tensors(path, "backbone."), strict=False)

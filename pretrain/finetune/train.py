@@ -21,6 +21,7 @@ from pretrain.drift import check_resume
 from pretrain.finetune.build import DenseData, build_dense_model, check_dense_shards, make_eval_loader, make_stream
 from pretrain.finetune.config import FinetuneConfig, enabled_dense_tasks
 from pretrain.finetune.evaluate import evaluate_dense, plot_grid
+from pretrain.finetune.init import SOURCE_KEYS, source_sections
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
 from pretrain.loop import (
     LossWindow,
@@ -163,9 +164,11 @@ def main(cfg: FinetuneConfig, dry_run: bool = False) -> int:
     dist.export(info)
     run_dir = Path(cfg.output_dir)
     setup_logging(info.rank, log_file=None if dry_run else run_dir / "logs" / f"rank{info.rank}.log")
-    # before anything in the run directory is replaced; a run-dir source rewrites model/moe from its own config
+    # before anything in the run directory is replaced; a run-dir source rewrites model/moe from its own config, a
+    # file source their architecture fields (`init.SOURCE_KEYS`; an override contradicting it was refused already)
     from_run = bool(cfg.finetune.init_from) and Path(cfg.finetune.init_from).is_dir()
-    check_resume(cfg, run_dir, ignore=("model.*", "moe.*") if from_run else ())
+    derived = ("model.*", "moe.*") if from_run else SOURCE_KEYS if source_sections(cfg.finetune.init_from) else ()
+    check_resume(cfg, run_dir, ignore=derived)
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     if dry_run:

@@ -27,6 +27,7 @@ from pretrain.prepare.dense import (
     png_member,
 )
 from pretrain.prepare.images import ImageError, decode_image, read_bytes
+from pretrain.prepare.matfile import check_mat_size
 from pretrain.prepare.pascal_labels import (
     NORMALS_VALID_CLASSES,
     NUM_PART_CLASSES,
@@ -45,9 +46,11 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "tvmonitor")
 
 
-def _load_mat(path: Path, name: str) -> dict:
+def _load_mat(path: Path, name: str, image_hw: tuple[int, int], role: str) -> dict:
     try:
-        return scipy.io.loadmat(io.BytesIO(read_bytes(path)))
+        data = read_bytes(path)
+        check_mat_size(data, name, image_hw, role)  # from the element tags: nothing is allocated for the arrays
+        return scipy.io.loadmat(io.BytesIO(data))
     except ImageError:
         raise
     except Exception as err:  # scipy raises ValueError, TypeError, MatReadError, ... for a damaged .mat
@@ -76,7 +79,7 @@ def _mat_labels(fn: Callable[[dict, tuple[int, int]], np.ndarray], job: DenseJob
                 hw: tuple[int, int]) -> np.ndarray:
     """``fn(loadmat(file))`` with a LabelFileError turned into the ImageError of its reason."""
     try:
-        return fn(_load_mat(job.files[role], name), hw)
+        return fn(_load_mat(job.files[role], name, hw, role), hw)
     except LabelFileError as err:
         raise ImageError(err.reason, f"{name}: {err}") from None
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import webdataset as wds
 from tqdm import tqdm
 
-from pretrain.durable import atomic_write, fsync_path
+from pretrain.durable import atomic_write, check_writable, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,10 @@ def prepare_output_dir(out: Path, *, overwrite: bool) -> None:
     """
     if out.exists() and not out.is_dir():
         raise OutputNotEmptyError(f"output path {out} exists and is not a directory")
-    entries = sorted(out.iterdir()) if out.exists() else []
+    try:
+        entries = sorted(out.iterdir()) if out.exists() else []
+    except OSError as exc:
+        raise PrepareError(f"cannot read {out}: {exc.strerror or exc}") from None
     if entries and not overwrite:
         names = ", ".join(e.name for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise OutputNotEmptyError(
@@ -98,10 +101,13 @@ def prepare_output_dir(out: Path, *, overwrite: bool) -> None:
             f"refusing to overwrite {out}: it holds entries no converter wrote ({', '.join(foreign[:3])}); "
             "use an empty or new directory"
         )
+    try:  # before anything is removed: a folder that cannot be written keeps its old shards
+        check_writable(out)
+    except OSError as exc:  # no permission, a read-only filesystem, a file where a folder should be
+        raise PrepareError(f"cannot write {out}: {exc.strerror or exc}") from None
     # _info.json goes first: if we crash mid-clean, no stale index points at deleted shards.
     for entry in sorted(entries, key=lambda e: e.name != INFO_NAME):
         entry.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
