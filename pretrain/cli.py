@@ -61,6 +61,19 @@ def _train(args: argparse.Namespace) -> int:
     return train_main(cfg, dry_run=args.dry_run)
 
 
+def _add_task(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config
+    from pretrain.signals import stop_flag
+
+    stop_flag()  # SIGUSR1/SIGTERM from here on ask for a checkpoint and exit 75 instead of killing the rank
+    from pretrain.add_task.config import AddTaskConfig
+
+    cfg = load_config(args.config, [*args.overrides, f"add_task.model={args.model}"], schema=AddTaskConfig)
+    from pretrain.add_task.train import main as add_task_main
+
+    return add_task_main(cfg)
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
     from pretrain.signals import stop_flag
@@ -171,7 +184,8 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import pretrain.finetune.config  # noqa: F401  (registers the fine-tuning schema: status reads its runs too)
+    import pretrain.add_task.config  # noqa: F401  (registers the add-task schema: status reads its runs too)
+    import pretrain.finetune.config  # noqa: F401  (and the fine-tuning schema)
     from pretrain.status import collect, format_report
 
     run_dir = Path(args.run_dir)
@@ -288,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.init_from=runs/debug")
     p.add_argument("--dry-run", action="store_true", help="build everything, print the config and parameter counts")
     p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("add-task", help="train new tasks into a trained model; the old tasks stay bit-identical")
+    p.add_argument("model", help="the trained model: a pretraining run directory or a `pretrain export` file")
+    p.add_argument("config", help="YAML overlay with an add_task: section, e.g. configs/debug/add_task.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    p.set_defaults(func=_add_task)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded corpus, ending in a report.md")
     p.add_argument("--out", default="runs/demo", help="folder for everything the demo writes (re-runs resume)")

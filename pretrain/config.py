@@ -281,7 +281,8 @@ def _defaults(schema: type) -> DictConfig:
     return OmegaConf.structured(schema)
 
 
-STAGE_SECTIONS = ("finetune",)  # a config file with one of these top-level sections is that stage's (its command)
+# a config file with one of these top-level sections is that stage's (its command; `add_task` → `pretrain add-task`)
+STAGE_SECTIONS = ("finetune", "add_task")
 
 
 def stage_of_file(path: str | Path) -> str | None:
@@ -301,8 +302,9 @@ def check_schema_of(path: Path, overlay: DictConfig, schema: type) -> None:
     keys = set(overlay.keys()) if isinstance(overlay, DictConfig) else set()
     stage = next((k for k in STAGE_SECTIONS if k in keys and k not in names), None)
     if stage is not None:
-        raise ConfigError(f"{path} is a `pretrain {stage}` config (it has a '{stage}:' section): run "
-                          f"`pretrain {stage} {path}`")
+        command = stage.replace("_", "-")
+        raise ConfigError(f"{path} is a `pretrain {command}` config (it has a '{stage}:' section): run "
+                          f"`pretrain {command} {path}`")
     missing = next((k for k in STAGE_SECTIONS if k in names and k not in keys), None)
     tasks = set(overlay.get("tasks", None) or {}) if keys else set()
     if missing is not None and tasks & set(TASKS):
@@ -374,3 +376,21 @@ def save_resolved(cfg: Any, run_dir: str | Path) -> Path:
 def enabled_tasks(tasks: dict[str, Any], order: tuple[str, ...] = TASKS) -> list[str]:
     """Enabled task names of a `tasks` section in canonical `order` (pretraining ids are `TASKS.index(name)`)."""
     return [name for name in order if name in tasks and tasks[name].enabled]
+
+
+def task_order(tasks: dict[str, Any]) -> tuple[str, ...]:
+    """Every task's row in routers and task embeddings: `TASKS`, then the tasks added to a trained model
+    (`pretrain add-task`) in the order of the `tasks` table, which is the order they were added in."""
+    return TASKS + tuple(name for name in tasks if name not in TASKS)
+
+
+def task_kind(name: str, task: TaskConfig) -> str:
+    """Which pretraining task a task is (`cls`, `det`, `seg`: its data source, head and forward): its name for the
+    pretraining tasks, the kind whose heads include `task.head` for an added task (`HEAD_CHOICES` are disjoint)."""
+    if name in TASKS:
+        return name
+    kinds = [kind for kind, heads in HEAD_CHOICES.items() if task.head in heads]
+    if not kinds:
+        raise ConfigError(f"tasks.{name}.head={task.head!r}: an added task's head must be one of "
+                          f"{', '.join(h for heads in HEAD_CHOICES.values() for h in heads)}")
+    return kinds[0]

@@ -63,13 +63,14 @@ RULES: dict[str, frozenset[str]] = {
     "heal": ANY_CORE,  # `pretrain extract --heal`: distillation on the training engine
     "extract_sweep": ANY_CORE | {"extract", "extract_report"},  # `pretrain extract --sweep`: several sizes
     "finetune": ANY_CORE,  # stage 3 imports the core; the core never imports it
+    "add_task": ANY_CORE,  # `pretrain add-task` (a stage like finetune): imports the core; only cli imports it
     "demo": ANY_CORE | {"finetune", "cli"},  # stage 4 drives the user-facing commands
     "extract_args": frozenset(),  # the export/extract command lines (argparse only): cli reads them
-    "cli": ANY_CORE | {"finetune", "demo", "extract_sweep", "extract_args"},
+    "cli": ANY_CORE | {"finetune", "demo", "extract_sweep", "extract_args", "add_task"},
 }
 COMMAND_IMPORTERS = frozenset({"cli", "demo"})  # "nothing imports them except cli" (+ the demo pipeline)
 # train's periodic evaluation; submit reads the run state status computes (ARCHITECTURE.md says so)
-COMMAND_PAIRS = frozenset({("train", "evaluate"), ("submit", "status"), ("extract", "export"),
+COMMAND_PAIRS = frozenset({("train", "evaluate"), ("add_task", "export"), ("submit", "status"), ("extract", "export"),
                            ("extract_report", "evaluate"), ("extract_report", "extract"),
                            ("extract_sweep", "extract"), ("extract_sweep", "extract_report")})
 DEEPSPEED_ANYWHERE = frozenset({"pretrain.engine", "pretrain.ds_moe"})

@@ -8,6 +8,7 @@ import pytest
 from harness import run
 from omegaconf import OmegaConf
 
+from pretrain.add_task.config import AddTaskConfig
 from pretrain.config import ConfigError, RunConfig, load_config, save_resolved, schema_of_file, to_yaml
 from pretrain.finetune.config import FinetuneConfig
 
@@ -18,9 +19,12 @@ IDS = [str(p.relative_to(ROOT)) for p in CONFIGS]
 
 
 def schema_of(path: Path) -> type:
-    """Fine-tuning overlays have a top-level `finetune:` section (what `pretrain evaluate` dispatches on)."""
+    """Fine-tuning overlays have a top-level `finetune:` section (what `pretrain evaluate` dispatches on), add-task
+    overlays an `add_task:` one."""
     schema = schema_of_file(path)
-    assert schema is (FinetuneConfig if "finetune" in OmegaConf.load(path) else RunConfig)
+    sections = OmegaConf.load(path)
+    assert schema is (FinetuneConfig if "finetune" in sections else AddTaskConfig if "add_task" in sections
+                      else RunConfig)
     return schema
 
 
@@ -57,11 +61,15 @@ def test_every_overlay_loads_and_every_key_takes_effect(path):
 def test_resolved_config_round_trips(path, tmp_path):
     schema = schema_of(path)
     task, knob = ("det", "aug_range") if schema is RunConfig else ("normals", "loss_weight")
+    if schema is AddTaskConfig:  # its tasks are the file's; model and moe sections come from MODEL
+        task = next(iter(OmegaConf.load(path).tasks))
     value = [0.5, 1.0] if knob == "aug_range" else 5.0
-    overrides = ["moe.top_k=3", f"tasks.{task}.{knob}={value}".replace(" ", ""), "train.max_steps=7",
-                 "optim.betas=[0.9,0.95]", "logging.wandb=disabled"]
+    overrides = ["moe.top_k=3"] * (schema is not AddTaskConfig) + [
+        f"tasks.{task}.{knob}={value}".replace(" ", ""), "train.max_steps=7", "optim.betas=[0.9,0.95]",
+        "logging.wandb=disabled"]
     cfg = load_config(path, overrides, schema=schema)
-    assert (cfg.moe.top_k, cfg.train.max_steps, cfg.logging.wandb) == (3, 7, "disabled")
+    assert (cfg.train.max_steps, cfg.logging.wandb) == (7, "disabled")
+    assert schema is AddTaskConfig or cfg.moe.top_k == 3
     got = getattr(cfg.tasks[task], knob)
     assert (list(got) if isinstance(got, tuple) else got) == value
     assert tuple(cfg.optim.betas) == (0.9, 0.95)

@@ -19,7 +19,7 @@ from pretrain.portable import load_model, load_submodel, write_file
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")
-                          if "finetune" not in p.as_posix())
+                          if "finetune" not in p.as_posix() and p.name != "add_task.yaml")  # add-task: no model
 CLASSES = {"cls": 7, "det": 3, "seg": 5}
 
 

@@ -1,7 +1,8 @@
 """Model building: plain dicts of sizes and heads, and the `build_*` functions (the only readers of config here).
 
 Task ids are `TASKS.index(name)` for every task, enabled or not, so routers and task embeddings always have
-T = len(TASKS) rows and checkpoints keep their shapes when a task is switched off. Builders take the config sections
+T = len(TASKS) rows and checkpoints keep their shapes when a task is switched off (a model grown by
+`pretrain add-task` has one more row per added task, after them: `config.task_order`). Builders take the config sections
 they read (`model`, `moe`, the `tasks` table), never the whole run config.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from pretrain.config import TASKS, ModelConfig, MoEConfig, TaskConfig, enabled_tasks
+from pretrain.config import TASKS, ModelConfig, MoEConfig, TaskConfig, task_kind, task_order
 from pretrain.config_checks import ConfigError
 from pretrain.models.heads import DET_HEADS, SEG_HEADS, ClsHead, DetHead, SegHead
 from pretrain.models.moe import MoEMlp
@@ -139,22 +140,24 @@ def build_model(*, model: ModelConfig, moe: MoEConfig, tasks: dict[str, TaskConf
         moe_mlp_layer, moe_attn_layer: MoE layer factories with the contract's keywords (default `MoEMlp`,
             `MoEAttention`); a submodel plugs in its kept-expert layers (`models.submodel`).
         task_names: build only these tasks, with router / task-embedding rows 0..T'-1 in this order (a submodel);
-            default: every enabled task at its `TASKS` row, T = len(TASKS) rows.
+            default: every enabled task at its `config.task_order` row (`TASKS`, then tasks added by
+            `pretrain add-task`), T = that many rows. A task's head and forward are its kind's (`config.task_kind`).
         objective: the loss module (`pretrain.objective.Objective`): a child of the model, so its parameters
             (uncertainty weights) are optimised and checkpointed with it.
     """
-    rows = {t: i for i, t in enumerate(task_names)} if task_names is not None else \
-        {t: TASKS.index(t) for t in enabled_tasks(tasks)}
-    vit = build_backbone(model, moe, num_tasks=len(task_names) if task_names is not None else len(TASKS),
-                         moe_mlp_layer=moe_mlp_layer, moe_attn_layer=moe_attn_layer)
+    order = tuple(task_names) if task_names is not None else task_order(tasks)
+    rows = {t: i for i, t in enumerate(order) if task_names is not None or (t in tasks and tasks[t].enabled)}
+    kinds = {t: task_kind(t, tasks[t]) for t in rows}
+    vit = build_backbone(model, moe, num_tasks=len(order), moe_mlp_layer=moe_mlp_layer,
+                         moe_attn_layer=moe_attn_layer)
     heads: dict[str, nn.Module] = {}
     for task, row in rows.items():
         classes = tasks[task].num_classes or (num_classes or {}).get(task, 0)
         if classes < 1:
             raise ValueError(f"task {task!r} has no class count: set tasks.{task}.num_classes or pass "
                              f"num_classes={{'{task}': N}} (e.g. from the shards' _info.json)")
-        heads[task] = HEADS[task](vit, task_id=row, kind=tasks[task].head, num_classes=classes, model=model)
-    built = MultiTaskModel(vit, heads, rows, objective=objective)
+        heads[task] = HEADS[kinds[task]](vit, task_id=row, kind=tasks[task].head, num_classes=classes, model=model)
+    built = MultiTaskModel(vit, heads, rows, objective=objective, kinds=kinds)
     logger.info("built %s (%s placement, tasks %s): %s", model.size, moe.placement, list(heads),
                 built.param_counts())
     return built

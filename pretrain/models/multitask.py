@@ -60,6 +60,8 @@ class MultiTaskModel(nn.Module):
         backbone: the shared `VisionTransformer`.
         heads: task name → head (`ClsHead`, `DetHead`, `SegHead`); the det head already references `backbone`.
         tasks: task name → task id (the routers' / task embedding's row); same keys as `heads`.
+        kinds: task name → the pretraining task (`cls`, `det`, `seg`) whose forward it runs (`FORWARDS`); default:
+            each task is its own kind (a task added by `pretrain add-task` has another name).
         objective: the loss module combining task and auxiliary losses (`pretrain.objective.Objective`), or None for
             a model that is only evaluated. A child module, so its parameters are trained and checkpointed.
 
@@ -68,11 +70,12 @@ class MultiTaskModel(nn.Module):
     """
 
     def __init__(self, backbone: VisionTransformer, heads: dict[str, nn.Module], tasks: dict[str, int],
-                 objective: nn.Module | None = None) -> None:
+                 objective: nn.Module | None = None, kinds: dict[str, str] | None = None) -> None:
         super().__init__()
         if set(heads) != set(tasks):
             raise ValueError(f"heads {sorted(heads)} and tasks {sorted(tasks)} must name the same tasks")
-        unknown = set(heads) - set(FORWARDS)
+        self.kinds = {t: (kinds or {}).get(t, t) for t in heads}
+        unknown = set(self.kinds.values()) - set(FORWARDS)
         if unknown:
             raise ValueError(f"unknown task heads {sorted(unknown)}; expected {', '.join(FORWARDS)}")
         self.backbone = backbone
@@ -111,7 +114,7 @@ class MultiTaskModel(nn.Module):
         if self.training and targets is None:
             raise ValueError(f"training forward for task {task!r} needs targets")
         task_B = torch.full((images.shape[0],), self.task_ids[task], dtype=torch.long, device=images.device)
-        return FORWARDS[task](self, self.heads[task], images, task_B, targets)
+        return FORWARDS[self.kinds[task]](self, self.heads[task], images, task_B, targets)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this model) excluded from weight decay (besides biases and norms)."""
