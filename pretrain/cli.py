@@ -99,14 +99,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not (target / "config.yaml").is_file():
             raise UserError(f"{target} is not a run directory: no config.yaml in it")
         target, overrides = target / "config.yaml", [f"output_dir={target}", *overrides]
-    from pretrain.config import schema_of_file
-    from pretrain.finetune.config import FinetuneConfig  # registers the fine-tuning schema
+    from importlib import import_module
 
-    if schema_of_file(target) is FinetuneConfig:
-        cfg = load_config(target, overrides, schema=FinetuneConfig)
-        from pretrain.finetune.evaluate import main as finetune_evaluate
+    import pretrain.add_task.config  # noqa: F401  (registers the add-task schema)
+    import pretrain.finetune.config  # noqa: F401  (registers the fine-tuning schema)
+    from pretrain.config import SCHEMAS, stage_of_file
 
-        return finetune_evaluate(cfg)
+    stage = stage_of_file(target)
+    if stage is not None:  # a fine-tuning or add-task run: its stage's own evaluation, `pretrain.<stage>.evaluate`
+        cfg = load_config(target, overrides, schema=SCHEMAS[stage])
+        return import_module(f"pretrain.{stage}.evaluate").main(cfg)
     cfg = load_config(target, overrides)
     from pretrain.evaluate import main as evaluate_main
 

@@ -3,7 +3,8 @@
 Every rank evaluates its disjoint part of each val shard set (uneven last batches included); meters hold counts
 (or per-image detections) that are summed or gathered across ranks before the metric is computed, so the
 result does not depend on the number of ranks. Which meter a task uses and how a batch updates it is the
-`EVALUATORS` table.
+`EVALUATORS` table, keyed by kind (`config.task_kind`): a task added to a trained model (`pretrain add-task`) is
+evaluated by its kind's evaluator on its own val shards.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from pretrain import dist
-from pretrain.config import RunConfig, enabled_tasks
+from pretrain.config import EvalConfig, RunConfig, TaskConfig, enabled_tasks, task_kind, task_order
 from pretrain.data.build import DataSpec, build_eval_loader, check_shards
 from pretrain.log import MetricsWriter, progress, setup_logging
 from pretrain.metrics import ClassificationMeter, CocoDetectionMeter, SegmentationMeter
@@ -24,10 +26,17 @@ from pretrain.metrics import ClassificationMeter, CocoDetectionMeter, Segmentati
 logger = logging.getLogger(__name__)
 
 
+class EvalSections(Protocol):
+    """What evaluation reads of a config (the pretraining and the add-task schemas both have these sections)."""
+
+    tasks: dict[str, TaskConfig]
+    eval: EvalConfig
+
+
 class ClsEval:
     """Top-1/top-5 of logits [B,C] against the batch's labels."""
 
-    def __init__(self, spec: DataSpec) -> None:
+    def __init__(self, spec: DataSpec, task: str) -> None:
         self.meter = ClassificationMeter()
 
     def update(self, logits_BC: torch.Tensor, batch: dict) -> None:
@@ -42,8 +51,8 @@ class SegEval:
     """mIoU at the original label resolution: crop the padding, resize logits to the GT size (mmseg protocol, whose
     mIoU leaves out classes absent from both GT and prediction: `empty_classes="skip"`)."""
 
-    def __init__(self, spec: DataSpec) -> None:
-        self.meter = SegmentationMeter(num_classes=spec.num_classes["seg"], empty_classes="skip")
+    def __init__(self, spec: DataSpec, task: str) -> None:
+        self.meter = SegmentationMeter(num_classes=spec.num_classes[task], empty_classes="skip")
 
     def update(self, logits_BCHW: torch.Tensor, batch: dict) -> None:
         for b, gt_hw in enumerate(batch["orig_masks"]):
@@ -60,8 +69,12 @@ class SegEval:
 class DetEval:
     """COCO box AP: detections back in original pixels; the GT of the images seen is gathered from every rank."""
 
-    def __init__(self, spec: DataSpec) -> None:
-        self.spec = spec
+    def __init__(self, spec: DataSpec, task: str) -> None:
+        if task not in spec.classes:
+            raise ValueError(f"{task}: no COCO categories for this task (its shards' _info.json or the model file's "
+                             "class lists hold them)")
+        det = spec.classes[task]  # per task: an added det task's categories are its own shards'
+        self.categories, self.contiguous_to_cat_id = det["categories"], det["contiguous_to_cat_id"]
         self.gt_images: dict[int, dict] = {}
         self.gt_anns: list[dict] = []
         self.dets: list[tuple[int, dict]] = []
@@ -81,25 +94,27 @@ class DetEval:
         anns = [a for _, part_anns in gathered for a in part_anns]
         for i, ann in enumerate(anns, 1):
             ann.setdefault("id", i)
-        gt = {"images": list(images.values()), "annotations": anns, "categories": self.spec.categories}
-        meter = CocoDetectionMeter(gt=gt, contiguous_to_cat_id=self.spec.contiguous_to_cat_id)
+        gt = {"images": list(images.values()), "annotations": anns, "categories": self.categories}
+        meter = CocoDetectionMeter(gt=gt, contiguous_to_cat_id=self.contiguous_to_cat_id)
         for image_id, det in self.dets:
             meter.update([image_id], [det])
         meter.sync(dist.all_gather_objects)
         return meter.compute()
 
 
-# task → its evaluator: (spec) → object with update(model output, batch) and compute() (collective)
+# kind → its evaluator: (spec, task) → object with update(model output, batch) and compute() (collective)
 EVALUATORS = {"cls": ClsEval, "det": DetEval, "seg": SegEval}
 
 
 @torch.no_grad()
-def evaluate_task(cfg: RunConfig, model: torch.nn.Module, task: str, spec: DataSpec, info: dist.DistInfo) -> dict:
-    """Evaluate one task on its val shards; returns metrics (identical on every rank)."""
+def evaluate_task(cfg: EvalSections, model: torch.nn.Module, task: str, spec: DataSpec, info: dist.DistInfo) -> dict:
+    """Evaluate one task (a pretraining or an added one) on its val shards; returns metrics (identical on every
+    rank), those of the task's kind."""
     device = next(model.parameters()).device
     loader = build_eval_loader(task, cfg.tasks[task], spec, info, num_workers=cfg.eval.num_workers)
     limit = cfg.eval.max_samples or None
-    evaluator, seen, skipped, size = EVALUATORS[task](spec), 0, 0, cfg.tasks[task].img_size
+    evaluator = EVALUATORS[task_kind(task, cfg.tasks[task])](spec, task)
+    seen, skipped, size = 0, 0, cfg.tasks[task].img_size
     batches = iter(progress(loader, desc=f"eval {task}", enabled=info.is_main))
     while True:
         batch = next(batches, None) if limit is None or seen < limit else None
@@ -122,12 +137,13 @@ def evaluate_task(cfg: RunConfig, model: torch.nn.Module, task: str, spec: DataS
     return metrics
 
 
-def evaluate_model(cfg: RunConfig, model: torch.nn.Module, spec: DataSpec, info: dist.DistInfo) -> dict[str, float]:
-    """All enabled tasks; returns flat metrics `eval/<task>/<metric>`."""
+def evaluate_model(cfg: EvalSections, model: torch.nn.Module, spec: DataSpec,
+                   info: dist.DistInfo) -> dict[str, float]:
+    """All enabled tasks of `cfg.tasks` (in row order); returns flat metrics `eval/<task>/<metric>`."""
     was_training = model.training
     model.eval()
     metrics = {}
-    for task in enabled_tasks(cfg.tasks):
+    for task in enabled_tasks(cfg.tasks, task_order(cfg.tasks)):
         for key, value in evaluate_task(cfg, model, task, spec, info).items():
             metrics[f"eval/{task}/{key}"] = value
     model.train(was_training)

@@ -25,6 +25,10 @@ from pretrain.portable import DTYPES, PortableModel, check_out, config_metadata,
 
 logger = logging.getLogger(__name__)
 
+# a run directory of another stage (`config.STAGE_SECTIONS`): what it is, and what export/extract take instead
+OTHER_RUNS = {"finetune": "a fine-tuning run: export and extract take pretraining runs",
+              "add_task": "an add-task run: its result is the model file it wrote (add_task.out), which extract "
+                          "takes"}
 _NATIVE_RE = re.compile(r"(.+)\.experts\.(w1|b1|w2|b2)\.(\d+)$")
 _DS_RE = re.compile(r"(.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.([02])\.(weight|bias)$")
 # DeepSpeed expert (Linear index, param) → native stacked name, and whether the Linear weight is transposed
@@ -121,9 +125,9 @@ def consolidate(run_dir: str | Path, *, step: int | None = None, dtype: str | No
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: no config.yaml in it")
-    if stage_of_file(run_dir / "config.yaml"):
-        raise ValueError(f"{run_dir} is a fine-tuning run: export and extract take pretraining runs (evaluate it with "
-                         f"`pretrain evaluate {run_dir}`)")
+    stage = stage_of_file(run_dir / "config.yaml")
+    if stage:
+        raise ValueError(f"{run_dir} is {OTHER_RUNS[stage]} (evaluate it with `pretrain evaluate {run_dir}`)")
     root = [f"data.root={data_root}"] if data_root else []
     cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}", *root])
     dtype = dtype or cfg.engine.precision

@@ -78,10 +78,12 @@ def count_routes(model: nn.Module) -> Iterator[dict[str, Tensor]]:
             handle.remove()
 
 
-def eval_batches(task: str, shard_dir: str | Path, *, img_size: int, batch_size: int, limit: int) -> Iterator[dict]:
+def eval_batches(task: str, shard_dir: str | Path, *, kind: str, img_size: int, batch_size: int,
+                 limit: int) -> Iterator[dict]:
     """The first `limit` images (in batches) of a shard folder, eval transforms, one process: the task's own shards,
     or a dense dataset's (NYUD-v2, PASCAL-Context: calibrating a task's routing on a new dataset), whose images are
-    resized to `img_size` (the old protocol's fixed resize; only the images matter for routing)."""
+    resized to `img_size` (the old protocol's fixed resize; only the images matter for routing). `kind`: the task's
+    (`config.task_kind`), whose source reads its own shards."""
     from pretrain.data.dense import DENSE_DATASETS, make_dense_eval_loader
     from pretrain.data.sources import make_eval_loader, read_shard_info
 
@@ -90,7 +92,7 @@ def eval_batches(task: str, shard_dir: str | Path, *, img_size: int, batch_size:
         loader = make_dense_eval_loader(dataset, shard_dir, batch_size=batch_size, eval_size=(img_size, img_size),
                                         protocol="old", num_workers=0)
     else:
-        loader = make_eval_loader(task, shard_dir, batch_size=batch_size, img_size=img_size, num_workers=0)
+        loader = make_eval_loader(task, shard_dir, batch_size=batch_size, img_size=img_size, num_workers=0, kind=kind)
     seen = 0
     for batch in loader:
         if seen >= limit:
@@ -109,7 +111,7 @@ def calibrate_usage(full: PortableModel, tasks: list[str], shard_dirs: list[str]
     _, _, table = config_sections("metadata", full.meta)
     with count_routes(full.model) as totals:
         for task, shard_dir in zip(tasks, shard_dirs):
-            for batch in eval_batches(task, shard_dir, img_size=table[task].img_size,
+            for batch in eval_batches(task, shard_dir, kind=full.model.kinds[task], img_size=table[task].img_size,
                                       batch_size=table[task].eval_batch_size, limit=images):
                 full.model(task, batch["images"])
     return totals

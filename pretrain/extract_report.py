@@ -67,11 +67,11 @@ def paired_latency_ms(models: dict[str, nn.Module], task: str, size: int, batch:
 
 
 def _spec(task: str, meta: dict, val_dir: Path):
+    """What the evaluator of `task` needs, from the model file: its val folder, class counts and class lists (a det
+    task's categories); a task added to the model (`pretrain add-task`) is in these like any other."""
     from pretrain.data.build import DataSpec
 
-    det = meta.get("classes", {}).get("det", {}) if task == "det" else {}
-    return DataSpec([task], {}, {task: val_dir}, {}, dict(meta["num_classes"]),
-                    categories=det.get("categories", []), contiguous_to_cat_id=det.get("contiguous_to_cat_id", []))
+    return DataSpec([task], {}, {task: val_dir}, {}, dict(meta["num_classes"]), classes=dict(meta.get("classes", {})))
 
 
 def evaluate_pair(extraction: Extraction, task: str, *, data_root: str, eval_images: int) -> dict[str, Any]:

@@ -70,7 +70,8 @@ RULES: dict[str, frozenset[str]] = {
 }
 COMMAND_IMPORTERS = frozenset({"cli", "demo"})  # "nothing imports them except cli" (+ the demo pipeline)
 # train's periodic evaluation; submit reads the run state status computes (ARCHITECTURE.md says so)
-COMMAND_PAIRS = frozenset({("train", "evaluate"), ("add_task", "export"), ("submit", "status"), ("extract", "export"),
+COMMAND_PAIRS = frozenset({("train", "evaluate"), ("add_task", "export"), ("add_task", "evaluate"),
+                           ("submit", "status"), ("extract", "export"),
                            ("extract_report", "evaluate"), ("extract_report", "extract"),
                            ("extract_sweep", "extract"), ("extract_sweep", "extract_report")})
 DEEPSPEED_ANYWHERE = frozenset({"pretrain.engine", "pretrain.ds_moe"})

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import DataConfig, TaskConfig, enabled_tasks
+from pretrain.config import DataConfig, TaskConfig, enabled_tasks, task_kind, task_order
 from pretrain.data.mixture import MixedStream, TaskSampler
 from pretrain.data.sources import make_eval_loader, read_shard_info, task_info
 from pretrain.dist import DistInfo
@@ -16,15 +16,14 @@ from pretrain.durable import atomic_write
 
 @dataclass
 class DataSpec:
-    """What the shards say: per-task folders, sizes and class counts, and COCO's category mapping."""
+    """What the shards say: per-task folders, sizes, class counts and class lists (a det task's: COCO's categories
+    and their contiguous mapping), keyed by task name (added tasks included)."""
 
     tasks: list[str]
     train_dirs: dict[str, Path]
     val_dirs: dict[str, Path]
     sizes: dict[str, int]
     num_classes: dict[str, int]
-    categories: list[dict] = field(default_factory=list)
-    contiguous_to_cat_id: list[int] = field(default_factory=list)
     classes: dict[str, object] = field(default_factory=dict)  # task → class list, as a model file carries it
 
 
@@ -61,17 +60,17 @@ def resolve_shards(root: str, path: str) -> Path:
 
 def check_shards(data: DataConfig, tasks: dict[str, TaskConfig], *, need_val: bool = False) -> DataSpec:
     """Check every enabled task's shard sets before anything heavy starts (missing/empty sets name their folder)
-    and collect what they say. A config class count (`tasks.<t>.num_classes`) wins over the shards'."""
-    names = enabled_tasks(tasks)
+    and collect what they say; an added task's shards read like its kind's (`config.task_kind`). A config class
+    count (`tasks.<t>.num_classes`) wins over the shards'."""
+    names = enabled_tasks(tasks, task_order(tasks))
     spec = DataSpec(names, {}, {}, {}, {})
     for task in names:
         tcfg = tasks[task]
         spec.train_dirs[task] = resolve_shards(data.root, tcfg.shards)
-        info = task_info(task, spec.train_dirs[task])  # raises naming the folder
+        info = task_info(task_kind(task, tcfg), spec.train_dirs[task])  # raises naming the folder
         spec.sizes[task] = info["num_samples"]
         spec.num_classes[task] = tcfg.num_classes or info["num_classes"]
         if "categories" in info:
-            spec.categories, spec.contiguous_to_cat_id = info["categories"], info["contiguous_to_cat_id"]
             spec.classes[task] = {key: info[key] for key in ("categories", "contiguous_to_cat_id")}
         elif "classes" in (raw := read_shard_info(spec.train_dirs[task])):
             spec.classes[task] = raw["classes"]  # ImageNet {index, wnid, name}; ADE20K names
@@ -104,4 +103,5 @@ def build_eval_loader(task: str, tcfg: TaskConfig, spec: DataSpec, info: DistInf
     if task not in spec.val_dirs:
         raise FileNotFoundError(f"tasks.{task}.val_shards: no validation shards for task {task}")
     return make_eval_loader(task, spec.val_dirs[task], batch_size=tcfg.eval_batch_size, img_size=tcfg.img_size,
-                            rank=info.rank, world_size=info.world_size, num_workers=num_workers)
+                            rank=info.rank, world_size=info.world_size, num_workers=num_workers,
+                            kind=task_kind(task, tcfg))

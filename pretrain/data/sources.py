@@ -109,13 +109,14 @@ def read_shard_info(shard_dir: str | Path) -> dict[str, Any]:
     return info
 
 
-def task_info(task: str, shard_dir: str | Path) -> dict[str, Any]:
-    """What the model and evaluator need from `_info.json`: "num_samples", "num_classes", and for det "categories" and
-    "contiguous_to_cat_id" (K original ids; label l ↔ entry l − 1)."""
-    if task not in SOURCES:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(SOURCES)}")
+def task_info(kind: str, shard_dir: str | Path) -> dict[str, Any]:
+    """What the model and evaluator need from `_info.json` of a task of `kind` (`config.task_kind`: an added task's
+    shards read like its kind's): "num_samples", "num_classes", and for det "categories" and "contiguous_to_cat_id"
+    (K original ids; label l ↔ entry l − 1)."""
+    if kind not in SOURCES:
+        raise ValueError(f"unknown task {kind!r}; expected one of {sorted(SOURCES)}")
     info = read_shard_info(shard_dir)
-    return {"num_samples": int(info["num_samples"]), **SOURCES[task].describe(info)}
+    return {"num_samples": int(info["num_samples"]), **SOURCES[kind].describe(info)}
 
 
 def _worker_id() -> int:
@@ -263,9 +264,10 @@ class _SplitByRank:
         return islice(src, self.rank, None, self.world_size)
 
 
-def _check_args(task: str, *, batch_size: int, img_size: int, rank: int, world_size: int, num_workers: int) -> None:
-    if task not in SOURCES:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(SOURCES)}")
+def _check_args(task: str, *, kind: str, batch_size: int, img_size: int, rank: int, world_size: int,
+                num_workers: int) -> None:
+    if kind not in SOURCES:
+        raise ValueError(f"unknown task {kind!r}; expected one of {sorted(SOURCES)}")
     for name, value, low in (("batch_size", batch_size, 1), ("img_size", img_size, 1), ("world_size", world_size, 1),
                              ("num_workers", num_workers, 0)):
         if value < low:
@@ -298,7 +300,7 @@ def make_train_loader(task: str, shard_dir: str | Path, *, batch_size: int, img_
         start_step: the global step this loader starts at (resume); enters every seed.
         reuse_buffers: with workers, move images/masks through reused shared-memory slots (ring.py); same batches.
     """
-    _check_args(task, batch_size=batch_size, img_size=img_size, rank=rank, world_size=world_size,
+    _check_args(task, kind=task, batch_size=batch_size, img_size=img_size, rank=rank, world_size=world_size,
                 num_workers=num_workers)
     if seed < 0 or start_step < 0:
         raise ValueError(f"{task}: seed and start_step must be >= 0, got {seed}, {start_step}")
@@ -322,14 +324,20 @@ def make_train_loader(task: str, shard_dir: str | Path, *, batch_size: int, img_
 
 
 def make_eval_loader(task: str, shard_dir: str | Path, *, batch_size: int, img_size: int, rank: int = 0,
-                     world_size: int = 1, num_workers: int = 0, max_consecutive_errors: int = 100) -> wds.WebLoader:
+                     world_size: int = 1, num_workers: int = 0, max_consecutive_errors: int = 100,
+                     kind: str | None = None) -> wds.WebLoader:
     """Finite, deterministic eval batches of one task; ranks × workers partition the shard set exactly once.
 
     Shard i goes to rank i % world_size, then to that rank's worker (i // world_size) % num_workers.
+
+    Args:
+        kind: the task's kind (`config.task_kind`), whose source decodes its samples; None: `task` is a pretraining
+            task, its own kind. `task` names the task in warnings and errors.
     """
-    _check_args(task, batch_size=batch_size, img_size=img_size, rank=rank, world_size=world_size,
+    kind = kind or task
+    _check_args(task, kind=kind, batch_size=batch_size, img_size=img_size, rank=rank, world_size=world_size,
                 num_workers=num_workers)
-    info, source = read_shard_info(shard_dir), SOURCES[task]
+    info, source = read_shard_info(shard_dir), SOURCES[kind]
     if len(info["urls"]) < world_size * max(1, num_workers):
         logger.warning("%s: %d eval shards for %d ranks × %d workers: some get no data", shard_dir,
                        len(info["urls"]), world_size, max(1, num_workers))
