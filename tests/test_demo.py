@@ -8,7 +8,8 @@ import time
 import pytest
 from harness import kill_group, popen, run, scaled
 
-SECTIONS = ("## Pretraining", "## Extraction", "## Fine-tuning on NYUD-v2", "## What ran", "Δm", "random init")
+SECTIONS = ("## Pretraining", "## Extraction", "## Smaller and faster submodels", "_healed",
+            "## Fine-tuning on NYUD-v2", "## What ran", "Δm", "random init")
 # on top of harness.child_env (no rank variables, CPU DeepSpeed): torch's default threads, as a user's demo runs
 ENV = {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": None}
 

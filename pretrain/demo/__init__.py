@@ -74,6 +74,7 @@ def pipeline(out: Path, *, pretrain_config: str, finetune_config: str, fast: boo
     stages.append(Stage("extract_seg_nyud", [*p, "extract", str(out / "model.safetensors"), "--task", "seg",
                                              "--calibrate", str(shards / "nyud" / "train"),
                                              "--out", str(out / INITS["extracted"]), *report], 1.5))
+    stages += smaller_submodels(out, report, fast)
     ft_quick = ["train.max_steps=10", "train.ckpt_every=5", "train.eval_every=0", *few] if fast else []
     for init, source in INITS.items():
         ft = out / "finetune" / init
@@ -82,6 +83,25 @@ def pipeline(out: Path, *, pretrain_config: str, finetune_config: str, fast: boo
                                                  f"output_dir={ft}", *init_arg, *ft_quick], 6.0))
         stages.append(Stage(f"evaluate_finetune_{init}", [*p, "evaluate", str(ft)], 0.5, "json_last_line"))
     return stages
+
+
+def smaller_submodels(out: Path, report: list[str], fast: bool) -> list[Stage]:
+    """seg's size/accuracy curve and half its experts healed by distillation; cls with one MLP expert per token
+    (healed): what a user trades for a smaller or faster submodel, with batch-32 latency for throughput."""
+    p, model, folder = [sys.executable, "-m", "pretrain"], str(out / "model.safetensors"), out / "extract" / "smaller"
+    latency = ["--latency-batches", "1" if fast else "1,32"]
+    heal = ["--heal", "2" if fast else "40"]
+    return [
+        Stage("extract_seg_sweep", [*p, "extract", model, "--task", "seg", "--sweep", "0.25,0.5,0.75",
+                                    "--out", str(folder / "seg.safetensors"), *report, *latency], 2.0),
+        Stage("extract_seg_half_healed", [*p, "extract", model, "--task", "seg", "--rule", "share", "--share", "0.5",
+                                          *heal, "--out", str(folder / "seg_half_healed.safetensors"), *report,
+                                          *latency], 2.0),
+        # cls: its cost is the backbone's (seg's is mostly its FPN decoder, which top-k does not touch)
+        Stage("extract_cls_top1_healed", [*p, "extract", model, "--task", "cls", "--top-k", "1", *heal,
+                                          "--out", str(folder / "cls_top1_healed.safetensors"), *report, *latency,
+                                          *([] if fast else ["--eval-images", "100"])], 2.0),
+    ]
 
 
 def run_stage(stage: Stage, records: Path, index: int, total: int, eta: float | None) -> dict:

@@ -82,6 +82,49 @@ def _extract_section(out: Path) -> list[str]:
     return lines + [""]
 
 
+def _ratio(sub, full) -> str:
+    return f"{sub / full:.2f}×" if sub is not None and full else "–"
+
+
+def _smaller_row(name: str, r: dict) -> str:
+    """One row of the smaller-submodel table: size, FLOPs and latency ratios, the metric before and after healing."""
+    task = r["tasks"][0]
+    kept = sum(len(v["kept"]) for v in r["experts_kept"].values())
+    total = sum(v["of"] for v in r["experts_kept"].values())
+    k = {layer: v["sub"] for layer, v in r.get("top_k", {}).items()}
+    flops = r["flops_per_image"].get(task, {})
+    lat = r["latency_ms"].get(task, {})
+    batch = "batch32" if "batch32" in lat else next(iter(lat), "")
+    metric = r["metrics"].get(task, {})
+    key = next(iter(metric.get("full", {})), "")
+    before = r.get("heal", {}).get("metric_before", {}).get(task, {}).get(key)
+    return (f"| {name} | {kept}/{total} | {'/'.join(str(v) for v in k.values()) or '–'} | "
+            f"{_ratio(r['params']['sub']['moe_layers'], r['params']['full']['moe_layers'])} | "
+            f"{_ratio(flops.get('sub'), flops.get('full'))} | "
+            f"{_fmt(lat.get(batch, {}).get('paired_ratio'))}× ({batch.removeprefix('batch') or '–'}) | {key} "
+            f"{_fmt(metric.get('full', {}).get(key))} | {_fmt(before)} | {_fmt(metric.get('sub', {}).get(key))} |")
+
+
+def _smaller_section(out: Path) -> list[str]:
+    folder = out / "extract" / "smaller"
+    if not folder.is_dir():
+        return []
+    lines = ["## Smaller and faster submodels", "",
+             "`--sweep` (seg): the same model cut to a share of each layer's experts (the ones seg uses most); "
+             "`--rule share --share 0.5 --heal N` (seg): half the experts, then distilled from the full model on "
+             "seg's training shards; `--top-k 1 --heal N` (cls, whose cost is the backbone's): every token to one "
+             "MLP expert instead of two. Ratios are the submodel's over the full model's; latency is the median of "
+             "paired timed runs on this machine.", ""]
+    sweep = folder / "seg.sweep.md"
+    if sweep.is_file():
+        lines += [sweep.read_text().strip(), "", "![size/accuracy curve](extract/smaller/seg.sweep.png)", ""]
+    lines += ["| submodel | experts kept | top-k per layer | MoE params | FLOPs/img | latency (batch) | metric: full "
+              "| sub, before healing | sub, healed |", "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(folder.glob("*_healed.report.json")):
+        lines.append(_smaller_row(path.name.removesuffix(".report.json"), json.loads(path.read_text())))
+    return lines + [""]
+
+
 def _finetune_section(done: dict) -> tuple[list[str], str]:
     results = {init: done[f"evaluate_finetune_{init}"]["output"] for init in ("extracted", "pretrained", "random")}
     keys = sorted({k for r in results.values() for k in r if k.startswith("eval/")})
@@ -119,7 +162,7 @@ def write_report(out: Path, done: dict) -> Path:
              "one (shapes and textures) and the model is a 4-block ViT at 64–96 px, so the numbers are far from "
              "the papers' and say nothing about how the methods compare on ImageNet/COCO/ADE20K or NYUD-v2.", "",
              f"**{verdict}**", ""]
-    lines += _pretrain_section(done) + _extract_section(out) + ft_lines
+    lines += _pretrain_section(done) + _extract_section(out) + _smaller_section(out) + ft_lines
     lines += ["## What ran", "", "| stage | seconds | command |", "|---|---|---|"]
     lines += [f"| {name} | {r['seconds']:.0f} | `{r['command']}` |" for name, r in done.items()]
     path = out / "report.md"
