@@ -194,8 +194,9 @@ def test_expert_and_router_inits_follow_the_official_formulas():
 
 
 def test_placement_defaults_and_debug_pins():
-    """`auto` gives the placement's official inits; the debug config pins the project's original ones; the
-    Mod-Squad ViT-B config asks for Mod-Squad's randn task embedding (the default stays zero)."""
+    """`auto` gives the placement's official inits; the debug config pins its own (zero routers, timm experts,
+    randn task embedding at std 0.3); the Mod-Squad ViT-B config asks for Mod-Squad's randn task embedding (the
+    default stays zero)."""
     torch.manual_seed(0)
     vit = build_backbone(load_config(None, ["model.size=vit_debug"]))
     moe_mlp, moe_attn = vit.blocks[1].mlp, vit.blocks[0].attn
@@ -206,8 +207,10 @@ def test_placement_defaults_and_debug_pins():
     vitb = load_config("configs/pretrain/vitb16_modsquad_hetero.yaml")
     assert (vitb.model.task_embed_init, vitb.moe.init, vitb.moe.router_init) == ("randn", "auto", "auto")
     pinned = build_backbone(load_config("configs/debug/pretrain.yaml"))
-    assert pinned.blocks[1].mlp.router.weight.abs().sum() == 0 and pinned.task_embed.abs().sum() == 0
-    assert pinned.blocks[1].mlp.experts.b1.abs().sum() == 0 and "task_embed" in pinned.no_weight_decay()
+    assert pinned.blocks[1].mlp.router.weight.abs().sum() == 0 and pinned.blocks[1].mlp.experts.b1.abs().sum() == 0
+    # the debug config's task embedding: Mod-Squad's randn (weight-decayed) at std 0.3 (MOE.md, specialisation)
+    assert pinned.task_embed.std().item() == pytest.approx(0.3, rel=0.15)
+    assert "task_embed" not in pinned.no_weight_decay()
     m3vit = build_backbone(load_config(None, ["model.size=vit_debug", "moe.placement=m3vit"]))
     assert 0.24 < m3vit.blocks[1].mlp.router.weight.abs().max() <= 0.25  # U(+-1/sqrt(E)), E = 16
     assert m3vit.task_embed.abs().sum() == 0
