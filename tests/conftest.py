@@ -132,3 +132,27 @@ def shards(tmp_path_factory) -> Path:
             PREPARERS[name](base / "raw" / name, base / "shards" / name / split, split, min_shards=2,
                             max_count=32, progress=False)
     return base / "shards"
+
+
+@pytest.fixture()
+def cli(capsys):
+    """Run `pretrain ARGV` in this process; returns (exit code, stderr). The environment (train/evaluate export
+    RANK & co.) and the logging handlers (main installs its own) are restored."""
+    import logging
+    import os
+
+    from pretrain.cli import main as cli_main
+
+    env, handlers = dict(os.environ), list(logging.getLogger().handlers)
+
+    def run(*argv: str) -> tuple[int, str]:
+        capsys.readouterr()
+        try:
+            code = cli_main([str(a) for a in argv])
+        finally:
+            os.environ.clear()
+            os.environ.update(env)
+            logging.getLogger().handlers[:] = handlers
+        return code, capsys.readouterr().err
+
+    return run

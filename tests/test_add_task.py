@@ -5,8 +5,6 @@ command (DeepSpeed engine, AdamW with weight decay) into one model file that `lo
 
 from __future__ import annotations
 
-import logging
-import os
 import signal
 import subprocess
 import sys
@@ -242,27 +240,6 @@ BAD = [  # (what, MODEL, tasks section, override, message)
     ("bf16", "model", SEG2, ("engine.precision=bf16",), "engine.precision='bf16' is out of range: must be fp32"),
     ("missing shards", "model", SEG2, (), "shards/ade20k/train"),
 ]
-
-
-@pytest.fixture()
-def cli(capsys):
-    """`pretrain ARGV` in this process → (exit code, stderr); the environment (main exports RANK & co.) and the
-    logging handlers (main installs its own) are restored."""
-    from pretrain.cli import main as cli_main
-
-    env, handlers = dict(os.environ), list(logging.getLogger().handlers)
-
-    def run_cli(*argv: str) -> tuple[int, str]:
-        capsys.readouterr()
-        try:
-            code = cli_main([str(a) for a in argv])
-        finally:
-            os.environ.clear()
-            os.environ.update(env)
-            logging.getLogger().handlers[:] = handlers
-        return code, capsys.readouterr().err
-
-    return run_cli
 
 
 @pytest.mark.slow  # builds and trains models: 2-20 s on 2 loaded cores

@@ -10,7 +10,6 @@ message fragment (`test_every_row_expects_a_message`). The exit codes are `pretr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -19,7 +18,6 @@ import pytest
 import torch
 
 from pretrain import checkpoint
-from pretrain.cli import main as cli_main
 from pretrain.config import ConfigError, load_config, save_resolved
 from pretrain.integrity import META, build_manifest
 
@@ -33,27 +31,6 @@ from test_runs import SMALL, write_checkpoint  # noqa: E402
 DEBUG_PRETRAIN = str(ROOT / "configs/debug/pretrain.yaml")
 DEBUG_FINETUNE = str(ROOT / "configs/debug/finetune.yaml")
 PIXELS = torch.randint(0, 255, (12, 16, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
-
-
-@pytest.fixture()
-def cli(capsys):
-    """Run `pretrain ARGV` in this process; returns (exit code, stderr). The environment and logging are restored
-    (train/evaluate export RANK & co. and install handlers)."""
-    import logging
-
-    env, handlers = dict(os.environ), list(logging.getLogger().handlers)
-
-    def run(*argv: str) -> tuple[int, str]:
-        capsys.readouterr()
-        try:
-            code = cli_main([str(a) for a in argv])
-        finally:
-            os.environ.clear()
-            os.environ.update(env)
-            logging.getLogger().handlers[:] = handlers
-        return code, capsys.readouterr().err
-
-    return run
 
 
 def check(code: int, err: str, want_code: int, fragment: str) -> None:
