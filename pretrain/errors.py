@@ -82,6 +82,12 @@ class SetupError(PretrainError, ValueError):
     exit_code = EXIT_SETUP
 
 
+class AbortedError(PretrainError):
+    """A loop met a non-finite loss where it cannot skip the step (exit 3); its last good checkpoint is kept."""
+
+    exit_code = EXIT_ABORT
+
+
 class StoppedError(PretrainError):
     """A stop signal came where no checkpoint is needed (exit 75): DeepSpeed was still building its op, before the
     first step (`pretrain.signals`). A requeued job resumes from the run's latest checkpoint, or starts it."""

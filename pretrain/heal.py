@@ -26,6 +26,7 @@ from pretrain import checkpoint, dist
 from pretrain.config import RunConfig, load_config
 from pretrain.data.build import build_sampler, build_stream, check_shards
 from pretrain.drift import check_resume
+from pretrain.errors import AbortedError
 from pretrain.log import MetricsWriter, progress
 from pretrain.loop import agree, start_engine, to_device
 from pretrain.models.moe_losses import collect_aux_losses
@@ -117,7 +118,9 @@ def heal(full: PortableModel, sub: PortableModel, tasks: list[str], *, out_dir: 
         collect_aux_losses(student)  # the routers' statistics only: healing trains on the distillation loss alone
         finite, stopping = agree(loss, stop.requested)
         if not finite:
-            raise FloatingPointError(f"heal step {step}: non-finite distillation loss; lower --heal-lr")
+            # no skipping here: a heal is a few steps, and one that diverges should be rerun at a lower lr
+            raise AbortedError(f"heal step {step}: non-finite distillation loss (--heal-lr {lr:g}); lower --heal-lr "
+                               f"(the last good checkpoint in {out_dir / 'checkpoints'} is kept)")
         engine.backward(loss)
         engine.step()
         window.append(loss.item())

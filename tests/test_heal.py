@@ -37,6 +37,11 @@ def test_heal_resumes_exactly_and_leaves_the_heads(shards, tmp_path):
     assert a.keys() == b.keys() == p.keys() and all(torch.equal(a[k], b[k]) for k in a)
     changed = {k for k in a if not torch.equal(a[k], p[k])}
     assert any(".experts." in k for k in changed) and not any(k.startswith("heads.") for k in changed)
+    # a heal that diverges stops with exit 3 and one line naming --heal-lr; no submodel file is written
+    diverged = extract(model, tmp_path / "c.safetensors", "--heal", "3", "--heal-lr", "1e30")
+    assert diverged.returncode == 3, diverged.stderr[-3000:]
+    assert "non-finite distillation loss (--heal-lr 1e+30); lower --heal-lr" in diverged.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "c.safetensors").exists()
     # another extraction into the same heal directory is refused, nothing overwritten
     other = extract(model, tmp_path / "b.safetensors", "--heal", "4", "--share", "0.25")
     assert other.returncode == 2 and "was started for another extraction" in other.stderr
