@@ -86,7 +86,7 @@ def start(d: Path) -> dict:
     subprocess.run(["slurmd", "-f", str(conf)], check=True, env=env, timeout=60)
     deadline = time.time() + 60
     while time.time() < deadline:
-        sinfo = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True)
+        sinfo = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True, timeout=30)
         if sinfo.stdout.strip() in ("idle", "mix", "alloc"):
             return env
         time.sleep(1)
@@ -101,9 +101,10 @@ def stop(d: Path, env: dict) -> None:
     A slurmd told to stop while it is still killing a job's steps can stay behind: let the jobs end first (up to
     KillWait, 30 s), and make sure each daemon is gone.
     """
-    subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True)
+    subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True, timeout=30)
     deadline = time.time() + 45
-    while time.time() < deadline and subprocess.run(["squeue", "-h"], env=env, capture_output=True).stdout.strip():
+    while time.time() < deadline and subprocess.run(["squeue", "-h"], env=env, capture_output=True,
+                                                    timeout=30).stdout.strip():
         time.sleep(1)
     for pid_file in ("slurmd.pid", "slurmctld.pid"):
         if not (d / pid_file).is_file():
@@ -144,13 +145,15 @@ def slurm_cluster(tmp_path_factory):
 
 def scontrol_job(env: dict, job_id: str) -> dict[str, str]:
     """`scontrol show job` as a dict ({} once SLURM has forgotten the job)."""
-    out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], env=env, capture_output=True, text=True)
+    out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], env=env, capture_output=True, text=True,
+                         timeout=30)
     return dict(re.findall(r"(?:^|\s)([A-Za-z][\w:/]*)=(\S*)", out.stdout)) if out.returncode == 0 else {}
 
 
 def queued(env: dict) -> list[str]:
     """Ids of every job SLURM still lists as pending or running."""
-    out = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, check=True,
+                         timeout=30)
     return out.stdout.split()
 
 
