@@ -121,7 +121,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     try:
         return demo_main(Path(args.out), pretrain_config=args.pretrain_config, finetune_config=args.finetune_config,
-                         fast=args.fast)
+                         fast=args.fast, seed=args.seed)
     except DemoError as exc:
         print(f"pretrain demo: error: {exc}", file=sys.stderr)
         return EXIT_DEMO_STAGE
@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-config", default="configs/debug/pretrain.yaml")
     p.add_argument("--finetune-config", default="configs/debug/finetune.yaml")
     p.add_argument("--fast", action="store_true", help="few steps per stage (a smoke test of the pipeline)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="training seed: pretraining and its random-init evaluation use N, the fine-tunings N and N+1")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("evaluate", help="evaluate a run directory (its latest checkpoint) or a config")

@@ -1,9 +1,13 @@
 """The demo report's tables come from the files the commands wrote: the smaller-submodel table reads each extract
-report (experts kept, top-k, ratios, the metric before and after healing) without recomputing anything."""
+report (experts kept, top-k, ratios, the metric before and after healing) without recomputing anything; the
+fine-tuning verdict of report.md and report.json follows from the per-seed numbers they state (verdict.py's rule)."""
 
 import json
 
-from pretrain.demo.report import _smaller_section
+import pytest
+
+from pretrain.demo.report import _smaller_section, write_report
+from pretrain.demo.verdict import RULE, decide
 
 
 def _report(*, kept: int, top_k: int, heal_before: float, after: float) -> dict:
@@ -31,3 +35,83 @@ def test_smaller_section_reads_the_extract_reports(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| cls_top1_healed"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == ["cls_top1_healed", "4/16", "1/1", "0.25×", "0.80×", "0.75× (32)", "top1 34.00", "30.00", "33.00"]
+
+
+# --- the fine-tuning verdict follows from the report's own numbers (issue 24) ---------------------------------------
+
+# random init, seeds 0 and 1: reseeding alone moves Δm by (+5 − 1 − 2.083 + 2.857) / 4 = +1.19%
+RANDOM = {0: {"semseg/mIoU": 4.0, "normals/mean": 30.0, "edge/odsF": 24.0, "depth/rmse": 3.5},
+          1: {"semseg/mIoU": 4.2, "normals/mean": 30.3, "edge/odsF": 23.5, "depth/rmse": 3.4}}
+LOWER = ("normals/mean", "depth/rmse")
+RESEED = (5.0 - 1.0 - 0.5 / 24 * 100 + 0.1 / 3.5 * 100) / 4
+
+
+def _scaled(metrics: dict, gain: float) -> dict:
+    """`metrics` better by the fraction `gain` in every task (worse when negative): Δm against them = 100 × gain."""
+    return {k: v * (1 - gain if k in LOWER else 1 + gain) for k, v in metrics.items()}
+
+
+def _records(gains: dict[str, tuple[float, float]]) -> dict:
+    """Stage records of a demo (seed 0) whose fine-tunings beat random init by `gains[init]` per seed; no training."""
+    done = {"train": {"command": "pretrain train ...", "seconds": 1.0, "seed": 0},
+            "evaluate": {"command": "pretrain evaluate run", "seconds": 1.0, "seed": 0,
+                         "output": {"step": 450, "eval/cls/top1": 34.0, "eval/det/APl": float("nan")}},
+            "evaluate_random": {"command": "pretrain evaluate cfg --random-init", "seconds": 1.0, "seed": 0,
+                                "output": {"step": 0, "eval/cls/top1": 1.0}}}
+    for seed in (0, 1):
+        for init in ("extracted", "pretrained", "random"):
+            gain = gains[init][seed] if init != "random" else 0.0
+            out = {f"eval/{k}": v for k, v in _scaled(RANDOM[seed], gain).items()}
+            done[f"evaluate_finetune_{init}_s{seed}"] = {"command": "pretrain evaluate ft", "seconds": 1.0,
+                                                         "seed": seed, "output": {"step": 40, **out}}
+    return done
+
+
+CASES = {  # pretrained's per-seed gains → its verdict (extracted: always within the noise)
+    "helped": ((0.10, 0.08), "helped by +9.00 ± 1.00%"),  # mean 9 > max(2 × 1, 1.19)
+    "hurt": ((-0.10, -0.08), "hurt by -9.00 ± 1.00%"),
+    "no measurable difference": ((0.10, -0.02), "no measurable difference (+4.00 ± 6.00%)"),  # signs disagree
+}
+
+
+@pytest.mark.parametrize("expected", list(CASES))
+def test_verdict_follows_from_the_reports_numbers(tmp_path, expected):
+    gains, text = CASES[expected]
+    # extracted: both seeds positive and close (spread 0.1) but smaller than what reseeding alone does (1.19)
+    write_report(tmp_path, _records({"extracted": (0.01, 0.012), "pretrained": gains}))
+    report = (tmp_path / "report.md").read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["seed"] == 0 and data["finetune"]["seeds"] == [0, 1] and data["finetune"]["rule"] == RULE
+    assert data["verdicts"] == {"extracted": "no measurable difference", "pretrained": expected}
+    assert data["finetune"]["reseed_delta_m"] == pytest.approx(RESEED)
+    for init, want in (("extracted", (1.0, 1.2)), ("pretrained", tuple(100 * g for g in gains))):
+        d = data["finetune"]["delta_m"][init]
+        assert list(d["per_seed"].values()) == pytest.approx(list(want))
+        # the verdict is the rule applied to the numbers the report states, nothing else
+        margin = max(2 * d["spread"], abs(data["finetune"]["reseed_delta_m"]))
+        stated = "helped" if d["mean"] > margin else "hurt" if d["mean"] < -margin else "no measurable difference"
+        assert stated == data["verdicts"][init]
+    headline = next(line for line in report.splitlines() if line.startswith("**Fine-tuning on NYUD-v2"))
+    assert f"pretrained: {text}" in headline and "extracted: no measurable difference (+1.10 ± 0.10%)" in headline
+    assert "reseeding alone moves Δm by 1.19%" in headline and RULE in report
+    row = next(line for line in report.splitlines() if line.startswith("| semseg/mIoU |"))
+    a, b = 4.0 * (1 + gains[0]), 4.2 * (1 + gains[1])  # pretrained's mIoU, seeds 0 and 1
+    assert row.split("|")[3].strip() == f"{(a + b) / 2:.2f} ± {abs(a - b) / 2:.2f}"
+    assert data["pretraining"]["pretrained"]["eval/det/APl"] is None  # NaN as null: report.json is strict JSON
+
+
+def test_decide_at_its_margins():
+    assert decide([3.0, 1.0], reseed=0.5) == "no measurable difference"  # mean 2 = 2 × spread 1: not more
+    assert decide([3.1, 1.1], reseed=0.5) == "helped"
+    assert decide([2.0, 2.0], reseed=2.5) == "no measurable difference"  # inside what reseeding alone does
+    assert decide([-2.0, -2.0], reseed=1.5) == "hurt"
+    assert decide([5.0, -1.0], reseed=0.0) == "no measurable difference"
+
+
+def test_report_without_a_second_seed_says_so(tmp_path):
+    done = _records({"extracted": (0.1, 0.1), "pretrained": (0.1, 0.1)})
+    for init in ("extracted", "pretrained", "random"):
+        del done[f"evaluate_finetune_{init}_s1"]
+    write_report(tmp_path, done)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["verdicts"] == {} and "second seed is missing" in data["verdict"]

@@ -2,12 +2,18 @@
 
 synth → prepare (five datasets) → train → evaluate (and the same model at random init) → export → extract (one
 submodel per pretraining task, and `seg` calibrated on NYUD) → finetune on NYUD-v2 with MLoRE from (a) the extracted
-submodel, (b) the full pretrained model, (c) random initialisation → evaluate → `report.md`.
+submodel, (b) the full pretrained model, (c) random initialisation, each with seeds N and N+1 → evaluate →
+`report.md` + `report.json` (the fine-tuning verdict from the two seeds: `verdict.py`).
+
+`--seed N` is every training seed of the run: the pretraining run and its random-init evaluation (`seed=N`) and the
+fine-tunings (`seed=N`, `seed=N+1`). The corpus does not follow it: it stands in for fixed public datasets, so two
+seeds compare training randomness on the same data.
 
 Each stage runs one user-facing command in a subprocess (printed first, so it can be repeated by hand) and, when it
-succeeds, leaves `stages/<name>.json` (command, seconds, parsed output). A re-run skips every stage whose record
-exists; a killed demo resumes at the stage it was in, and the commands themselves resume (training continues from
-its last checkpoint). Nothing here reaches into the package's internals: the report reads the files the commands wrote.
+succeeds, leaves `stages/<name>.json` (command, seconds, the seed it ran with, parsed output). A re-run skips every
+stage whose record exists (and refuses a folder whose records name another seed); a killed demo resumes at the
+stage it was in, and the commands themselves resume (training continues from its last checkpoint). Nothing here
+reaches into the package's internals: the report reads the files the commands wrote.
 """
 
 from __future__ import annotations
@@ -21,13 +27,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain.demo.eta import eta_seconds, format_eta
 from pretrain.durable import atomic_write
+from pretrain.errors import UsageError
 
 PRETRAIN_TASKS = ("cls", "det", "seg")
 DENSE = ("nyud", "pascal_context")
 RAW_DIRS = {"imagenet": "imagenet", "coco": "coco", "ade20k": "ade20k", "nyud": "NYUDv2",
             "pascal_context": "PASCALContext"}
 INITS = {"extracted": "extract/seg_nyud.safetensors", "pretrained": "model.safetensors", "random": ""}
+# Stage weights: each stage's seconds in the reference run (`pretrain demo`, 2026-12-07 04:22 UTC, the idle 2-vCPU
+# AMD EPYC dev machine: benchmarks/RESULTS.md, "pretrain demo again"); the ETA scales what is left by the pace so far
+# (eta.py). The guessed weights before (prepare 0.3, train 12, finetune 6) put a fine-tuning at half the training's
+# time (it takes 0.15×): on that run the ETA read 37% low at stage 2 and 2.4× high after training.
+SECONDS = {"synth": 7.0, "prepare": 2.9, "train": 245.0, "evaluate": 11.0, "evaluate_random": 13.0, "export": 6.0,
+           "extract_cls": 7.0, "extract_det": 14.0, "extract_seg": 8.0, "extract_seg_nyud": 8.5,
+           "extract_seg_sweep": 18.0, "extract_seg_half_healed": 17.0, "extract_cls_top1_healed": 19.0,
+           "finetune": 36.5, "evaluate_finetune": 10.0}  # 681 s in all (11.4 min); the smaller-submodel stages are a
+# later run's seconds (23.5, 22.3, 24.3 s) over that run's 1.3× slower pace on the extract and finetune stages
 
 
 @dataclass
@@ -36,33 +53,37 @@ class Stage:
 
     name: str
     argv: list[str]
-    weight: float = 1.0  # expected share of the demo's time (for the overall ETA)
+    weight: float = 1.0  # its seconds on the reference machine (eta.py): the demo's ETA scales them by the pace so far
     parse: str = ""  # "json_last_line": the command prints one JSON object last
     env: dict[str, str] = field(default_factory=dict)
+    seed: int | None = None  # the training seed the stage runs with (recorded; None: the stage takes none)
 
 
-def pipeline(out: Path, *, pretrain_config: str, finetune_config: str, fast: bool) -> list[Stage]:
-    """Every stage in order (paths inside `out`)."""
-    p = [sys.executable, "-m", "pretrain"]
+def pipeline(out: Path, *, pretrain_config: str, finetune_config: str, fast: bool, seed: int = 0) -> list[Stage]:
+    """Every stage in order (paths inside `out`); `seed`: the run's training seed (module doc)."""
+    p, s = [sys.executable, "-m", "pretrain"], SECONDS
     shards, raw = out / "shards", out / "raw"
     # no --overwrite: synth then regenerates only the folders it wrote itself (its marker file) and refuses a
     # user's folder under raw/ before writing anything; prepare's --overwrite only ever replaces shards
-    stages = [Stage("synth", [*p, "synth", "--out", str(raw), *(["--scale", "0.4"] if fast else [])], 1.0)]
+    stages = [Stage("synth", [*p, "synth", "--out", str(raw), *(["--scale", "0.4"] if fast else [])], s["synth"])]
     for dataset, folder in RAW_DIRS.items():  # 4 shards per split, as the debug config's reference run used
         for split in ("train", "val"):
             stages.append(Stage(f"prepare_{dataset}_{split}", [
                 *p, "prepare", dataset, "--src", str(raw / folder), "--out", str(shards / dataset / split),
-                "--split", split, "--overwrite", "--min-shards", "4"], 0.3))
+                "--split", split, "--overwrite", "--min-shards", "4"], s["prepare"]))
     # --fast checks that every stage runs and the report fills (the demo test): few steps, 16 images per evaluation
     quick = ["train.max_steps=40", "train.ckpt_every=20"] if fast else []
     few = ["eval.max_samples=16"] if fast else []
     run = out / "pretrain"
     stages += [
-        Stage("train", [*p, "train", pretrain_config, f"data.root={shards}", f"output_dir={run}", *quick], 12.0),
-        Stage("evaluate", [*p, "evaluate", str(run), *few], 1.0, "json_last_line"),
-        Stage("evaluate_random", [*p, "evaluate", pretrain_config, f"data.root={shards}",
-                                  f"output_dir={out / 'random_init'}", *few, "--random-init"], 1.0, "json_last_line"),
-        Stage("export", [*p, "export", str(run), "--out", str(out / "model.safetensors")], 0.5),
+        Stage("train", [*p, "train", pretrain_config, f"data.root={shards}", f"output_dir={run}", f"seed={seed}",
+                        *quick], s["train"], seed=seed),
+        Stage("evaluate", [*p, "evaluate", str(run), *few], s["evaluate"], "json_last_line", seed=seed),
+        # the same seed: the weights `pretrain train` started from
+        Stage("evaluate_random", [*p, "evaluate", pretrain_config, f"data.root={shards}", f"seed={seed}",
+                                  f"output_dir={out / 'random_init'}", *few, "--random-init"], s["evaluate_random"],
+              "json_last_line", seed=seed),
+        Stage("export", [*p, "export", str(run), "--out", str(out / "model.safetensors")], s["export"]),
     ]
     # the report's metric on 32 val images and latency at batch 1 and 8 keep each extraction under a minute
     report = ["--data-root", str(shards), "--eval-images", "32", "--latency-runs", "3", "--latency-batches", "1,8"]
@@ -70,18 +91,30 @@ def pipeline(out: Path, *, pretrain_config: str, finetune_config: str, fast: boo
         report = ["--data-root", str(shards), "--eval-images", "8", "--latency-runs", "1", "--latency-batches", "1"]
     for task in PRETRAIN_TASKS:
         stages.append(Stage(f"extract_{task}", [*p, "extract", str(out / "model.safetensors"), "--task", task,
-                                                "--out", str(out / "extract" / f"{task}.safetensors"), *report], 1.5))
+                                                "--out", str(out / "extract" / f"{task}.safetensors"), *report],
+                            s[f"extract_{task}"]))
     stages.append(Stage("extract_seg_nyud", [*p, "extract", str(out / "model.safetensors"), "--task", "seg",
                                              "--calibrate", str(shards / "nyud" / "train"),
-                                             "--out", str(out / INITS["extracted"]), *report], 1.5))
+                                             "--out", str(out / INITS["extracted"]), *report], s["extract_seg_nyud"]))
     stages += smaller_submodels(out, report, fast)
-    ft_quick = ["train.max_steps=10", "train.ckpt_every=5", "train.eval_every=0", *few] if fast else []
-    for init, source in INITS.items():
-        ft = out / "finetune" / init
-        init_arg = [f"finetune.init_from={out / source}"] if source else []  # the config's default: random init
-        stages.append(Stage(f"finetune_{init}", [*p, "finetune", finetune_config, f"data.root={shards}",
-                                                 f"output_dir={ft}", *init_arg, *ft_quick], 6.0))
-        stages.append(Stage(f"evaluate_finetune_{init}", [*p, "evaluate", str(ft)], 0.5, "json_last_line"))
+    return stages + finetunings(out, finetune_config, fast=fast, seeds=(seed, seed + 1))
+
+
+def finetunings(out: Path, finetune_config: str, *, fast: bool, seeds: tuple[int, ...]) -> list[Stage]:
+    """Every initialisation fine-tuned and evaluated once per seed (`finetune_<init>_s<seed>`): two seeds give the
+    report its spread. Seed-major order, so the first seed's three runs are comparable as soon as they are done."""
+    p, shards = [sys.executable, "-m", "pretrain"], out / "shards"
+    quick = ["train.max_steps=10", "train.ckpt_every=5", "train.eval_every=0", "eval.max_samples=16"] if fast else []
+    stages = []
+    for seed in seeds:
+        for init, source in INITS.items():
+            ft, name = out / "finetune" / f"{init}_s{seed}", f"{init}_s{seed}"
+            init_arg = [f"finetune.init_from={out / source}"] if source else []  # the config's default: random init
+            stages.append(Stage(f"finetune_{name}", [*p, "finetune", finetune_config, f"data.root={shards}",
+                                                     f"output_dir={ft}", f"seed={seed}", *init_arg, *quick],
+                                SECONDS["finetune"], seed=seed))
+            stages.append(Stage(f"evaluate_finetune_{name}", [*p, "evaluate", str(ft)], SECONDS["evaluate_finetune"],
+                                "json_last_line", seed=seed))
     return stages
 
 
@@ -89,28 +122,29 @@ def smaller_submodels(out: Path, report: list[str], fast: bool) -> list[Stage]:
     """seg's size/accuracy curve and half its experts healed by distillation; cls with one MLP expert per token
     (healed): what a user trades for a smaller or faster submodel, with batch-32 latency for throughput."""
     p, model, folder = [sys.executable, "-m", "pretrain"], str(out / "model.safetensors"), out / "extract" / "smaller"
+    s = SECONDS
     latency = ["--latency-batches", "1" if fast else "1,32"]
     heal = ["--heal", "2" if fast else "40"]
     return [
         Stage("extract_seg_sweep", [*p, "extract", model, "--task", "seg", "--sweep", "0.25,0.5,0.75",
-                                    "--out", str(folder / "seg.safetensors"), *report, *latency], 2.0),
+                                    "--out", str(folder / "seg.safetensors"), *report, *latency],
+              s["extract_seg_sweep"]),
         Stage("extract_seg_half_healed", [*p, "extract", model, "--task", "seg", "--rule", "share", "--share", "0.5",
                                           *heal, "--out", str(folder / "seg_half_healed.safetensors"), *report,
-                                          *latency], 2.0),
+                                          *latency], s["extract_seg_half_healed"]),
         # cls: its cost is the backbone's (seg's is mostly its FPN decoder, which top-k does not touch)
         Stage("extract_cls_top1_healed", [*p, "extract", model, "--task", "cls", "--top-k", "1", *heal,
                                           "--out", str(folder / "cls_top1_healed.safetensors"), *report, *latency,
-                                          *([] if fast else ["--eval-images", "100"])], 2.0),
+                                          *([] if fast else ["--eval-images", "100"])], s["extract_cls_top1_healed"]),
     ]
 
 
-def run_stage(stage: Stage, records: Path, index: int, total: int, eta: float | None) -> dict:
+def run_stage(stage: Stage, records: Path, index: int, total: int, eta_text: str) -> dict:
     """Run one stage (skipped when its record exists); returns its record."""
     record_path = records / f"{stage.name}.json"
     if record_path.is_file():
         print(f"[{index}/{total}] {stage.name}: done earlier, skipped", flush=True)
         return json.loads(record_path.read_text())
-    eta_text = f", demo ETA {eta / 60:.1f} min" if eta is not None else ""
     print(f"[{index}/{total}] {stage.name}{eta_text}\n  $ {shlex.join(stage.argv)}", flush=True)
     start = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **stage.env}
@@ -120,6 +154,8 @@ def run_stage(stage: Stage, records: Path, index: int, total: int, eta: float | 
         raise DemoError(f"stage {stage.name} failed (exit {proc.returncode}); re-run `pretrain demo` to resume "
                         f"from it, or run the command above by hand to see the problem")
     record = {"name": stage.name, "command": shlex.join(stage.argv), "seconds": round(time.monotonic() - start, 1)}
+    if stage.seed is not None:
+        record["seed"] = stage.seed
     if stage.parse == "json_last_line":
         record["output"] = json.loads(proc.stdout.strip().splitlines()[-1])
     atomic_write(record_path, json.dumps(record, indent=1))
@@ -130,7 +166,19 @@ class DemoError(RuntimeError):
     """A stage failed: one line naming it (exit code 4)."""
 
 
-def main(out: Path, *, pretrain_config: str, finetune_config: str, fast: bool = False) -> int:
+def check_seeds(stages: list[Stage], records: Path) -> None:
+    """Refuse, before any stage runs, a folder whose records ran with another seed: skipping them would mix two
+    seeds in one report. A record from before `--seed` ran with the configs' default, 0."""
+    for stage in stages:
+        path = records / f"{stage.name}.json"
+        if stage.seed is not None and path.is_file():
+            seed = json.loads(path.read_text()).get("seed", 0)
+            if seed != stage.seed:
+                raise UsageError(f"{path} ran with seed {seed}, this demo's stage {stage.name} needs seed "
+                                 f"{stage.seed}: one folder holds one --seed, use another --out")
+
+
+def main(out: Path, *, pretrain_config: str, finetune_config: str, fast: bool = False, seed: int = 0) -> int:
     from pretrain.config import load_config
     from pretrain.demo.report import write_report
     from pretrain.finetune.config import FinetuneConfig
@@ -141,11 +189,12 @@ def main(out: Path, *, pretrain_config: str, finetune_config: str, fast: bool = 
     out.mkdir(parents=True, exist_ok=True)
     records = out / "stages"
     records.mkdir(exist_ok=True)
-    stages = pipeline(out, pretrain_config=pretrain_config, finetune_config=finetune_config, fast=fast)
+    stages = pipeline(out, pretrain_config=pretrain_config, finetune_config=finetune_config, fast=fast, seed=seed)
+    check_seeds(stages, records)
     done, spent, weight_done = {}, 0.0, 0.0
     total_weight = sum(s.weight for s in stages)
     for i, stage in enumerate(stages, 1):
-        eta = spent / weight_done * (total_weight - weight_done) if weight_done else None
+        eta = format_eta(eta_seconds(spent, weight_done, total_weight - weight_done), total_weight)
         done[stage.name] = run_stage(stage, records, i, len(stages), eta)
         spent += done[stage.name]["seconds"]
         weight_done += stage.weight

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import re
 from pathlib import Path
 
-from pretrain.metrics.multitask import PRIMARY, delta_m
+from pretrain.demo.verdict import BASELINE, RULE, finite_or_none, mean_spread, phrase, summarize
+from pretrain.metrics.multitask import PRIMARY
 
 PRETRAIN_METRICS = {"cls": ("top1", "top5"), "det": ("AP", "AP50"), "seg": ("mIoU", "aAcc")}
 
@@ -125,46 +128,100 @@ def _smaller_section(out: Path) -> list[str]:
     return lines + [""]
 
 
-def _finetune_section(done: dict) -> tuple[list[str], str]:
-    results = {init: done[f"evaluate_finetune_{init}"]["output"] for init in ("extracted", "pretrained", "random")}
-    keys = sorted({k for r in results.values() for k in r if k.startswith("eval/")})
+def _finetune_runs(done: dict) -> dict[str, dict[int, dict]]:
+    """{init: {seed: evaluation output}} from the records `evaluate_finetune_<init>_s<seed>` (pipeline order)."""
+    runs: dict[str, dict[int, dict]] = {}
+    for name, record in done.items():
+        match = re.fullmatch(r"evaluate_finetune_(\w+)_s(\d+)", name)
+        if match and "output" in record:
+            runs.setdefault(match[1], {})[int(match[2])] = record["output"]
+    return runs
+
+
+def _metric_numbers(per_seed: dict[int, float | None]) -> dict:
+    """A metric over the seeds: {"per_seed", "mean", "spread"} (mean and spread null when a seed lacks it)."""
+    values = [finite_or_none(v) for v in per_seed.values()]
+    mean, spread = mean_spread(values) if values and None not in values else (None, None)
+    return {"per_seed": {str(s): v for s, v in zip(per_seed, values)}, "mean": mean, "spread": spread}
+
+
+def _metric_cell(numbers: dict) -> str:
+    """mean ± half the difference of the seeds' values ("–" when a seed lacks the metric)."""
+    return "–" if numbers["mean"] is None else f"{numbers['mean']:.2f} ± {numbers['spread']:.2f}"
+
+
+def _finetune_section(done: dict) -> tuple[list[str], str, dict]:
+    """The fine-tuning table (mean ± half the seeds' difference), Δm per seed pair, the verdicts (verdict.py's rule);
+    returns (lines, the headline sentence, the numbers for report.json)."""
+    runs = _finetune_runs(done)
+    seeds = sorted(runs.get(BASELINE, {}))
+    keys = sorted({k for r in runs.values() for out in r.values() for k in out if k.startswith("eval/")})
+    metrics = {init: {k.removeprefix("eval/"): _metric_numbers({s: out.get(k) for s, out in r.items()})
+                      for k in keys} for init, r in runs.items()}
     lines = ["## Fine-tuning on NYUD-v2 (embedded corpus) with the MLoRE decoder", "",
-             "| metric | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
-    lines += [f"| {k.removeprefix('eval/')} | " + " | ".join(_fmt(r.get(k)) for r in results.values()) + " |"
-              for k in keys]
+             f"Each initialisation fine-tuned with seeds {', '.join(map(str, seeds))}: mean ± half the difference.",
+             "", "| metric | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    lines += [f"| {k.removeprefix('eval/')} | " + " | ".join(_metric_cell(m[k.removeprefix("eval/")])
+                                                          for m in metrics.values()) + " |" for k in keys]
+    numbers: dict = {"metrics": metrics}
     table = PRIMARY["new"]
     tasks = sorted({k.split("/")[1] for k in keys if k.count("/") == 2 and k.split("/")[1] in table})
-    primary = {init: {t: r.get(f"eval/{t}/{table[t][0]}") for t in tasks} for init, r in results.items()}
-    lower = {t for t in tasks if table[t][1]}
-    verdict = "Δm could not be computed (a primary metric is missing)."
-    if all(v is not None for p in primary.values() for v in p.values()) and tasks:
-        deltas = {init: delta_m(primary[init], primary["random"], lower) for init in ("extracted", "pretrained")}
-        lines += ["", "Δm against the random-initialisation run (primary metric per task: "
-                  + ", ".join(f"{t} {table[t][0]}" for t in tasks) + "): "
-                  + ", ".join(f"{init} {d:+.2f}%" for init, d in deltas.items()) + "."]
-        best = max(deltas.values())
-        caveat = (" These are single short runs on a tiny corpus: differences of a few percent are within run-to-run "
-                  "noise.")
-        verdict = (f"Pretraining helped fine-tuning here: Δm {best:+.2f}% over random initialisation." + caveat
-                   if best > 0 else f"Pretraining did not help fine-tuning here (best Δm {best:+.2f}%)." + caveat)
-    lines += ["", "![prediction grid](finetune/pretrained/predictions.png)", ""]
-    return lines, verdict
+    primary = {init: {s: {t: out.get(f"eval/{t}/{table[t][0]}") for t in tasks} for s, out in r.items()}
+               for init, r in runs.items()}
+    complete = all(isinstance(v, (int, float)) and math.isfinite(v)
+                   for r in primary.values() for p in r.values() for v in p.values())
+    complete = complete and all(v != 0 for p in primary.get(BASELINE, {}).values() for v in p.values())  # Δm divides
+    if not (tasks and complete and len(seeds) >= 2):
+        return lines + [""], ("Δm could not be computed (a primary metric or the second seed is missing, or a "
+                              "baseline metric is 0)."), numbers
+    summary = summarize(primary, {t for t in tasks if table[t][1]})
+    numbers.update(summary)
+    lines += ["", "Δm against the random-initialisation run of the same seed (primary metric per task: "
+              + ", ".join(f"{t} {table[t][0]}" for t in tasks) + "). Verdict rule: " + RULE + ".", "",
+              "| initialisation | " + " | ".join(f"Δm seed {s}" for s in seeds) + " | mean ± spread | verdict |",
+              "|---|" + "---|" * (len(seeds) + 2)]
+    for init, d in summary["delta_m"].items():
+        lines.append(f"| {init} | " + " | ".join(f"{v:+.2f}%" for v in d["per_seed"].values())
+                     + f" | {d['mean']:+.2f} ± {d['spread']:.2f}% | {summary['verdicts'][init]} |")
+    lines += [f"| {BASELINE} seed {seeds[1]} vs {BASELINE} seed {seeds[0]} (reseeding) |" + " |" * len(seeds)
+              + f" {summary['reseed_delta_m']:+.2f}% | |"]
+    lines += ["", f"![prediction grid](finetune/pretrained_s{seeds[0]}/predictions.png)", ""]
+    verdict = ("Fine-tuning on NYUD-v2 against random initialisation (Δm, mean ± half the difference of seeds "
+               f"{seeds[0]} and {seeds[1]}; reseeding alone moves Δm by {abs(summary['reseed_delta_m']):.2f}%): "
+               + "; ".join(phrase(init, summary["verdicts"][init], d["mean"], d["spread"])
+                           for init, d in summary["delta_m"].items()) + ".")
+    return lines, verdict, numbers
+
+
+def _pretrain_numbers(done: dict) -> dict:
+    """The pretraining evaluations for report.json (NaN, e.g. an empty AP bucket, as null)."""
+    return {name: {k: finite_or_none(v) for k, v in done[stage]["output"].items()}
+            for name, stage in (("pretrained", "evaluate"), ("random_init", "evaluate_random"))}
 
 
 def write_report(out: Path, done: dict) -> Path:
-    """Write `out/report.md` from the stage records `done` (name → record) and return its path."""
-    ft_lines, verdict = _finetune_section(done)
+    """Write `out/report.md` and `out/report.json` (its numbers and verdicts) from the stage records `done` (name →
+    record); returns the report.md path."""
+    ft_lines, verdict, numbers = _finetune_section(done)
+    seed = done["train"].get("seed", 0)  # a record from before `--seed` ran with the configs' default, 0
     total = sum(r["seconds"] for r in done.values())
     lines = ["# pretrain demo report", "",
              f"Machine: {_machine()}. Versions: {_versions()}. Total time {total / 60:.1f} min (setup excluded).", "",
+             f"Seed {seed} (`pretrain demo --seed {seed}`): the pretraining run and its random-init evaluation use "
+             f"seed {seed}, every fine-tuning runs with seeds {seed} and {seed + 1}; the embedded corpus is the same "
+             "for every seed (it stands in for fixed public datasets).", "",
              "What this shows: every stage of the pipeline runs end to end on real file formats, and each model "
              "learns. What it does not show: anything about accuracy at scale — the corpus is a small generated "
              "one (shapes and textures) and the model is a 4-block ViT at 64–96 px, so the numbers are far from "
              "the papers' and say nothing about how the methods compare on ImageNet/COCO/ADE20K or NYUD-v2.", "",
              f"**{verdict}**", ""]
     lines += _pretrain_section(done) + _extract_section(out) + _smaller_section(out) + ft_lines
-    lines += ["## What ran", "", "| stage | seconds | command |", "|---|---|---|"]
-    lines += [f"| {name} | {r['seconds']:.0f} | `{r['command']}` |" for name, r in done.items()]
+    lines += ["## What ran", "", "| stage | seed | seconds | command |", "|---|---|---|---|"]
+    lines += [f"| {name} | {r.get('seed', '')} | {r['seconds']:.0f} | `{r['command']}` |" for name, r in done.items()]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    verdicts = numbers.pop("verdicts", {})  # top level: the one key a script reads first
+    result = {"seed": seed, "verdict": verdict, "verdicts": verdicts, "finetune": numbers,
+              "pretraining": _pretrain_numbers(done)}
+    (out / "report.json").write_text(json.dumps(result, indent=1, allow_nan=False, ensure_ascii=False) + "\n")
     return path
