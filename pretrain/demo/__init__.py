@@ -40,11 +40,10 @@ INITS = {"extracted": "extract/seg_nyud.safetensors", "pretrained": "model.safet
 # AMD EPYC dev machine: benchmarks/RESULTS.md, "pretrain demo again"); the ETA scales what is left by the pace so far
 # (eta.py). The guessed weights before (prepare 0.3, train 12, finetune 6) put a fine-tuning at half the training's
 # time (it takes 0.15×): on that run the ETA read 37% low at stage 2 and 2.4× high after training.
-SECONDS = {"synth": 7.0, "prepare": 2.9, "train": 245.0, "evaluate": 11.0, "evaluate_random": 13.0, "export": 6.0,
-           "extract_cls": 7.0, "extract_det": 14.0, "extract_seg": 8.0, "extract_seg_nyud": 8.5,
-           "extract_seg_sweep": 18.0, "extract_seg_half_healed": 17.0, "extract_cls_top1_healed": 19.0,
-           "finetune": 36.5, "evaluate_finetune": 10.0}  # 681 s in all (11.4 min); the smaller-submodel stages are a
-# later run's seconds (23.5, 22.3, 24.3 s) over that run's 1.3× slower pace on the extract and finetune stages
+SECONDS = {"synth": 7.0, "prepare": 2.7, "train": 149.0, "evaluate": 11.6, "evaluate_random": 13.7, "export": 5.8,
+           "extract_cls": 6.8, "extract_det": 14.5, "extract_seg": 8.6, "extract_seg_nyud": 8.9,
+           "extract_seg_sweep": 20.0, "extract_seg_half_healed": 17.5, "extract_cls_top1_healed": 18.0,
+           "finetune": 36.8, "evaluate_finetune": 11.5}  # 598 s in all (10.0 min): the idle 2026-12-07 demo's stages
 
 
 @dataclass
