@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 import pytest
-import test_add_task
 import torch
 from test_add_task import STATS
 
@@ -41,7 +40,6 @@ ADDED = {"cls2": TaskConfig(shards="imagenet/train", val_shards="imagenet/val", 
          "ade2": TaskConfig(shards="ade20k/train", val_shards="ade20k/val", img_size=32, eval_batch_size=4,
                             head="fpn")}
 OLD_OF = {"cls2": "cls", "det2": "det", "ade2": "seg"}
-cli = test_add_task.cli  # the in-process `pretrain ARGV` fixture
 pytestmark = pytest.mark.slow  # every test builds a tiny grown model and most evaluate it: 2-15 s on 2 loaded cores
 SINGLE = dist.DistInfo(rank=0, world_size=1, local_rank=0, master_addr="", master_port=0, launcher="single")
 
