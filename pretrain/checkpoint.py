@@ -32,6 +32,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import pickle
 import shutil
 from collections.abc import Callable
@@ -310,7 +311,8 @@ def load_latest(engine, ckpt_dir: str | Path) -> tuple[int, dict, dict] | None:
     rank 0's rank_state. Raises CheckpointError naming the file that cannot be read.
     """
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / LATEST).exists():
+    # lexists: a dangling `latest` link is damage to report (or fall back from), not "no checkpoint, start over"
+    if not os.path.lexists(ckpt_dir / LATEST):
         return None
     tag = _choose_tag(ckpt_dir)
     tag_dir = ckpt_dir / tag
@@ -352,7 +354,7 @@ def load_model_weights(ckpt_dir_or_tag: str | Path, model: nn.Module, *, skip: t
     Returns the tag directory read.
     """
     path = Path(ckpt_dir_or_tag)
-    if (path / LATEST).exists():
+    if os.path.lexists(path / LATEST):
         tag_dir = path / select_tag(path)
     else:
         tag_dir = path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ def is_safe(key: str) -> bool:
 
 def has_checkpoint(run_dir: Path) -> bool:
     ckpt = run_dir / "checkpoints"
-    return (ckpt / LATEST).exists() or (ckpt.is_dir() and any(TAG_RE.match(p.name) for p in ckpt.iterdir()))
+    return os.path.lexists(ckpt / LATEST) or (ckpt.is_dir() and any(TAG_RE.match(p.name) for p in ckpt.iterdir()))
 
 
 def check_resume(cfg: Any, run_dir: str | Path, *, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:

@@ -87,6 +87,28 @@ def test_a_latest_leaving_the_run_or_a_tag_without_metadata_falls_back(tmp_path,
     assert f"falling back to {ckpt / want}" in caplog.text and named.get(pointer, f"holds {pointer!r}") in caplog.text
 
 
+def test_a_dangling_latest_link_is_damage_not_a_fresh_start(tmp_path, monkeypatch):
+    """A `latest` symlink to nothing was "no checkpoint" for resume (`exists()` follows links), so training would
+    have started over beside the run's tags; now it is a pointer to fall back from, or an error naming it."""
+    from pretrain.drift import has_checkpoint
+    from pretrain.errors import CheckpointError
+    from pretrain.integrity import select_tag
+
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    (ckpt / "latest").symlink_to(tmp_path / "gone")
+    with pytest.raises(CheckpointError, match="no checkpoint verifies.*latest is not a file holding a tag name"):
+        select_tag(ckpt)
+    assert has_checkpoint(tmp_path)  # a resume's drift check still compares configs
+
+    def chosen(ckpt_dir):  # stands in for rank 0's choice (it needs a process group): load_latest got this far
+        raise CheckpointError(f"chose in {ckpt_dir}")
+
+    monkeypatch.setattr(checkpoint, "_choose_tag", chosen)
+    with pytest.raises(CheckpointError, match="chose in"):
+        checkpoint.load_latest(None, ckpt)
+
+
 def test_a_hand_made_tag_takes_its_step_from_its_metadata(tmp_path):
     from pretrain.errors import CheckpointError
     from pretrain.integrity import META, tag_step
