@@ -3,6 +3,7 @@ N and N+1), a folder run with another seed is refused, and the ETA's arithmetic 
 within 25% from the second stage on for the measured reference run (the weights before were up to 2.4× off)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,15 @@ def test_eta_within_a_quarter_on_the_reference_run():
     old = _errors([OLD_WEIGHTS[_kind(n).split("_")[0] if n.startswith("extract") else _kind(n)]
                    for n in REFERENCE_RUN], seconds)
     assert max(abs(e) for e in old) > 0.25  # the weights before issue 24 miss the target on the same run
+
+
+def test_a_bad_seed_is_refused_before_any_stage(tmp_path):
+    from pretrain.config import ConfigError
+    from pretrain.demo import main
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "debug"
+    for seed in (-1, 2**32 - 1):  # the fine-tunings also run at seed + 1
+        with pytest.raises(ConfigError, match="seed="):
+            main(tmp_path / "demo", pretrain_config=str(root / "pretrain.yaml"),
+                 finetune_config=str(root / "finetune.yaml"), seed=seed)
+    assert not (tmp_path / "demo").exists()  # nothing was started

@@ -182,9 +182,9 @@ def main(out: Path, *, pretrain_config: str, finetune_config: str, fast: bool = 
     from pretrain.demo.report import write_report
     from pretrain.finetune.config import FinetuneConfig
 
-    # a wrong config is one line and exit 2 now, not after minutes of data stages
-    load_config(pretrain_config)
-    load_config(finetune_config, schema=FinetuneConfig)
+    # a wrong config or seed is one line and exit 2 now, not after minutes of data stages (N+1 is the second seed)
+    load_config(pretrain_config, [f"seed={seed}"])
+    load_config(finetune_config, [f"seed={seed + 1}"], schema=FinetuneConfig)
     out.mkdir(parents=True, exist_ok=True)
     records = out / "stages"
     records.mkdir(exist_ok=True)
