@@ -121,6 +121,19 @@ def communicate(proc: subprocess.Popen, *, timeout: float,
         kill_group(proc)  # a child that exited may have left grandchildren behind
 
 
+def signal_once_logging(proc: subprocess.Popen, metrics: Path, *, wait: float, timeout: float) -> str | None:
+    """SIGUSR1 to a training child once it has written `metrics` (its first logged step; or once it exited or `wait`
+    × the scale passed), then `communicate` within `timeout`; returns its stderr. The group is killed in any case."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + scaled(wait)
+    while not metrics.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    return communicate(proc, timeout=timeout)[1]
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL every process of `proc`'s session (it was started with `start_new_session=True`)."""
     try:

@@ -5,16 +5,14 @@ command (DeepSpeed engine, AdamW with weight decay) into one model file that `lo
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from harness import communicate, kill_group, popen, run, scaled
+from harness import popen, run, signal_once_logging
 
 from pretrain.config import TaskConfig, load_config
 from pretrain.models import build_model
@@ -293,14 +291,7 @@ def test_a_signal_checkpoints_exits_75_and_the_same_command_resumes(shards, tmp_
     config = add_task_config(tmp_path / "s.yaml", shards, tmp_path / "s", SEG2)
     cmd = [sys.executable, "-m", "pretrain", "add-task", model, config, "train.max_steps=200", "train.ckpt_every=100"]
     proc = popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + scaled(300)
-        while not (tmp_path / "s" / "metrics.jsonl").is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGUSR1)
-        _, err = communicate(proc, timeout=300)
-    finally:
-        kill_group(proc)
+    err = signal_once_logging(proc, tmp_path / "s" / "metrics.jsonl", wait=300, timeout=300)
     assert proc.returncode == EXIT_REQUEUE, err[-3000:]
     stopped_at = int((tmp_path / "s" / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 0 < stopped_at < 100 and not (tmp_path / "s" / "model.safetensors").exists()

@@ -2,15 +2,13 @@
 signal, frozen parts stay bit-identical, backbones from every source."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from harness import communicate, kill_group, popen, scaled
+from harness import popen, signal_once_logging
 from harness import run as run_cmd
 from PIL import Image
 
@@ -87,14 +85,7 @@ def test_signal_then_resume_is_bitwise_exact(dense_root, tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     proc = popen(_cmd(dense_root, tmp_path / "cut", *steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                  text=True)
-    try:
-        deadline = time.time() + scaled(600)
-        while time.time() < deadline and proc.poll() is None and not (tmp_path / "cut" / "metrics.jsonl").exists():
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGUSR1)
-        _, err = communicate(proc, timeout=600)
-    finally:
-        kill_group(proc)
+    err = signal_once_logging(proc, tmp_path / "cut" / "metrics.jsonl", wait=600, timeout=600)
     from pretrain.signals import EXIT_REQUEUE
 
     assert proc.returncode == EXIT_REQUEUE, err[-3000:]
