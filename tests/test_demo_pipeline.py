@@ -3,6 +3,7 @@ N and N+1), a folder run with another seed is refused, and the ETA's arithmetic 
 within 25% from the second stage on for the measured reference run (the weights before were up to 2.4× off)."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,24 +14,23 @@ from pretrain.errors import UsageError
 
 # seconds per stage of the reference run (`pretrain demo --out /tmp/demo2`, 2026-12-07 04:22 UTC, idle 2-vCPU AMD
 # EPYC; benchmarks/RESULTS.md), in its order: the pipeline of that day (one seed, no smaller-submodel stages)
-REFERENCE_RUN = {  # the idle 2026-12-07 demo's stages (`pretrain demo --out /tmp/demo4`: 10.0 min)
+REFERENCE_RUN = {  # the idle 2026-12-07 demo's stages (`pretrain demo --out /tmp/demo4`: 10.0 min; less the six
+    # `evaluate_finetune_*` stages it ran then, which repeated each fine-tuning's last evaluation)
     "synth": 6.9, "prepare_imagenet_train": 3.0, "prepare_imagenet_val": 2.5, "prepare_coco_train": 2.8,
     "prepare_coco_val": 2.6, "prepare_ade20k_train": 2.8, "prepare_ade20k_val": 2.6, "prepare_nyud_train": 2.7,
     "prepare_nyud_val": 2.6, "prepare_pascal_context_train": 2.7, "prepare_pascal_context_val": 2.8, "train": 149.0,
     "evaluate": 11.6, "evaluate_random": 13.7, "export": 5.8, "extract_cls": 6.8, "extract_det": 14.5,
     "extract_seg": 8.6, "extract_seg_nyud": 8.9, "extract_seg_sweep": 20.0, "extract_seg_half_healed": 17.5,
-    "extract_cls_top1_healed": 18.0, "finetune_extracted_s0": 37.0, "evaluate_finetune_extracted_s0": 10.1,
-    "finetune_pretrained_s0": 36.7, "evaluate_finetune_pretrained_s0": 10.3, "finetune_random_s0": 33.7,
-    "evaluate_finetune_random_s0": 10.4, "finetune_extracted_s1": 37.3, "evaluate_finetune_extracted_s1": 13.3,
-    "finetune_pretrained_s1": 38.2, "evaluate_finetune_pretrained_s1": 13.3, "finetune_random_s1": 38.0,
-    "evaluate_finetune_random_s1": 11.8,
+    "extract_cls_top1_healed": 18.0, "finetune_extracted_s0": 37.0, "finetune_pretrained_s0": 36.7,
+    "finetune_random_s0": 33.7, "finetune_extracted_s1": 37.3, "finetune_pretrained_s1": 38.2,
+    "finetune_random_s1": 38.0,
 }
 OLD_WEIGHTS = {"synth": 1.0, "prepare": 0.3, "train": 12.0, "evaluate": 1.0, "evaluate_random": 1.0, "export": 0.5,
                "extract": 1.5, "finetune": 6.0, "evaluate_finetune": 0.5}  # before issue 24
 
 
 def _kind(name: str) -> str:
-    for prefix in ("prepare", "evaluate_finetune", "finetune"):
+    for prefix in ("prepare", "finetune"):
         if name.startswith(prefix + "_"):
             return prefix
     return name
@@ -51,7 +51,8 @@ def test_seed_reaches_every_training_stage(tmp_path):
     for name in finetunes:
         seed = int(name.rsplit("_s", 1)[1])
         assert f"seed={seed}" in stages[name].argv and stages[name].seed == seed
-        assert str(tmp_path / "finetune" / name.removeprefix("finetune_")) in stages[f"evaluate_{name}"].argv[-1]
+        assert stages[name].run_dir == tmp_path / "finetune" / name.removeprefix("finetune_")
+        assert f"output_dir={stages[name].run_dir}" in stages[name].argv and stages[name].parse == "final_eval"
     assert stages["synth"].seed is None and "--seed" not in stages["synth"].argv  # the corpus is fixed
     assert all(s.weight == SECONDS[_kind(s.name)] for s in stages.values())  # every stage has its measured seconds
 
@@ -73,7 +74,7 @@ def test_eta_arithmetic():
     # a machine uniformly 1.7× slower than the reference: right from the second stage on
     weights = list(REFERENCE_RUN.values())
     assert _errors(weights, [1.7 * w for w in weights]) == pytest.approx([0.0] * (len(weights) - 1))
-    assert "~10 min on the reference machine" in format_eta(None, sum(weights))
+    assert "~9 min on the reference machine" in format_eta(None, sum(weights))
     assert format_eta(270.0, 0.0) == ", demo ETA 4.5 min"
 
 
@@ -96,3 +97,28 @@ def test_a_bad_seed_is_refused_before_any_stage(tmp_path):
             main(tmp_path / "demo", pretrain_config=str(root / "pretrain.yaml"),
                  finetune_config=str(root / "finetune.yaml"), seed=seed)
     assert not (tmp_path / "demo").exists()  # nothing was started
+
+
+def test_a_finetuning_record_holds_its_last_evaluation(tmp_path):
+    """The report reads each fine-tuning's evaluation at its last step from the run's metrics.jsonl (what
+    `pretrain evaluate RUN` prints, rounded alike); a run that never evaluated is a stage failure, not an empty row."""
+    from pretrain.demo import DemoError, Stage, final_eval, run_stage
+
+    run_dir = tmp_path / "ft"
+    run_dir.mkdir()
+    lines = [{"step": 1, "loss/total": 2.0}, {"step": 2, "eval/semseg/mIoU": 1.0},
+             {"step": 4, "loss/total": 1.5}, {"step": 4, "eval/semseg/mIoU": 3.123456, "eval/depth/rmse": 0.5}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 5, "ev')
+    assert final_eval(run_dir) == {"step": 4, "eval/semseg/mIoU": 3.1235, "eval/depth/rmse": 0.5}
+    records = tmp_path / "stages"
+    records.mkdir()
+    stage = Stage("finetune_random_s0", [sys.executable, "-c", "pass"], parse="final_eval", seed=0, run_dir=run_dir)
+    record = run_stage(stage, records, 1, 1, "")
+    assert record["output"]["eval/semseg/mIoU"] == 3.1235 and record["seed"] == 0
+    # a record from before fine-tuning records held the evaluation gets it when the demo is resumed
+    (records / "finetune_random_s0.json").write_text(json.dumps({"name": "finetune_random_s0", "seconds": 1.0}))
+    assert run_stage(stage, records, 1, 1, "")["output"]["step"] == 4
+    assert "output" in json.loads((records / "finetune_random_s0.json").read_text())
+    (run_dir / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    with pytest.raises(DemoError, match="no evaluation record"):
+        final_eval(run_dir)

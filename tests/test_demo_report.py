@@ -62,8 +62,8 @@ def _records(gains: dict[str, tuple[float, float]]) -> dict:
         for init in ("extracted", "pretrained", "random"):
             gain = gains[init][seed] if init != "random" else 0.0
             out = {f"eval/{k}": v for k, v in _scaled(RANDOM[seed], gain).items()}
-            done[f"evaluate_finetune_{init}_s{seed}"] = {"command": "pretrain evaluate ft", "seconds": 1.0,
-                                                         "seed": seed, "output": {"step": 40, **out}}
+            done[f"finetune_{init}_s{seed}"] = {"command": "pretrain finetune cfg", "seconds": 1.0, "seed": seed,
+                                                "output": {"step": 40, **out}}
     return done
 
 
@@ -111,7 +111,7 @@ def test_decide_at_its_margins():
 def test_report_without_a_second_seed_says_so(tmp_path):
     done = _records({"extracted": (0.1, 0.1), "pretrained": (0.1, 0.1)})
     for init in ("extracted", "pretrained", "random"):
-        del done[f"evaluate_finetune_{init}_s1"]
+        del done[f"finetune_{init}_s1"]
     write_report(tmp_path, done)
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["verdicts"] == {} and "second seed is missing" in data["verdict"]

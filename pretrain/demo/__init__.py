@@ -2,8 +2,10 @@
 
 synth → prepare (five datasets) → train → evaluate (and the same model at random init) → export → extract (one
 submodel per pretraining task, and `seg` calibrated on NYUD) → finetune on NYUD-v2 with MLoRE from (a) the extracted
-submodel, (b) the full pretrained model, (c) random initialisation, each with seeds N and N+1 → evaluate →
-`report.md` + `report.json` (the fine-tuning verdict from the two seeds: `verdict.py`).
+submodel, (b) the full pretrained model, (c) random initialisation, each with seeds N and N+1 (each fine-tuning
+evaluates at its last step: the record takes that evaluation from the run's metrics.jsonl, which is what
+`pretrain evaluate` of the run would print) → `report.md` + `report.json` (the fine-tuning verdict from the two seeds:
+`verdict.py`).
 
 `--seed N` is every training seed of the run: the pretraining run and its random-init evaluation (`seed=N`) and the
 fine-tunings (`seed=N`, `seed=N+1`). The corpus does not follow it: it stands in for fixed public datasets, so two
@@ -43,7 +45,8 @@ INITS = {"extracted": "extract/seg_nyud.safetensors", "pretrained": "model.safet
 SECONDS = {"synth": 7.0, "prepare": 2.7, "train": 149.0, "evaluate": 11.6, "evaluate_random": 13.7, "export": 5.8,
            "extract_cls": 6.8, "extract_det": 14.5, "extract_seg": 8.6, "extract_seg_nyud": 8.9,
            "extract_seg_sweep": 20.0, "extract_seg_half_healed": 17.5, "extract_cls_top1_healed": 18.0,
-           "finetune": 36.8, "evaluate_finetune": 11.5}  # 598 s in all (10.0 min): the idle 2026-12-07 demo's stages
+           "finetune": 36.8}  # 528 s in all (8.8 min): the idle 2026-12-07 demo's stages (its six separate
+# `pretrain evaluate` runs of the fine-tunings, 70 s, repeated the evaluation each fine-tuning ends with: gone since)
 
 
 @dataclass
@@ -53,9 +56,10 @@ class Stage:
     name: str
     argv: list[str]
     weight: float = 1.0  # its seconds on the reference machine (eta.py): the demo's ETA scales them by the pace so far
-    parse: str = ""  # "json_last_line": the command prints one JSON object last
+    parse: str = ""  # "json_last_line": the command prints one JSON object last; "final_eval": see `final_eval`
     env: dict[str, str] = field(default_factory=dict)
     seed: int | None = None  # the training seed the stage runs with (recorded; None: the stage takes none)
+    run_dir: Path | None = None  # "final_eval": the run directory the command writes
 
 
 def pipeline(out: Path, *, pretrain_config: str, finetune_config: str, fast: bool, seed: int = 0) -> list[Stage]:
@@ -100,8 +104,9 @@ def pipeline(out: Path, *, pretrain_config: str, finetune_config: str, fast: boo
 
 
 def finetunings(out: Path, finetune_config: str, *, fast: bool, seeds: tuple[int, ...]) -> list[Stage]:
-    """Every initialisation fine-tuned and evaluated once per seed (`finetune_<init>_s<seed>`): two seeds give the
-    report its spread. Seed-major order, so the first seed's three runs are comparable as soon as they are done."""
+    """Every initialisation fine-tuned once per seed (`finetune_<init>_s<seed>`, its record holding the evaluation at
+    the last step): two seeds give the report its spread. Seed-major order, so the first seed's three runs are
+    comparable as soon as they are done."""
     p, shards = [sys.executable, "-m", "pretrain"], out / "shards"
     quick = ["train.max_steps=10", "train.ckpt_every=5", "train.eval_every=0", "eval.max_samples=16"] if fast else []
     stages = []
@@ -111,9 +116,7 @@ def finetunings(out: Path, finetune_config: str, *, fast: bool, seeds: tuple[int
             init_arg = [f"finetune.init_from={out / source}"] if source else []  # the config's default: random init
             stages.append(Stage(f"finetune_{name}", [*p, "finetune", finetune_config, f"data.root={shards}",
                                                      f"output_dir={ft}", f"seed={seed}", *init_arg, *quick],
-                                SECONDS["finetune"], seed=seed))
-            stages.append(Stage(f"evaluate_finetune_{name}", [*p, "evaluate", str(ft)], SECONDS["evaluate_finetune"],
-                                "json_last_line", seed=seed))
+                                SECONDS["finetune"], "final_eval", seed=seed, run_dir=ft))
     return stages
 
 
@@ -138,12 +141,29 @@ def smaller_submodels(out: Path, report: list[str], fast: bool) -> list[Stage]:
     ]
 
 
+def final_eval(run_dir: Path) -> dict:
+    """The evaluation a training command ran at its last step: `{"step", "eval/...": value}` from the last record of
+    `run_dir/metrics.jsonl` that has eval keys, rounded as `pretrain evaluate` prints them."""
+    from pretrain.log import read_metrics
+
+    path = run_dir / "metrics.jsonl"
+    evals = [r for r in read_metrics(path) if any(k.startswith("eval/") for k in r)] if path.is_file() else []
+    if not evals:
+        raise DemoError(f"{path}: no evaluation record; the stage's command ended without evaluating")
+    last = evals[-1]
+    return {"step": last["step"], **{k: round(v, 4) for k, v in last.items() if k.startswith("eval/")}}
+
+
 def run_stage(stage: Stage, records: Path, index: int, total: int, eta_text: str) -> dict:
     """Run one stage (skipped when its record exists); returns its record."""
     record_path = records / f"{stage.name}.json"
     if record_path.is_file():
         print(f"[{index}/{total}] {stage.name}: done earlier, skipped", flush=True)
-        return json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text())
+        if stage.parse == "final_eval" and "output" not in record:  # a record written before fine-tunings held it
+            record["output"] = final_eval(stage.run_dir)
+            atomic_write(record_path, json.dumps(record, indent=1))
+        return record
     print(f"[{index}/{total}] {stage.name}{eta_text}\n  $ {shlex.join(stage.argv)}", flush=True)
     start = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **stage.env}
@@ -157,6 +177,8 @@ def run_stage(stage: Stage, records: Path, index: int, total: int, eta_text: str
         record["seed"] = stage.seed
     if stage.parse == "json_last_line":
         record["output"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    elif stage.parse == "final_eval":
+        record["output"] = final_eval(stage.run_dir)
     atomic_write(record_path, json.dumps(record, indent=1))
     return record
 

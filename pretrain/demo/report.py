@@ -129,10 +129,10 @@ def _smaller_section(out: Path) -> list[str]:
 
 
 def _finetune_runs(done: dict) -> dict[str, dict[int, dict]]:
-    """{init: {seed: evaluation output}} from the records `evaluate_finetune_<init>_s<seed>` (pipeline order)."""
+    """{init: {seed: evaluation output}} from the records `finetune_<init>_s<seed>` (pipeline order)."""
     runs: dict[str, dict[int, dict]] = {}
     for name, record in done.items():
-        match = re.fullmatch(r"evaluate_finetune_(\w+)_s(\d+)", name)
+        match = re.fullmatch(r"finetune_(\w+)_s(\d+)", name)
         if match and "output" in record:
             runs.setdefault(match[1], {})[int(match[2])] = record["output"]
     return runs
