@@ -154,6 +154,9 @@ class EngineConfig:
     grad_accum: int = 1  # task micro-batches accumulated per optimizer step
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     threads: int = 0  # torch intra-op threads per rank on CPU; 0 = leave torch's default
+    # process-group timeout (DeepSpeed's default): a rank waiting longer at the start-up rendezvous or in a
+    # collective ends the run with exit 9 (a peer failed or hangs) instead of waiting for ever; larger for slow saves
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -235,6 +238,7 @@ def check_moe(m: MoEConfig, engine: EngineConfig) -> None:
     need(engine.ep_size >= 1 and m.num_experts % engine.ep_size == 0, "engine.ep_size", engine.ep_size,
          f"must divide moe.num_experts={m.num_experts}")
     need(engine.grad_accum >= 1, "engine.grad_accum", engine.grad_accum, "must be >= 1")
+    need(engine.timeout_s > 0, "engine.timeout_s", engine.timeout_s, "must be > 0 (seconds)")
 
 
 def check_train(t: TrainConfig, o: OptimConfig) -> None:

@@ -8,10 +8,11 @@ variables torch.distributed, DeepSpeed and WebDataset read (`RANK`, `WORLD_SIZE`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 
@@ -133,15 +134,39 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def init_process_group(backend: str = "auto") -> None:
+def init_process_group(backend: str = "auto", timeout_s: float = 600.0) -> None:
     """Plain torch.distributed init from the exported env (for processes without a DeepSpeed engine)."""
+    import datetime
+
     import torch
     import torch.distributed as tdist
 
     name = resolve_backend(backend)
     if name == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    tdist.init_process_group(name)
+    with rendezvous(timeout_s):
+        tdist.init_process_group(name, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+class RendezvousError(RuntimeError):
+    """Not every rank joined the process group in time (exit 9, `errors.describe`)."""
+
+
+@contextlib.contextmanager
+def rendezvous(timeout_s: float) -> Iterator[None]:
+    """Around a process-group init: a rank that never joins (it failed before its first collective, under a launcher
+    that does not stop the others, such as plain srun) or an unreachable MASTER_ADDR is a `RendezvousError` after
+    `timeout_s`, naming the address and the setting, not torch's store traceback."""
+    import torch.distributed as tdist
+
+    try:
+        yield
+    except (tdist.DistStoreError, tdist.DistNetworkError) as exc:
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        first = " | ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())[:200]
+        raise RendezvousError(f"a rank did not join the process group at {where} within engine.timeout_s="
+                              f"{timeout_s:g} ({first}): another rank failed before joining (see its log) or cannot "
+                              "reach that address") from exc
 
 
 def _multi_process() -> bool:

@@ -32,6 +32,7 @@ How DeepSpeed is made to treat our native `MoEMlp` experts as expert-parallel pa
 # ruff: noqa: E402  (prepare_op_build sets DS_ACCELERATOR before DeepSpeed is first imported)
 from __future__ import annotations
 
+import datetime
 import functools
 import hashlib
 import logging
@@ -145,9 +146,12 @@ logger = logging.getLogger(__name__)
 STEPS_PER_PRINT = 1 << 30  # DeepSpeed's own progress print is off; the training loop logs
 
 
-def init_distributed(backend: str = "auto") -> None:
-    """Initialise torch.distributed through DeepSpeed from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (`dist.export`)."""
-    deepspeed.init_distributed(dist_backend=dist.resolve_backend(backend), auto_mpi_discovery=False, verbose=False)
+def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> None:
+    """Initialise torch.distributed through DeepSpeed from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (`dist.export`);
+    `timeout_s` (`engine.timeout_s`) bounds the rendezvous and every collective (`dist.rendezvous`)."""
+    with dist.rendezvous(timeout_s):
+        deepspeed.init_distributed(dist_backend=dist.resolve_backend(backend), auto_mpi_discovery=False,
+                                   verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def expert_group_name(ep_size: int) -> str:

@@ -95,6 +95,12 @@ class StoppedError(PretrainError):
     exit_code = EXIT_REQUEUE
 
 
+class PeerError(PretrainError):
+    """This rank is fine but a collective failed because another rank failed and left the job (exit 9)."""
+
+    exit_code = EXIT_PEER
+
+
 class UsageError(PretrainError):
     """Bad arguments or input paths found by a command handler (exit 2); `cli.UserError` is one."""
 
@@ -132,6 +138,21 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "DistBack
               "NCCL communicator was aborted")
 
 
+def peer_gone(exc: BaseException) -> bool:
+    """True when `exc` (or an exception it was raised from) is a collective failing because another rank left."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if any(s in f"{type(exc).__name__}: {exc}" for s in _PEER_GONE):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+# ... and a collective that waited out the process group's timeout (gloo; NCCL's watchdog aborts the communicator)
+_PEER_TIMEOUT = ("Timed out waiting", "Watchdog caught collective operation timeout")
+
+
 # a path this process may not read or write: no permission, a read-only filesystem
 _NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
@@ -154,6 +175,10 @@ def describe(exc: BaseException, command: str) -> tuple[int, str]:
         return exc.exit_code, f"pretrain {command}: stopped: {message(exc)}"
     if isinstance(exc, PretrainError):
         return exc.exit_code, f"pretrain {command}: error: {message(exc)}"
+    from pretrain.dist import RendezvousError
+
+    if isinstance(exc, RendezvousError):
+        return EXIT_PEER, f"pretrain {command}: error: {message(exc)}"
     if isinstance(exc, _usage_types()):
         return EXIT_USAGE, f"pretrain {command}: error: {message(exc)}"
     if isinstance(exc, OSError) and exc.errno in _NO_ACCESS and exc.filename:  # a path the user chose, not a bug
@@ -164,6 +189,10 @@ def describe(exc: BaseException, command: str) -> tuple[int, str]:
     if _distributed() and any(s in f"{type(exc).__name__}: {exc}" for s in _PEER_GONE):
         return EXIT_PEER, (f"pretrain {command}: error: another rank failed and left the job ({type(exc).__name__}: "
                            f"{first[:200]}): its error is in the run directory's logs/rank<N>.log")
+    if _distributed() and any(s in str(exc) for s in _PEER_TIMEOUT):
+        return EXIT_PEER, (f"pretrain {command}: error: another rank did not answer a collective within the process "
+                           f"group's timeout, engine.timeout_s ({first[:200]}): it is stuck or gone; its log is the "
+                           "run directory's logs/rank<N>.log")
     return EXIT_INTERNAL, (f"pretrain {command}: internal error: {type(exc).__name__}: {first} "
                            "(run with --debug for the traceback)")
 
@@ -205,6 +234,11 @@ def report(code: int, line: str) -> int:
     rank = _rank()
     if rank == 0:
         print(line, file=sys.stderr)
+    elif not _distributed() and code != EXIT_USAGE:
+        # failed before joining the process group (a rank-local setup problem): no peer reports it and, under plain
+        # srun, nothing stops the other ranks: they end at the rendezvous timeout (exit 9) pointing at this line.
+        # A config error is the same on every rank and rank 0 prints it.
+        print(f"[rank {rank}] {line}", file=sys.stderr)
     else:
         record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, "%s", (line,), None)
         for handler in logging.getLogger().handlers:

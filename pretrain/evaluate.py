@@ -172,7 +172,7 @@ def main(cfg: RunConfig, *, random_init: bool = False) -> int:
         load_model_weights(tag_dir, model, skip=unused_prefixes(cfg), verify=False)  # find_tag verified it
         step = tag_step(tag_dir)
     if info.world_size > 1:  # metrics are reduced across ranks: that needs a process group
-        dist.init_process_group(cfg.engine.backend)
+        dist.init_process_group(cfg.engine.backend, cfg.engine.timeout_s)
     metrics = evaluate_model(cfg, model, spec, info)
     if info.is_main:
         MetricsWriter(run_dir / "eval.jsonl").write(step, metrics)

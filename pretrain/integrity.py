@@ -20,7 +20,7 @@ import shutil
 import zlib
 from pathlib import Path
 
-from pretrain.errors import CheckpointError, DiskFullError, is_disk_full, one_line
+from pretrain.errors import CheckpointError, DiskFullError, PeerError, is_disk_full, one_line, peer_gone
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def save_failure(exc: BaseException, ckpt_dir: Path, tag_dir: Path, *, remove: bool) -> CheckpointError:
+def save_failure(exc: BaseException, ckpt_dir: Path, tag_dir: Path, *, remove: bool) -> CheckpointError | PeerError:
     """Describe a failed save and (`remove`: rank 0 only, so no rank deletes files a slower rank is still writing)
     remove its partial tag; when the disk filled, say how much space a checkpoint needs (the previous checkpoint's
     size, else what was written so far) and how much is free. A partial tag left behind is never loaded (`latest`
@@ -187,6 +187,10 @@ def save_failure(exc: BaseException, ckpt_dir: Path, tag_dir: Path, *, remove: b
         shutil.rmtree(tag_dir, ignore_errors=True)
     latest, problem = read_pointer(ckpt_dir)
     state = f"`latest` still names {latest}" if latest and not problem else "no earlier checkpoint was committed"
+    if peer_gone(exc):  # this rank's files were fine: the cause is in the other rank's log
+        return PeerError(f"{tag_dir}: saving the checkpoint stopped, another rank failed and left the job "
+                         f"({one_line(exc)[:200]}); {'removed the partial checkpoint, ' if remove else ''}{state}; "
+                         "the failing rank's error is in the run directory's logs/rank<N>.log")
     if not is_disk_full(exc):
         return CheckpointError(f"{tag_dir}: saving the checkpoint failed ({type(exc).__name__}: "
                                f"{one_line(exc)[:300]}); removed the partial checkpoint, {state}")

@@ -145,7 +145,7 @@ def start_engine(cfg: Any, model: torch.nn.Module, info: dist.DistInfo) -> tuple
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-    init_distributed(cfg.engine.backend)
+    init_distributed(cfg.engine.backend, cfg.engine.timeout_s)
     engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, max_steps=cfg.train.max_steps,
                           world_size=info.world_size)
     resumed = checkpoint.load_latest(engine, run_dir / "checkpoints")

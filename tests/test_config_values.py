@@ -70,6 +70,7 @@ RANGE_CASES = [  # (override, key in the message, rule fragment); the value just
     ("tasks.cls.eval_batch_size=0", "tasks.cls.eval_batch_size", ">= 1"),
     ("tasks.det.aug_range=[-0.5,1.0]", "tasks.det.aug_range.0", ">= 0"),
     ("seed=4294967296", "seed", "2**32"),
+    ("engine.timeout_s=0", "engine.timeout_s", "> 0"),
 ]
 
 

@@ -36,7 +36,7 @@ def main(cfg: AddTaskConfig) -> int:
     grown = load_model(path)
     spec = check_shards(cfg.data, cfg.tasks)  # the added tasks' shards; raises naming a missing folder
     if info.world_size > 1:  # metrics are reduced across ranks: that needs a process group
-        dist.init_process_group(cfg.engine.backend)
+        dist.init_process_group(cfg.engine.backend, cfg.engine.timeout_s)
     metrics = evaluate_model(cfg, grown.model, spec, info)
     step = int(grown.meta.get("added", [{}])[-1].get("steps", 0))
     if info.is_main:

@@ -211,7 +211,7 @@ def main(cfg: FinetuneConfig) -> int:
     model = build_dense_model(cfg, data)
     load_model_weights(tag_dir, model, verify=False)  # find_tag verified it
     if info.world_size > 1:
-        dist.init_process_group(cfg.engine.backend)
+        dist.init_process_group(cfg.engine.backend, cfg.engine.timeout_s)
     saver = None
     if cfg.finetune.save_predictions:
         from pretrain.metrics.predictions import save_predictions
