@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks in one go (one CUDA device): the CUDA/bf16 paths of pretraining and fine-tuning on the embedded corpus,
-# and the MLoRE block/decoder benchmark on the GPU. Usage: bash benchmarks/gpu_check.sh OUT_DIR
+# GPU checks in one go (one CUDA device): the ViT-B training-step benchmark (bench_gpu_step.py), the CUDA/bf16 paths
+# of pretraining and fine-tuning on the embedded corpus, and the MLoRE block/decoder benchmark on the GPU. Usage: bash benchmarks/gpu_check.sh OUT_DIR
 # Prints one "GPU-CHECK <name> ok|FAILED" line per check; logs and JSON land in OUT_DIR.
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
@@ -16,6 +16,9 @@ check() {  # name, command...: run, keep the log, say ok or FAILED with the exit
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" >> "$OUT/gpu.txt" 2>&1
+# issue 26: one training step at ViT-B size (dense timm ViT-B/16, our dense ViT-B, the Mod-Squad MoE config; bf16,
+# batch 128, 224 px): images/s, MFU, host syncs per step; one JSON line per figure in the log (~2-3 min on an H100)
+check bench_gpu_step $PY benchmarks/bench_gpu_step.py --batch 128 --rounds 5 --json "$OUT/gpu_step.json"
 check synth $PY -m pretrain synth --out "$W/raw" --scale 0.5
 for d in imagenet:imagenet coco:coco ade20k:ade20k nyud:NYUDv2; do
   for s in train val; do
