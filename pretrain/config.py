@@ -69,6 +69,7 @@ class DataConfig:
     all_tasks_per_step: bool = False  # every task in every step, as per-task sub-batches
     num_workers: int = 2
     shuffle_buffer: int = 1000
+    partitions: int = 0  # N > 0: N partitions, order fixed by (seed, step); tasks.*.batch_size is global (DATA.md)
 
 
 @dataclass
@@ -269,7 +270,7 @@ def _check_run(cfg: RunConfig) -> None:
     check_train(cfg.train, cfg.optim)
     need(cfg.data.temperature > 0, "data.temperature", cfg.data.temperature, "must be > 0")
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "must be >= 0")
-    check_tasks(cfg.tasks, TASKS, sampling=cfg.data.sampling)
+    check_tasks(cfg.tasks, TASKS, sampling=cfg.data.sampling, partitions=cfg.data.partitions)
     for name, task in cfg.tasks.items():
         need(task.img_size >= 16, f"tasks.{name}.img_size", task.img_size, "must be >= 16")
         need(task.head in HEAD_CHOICES[name], f"tasks.{name}.head", task.head,

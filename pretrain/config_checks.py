@@ -179,8 +179,10 @@ def check_values(cfg: Any, ranges: dict[str, Rule] = RANGES) -> None:
                 need(ok(value), key, value, rule)
 
 
-def check_tasks(tasks: dict[str, Any], known: tuple[str, ...], *, sampling: str | None = None) -> None:
-    """Task names are known, at least one is enabled, per-task values in range."""
+def check_tasks(tasks: dict[str, Any], known: tuple[str, ...], *, sampling: str | None = None,
+                partitions: int = 0) -> None:
+    """Task names are known, at least one is enabled, per-task values in range; with `partitions` (data.partitions)
+    each enabled task's batch size, its global batch, splits evenly over them."""
     unknown = sorted(set(tasks) - set(known))
     need(not unknown, "tasks", unknown, f"unknown task(s); expected {', '.join(known)}")
     enabled = [name for name in known if name in tasks and tasks[name].enabled]
@@ -190,6 +192,8 @@ def check_tasks(tasks: dict[str, Any], known: tuple[str, ...], *, sampling: str 
         need(task.loss_weight >= 0, f"tasks.{name}.loss_weight", task.loss_weight, "must be >= 0")
         need(task.batch_size >= 1, f"tasks.{name}.batch_size", task.batch_size, "must be >= 1")
         need(task.num_classes >= 0, f"tasks.{name}.num_classes", task.num_classes, "must be >= 0 (0 = from shards)")
+        need(not (partitions and task.enabled) or task.batch_size % partitions == 0, f"tasks.{name}.batch_size",
+             task.batch_size, f"must be a multiple of data.partitions={partitions} (it is the task's global batch)")
     if sampling == "fixed":
         need(sum(tasks[n].weight for n in enabled) > 0, "tasks.*.weight", 0,
              "fixed sampling needs a positive weight on an enabled task")

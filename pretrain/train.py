@@ -17,6 +17,7 @@ from pretrain import checkpoint, dist
 from pretrain.config import RunConfig, enabled_tasks
 from pretrain.data.build import DataSpec, build_sampler, build_stream, check_shards, save_class_lists
 from pretrain.data.collate import TARGET_KEYS
+from pretrain.data.partitions import check_layout
 from pretrain.drift import check_resume
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
 from pretrain.loop import (
@@ -110,6 +111,7 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             record = {**window.pop(), "lr": engine.get_lr()[0], "skipped_steps": guard.total, **timer.pop()}
             record.update({f"task_freq/{t}": f for t, f in sampler.frequencies().items()})
             record.update({f"data/skipped/{t}": n for t, n in mixed.skipped.items()})  # bad samples, this rank
+            record.update({f"data/epoch/{t}": e for t, e in mixed.epochs().items()})  # partitioned streams only
             record.update(routing_metrics(counts, tasks))
             writer.write(step, record)
             tracker.log(step, record)
@@ -190,6 +192,8 @@ def main(cfg: RunConfig, dry_run: bool = False) -> int:
     if dry_run:
         return print_dry_run(cfg)
     spec = check_shards(cfg.data, cfg.tasks)  # validates every shard set before anything heavy starts
+    if cfg.data.partitions:  # a requeued job on a world size that does not divide them stops before building
+        check_layout(cfg.data.partitions, info.world_size)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     # every rank builds the full MoE layers from the same seed and keeps its expert slice (any ep_size, same init)
     model = build_run_model(cfg, num_classes=spec.num_classes, rank=info.rank)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from harness import run
 
-from pretrain.data.mixture import MixedStream, TaskSampler, task_probabilities
+from pretrain.data.mixture import MixedStream, TaskSampler, draws_before, task_probabilities
 
 TASKS = ["cls", "det", "seg"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +83,10 @@ def test_resumed_sampler_continues_the_uninterrupted_sequence_and_counts() -> No
     resumed.load_state_dict(part.state_dict())
     assert [resumed.draw(s)[0] for s in range(120, 200)] == seq[120:]
     assert resumed.counts == full.counts
+    # what a partitioned stream resumes from: the draws before a step follow from the seed and the step alone
+    assert draws_before(TaskSampler(TASKS, weights=[1, 1, 1], seed=3), 120) == part.counts
+    every = TaskSampler(TASKS, weights=[1, 1, 1], seed=3, all_tasks=True)
+    assert draws_before(every, 7) == dict.fromkeys(TASKS, 7)
 
 
 class _FakeLoader:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pretrain.config import DataConfig, TaskConfig, enabled_tasks, task_kind, task_order
-from pretrain.data.mixture import MixedStream, TaskSampler
+from pretrain.data.mixture import MixedStream, PartitionStream, TaskSampler
+from pretrain.data.partitions import check_layout, make_partition_loader
 from pretrain.data.sources import make_eval_loader, read_shard_info, task_info
 from pretrain.dist import DistInfo
 from pretrain.durable import atomic_write
@@ -90,7 +91,20 @@ def build_sampler(data: DataConfig, tasks: dict[str, TaskConfig], spec: DataSpec
 
 def build_stream(data: DataConfig, tasks: dict[str, TaskConfig], spec: DataSpec, info: DistInfo, *, seed: int,
                  start_micro_step: int, sampler: TaskSampler) -> MixedStream:
-    """The per-micro-step (task, batch) stream from `start_micro_step` (= optimizer steps × grad_accum)."""
+    """The per-micro-step (task, batch) stream from `start_micro_step` (= optimizer steps × grad_accum).
+
+    `data.partitions` > 0: the partitioned stream (partitions.py), whose batch sizes are global (each rank gets
+    batch_size / world_size) and whose order does not depend on the world size or the workers; 0: one resampled
+    stream per rank and worker (sources.py).
+    """
+    if data.partitions:
+        check_layout(data.partitions, info.world_size)
+        kwargs = {task: {"shard_dir": spec.train_dirs[task], "batch_size": tasks[task].batch_size,
+                         "img_size": tasks[task].img_size, "aug_range": tuple(tasks[task].aug_range)}
+                  for task in spec.tasks}
+        return PartitionStream(sampler, kwargs, partitions=data.partitions, make_loader=make_partition_loader,
+                               rank=info.rank, world_size=info.world_size, num_workers=data.num_workers,
+                               start_step=start_micro_step, seed=seed)
     kwargs = {task: {"shard_dir": spec.train_dirs[task], "batch_size": tasks[task].batch_size,
                      "img_size": tasks[task].img_size, "shuffle_buffer": data.shuffle_buffer,
                      "aug_range": tuple(tasks[task].aug_range)}

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pretrain.data.sources import make_train_loader
+from pretrain.data.sources import make_train_loader, read_shard_info
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,83 @@ class MixedStream:
         self.sampler.load_state_dict(state)
         self.skipped = {t: int(state.get("skipped", {}).get(t, 0)) for t in self.sampler.tasks}
 
+    def epochs(self) -> dict[str, float]:
+        """Epochs of data consumed per task: none for resampled streams (they have no epochs)."""
+        return {}
+
     def close(self) -> None:
         """Drop the loader iterators (shuts their worker processes down)."""
         self._iters.clear()
+
+
+def draws_before(sampler: TaskSampler, step: int) -> dict[str, int]:
+    """How many batches of each task the steps before `step` drew: a function of (seed, step) only."""
+    draws = dict.fromkeys(sampler.tasks, 0)
+    for s in range(step):
+        for task in sampler.tasks_for_step(s):
+            draws[task] += 1
+    return draws
+
+
+class PartitionStream(MixedStream):
+    """`MixedStream` over partitioned loaders (`data.partitions` > 0, partitions.py): the batches of every step
+    are a function of (seed, step), so the stream's position is the step alone. A resume, on any world size, builds
+    the stream at its step (`start_step` = `step` in `state_dict`); `restart` has nothing to reseed.
+
+    Args:
+        loader_kwargs: per task {"shard_dir", "batch_size" (the GLOBAL batch), "img_size", "aug_range"}; the
+            shards' `_info.json` gives the sample counts behind `epochs`.
+        partitions: N; the world size must divide it and it must divide every batch size.
+        make_loader: `partitions.make_partition_loader` or a stand-in with its signature.
+    """
+
+    def __init__(self, sampler: TaskSampler, loader_kwargs: Mapping[str, Mapping[str, Any]], *, partitions: int,
+                 make_loader: Callable[..., Any], rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 start_step: int = 0, seed: int | None = None) -> None:
+        super().__init__(sampler, loader_kwargs, rank=rank, world_size=world_size, num_workers=num_workers,
+                         start_step=start_step, seed=seed, make_loader=self._make)
+        self.partitions, self._make_partition_loader = partitions, make_loader
+        self._position(start_step)
+        self.samples = {t: int(read_shard_info(kw["shard_dir"])["num_samples"]) for t, kw in loader_kwargs.items()}
+
+    def _position(self, step: int) -> None:
+        self.start_step = self.step = self._replay_to = step
+        self.draws = draws_before(self.sampler, step)
+        self._start_draws = dict(self.draws)
+        self.sampler.counts = dict(self.draws)  # the realised draws are the step's, whichever rank state was loaded
+
+    def _make(self, task: str, *, start_step: int, **kwargs: Any) -> Any:
+        return self._make_partition_loader(task, partitions=self.partitions, start_draw=self._start_draws[task],
+                                           **kwargs)
+
+    def _next_batch(self, task: str, *, count: bool = True) -> dict[str, Any]:
+        batch = super()._next_batch(task, count=count)
+        self.draws[task] += 1
+        return batch
+
+    def restart(self) -> None:
+        """Nothing to reseed: the loaders' positions already are the step's."""
+        self.start_step = self.step
+
+    def epochs(self) -> dict[str, float]:
+        """Epochs of each task's data consumed so far (global batches drawn × global batch / samples)."""
+        return {t: self.draws[t] * int(self.loader_kwargs[t]["batch_size"]) / self.samples[t] for t in self.draws}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step (all a resume needs), the partition count, per task the draws and (epoch, samples into it), and
+        this rank's skip counts."""
+        consumed = {t: self.draws[t] * int(self.loader_kwargs[t]["batch_size"]) for t in self.draws}
+        return {"step": self.step, "start_step": self.step, "partitions": self.partitions,
+                "counts": dict(self.sampler.counts), "skipped": dict(self.skipped), "draws": dict(self.draws),
+                "epoch": {t: list(divmod(n, self.samples[t])) for t, n in consumed.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Position the stream at the state's step (from any world size or stream mode); keep this rank's skips."""
+        if self._iters:
+            raise RuntimeError("load_state_dict must come before the first batch")
+        saved = state.get("partitions")
+        if saved is not None and int(saved) != self.partitions:
+            logger.warning("stream state saved with data.partitions=%s, now %d: the data order changes here",
+                           saved, self.partitions)
+        self._position(int(state["step"]))
+        self.skipped = {t: int(state.get("skipped", {}).get(t, 0)) for t in self.sampler.tasks}

@@ -242,6 +242,27 @@ def _shard_samples(url: str, *, select: Callable[[str], bool], handler: Callable
         yield current
 
 
+def index_shard(url: str, *, select: Callable[[str], bool],
+                defer_bytes: int) -> tuple[list[dict[str, Any]], list[BaseException]]:
+    """Every sample of one shard, in file order, for random access: members of at least `defer_bytes` as
+    `MemberRef`s (only headers and small members are read), and the errors met on the way (a duplicate member is
+    dropped and the walk goes on; an unreadable, corrupt or truncated shard ends it: the samples after are missing).
+    """
+    samples: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def handler(exn: BaseException) -> bool:
+        errors.append(exn)
+        return True
+
+    try:
+        for sample in _shard_samples(url, select=select, handler=handler, defer_bytes=defer_bytes):
+            samples.append(sample)  # one by one: the samples read before an error are kept
+    except (OSError, TarFormatError, UnicodeError) as exn:
+        errors.append(exn)
+    return samples, errors
+
+
 class TarSamples:
     """Pipeline stage: shard dicts ({"url": local path}) → samples {"__key__", "__url__", ext: bytes, ...}.
 
