@@ -124,14 +124,50 @@ def free_port() -> int:
 
 
 def resolve_backend(backend: str) -> str:
-    """`engine.backend` → torch.distributed backend: auto = nccl with CUDA, gloo without."""
+    """`engine.backend` → torch.distributed backend: auto = nccl with CUDA, gloo without. Raises NodeAddressError
+    (exit 7) when gloo could not connect the job's nodes (`gloo_address_problem`)."""
     import torch
 
     if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"engine.backend={backend!r} is not one of auto, nccl, gloo")
+    if backend == "gloo" and (problem := gloo_address_problem()):
+        raise NodeAddressError(problem)
     return backend
+
+
+class NodeAddressError(RuntimeError):
+    """This node's address cannot connect a multi-node gloo job (exit 7, `errors.describe`)."""
+
+
+def gloo_address_problem(env: Mapping[str, str] | None = None, hostname: str | None = None) -> str | None:
+    """Why gloo could not connect the nodes of this SLURM job, or None (one node, or GLOO_SOCKET_IFNAME set).
+
+    Without GLOO_SOCKET_IFNAME, gloo listens on the address the node's own hostname resolves to (falling back to the
+    loopback when it does not resolve) and tells the other ranks to connect there. A hostname that resolves only to
+    a loopback address (Debian's `127.0.1.1 <hostname>` line in /etc/hosts) works on one node, but a rank on
+    another node then connects to its own loopback: every rank would wait out the process-group timeout.
+    """
+    import ipaddress
+    import socket
+
+    env = os.environ if env is None else env
+    nodes = env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or "1"
+    if env.get("GLOO_SOCKET_IFNAME") or not nodes.isdigit() or int(nodes) < 2:
+        return None
+    hostname = hostname or socket.gethostname()
+    fix = ("set GLOO_SOCKET_IFNAME=<the interface of the nodes' network> in the job script (slurm/train.sbatch, "
+           "'edit for your cluster') or make the node's hostname resolve to that network's address")
+    try:
+        addrs = sorted({info[4][0] for info in socket.getaddrinfo(hostname, None)})
+    except OSError as exc:
+        return f"this node's hostname {hostname!r} does not resolve ({exc}), so gloo would listen on the loopback " \
+               f"and the ranks on the job's other {int(nodes) - 1} node(s) could not connect: {fix}"
+    if all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs):
+        return f"this node's hostname {hostname!r} resolves only to the loopback ({', '.join(addrs)}), so gloo would " \
+               f"listen there and the ranks on the job's other {int(nodes) - 1} node(s) could not connect: {fix}"
+    return None
 
 
 def init_process_group(backend: str = "auto", timeout_s: float = 600.0) -> None:

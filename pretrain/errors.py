@@ -175,10 +175,12 @@ def describe(exc: BaseException, command: str) -> tuple[int, str]:
         return exc.exit_code, f"pretrain {command}: stopped: {message(exc)}"
     if isinstance(exc, PretrainError):
         return exc.exit_code, f"pretrain {command}: error: {message(exc)}"
-    from pretrain.dist import RendezvousError
+    from pretrain.dist import NodeAddressError, RendezvousError
 
     if isinstance(exc, RendezvousError):
         return EXIT_PEER, f"pretrain {command}: error: {message(exc)}"
+    if isinstance(exc, NodeAddressError):
+        return EXIT_SETUP, f"pretrain {command}: error: {message(exc)}"
     if isinstance(exc, _usage_types()):
         return EXIT_USAGE, f"pretrain {command}: error: {message(exc)}"
     if isinstance(exc, OSError) and exc.errno in _NO_ACCESS and exc.filename:  # a path the user chose, not a bug

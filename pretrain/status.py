@@ -26,6 +26,10 @@ EXIT_VERDICTS = {0: "stopped", 3: "aborted", 75: "preempted"}  # pretrain.signal
 ATTEMPT_HEADER = re.compile(r"^=== pretrain: job \d+ attempt \d+ \(", re.MULTILINE)  # slurm/train.sbatch
 RUN_START = re.compile(r"training steps \d+ → \d+")  # pretrain/train.py's first line of every run (rank logs)
 LOG_MARKERS = (("aborting:", "aborted"), ("stopped by signal", "preempted"), ("run already complete", "finished"))
+# what srun and slurmstepd print when SLURM declares a node of the job dead (slurmd unreachable for SlurmdTimeout)
+NODE_FAILURE_RES = (re.compile(r"srun: error: Node failure on (\S+)"),
+                    re.compile(r"\*\*\* JOB \d+ ON (\S+) CANCELLED AT \S+ DUE TO NODE FAILURE"))
+PEER_LEFT = "another rank failed and left the job"  # pretrain.errors: the survivors' line (exit 9)
 # the error lines worth showing, best first: what the run said (a Python exception, a `pretrain` one-liner), then
 # what srun or the job script said about it
 ERROR_RES = (re.compile(r"^([\w.]*(Error|Exception)(:.*)?|pretrain \w+: error: .*)$"),
@@ -131,14 +135,27 @@ def last_attempt_log(log: Path) -> str:
 
 
 def log_findings(text: str) -> dict:
-    """What an attempt's log says: a verdict marker from the training loop and the last error line."""
+    """What an attempt's log says: a verdict marker from the training loop, the last error line, the nodes SLURM
+    declared failed (srun's "Node failure on NODE"; the other ranks' error then only says a peer left) and whether a
+    rank reported that another one left the job."""
     verdict = next((v for marker, v in LOG_MARKERS if marker in text), None)
+    lost = list(dict.fromkeys(NODE_FAILURE_RES[0].findall(text)))  # slurmstepd's line names the node that cancels
+    found = {"verdict": verdict, "error": None, "lost_nodes": lost, "peer_left": PEER_LEFT in text,
+             "node_failure": bool(lost or NODE_FAILURE_RES[1].search(text))}
     lines = [line.strip() for line in text.splitlines()]
     for pattern in ERROR_RES:
         errors = [line for line in lines if pattern.search(line)]
         if errors:
-            return {"verdict": verdict, "error": errors[-1]}
-    return {"verdict": verdict, "error": None}
+            return {**found, "error": errors[-1]}
+    return found
+
+
+def node_failure(found: dict, job_id: object) -> str:
+    """The one-line account of an attempt that lost a node (`found`: `log_findings` of its log)."""
+    others = ("; the ranks on the other nodes stopped (exit 9: another rank left the job)" if found["peer_left"]
+              else "")
+    nodes = f"node {', '.join(found['lost_nodes'])}" if found["lost_nodes"] else "a node (see slurmctld's log)"
+    return f"{nodes} failed during job {job_id}{others}"
 
 
 def attempt_verdict(attempt: dict) -> str:
@@ -152,15 +169,19 @@ def attempt_verdict(attempt: dict) -> str:
 
 
 def verdict(report: dict) -> tuple[str, str]:
-    """(state, one-line detail): finished | running | preempted | pending | aborted | failed | stopped | unknown.
+    """(state, one-line detail): finished | running | preempted | node_failed | pending | aborted | failed | stopped
+    | unknown.
 
     preempted: the last attempt stopped on a signal with its checkpoint written (exit 75), and the job waits
-    requeued or was not requeued (--max-requeues reached). stopped: it ended without reaching train.max_steps
-    and without an error (scancel, out of time before the save could finish, an earlier max_steps).
+    requeued or was not requeued (--max-requeues reached). node_failed: SLURM declared a node of the last attempt
+    dead; a `--requeue` job (every `pretrain submit` job) is requeued by SLURM itself and resumes from the last
+    complete checkpoint. stopped: it ended without reaching train.max_steps and without an error (scancel, out of
+    time before the save could finish, an earlier max_steps).
     """
     ckpt, target, attempt, found = report["checkpoint"], report["max_steps"], report["last_attempt"], report["log"]
     if ckpt and target is not None and ckpt["step"] >= target:
         return "finished", f"checkpoint at step {ckpt['step']} = train.max_steps"
+    resume = f"resumes from checkpoint {ckpt['tag']}" if ckpt else "starts the run again (no checkpoint yet)"
     for job in reversed(report["jobs"]):
         s = job["slurm"] or {}
         if s.get("JobState") == "COMPLETING" and job["attempts"]:
@@ -169,8 +190,20 @@ def verdict(report: dict) -> tuple[str, str]:
             detail = f"job {job['job_id']} {s['JobState']} (reason {s.get('Reason')}), requeued {s.get('Restarts')}×"
             if s["JobState"] not in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
                 return "running", detail
+            if found.get("node_failure") and job is report["jobs"][-1]:  # the log read is this job's
+                return "node_failed", f"{node_failure(found, job['job_id'])}; SLURM requeued the job, it {resume} " \
+                                      f"once the nodes are up: {detail}"
             was_preempted = job["attempts"] and attempt_verdict(job["attempts"][-1]) == "preempted"
             return ("preempted" if was_preempted else "pending"), detail
+    if found.get("node_failure"):  # the job ended (NODE_FAIL, not requeued) or SLURM is still ending the attempt
+        job_id = report["jobs"][-1]["job_id"] if report["jobs"] else None
+        state = ((report["jobs"][-1]["slurm"] or {}) if report["jobs"] else {}).get("JobState")
+        then = "not requeued: resubmit" if report["slurm_answered"] else \
+            "SLURM does not answer here; unless it requeued the job, resubmit"
+        if state in ACTIVE:
+            then = f"SLURM is ending the attempt ({state}); unless it requeues the job, resubmit"
+        return "node_failed", f"{node_failure(found, job_id)}; {then} (the same `pretrain submit` command), the " \
+                              f"run {resume}"
     if attempt is not None:
         state = attempt_verdict(attempt)
         state = "aborted" if found["verdict"] == "aborted" else state

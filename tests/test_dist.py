@@ -58,3 +58,14 @@ def test_export_single_process_picks_a_free_port():
     kept = {"MASTER_PORT": "12345"}
     export(resolve(kept), kept)
     assert kept["MASTER_PORT"] == "12345"  # a port the user set is kept
+
+
+def test_launch_failures_have_their_exit_codes():
+    """A rank that never joined (exit 9, the peers' side of a failure) and a node address gloo cannot use (exit 7)
+    are one line each, not internal errors."""
+    from pretrain.dist import NodeAddressError, RendezvousError
+    from pretrain.errors import EXIT_PEER, EXIT_SETUP, describe
+
+    assert describe(RendezvousError("a rank did not join"), "train") == (EXIT_PEER,
+                                                                         "pretrain train: error: a rank did not join")
+    assert describe(NodeAddressError("loopback"), "train") == (EXIT_SETUP, "pretrain train: error: loopback")
