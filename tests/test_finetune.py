@@ -119,3 +119,33 @@ def test_frozen_parts_stay_bit_identical(dense_root, tmp_path, trainable):
     else:
         assert changed and changed <= routers, sorted(changed - routers)[:5]
     assert any(not torch.equal(initial[k], trained[k]) for k in initial if k.startswith("decoder."))
+
+
+@pytest.mark.slow
+def test_depth_bias_from_the_training_images(dense_root):
+    """`finetune.depth_bias_samples=N`: the depth output starts at the mean valid depth of the first N training crops
+    (the same value on every call, hence every rank); off, the decoder keeps PyTorch's init."""
+    import numpy as np
+
+    from pretrain.config import load_config
+    from pretrain.finetune.build import build_dense_model, check_dense_shards, data_depth_bias
+    from pretrain.finetune.config import FinetuneConfig
+
+    def config(*extra: str) -> FinetuneConfig:
+        return load_config(CONFIG, [f"data.root={dense_root}", *FAST, *extra], schema=FinetuneConfig)
+
+    cfg = config("finetune.depth_bias_samples=4")
+    data = check_dense_shards(cfg)
+    bias = data_depth_bias(cfg, data)
+    assert bias == data_depth_bias(cfg, data)
+    depths = []  # the raw depth maps of the train split: the crops' mean lies inside their range
+    for path in sorted((dense_root.parent / "raw" / "NYUDv2" / "depth").glob("*.npy")):
+        d = np.load(path, allow_pickle=False)
+        depths.append(d[d > 0])
+    assert depths and min(d.min() for d in depths) <= bias <= max(d.max() for d in depths), bias
+    assert data_depth_bias(config(), data) is None
+    assert data_depth_bias(config("finetune.depth_bias_samples=4", "tasks.depth.enabled=false"), data) is None
+    model = build_dense_model(cfg, data, depth_bias=bias)
+    assert torch.all(model.decoder.heads["depth"].pred.bias == torch.tensor(bias, dtype=torch.float32))
+    default = build_dense_model(config(), data).decoder.heads["depth"].pred.bias
+    assert default.abs().max() < 1.0  # PyTorch's init: a few tenths at most

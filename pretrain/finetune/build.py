@@ -70,13 +70,18 @@ def apply_trainable_(model: DenseModel, trainable: str) -> None:
                 router.requires_grad_(True)
 
 
-def build_dense_model(cfg: FinetuneConfig, data: DenseData) -> DenseModel:
-    """Backbone (with one router row per dense task, or one shared) + decoder + objective, frozen parts applied."""
+def build_dense_model(cfg: FinetuneConfig, data: DenseData, *, depth_bias: float | None = None) -> DenseModel:
+    """Backbone (with one router row per dense task, or one shared) + decoder + objective, frozen parts applied.
+    `depth_bias`: the depth output's starting bias (`data_depth_bias`); a decoder loaded from the source file keeps
+    its own."""
     tasks = enabled_dense_tasks(cfg)
     backbone = build_finetune_backbone(cfg, tasks)
     channels = {t: OUT_CHANNELS.get(t) or data.num_classes[t] for t in tasks}
     decoder = DECODERS[cfg.finetune.decoder](embed_dim=backbone.embed_dim, depth=backbone.depth, tasks=channels,
                                              **cfg.finetune.decoder_options)
+    if depth_bias is not None:
+        with torch.no_grad():
+            decoder.heads["depth"].pred.bias.fill_(depth_bias)
     load_source_decoder_(cfg, decoder)  # an imported official MLoRE file (`pretrain import-mlore`) brings its decoder
     objective = build_objective(cfg.tasks, cfg.optim, cfg.moe, extra_aux=decoder.aux_weights, order=DENSE_TASKS)
     model = DenseModel(backbone=backbone, decoder=decoder, tasks=tasks, routing=cfg.finetune.routing,
@@ -85,6 +90,32 @@ def build_dense_model(cfg: FinetuneConfig, data: DenseData) -> DenseModel:
     if torch.cuda.is_available() and dist.resolve().world_size > 1 and cfg.engine.backend != "gloo":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over every GPU, as the references do
     return model
+
+
+@torch.no_grad()
+def data_depth_bias(cfg: FinetuneConfig, data: DenseData) -> float | None:
+    """The mean valid depth (metres) of the first `finetune.depth_bias_samples` training images (the training crops
+    of this seed, read as rank 0 of 1 reads them, so every rank gets the same value): the depth output's starting
+    bias for `build_dense_model`. None when the option is off or depth is not trained."""
+    count = cfg.finetune.depth_bias_samples
+    if not count or "depth" not in enabled_dense_tasks(cfg):
+        return None
+    d = cfg.data
+    loader = make_dense_train_loader(data.dataset, data.train_dir, tasks=["depth"], batch_size=d.batch_size,
+                                     crop_size=tuple(d.train_size), seed=cfg.seed, shuffle_buffer=d.shuffle_buffer,
+                                     protocol=d.protocol)
+    total, pixels, seen = 0.0, 0, 0
+    for batch in loader:
+        depth = batch["targets"]["depth"][: count - seen].float()
+        valid = (depth != 0) & (depth != 255)  # depth_l1's rule: 0 is no measurement (and padding)
+        total, pixels, seen = total + float(depth[valid].sum()), pixels + int(valid.sum()), seen + len(depth)
+        if seen >= count:
+            break
+    if not pixels:
+        raise ValueError(f"{data.train_dir}: no valid depth pixel in the first {seen} training images "
+                         "(finetune.depth_bias_samples)")
+    logger.info("depth output bias: %.3f m, the mean valid depth of %d training images", total / pixels, seen)
+    return total / pixels
 
 
 def make_stream(cfg: FinetuneConfig, data: DenseData, info: DistInfo, *, start_micro_step: int) -> MixedStream:

@@ -71,6 +71,11 @@ class FinetuneSection:
     decoder: str = "heads"  # key of pretrain.models.decoders.DECODERS
     decoder_options: dict[str, Any] = field(default_factory=dict)  # keyword options of that decoder's builder
     edge_pos_weight: float = 0.95  # balanced BCE weight w of the edge loss (MLoRE: 0.95 PASCAL, 0.88 NYUD)
+    # N > 0: the depth output's bias starts at the mean valid depth (metres) of the first N training images (the
+    # seed's order, every rank alike); 0: PyTorch's default init, as the official code. Adam moves that bias about lr
+    # per step, so a short run from 0 never reaches metres (the debug config's 40 steps at lr 3e-3: ~0.1 m; its depth
+    # delta1 was 0.03%); a long run does not need it.
+    depth_bias_samples: int = 0
     baselines: dict[str, float] = field(default_factory=dict)  # single-task metrics for Δm, keyed by task
     save_predictions: bool = False  # write 8-bit PNGs per task at original size in `pretrain evaluate`
     grid_images: int = 4  # val images in the prediction grid PNG (0 = none)

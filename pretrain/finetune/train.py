@@ -18,7 +18,14 @@ from pretrain import checkpoint, dist
 from pretrain.config import to_yaml
 from pretrain.data.dense import DENSE_DATASETS
 from pretrain.drift import check_resume
-from pretrain.finetune.build import DenseData, build_dense_model, check_dense_shards, make_eval_loader, make_stream
+from pretrain.finetune.build import (
+    DenseData,
+    build_dense_model,
+    check_dense_shards,
+    data_depth_bias,
+    make_eval_loader,
+    make_stream,
+)
 from pretrain.finetune.config import FinetuneConfig, enabled_dense_tasks
 from pretrain.finetune.evaluate import evaluate_dense, plot_grid
 from pretrain.finetune.init import SOURCE_KEYS, source_sections
@@ -174,8 +181,9 @@ def main(cfg: FinetuneConfig, dry_run: bool = False) -> int:
     if dry_run:
         return print_dry_run(cfg)
     data = check_dense_shards(cfg)  # every shard set and task checked before anything heavy starts
+    depth_bias = data_depth_bias(cfg, data)  # before seeding: its DataLoader draws a seed from torch's generator
     torch.manual_seed(cfg.seed)
-    model = build_dense_model(cfg, data)
+    model = build_dense_model(cfg, data, depth_bias=depth_bias)  # (a resume loads its own)
     if already_complete(run_dir, cfg.train.max_steps):
         return 0
     engine, start_step, stream_state = start_engine(cfg, model, info)
