@@ -8,7 +8,11 @@ Layout of `<ckpt_dir>/step_{step:08d}/` (the tag):
 - `experts_ep{r}.safetensors`: written by the expert-data-parallel rank 0 of EP rank r; this rank's experts under
   GLOBAL ids, keys `<layer>.experts.<param>.<id>` (native, one slice of the stacked tensor per expert) or
   `<layer>.deepspeed_moe.experts.deepspeed_experts.<id>.<param>` (DeepSpeed backend). Together the files hold
-  every expert for any ep_size, and any ep_size dividing E can load them.
+  every expert for any ep_size, and any ep_size dividing E can load them; each file's metadata holds a CRC-32 per
+  expert, checked on every read (`pretrain.expert_files`).
+- `optim_dense.safetensors` + `optim_experts_ep{r}.safetensors`: the fp32 masters, Adam moments and step counts per
+  parameter / per global expert, independent of the layout: what a resume at another world size or ep_size loads
+  (`pretrain.elastic_state`).
 - `rank_{r:05d}.json` + `rank_{r:05d}.safetensors`: this rank's `rank_state` (RNG states, stream position...):
   tensors in safetensors, the rest in JSON (`pretrain.rank_state`).
   DeepSpeed saves `client_state` from DP rank 0 only and no RNG state.
@@ -28,24 +32,30 @@ that `engine.build_engine` installs.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
 import pickle
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from pretrain.durable import atomic_write, fsync_path, honour_umask
+from pretrain.durable import atomic_write, fsync_path
+from pretrain.elastic_state import has_state, load_state, save_state
 from pretrain.errors import CheckpointError, one_line
+from pretrain.expert_files import (  # noqa: F401 - ExpertFiles, expert_id, local_expert_tensors: this module's interface
+    ExpertFiles,
+    expert_id,
+    expert_prefix,
+    expert_slots,
+    load_local_experts,
+    local_expert_tensors,
+    write_experts,
+)
 from pretrain.integrity import (  # noqa: F401 - LATEST, META, TAG_RE are part of this module's interface
     LATEST,
     META,
@@ -57,7 +67,6 @@ from pretrain.integrity import (  # noqa: F401 - LATEST, META, TAG_RE are part o
     select_tag,
     verify_tag,
 )
-from pretrain.models.moe import MoEMlp
 from pretrain.models.moe_losses import expert_layers
 from pretrain.rank_state import (  # noqa: F401 - capture/restore/read/write are part of this module's interface
     capture_rng,
@@ -77,75 +86,6 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-# ---------------------------------------------------------------- experts under global ids
-
-
-def _expert_prefix(name: str, layer: nn.Module) -> str:
-    return f"{name}.experts." if isinstance(layer, MoEMlp) else f"{name}.deepspeed_moe.experts."
-
-
-def _expert_slots(model: nn.Module) -> list[tuple[str, nn.Parameter, int | None]]:
-    """(global key, parameter, local index into a stacked parameter or None) for every local expert tensor."""
-    slots = []
-    for name, m in expert_layers(model):
-        first = m.ep_rank * m.num_local_experts
-        if isinstance(m, MoEMlp):
-            for pname, p in m.experts.named_parameters():
-                slots += [(f"{name}.experts.{pname}.{first + i}", p, i) for i in range(m.num_local_experts)]
-        else:
-            for i, expert in enumerate(m.deepspeed_moe.experts.deepspeed_experts):
-                slots += [(f"{name}.deepspeed_moe.experts.deepspeed_experts.{first + i}.{pname}", p, None)
-                          for pname, p in expert.named_parameters()]
-    return slots
-
-
-def local_expert_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """This rank's expert tensors under their global keys (copies, CPU, contiguous)."""
-    return {key: (p.detach()[i] if i is not None else p.detach()).cpu().clone()
-            for key, p, i in _expert_slots(model)}
-
-
-class ExpertFiles(contextlib.ExitStack):
-    """Lazy reader over a tag's `experts_ep*.safetensors` (reads only the tensors asked for); a context manager."""
-
-    def __init__(self, tag_dir: Path) -> None:
-        super().__init__()
-        self.tag_dir = tag_dir
-        self._where: dict[str, object] = {}
-        for path in sorted(tag_dir.glob("experts_ep*.safetensors")):
-            try:
-                handle = self.enter_context(safe_open(str(path), framework="pt"))
-            except Exception as exc:  # SafetensorError (truncated header, bad JSON) or OSError
-                raise CheckpointError(f"{path}: unreadable expert file ({one_line(exc)}): the checkpoint is "
-                                      "truncated or corrupt") from exc
-            self._where.update(dict.fromkeys(handle.keys(), (handle, path)))
-
-    def keys(self) -> set[str]:
-        return set(self._where)
-
-    def read(self, key: str) -> Tensor:
-        if key not in self._where:
-            raise CheckpointError(f"expert tensor {key!r} is in no experts_ep*.safetensors of {self.tag_dir}")
-        handle, path = self._where[key]
-        try:
-            return handle.get_tensor(key)
-        except Exception as exc:  # a truncated data section
-            raise CheckpointError(f"{path}: cannot read {key} ({one_line(exc)}): the file is truncated or "
-                                  "corrupt") from exc
-
-
-def load_local_experts(model: nn.Module, read: Callable[[str], Tensor]) -> None:
-    """Copy this rank's experts from `read(global key)` into the model (any ep_size that divides E)."""
-    with torch.no_grad():
-        for key, p, i in _expert_slots(model):
-            target = p[i] if i is not None else p
-            value = read(key)
-            if value.shape != target.shape:
-                raise CheckpointError(f"expert tensor {key}: checkpoint shape {tuple(value.shape)} != model "
-                                 f"{tuple(target.shape)}")
-            target.copy_(value)
-
-
 def load_module_state(src: dict[str, Tensor], dst: nn.Module, *, tag_dir: Path, all_experts: bool,
                       skip: tuple[str, ...] = ()) -> None:
     """Load non-expert tensors of `src` strictly and the experts from the tag's expert files.
@@ -156,7 +96,7 @@ def load_module_state(src: dict[str, Tensor], dst: nn.Module, *, tag_dir: Path, 
         all_experts: also require the files to hold no expert the model lacks (single-process export).
         skip: key prefixes left out on both sides (e.g. `heads.det.` when evaluating without detection).
     """
-    prefixes = tuple(_expert_prefix(n, m) for n, m in expert_layers(dst))  # () matches nothing
+    prefixes = tuple(expert_prefix(n, m) for n, m in expert_layers(dst))  # () matches nothing
     skipped = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in src if skip and k.startswith(skip)})
     if skipped:
         logger.info("not loading %s from %s (not part of this model)", ", ".join(skipped), tag_dir)
@@ -167,7 +107,7 @@ def load_module_state(src: dict[str, Tensor], dst: nn.Module, *, tag_dir: Path, 
         raise CheckpointError(f"checkpoint {tag_dir} does not match the model: missing keys {missing}, unexpected keys "
                            f"{result.unexpected_keys}")
     with ExpertFiles(tag_dir) as files:
-        extra = files.keys() - {key for key, _, _ in _expert_slots(dst)}
+        extra = files.keys() - {key for key, _, _ in expert_slots(dst)}
         if all_experts and extra:
             raise CheckpointError(f"checkpoint {tag_dir} has experts the model lacks: {sorted(extra)}")
         load_local_experts(dst, files.read)
@@ -241,9 +181,8 @@ def _write_files(engine, ckpt_dir: Path, tag: str, step: int, client_state: dict
     engine.save_checkpoint(str(ckpt_dir), tag, client_state={CLIENT_KEY: client_state}, save_latest=False)
     ep_size, ep_rank, expert_writer = _expert_parallel(engine, engine.module)
     if expert_writer:
-        save_file(local_expert_tensors(engine.module), str(tag_dir / f"experts_ep{ep_rank}.safetensors"),
-                  metadata={"ep_size": str(ep_size), "ep_rank": str(ep_rank), "step": str(step)})
-        honour_umask(tag_dir / f"experts_ep{ep_rank}.safetensors")
+        write_experts(engine.module, tag_dir, ep_size=ep_size, ep_rank=ep_rank, step=step)
+    save_state(engine, tag_dir, dense_writer=tdist.get_rank() == 0, expert_writer=expert_writer, ep_rank=ep_rank)
     write_rank_state(tag_dir, tdist.get_rank(), rank_state)
     return ep_size
 
@@ -306,9 +245,11 @@ def load_latest(engine, ckpt_dir: str | Path) -> tuple[int, dict, dict] | None:
     """Resume from the committed tag: (step, client_state, rank_state), or None without a checkpoint.
 
     The tag `latest` names if its manifest verifies, else the newest older one that does (warned). Same world size
-    and ep_size: everything (weights, optimizer moments and fp32 masters, lr schedule, step counters). Otherwise
-    weights, lr schedule and counters only (optimizer state restarts; logged), and ranks beyond the old world take
-    rank 0's rank_state. Raises CheckpointError naming the file that cannot be read.
+    and ep_size: everything through DeepSpeed's own files, bit-exact (weights, fp32 masters, Adam moments, lr
+    schedule, step counters). Another layout: DeepSpeed loads weights, lr schedule and counters, and
+    `pretrain.elastic_state` sets the fp32 masters, Adam moments and step counts re-sliced for this layout (logged;
+    a checkpoint older than that state restarts the optimizer, warned). Ranks beyond the old world take rank 0's
+    rank_state. Raises CheckpointError naming the file that cannot be read.
     """
     ckpt_dir = Path(ckpt_dir)
     # lexists: a dangling `latest` link is damage to report (or fall back from), not "no checkpoint, start over"
@@ -322,14 +263,13 @@ def load_latest(engine, ckpt_dir: str | Path) -> tuple[int, dict, dict] | None:
     if not {"step", "world_size", "ep_size"} <= set(meta):
         raise CheckpointError(f"{tag_dir / META}: lacks step/world_size/ep_size (has {sorted(meta)})")
     same = (meta["world_size"], meta["ep_size"]) == (world, ep_size)
-    if not same:
-        logger.warning("checkpoint %s was saved with world size %d, ep_size %d; now %d, %d: loading weights, lr "
-                       "schedule and step counters; optimizer state restarts", tag_dir, meta["world_size"],
-                       meta["ep_size"], world, ep_size)
     load_fn = functools.partial(load_module_state, tag_dir=tag_dir, all_experts=False)
     try:
         path, client = engine.load_checkpoint(str(ckpt_dir), tag, load_optimizer_states=same,
                                               load_lr_scheduler_states=True, custom_load_fn=load_fn)
+        carried = load_state(engine, tag_dir) if not same and has_state(tag_dir) else None
+        if not same and carried is None and hasattr(engine.optimizer, "refresh_fp32_params"):
+            engine.optimizer.refresh_fp32_params()  # masters from the loaded weights (ZeRO-0 bf16 kept its own)
     except CheckpointError:
         raise
     except Exception as exc:  # torch's zip reader, DeepSpeed's loader: say which checkpoint
@@ -337,10 +277,30 @@ def load_latest(engine, ckpt_dir: str | Path) -> tuple[int, dict, dict] | None:
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
     engine.lr_scheduler.step(engine.lr_scheduler.last_batch_iteration)  # optimizer lr = restored schedule point
+    if not same:
+        _log_layout_change(engine, tag_dir, meta, carried)
     source = rank if rank < meta["world_size"] else 0
     if source != rank:
         logger.warning("rank %d uses rank 0's saved rank_state (checkpoint world size %d)", rank, meta["world_size"])
     return meta["step"], client[CLIENT_KEY], read_rank_state(tag_dir, source)
+
+
+def _log_layout_change(engine, tag_dir: Path, meta: dict, carried: dict | None) -> None:
+    """Say what a resume at another layout carried over (rank 0), or that the optimizer restarts."""
+    layout = (f"checkpoint {tag_dir} was saved with world size {meta['world_size']}, ep_size {meta['ep_size']}; "
+              f"now {tdist.get_world_size()}, {_expert_parallel(engine, engine.module)[0]}")
+    if carried is None:
+        logger.warning("%s: it has no layout-free optimizer state (written before it existed): loading weights, lr "
+                       "schedule and step counters; the optimizer state restarts", layout)
+    elif tdist.get_rank() == 0:
+        what = ("fp32 master weights, Adam moments (exp_avg, exp_avg_sq) and Adam step counts (step "
+                f"{carried['adam_step']})" if carried["moments"] else "fp32 master weights (no optimizer step yet)")
+        logger.info("%s: carried over weights, %s of %d parameters (this rank's %d expert slices re-sliced by global "
+                    "id), the lr schedule (lr %s) and the step counters (global step %d); from here the run differs "
+                    "from an uninterrupted one only by the new layout's arithmetic (gradient reduction order, "
+                    "per-rank batch shapes)", layout, what, carried["tensors"],
+                    carried["experts"], ", ".join(f"{lr:.6g}" for lr in sorted(set(engine.get_lr()))),
+                    engine.global_steps)
 
 
 def load_model_weights(ckpt_dir_or_tag: str | Path, model: nn.Module, *, skip: tuple[str, ...] = (),

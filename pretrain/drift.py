@@ -23,7 +23,8 @@ from pretrain.integrity import LATEST, TAG_RE
 logger = logging.getLogger(__name__)
 
 # Keys whose change keeps a resume exact: run length and cadence, evaluation, logging, where things live, and the
-# process layout the checkpoint loader adapts to (ep_size/world size: optimizer state restarts, logged there).
+# process layout the checkpoint loader adapts to (ep_size/world size: weights, fp32 masters, Adam moments, lr schedule
+# and counters carried over, re-sliced by `checkpoint.load_latest` / `elastic_state`; logged there).
 SAFE_KEYS = (
     "output_dir",
     "train.max_steps",

@@ -9,6 +9,13 @@ is damage like a missing tag. Tags written before manifests existed (no `files` 
 unverified, and so are hand-made tags without a metadata file when no older tag verifies (a tag that lost its
 metadata falls back to one that does); a fallback candidate must verify. CRC-32 (zlib, ~1 GB/s) finds
 truncation and torn/bit-rotted writes; it is not a defence against tampering (loading never unpickles anyway).
+
+Experts are also checked one by one: the rank that writes an expert file records the CRC-32 of every expert tensor
+it held in memory, under the tensor's global key, in that file's safetensors metadata (`EXPERT_CRC_KEY`; the file
+CRC above covers it), and every reader checks each expert it loads against it (`tensor_crc32`,
+`checkpoint.ExpertFiles`). A file whose expert slices were exchanged (its file CRC recomputed, or written that way
+by a faulty save) therefore fails naming the layer, the global expert id and the file, instead of loading a model
+whose experts sit in the wrong slots.
 """
 
 from __future__ import annotations
@@ -19,8 +26,12 @@ import re
 import shutil
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pretrain.errors import CheckpointError, DiskFullError, PeerError, is_disk_full, one_line, peer_gone
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +39,7 @@ LATEST = "latest"
 META = "pretrain_meta.json"
 TAG_RE = re.compile(r"step_(\d{8})$")
 _CHUNK = 4 << 20
+EXPERT_CRC_KEY = "crc32"  # safetensors metadata of an expert file: JSON {global tensor key: CRC-32 of its bytes}
 
 
 def file_crc32(path: Path) -> int:
@@ -37,6 +49,14 @@ def file_crc32(path: Path) -> int:
         while chunk := f.read(_CHUNK):
             crc = zlib.crc32(chunk, crc)
     return crc
+
+
+def tensor_crc32(t: Tensor) -> int:
+    """CRC-32 of a tensor's bytes (contiguous, copied to CPU): the per-expert checksum. Two tensors of one dtype
+    and shape have equal CRCs when their values are equal (and, with probability 1 - 2^-32, only then)."""
+    import torch  # here, not at import: `pretrain status` and the drift check read manifests without torch
+
+    return zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def build_manifest(tag_dir: Path) -> dict[str, list[int]]:

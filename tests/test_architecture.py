@@ -28,7 +28,7 @@ COMMANDS = frozenset({"train", "evaluate", "export", "extract", "submit", "statu
 CORE = frozenset({"durable", "dist", "log", "config", "config_checks", "synth", "prepare", "data", "models",
                   "metrics", "signals", "tracking", "routing_stats", "plots", "expert_parallel", "tasks",
                   "objective", "loop", "layers", "engine", "ds_moe", "checkpoint", "rank_state", "runs", "portable",
-                  "keep_rules", "__init__", "errors", "integrity", "drift"})
+                  "keep_rules", "__init__", "errors", "integrity", "drift", "expert_files", "elastic_state"})
 ANY_CORE = CORE | COMMANDS  # what a command may import (minus other commands: see COMMAND_IMPORTERS)
 # group -> the groups it may import besides itself and `pretrain/__init__` (version only). Group = first name
 # under pretrain/ (`pretrain/models/decoders/mlore.py` is in `models`).
@@ -52,7 +52,10 @@ RULES: dict[str, frozenset[str]] = {
     "engine": FOUNDATION | {"models", "expert_parallel", "ds_moe"},  # ds_moe: `moe.backend=deepspeed`
     "integrity": FOUNDATION,  # the latest pointer, checkpoint manifests, fallback to an intact tag
     "rank_state": FOUNDATION,  # a rank's RNG + stream state in a checkpoint (JSON + safetensors)
-    "checkpoint": FOUNDATION | {"models", "expert_parallel", "integrity", "rank_state"},
+    "expert_files": FOUNDATION | {"models", "integrity"},  # experts under global ids, a checksum per expert
+    "elastic_state": FOUNDATION | {"expert_files"},  # layout-free optimizer state (DeepSpeed's only duck-typed)
+    "checkpoint": FOUNDATION | {"models", "expert_parallel", "integrity", "rank_state", "expert_files",
+                                "elastic_state"},
     "runs": FOUNDATION | {"checkpoint", "layers", "models", "objective", "data", "integrity"},  # run dir -> model
     "drift": FOUNDATION | {"integrity"},  # resume safety: a config against the run's config.yaml
     "portable": FOUNDATION | {"checkpoint", "layers", "models", "objective", "runs", "data"},  # portable files

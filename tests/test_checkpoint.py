@@ -10,7 +10,7 @@ import pytest
 import torch
 from harness import run
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pretrain import checkpoint
 from pretrain.runs import build_run_model
@@ -192,3 +192,35 @@ def check_weights_only_loading(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=rf"{files[0].name}: refused to load"):
         loader.load(str(files[0]), map_location="cpu")
     assert not marker.exists()
+
+
+def test_an_expert_file_with_exchanged_slices_is_refused_naming_the_expert(tmp_path):
+    """The rank holding experts 2 and 3 (EP 2, rank 1) loads its experts from an experts_ep1 file whose slices of
+    experts 2 and 3 were exchanged after the save (file CRC recomputed, metadata kept): refused naming the layer, the
+    expert and the file, exit 5; the intact file loads every expert into its slot."""
+    from pretrain.errors import EXIT_CHECKPOINT, CheckpointError
+    from pretrain.integrity import build_manifest, verify_tag
+
+    cfg = make_cfg("engine.ep_size=2")
+    torch.manual_seed(0)
+    saved = build_run_model(cfg, num_classes=None, rank=1)
+    tag_dir = tmp_path / "step_00000003"
+    tag_dir.mkdir()
+    path = checkpoint.write_experts(saved, tag_dir, ep_size=2, ep_rank=1, step=3)
+    loaded = build_run_model(cfg, num_classes=None, rank=1)
+    with checkpoint.ExpertFiles(tag_dir) as files:
+        checkpoint.load_local_experts(loaded, files.read)
+    assert all(torch.equal(a, b) for a, b in zip(checkpoint.local_expert_tensors(saved).values(),
+                                                   checkpoint.local_expert_tensors(loaded).values()))
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    first, second = "backbone.blocks.1.mlp.experts.w2.2", "backbone.blocks.1.mlp.experts.w2.3"
+    tensors[first], tensors[second] = tensors[second], tensors[first]
+    save_file(tensors, str(path), metadata=metadata)
+    (tag_dir / checkpoint.META).write_text(json.dumps({"step": 3, "files": build_manifest(tag_dir)}))
+    assert verify_tag(tag_dir) is None  # the file checksums agree: only the per-expert check can tell
+    with checkpoint.ExpertFiles(tag_dir) as files, pytest.raises(CheckpointError) as err:
+        checkpoint.load_local_experts(build_run_model(cfg, num_classes=None, rank=1), files.read)
+    assert str(err.value).startswith(f"{path}: expert 2 of layer backbone.blocks.1.mlp ({first}) is not the expert "
+                                     "saved under this id"), err.value
+    assert err.value.exit_code == EXIT_CHECKPOINT
