@@ -77,6 +77,11 @@ SLOW = {
     "tests/test_mlore_import.py::test_bad_checkpoints_are_one_line_and_exit_2",  # the CLI per damage: 7 cases, 1-2 s
     "tests/test_mlore_import.py::test_official_names_and_shapes_at_full_size_fit_the_shipped_configs",  # 4-7 s each
 }
+# Modules whose tests start a SLURM cluster (tests/cluster.py): under pytest-xdist (`.ci/run` runs the slow half with
+# `-n 2 --dist loadgroup`) they go to one worker together, so one session cluster serves them all and two clusters
+# never race for a job id's rendezvous port.
+SLURM_MODULES = {"tests/test_slurm.py", "tests/test_submit.py", "tests/test_multinode.py"}
+
 # Modules whose tests launch DeepSpeed in child processes (`pretrain train`, tests/dist_scripts/*).
 DEEPSPEED_CHILDREN = {"tests/test_train.py", "tests/test_engine.py", "tests/test_checkpoint.py", "tests/test_slurm.py"}
 
@@ -91,6 +96,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _listed(item.nodeid, SLOW):
             item.add_marker(pytest.mark.slow)
+        if _listed(item.nodeid, SLURM_MODULES):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
         if _listed(item.nodeid, DEEPSPEED_CHILDREN):
             item.fixturenames.insert(0, "deepspeed_shm_op")
         if item.get_closest_marker("gpu"):
