@@ -249,6 +249,10 @@ def prepare(subcommand: str, config: str, overrides: list[str], opts: JobOptions
     ranks = opts.nodes * tasks_per_node(opts)
     if ranks % cfg.engine.ep_size:
         raise SubmitError(f"engine.ep_size={cfg.engine.ep_size} does not divide the job's {ranks} ranks")
+    partitions = getattr(getattr(cfg, "data", None), "partitions", 0)  # pretraining configs (data.partitions)
+    if partitions and partitions % ranks:
+        raise SubmitError(f"the job's {ranks} ranks do not divide data.partitions={partitions}: each rank serves "
+                          "partitions / ranks of them; choose --nodes/--tasks-per-node accordingly")
     if chain < 1 or opts.signal_grace < 1 or opts.max_requeues < 0:
         raise SubmitError("--chain and --signal-grace must be >= 1, --max-requeues >= 0")
     limit = time_limit_s(opts.time) if opts.time else None

@@ -95,6 +95,8 @@ def test_dry_run_renders_a_valid_script_and_writes_nothing(tmp_path):
     (["--time", "3h"], "--time '3h': expected minutes"),
     (["--gpus-per-node", "h100"], "--gpus-per-node 'h100': expected [TYPE:]COUNT"),
     (["engine.ep_size=2", "--gpus-per-node", "0", "--tasks-per-node", "3"], "does not divide the job's 3 ranks"),
+    (["data.partitions=4", "tasks.cls.batch_size=8", "tasks.det.batch_size=4", "tasks.seg.batch_size=4",
+      "--gpus-per-node", "0", "--tasks-per-node", "3"], "the job's 3 ranks do not divide data.partitions=4"),
     (["--sbatch-arg", "=x"], "--sbatch-arg '=x': expected KEY=VALUE"),
     (["--job-name", "x\necho INJECTED"], "--job-name 'x\\necho INJECTED': a newline or other control character"),
     (["--python", "python\necho INJECTED"], "--python 'python\\necho INJECTED': a newline"),
