@@ -22,6 +22,8 @@ import pytest
 from harness import free_port
 
 NEEDED = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "srun", "sbatch", "sinfo", "scontrol")
+# the job states in which a job has ended (squeue/scontrol)
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 _RUNNING: dict[str, dict] = {}  # the session's cluster environment, shared by every module's fixture instance
 
 
@@ -107,17 +109,22 @@ def stop(d: Path, env: dict) -> None:
                                                     timeout=30).stdout.strip():
         time.sleep(1)
     for pid_file in ("slurmd.pid", "slurmctld.pid"):
-        if not (d / pid_file).is_file():
-            continue
-        pid = int((d / pid_file).read_text().strip())
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.time() + wait
-            while time.time() < deadline and Path(f"/proc/{pid}").exists():
-                time.sleep(0.2)
+        stop_daemon(d / pid_file)
+
+
+def stop_daemon(pid_file: Path) -> None:
+    """SIGTERM the daemon whose pid `pid_file` holds (if it exists), SIGKILL it after 15 s; wait until it is gone."""
+    if not pid_file.is_file():
+        return
+    pid = int(pid_file.read_text().strip())
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.time() + wait
+        while time.time() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session", name="slurm")

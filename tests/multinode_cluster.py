@@ -25,7 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from cluster import _slurmd_cpus, _start_munge, tail
+from cluster import _slurmd_cpus, _start_munge, stop_daemon, tail
 from harness import free_port
 
 NODES = ("pt-node1", "pt-node2")
@@ -171,17 +171,7 @@ class TwoNodeCluster:
             time.sleep(1)
         for node in NODES:
             self.kill_node(node)
-        pid_file = self.d / "slurmctld.pid"
-        if pid_file.is_file():
-            pid = int(pid_file.read_text().strip())
-            for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    break
-                deadline = time.time() + wait
-                while time.time() < deadline and Path(f"/proc/{pid}").exists():
-                    time.sleep(0.2)
+        stop_daemon(self.d / "slurmctld.pid")
         self._unnetwork()
 
 

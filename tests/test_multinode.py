@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster import job_state, scontrol_job, start_now, wait_for
+from cluster import ENDED, job_state, scontrol_job, start_now, wait_for
 from harness import run as run_cmd
 from multinode_cluster import NODES, TwoNodeCluster, missing
+from test_train import FAST as TRAIN_FAST
 
 from pretrain.dist import gloo_address_problem
 from pretrain.integrity import select_tag, verify_tag
@@ -28,11 +29,7 @@ from pretrain.status import collect, read_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = "configs/debug/pretrain.yaml"
 # as tests/test_submit.py's FAST: a debug run that takes seconds per step; ckpt_every=1 makes a resume bitwise exact
-FAST = ["data.num_workers=0", "tasks.cls.img_size=32", "tasks.cls.batch_size=8", "tasks.det.img_size=64",
-        "tasks.det.batch_size=2", "model.det_min_size=64", "model.det_max_size=64", "tasks.seg.img_size=32",
-        "tasks.seg.batch_size=4", "logging.wandb=disabled", "logging.plots=false", "train.log_every=1",
-        "engine.threads=1", "data.shuffle_buffer=16", "moe.noisy=true", "model.drop_path=0.1", "train.ckpt_every=1"]
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+FAST = [*TRAIN_FAST, "train.ckpt_every=1"]
 
 
 

@@ -14,20 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster import job_state, queued, scontrol_job, slurm_cluster, start_now, wait_for  # noqa: F401
+from cluster import ENDED, job_state, queued, scontrol_job, slurm_cluster, start_now, wait_for  # noqa: F401
 from harness import run as run_cmd
+from test_train import FAST as TRAIN_FAST
 
 from pretrain.status import collect, format_report, read_jsonl, speed
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = "configs/debug/pretrain.yaml"
 # a 2-rank expert-parallel debug run that takes seconds per attempt (as tests/test_train.py's FAST)
-FAST = ["data.num_workers=0", "tasks.cls.img_size=32", "tasks.cls.batch_size=8", "tasks.det.img_size=64",
-        "tasks.det.batch_size=2", "model.det_min_size=64", "model.det_max_size=64", "tasks.seg.img_size=32",
-        "tasks.seg.batch_size=4", "logging.wandb=disabled", "logging.plots=false", "train.log_every=1",
-        "engine.threads=1", "data.shuffle_buffer=16", "moe.noisy=true", "model.drop_path=0.1", "engine.ep_size=2"]
+FAST = [*TRAIN_FAST, "engine.ep_size=2"]
 CPU_JOB = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1"]
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 pytestmark = pytest.mark.usefixtures("deepspeed_shm_op")  # the jobs run `pretrain train`: DeepSpeed
 
 
