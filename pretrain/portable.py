@@ -186,14 +186,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Portable
 
     Returns a `PortableModel` in eval mode: `model(images_uint8_B3HW, task="cls"|"det"|"seg")`.
     """
+    from pretrain.config import task_order
     from pretrain.models import build_model
+    from pretrain.models.grow_layers import layer_factories
 
     path = Path(path)
     meta = read_meta(path, "model")
     model_cfg, moe_cfg, tasks = config_sections(path, meta)
     decoded = decode_meta(meta)
+    # a model grown by `pretrain add-task` with new experts: its old tasks route over the experts they had
+    layers = layer_factories(decoded, task_order(tasks), moe_cfg)
     net = build_checked(path, lambda: build_model(model=model_cfg, moe=moe_cfg, tasks=tasks,
-                                                  num_classes=decoded["num_classes"]))
+                                                  num_classes=decoded["num_classes"], **layers))
     load_state(path, net, DTYPES[decoded["dtype"]], device)
     return PortableModel(net, decoded).eval()
 

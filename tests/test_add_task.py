@@ -14,9 +14,10 @@ import pytest
 import torch
 from harness import popen, run, signal_once_logging
 
-from pretrain.config import TaskConfig, load_config
+from pretrain.config import TaskConfig, load_config, task_order
 from pretrain.models import build_model
 from pretrain.models.grow import GrowingModel, GrownRows, grow, merged_state
+from pretrain.models.grow_layers import grown_moe, layer_factories, limits_meta
 from pretrain.models.moe_losses import collect_aux_losses, moe_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,46 +87,79 @@ def train_new(net, new_tasks: list[str], steps: int = 3) -> None:
     net.eval()
 
 
-def reload(net, cfg, table: dict) -> torch.nn.Module:
-    """The grown model as `load_model` rebuilds it: the ordinary constructor + the merged state."""
-    plain = build_model(model=cfg.model, moe=cfg.moe, tasks=table)
+def reload(net, cfg, table: dict, new_experts: int = 0) -> torch.nn.Module:
+    """The grown model as `load_model` rebuilds it: the ordinary constructor (with the layers of its `task_experts`
+    metadata, grown by `new_experts` in all) + the merged state."""
+    moe = grown_moe(cfg.model, cfg.moe, new_experts)
+    layers = layer_factories({"task_experts": limits_meta(net)}, task_order(table), moe)
+    plain = build_model(model=cfg.model, moe=moe, tasks=table, **layers)
     plain.load_state_dict(merged_state(net))
     return plain.eval()
+
+
+def same_old_reads(grown: dict, trained: dict) -> bool:
+    """Every tensor an old task read is, in the grown model's, its leading block (rows of the old tasks, columns
+    of the old experts, the old experts), bit for bit; what the old tasks' rows hold for added experts is zero."""
+    if grown.keys() != trained.keys():
+        return False
+    for key, value in trained.items():
+        block = grown[key][tuple(slice(0, n) for n in value.shape)]
+        if not torch.equal(block, value):
+            return False
+        if grown[key].dim() >= 2 and key.endswith(("router.weight", "router.noise_weight", *STATS)):
+            if grown[key][: value.shape[0], value.shape[1]:].abs().sum() != 0:
+                return False
+    return True
 
 
 def seg_task(classes: int = 3) -> TaskConfig:
     return TaskConfig(head="fpn", num_classes=classes, img_size=32)
 
 
-@pytest.mark.slow  # builds and trains models: 2-20 s on 2 loaded cores
-def test_old_tasks_are_bit_identical_after_adding_one_and_then_another():
+@pytest.mark.slow  # builds and trains models: 5-25 s on 2 loaded cores
+@pytest.mark.parametrize("new_experts", [0, 2])
+def test_old_tasks_are_bit_identical_after_adding_one_and_then_another(new_experts):
     cfg, net = trained_model()
     old = list(net.task_ids)
     before, reads = outputs(net, old), old_reads(net, old)
     grown = grow(net, model=cfg.model, moe=cfg.moe, tasks=cfg.tasks, new_tasks={"seg2": seg_task()},
-                 num_classes={}, start_from={"seg2": "seg"})
+                 num_classes={}, start_from={"seg2": "seg"}, new_experts=new_experts)
     assert grown.task_ids == {"cls": 0, "det": 1, "seg": 2, "seg2": 3} and grown.kinds["seg2"] == "seg"
     trainable = {n for n, p in grown.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("heads.seg2.") or n.endswith(".new") for n in trainable)
+    assert trainable and all(n.startswith("heads.seg2.") or n.endswith(".new") or ".new_experts." in n
+                             or ".new_heads." in n for n in trainable)
+    assert any(".new_experts." in n for n in trainable) == any(".new_heads." in n for n in trainable) == \
+        (new_experts > 0)
     first_new = {n: p.detach().clone() for n, p in grown.named_parameters() if p.requires_grad}
     train_new(grown, ["seg2"])
-    assert any(not torch.equal(first_new[n], p) for n, p in grown.named_parameters() if p.requires_grad)
-    for tensors in (old_reads(grown, old), old_reads(reload(grown, cfg, {**cfg.tasks, "seg2": seg_task()}), old)):
-        assert tensors.keys() == reads.keys() and all(torch.equal(tensors[k], reads[k]) for k in reads)
+    changed = {n for n, p in grown.named_parameters() if p.requires_grad and not torch.equal(first_new[n], p)}
+    assert changed and (new_experts == 0 or any(".new_experts." in n for n in changed))
     table = {**cfg.tasks, "seg2": seg_task()}
-    once = reload(grown, cfg, table)
+    once = reload(grown, cfg, table, new_experts)
+    for tensors in (old_reads(grown, old), old_reads(once, old)):
+        assert same_old_reads(tensors, reads)
     after = outputs(once, old)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(torch.equal(v, after[k]) for k, v in outputs(grown, old).items())
     seg2_before = outputs(once, ["seg2"])
+    assert torch.equal(seg2_before["seg2"], outputs(grown, ["seg2"])["seg2"])
+    if new_experts:  # seg2 routes to the added experts; the old tasks' usage rows never count them
+        usage = [m.usage_TE for _, m in moe_modules(once)]
+        assert all(u.shape[1] == 8 + new_experts and u[3, 8:].sum() > 0 and u[:3, 8:].sum() == 0 for u in usage)
     # a second addition (two tasks at once: another seg and a cls) treats seg2 as an old task too
     added = {"seg3": seg_task(5), "cls2": TaskConfig(head="project", num_classes=7, img_size=32)}
-    twice = grow(once, model=cfg.model, moe=cfg.moe, tasks=table, new_tasks=added, num_classes={})
+    moe_once = grown_moe(cfg.model, cfg.moe, new_experts)
+    twice = grow(once, model=cfg.model, moe=moe_once, tasks=table, new_tasks=added, num_classes={},
+                 new_experts=new_experts, limits=limits_meta(once))
     train_new(twice, ["seg3"])
-    final = reload(twice, cfg, {**table, **added})
+    final = reload(twice, cfg, {**table, **added}, 2 * new_experts)
     assert final.task_ids["seg3"] == 4 and final.task_ids["cls2"] == 5
     again = outputs(final, [*old, "seg2"])
     assert all(torch.equal(again[k], v) for k, v in {**before, **seg2_before}.items())
     assert outputs(final, ["cls2"])["cls2"].shape == (2, 7)
+    if new_experts:  # per layer: the first tasks see 8 experts, seg2 8 + N, the second addition's 8 + 2N
+        layer = moe_modules(final)[0][1]
+        assert layer.task_experts == [8, 8, 8, 8 + new_experts, 8 + 2 * new_experts, 8 + 2 * new_experts]
 
 
 def test_grown_rows_read_like_the_tensor_and_only_the_new_part_trains():
@@ -198,26 +232,30 @@ def test_add_task_command_keeps_old_tasks_resumes_exactly_and_grows_twice(shards
     assert cli_main(["export", str(tmp_path / "run"), "--out", str(model)]) == 0
     old = ["cls", "det", "seg"]
     before = served(model, old)
+    # 2 new experts per MoE layer (MLP and attention heads) train with seg2
     straight = add_task_config(tmp_path / "a.yaml", shards, tmp_path / "a", SEG2)
-    add_task(model, straight)
+    add_task(model, straight, "add_task.new_experts=2")
     # from the run directory, stopped at step 2 and resumed: the same file bit for bit
     split = add_task_config(tmp_path / "b.yaml", shards, tmp_path / "b", SEG2)
-    add_task(tmp_path / "run", split, "train.max_steps=2")
-    resumed = add_task(tmp_path / "run", split)
+    add_task(tmp_path / "run", split, "train.max_steps=2", "add_task.new_experts=2")
+    resumed = add_task(tmp_path / "run", split, "add_task.new_experts=2")
     assert "resumed from step 2" in resumed.stderr
     a, b = (load_model(tmp_path / n / "model.safetensors") for n in ("a", "b"))
     assert a.model.state_dict().keys() == b.model.state_dict().keys()
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
     assert a.tasks == [*old, "seg2"] and a.meta["added"][0]["tasks"] == ["seg2"]
+    assert a.meta["moe"]["num_experts"] == a.meta["moe"]["attn_num_experts"] == 10
+    assert a.meta["task_experts"]["mlp"] == {t: 8 for t in old}
     after = served(tmp_path / "a" / "model.safetensors", [*old, "seg2"])
     assert all(torch.equal(after[k], v) for k, v in before.items())
     # seg2 started from seg's head and rows (same shards, same 150 classes) and trained away from them
     assert after["seg2"].shape == after["seg"].shape and not torch.equal(after["seg2"], after["seg"])
-    # a second addition, to the grown file: seg2 is an old task now
+    # a second addition, to the grown file, with 1 more expert: seg2 is an old task now
     second = add_task_config(tmp_path / "c.yaml", shards, tmp_path / "c", CLS2)
-    add_task(tmp_path / "a" / "model.safetensors", second, "train.max_steps=2")
+    add_task(tmp_path / "a" / "model.safetensors", second, "train.max_steps=2", "add_task.new_experts=1")
     final = load_model(tmp_path / "c" / "model.safetensors")
     assert final.tasks == [*old, "seg2", "cls2"] and len(final.meta["added"]) == 2
+    assert final.meta["task_experts"]["attn"] == {**{t: 8 for t in old}, "seg2": 10}
     again = outputs(final.model, [*old, "seg2"])
     assert all(torch.equal(again[k], v) for k, v in after.items() if k != "cls2")
     assert final(images(32, 0), task="cls2").shape == (2, final.meta["num_classes"]["cls2"])
@@ -299,3 +337,43 @@ def test_a_signal_checkpoints_exits_75_and_the_same_command_resumes(shards, tmp_
     assert f"resumed from step {stopped_at}" in again.stderr
     before, after = served(model, ["cls", "det", "seg"]), served(tmp_path / "s" / "model.safetensors", ["cls"])
     assert torch.equal(before["cls"], after["cls"])
+
+
+def test_a_limited_task_routes_like_the_layer_it_was_trained_in():
+    """`grow_layers.LimitedMoEMlp`: a task limited to the first 4 of 6 experts computes what a 4-expert layer with the
+    same weights computes, bit for bit (one task per batch); in a mixed batch it still never picks experts 4, 5."""
+    from pretrain.models.grow_layers import LimitedMoEMlp
+    from pretrain.models.moe import MoEMlp
+
+    torch.manual_seed(0)
+    kwargs = {"dim": 16, "hidden_dim": 8, "top_k": 2, "num_tasks": 2, "router_init": "normal", "noisy": True}
+    grown = LimitedMoEMlp(num_experts=6, task_experts=[4, 6], **kwargs).eval()
+    small = MoEMlp(num_experts=4, **kwargs).eval()
+    with torch.no_grad():
+        small.router.weight.copy_(grown.router.weight[:, :4])
+        small.router.noise_weight.copy_(grown.router.noise_weight[:, :4])
+        for name, param in small.experts.named_parameters():
+            param.copy_(getattr(grown.experts, name)[:4])
+    x = torch.randn(3, 5, 16)
+    assert torch.equal(grown(x, torch.zeros(3, dtype=torch.long)), small(x, torch.zeros(3, dtype=torch.long)))
+    routing = grown.route(x, torch.tensor([0, 1, 0]))
+    picked = routing.idx_SK.view(3, 5, 2)
+    assert picked[[0, 2]].max() < 4 and routing.probs_SE.shape == (15, 6)
+    assert (routing.probs_SE.view(3, 5, 6)[[0, 2], :, 4:] == 0).all()
+
+
+@pytest.mark.slow  # builds tiny models: 2-5 s on 2 loaded cores
+def test_the_measurement_baselines_train_everything_from_the_trained_or_the_random_weights():
+    """`add_task.baseline` (RESULTS.md only): `full` trains every parameter from the trained weights, `scratch` from
+    the model's random init; the addition itself trains only the new rows, experts and head."""
+    cfg, net = trained_model()
+    common = {"model": cfg.model, "moe": cfg.moe, "tasks": cfg.tasks, "new_tasks": {"seg2": seg_task()},
+              "num_classes": {}, "new_experts": 1}
+    trained_w = net.state_dict()["backbone.patch_embed.proj.weight"]
+    for baseline, same in (("full", True), ("scratch", False)):
+        torch.manual_seed(1)
+        grown = grow(net, baseline=baseline, **common)
+        assert all(p.requires_grad for p in grown.parameters())
+        assert torch.equal(grown.state_dict()["backbone.patch_embed.proj.weight"], trained_w) == same
+    added = grow(net, **common)
+    assert sum(p.numel() for p in added.parameters() if p.requires_grad) < sum(p.numel() for p in added.parameters())

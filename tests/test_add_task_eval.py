@@ -24,7 +24,7 @@ from pretrain.evaluate import evaluate_model
 from pretrain.models import build_model
 from pretrain.models.grow import grow
 from pretrain.models.moe_losses import moe_modules
-from pretrain.portable import config_metadata, load_model, write_file
+from pretrain.portable import config_metadata, load_model, load_submodel, write_file
 
 TINY = ["model.size=vit_debug", "model.drop_path=0.0", "model.det_min_size=64", "model.det_max_size=64",
         "model.pyramid_dim=32", "moe.num_experts=8", "moe.top_k=2", "moe.attn_num_experts=8", "moe.attn_top_k=2",
@@ -45,9 +45,11 @@ SINGLE = dist.DistInfo(rank=0, world_size=1, local_rank=0, master_addr="", maste
 
 
 @pytest.fixture()
-def grown_run(shards, tmp_path) -> tuple[Path, object]:
+def grown_run(shards, tmp_path, request) -> tuple[Path, object]:
     """An add-task run directory as the command leaves it (its config.yaml and the grown model file, no training:
-    the added tasks are copies of the old tasks of their kind) and the trained model's config."""
+    the added tasks are copies of the old tasks of their kind, grown by `request.param` new experts per MoE layer,
+    default 0) and the trained model's config."""
+    new_experts = getattr(request, "param", 0)
     cfg = load_config(None, [*TINY, f"data.root={shards}"])
     spec = check_shards(cfg.data, cfg.tasks)
     torch.manual_seed(0)
@@ -67,10 +69,10 @@ def grown_run(shards, tmp_path) -> tuple[Path, object]:
     added = check_shards(run.data, run.tasks)
     num_classes = {**trained.meta["num_classes"], **added.num_classes}
     grown = grow(trained.model, model=cfg.model, moe=cfg.moe, tasks=cfg.tasks, new_tasks=ADDED,
-                 num_classes=num_classes, start_from=OLD_OF)
+                 num_classes=num_classes, start_from=OLD_OF, new_experts=new_experts)
     save_grown(Path(run.output_dir) / run.add_task.out, grown, trained, table={**cfg.tasks, **ADDED},
                num_classes=num_classes, classes={**trained.meta["classes"], **added.classes},
-               added={"tasks": list(ADDED), "steps": 3, "model": str(trained_path)})
+               added={"tasks": list(ADDED), "steps": 3, "model": str(trained_path), "new_experts": new_experts})
     save_resolved(run, run.output_dir)
     return Path(run.output_dir), cfg
 
@@ -98,6 +100,7 @@ def test_evaluate_of_an_add_task_run_gives_each_added_task_its_kinds_metrics(gro
     assert {"top1", "mIoU"} <= set(kind_metrics(written, "cls2")) | set(kind_metrics(written, "ade2"))
 
 
+@pytest.mark.parametrize("grown_run", [0, 2], indirect=True, ids=["0_new_experts", "2_new_experts"])
 def test_the_old_tasks_evaluate_as_before_in_the_grown_model(grown_run):
     run_dir, cfg = grown_run
     trained, grown = load_model(run_dir.parent / "trained.safetensors"), load_model(run_dir / "model.safetensors")
@@ -105,8 +108,10 @@ def test_the_old_tasks_evaluate_as_before_in_the_grown_model(grown_run):
     assert evaluate_model(cfg, grown.model, spec, SINGLE) == evaluate_model(cfg, trained.model, spec, SINGLE)
 
 
+@pytest.mark.parametrize("grown_run", [0, 2], indirect=True, ids=["0_new_experts", "2_new_experts"])
 def test_the_extract_report_of_an_added_task_has_its_metric(grown_run, shards, tmp_path, cli):
     run_dir, _ = grown_run
+    new_experts = load_model(run_dir / "model.safetensors").meta["added"][-1]["new_experts"]
     out = tmp_path / "ade2.safetensors"
     code, err = cli("extract", run_dir / "model.safetensors", "--task", "ade2", "--out", out, "--data-root", shards,
                     "--eval-images", 4, "--calibrate", shards / "ade20k" / "val", "--calibrate-images", 4,
@@ -116,6 +121,9 @@ def test_the_extract_report_of_an_added_task_has_its_metric(grown_run, shards, t
     metrics = report["metrics"]["ade2"]
     assert metrics["images"] == 4 and {"mIoU", "mAcc", "aAcc"} == metrics["full"].keys() == metrics["sub"].keys()
     assert 0.0 <= metrics["full"]["mIoU"] <= 100.0 and report["dropped_routes"]["ade2"]["overall"] >= 0.0
+    sub = load_submodel(out)  # the added task alone, its experts chosen among the old and the added ones
+    assert sub.tasks == ["ade2"] and set(sub.meta["num_experts_full"].values()) == {8 + new_experts}
+    assert sub(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape[-2:] == (32, 32)
 
 
 def test_an_add_task_run_is_named_as_one_by_export(grown_run, cli):

@@ -1,5 +1,7 @@
 """`pretrain add-task MODEL CONFIG`: train new tasks into a trained pretraining model, the old tasks bit-identical.
 
-`config.py` is its schema (registered as the `add_task:` stage), `train.py` its loop on the training engine; the
-model side (split rows, freezing, the merged file layout) is `pretrain.models.grow`.
+`config.py` is its schema (registered as the `add_task:` stage), `train.py` its loop on the training engine,
+`dense.py` the tasks whose shards are a dense dataset's (NYUD-v2 / PASCAL-Context semseg), `evaluate.py`
+`pretrain evaluate` of its run; the model side (split rows, frozen and added experts, the merged file layout) is
+`pretrain.models.grow` and `pretrain.models.grow_layers`.
 """

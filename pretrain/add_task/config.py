@@ -35,6 +35,13 @@ class AddTaskSection:
     # head tensor of the same shape: all but a classifier whose class count differs) | fresh: the model's init
     start: str = "kind"
     out: str = "model.safetensors"  # the grown model file, relative to output_dir
+    # N experts added to every MoE layer (MLP experts, and head experts where the placement has MoE attention),
+    # trained with the added tasks, whose routers see all E + N; the old tasks' routers never see them. 0: the added
+    # tasks route over the frozen experts only
+    new_experts: int = 0
+    # for measurements only (RESULTS.md): full = every parameter of the trained model trains with the added tasks
+    # (the old tasks change: a fine-tuned copy); scratch = the same from the model's random init
+    baseline: str = "none"
 
 
 @dataclass
@@ -55,6 +62,7 @@ CHOICES = {
     **{key: allowed for key, allowed in CORE_CHOICES.items() if key.split(".")[0] in ("data", "engine", "logging",
                                                                                       "optim")},
     "add_task.start": ("kind", "fresh"),
+    "add_task.baseline": ("none", "full", "scratch"),
 }
 
 
@@ -66,7 +74,10 @@ def _check(cfg: AddTaskConfig) -> None:
     # bf16 weights would round the frozen fp32 tensors: the old tasks would change
     need(cfg.engine.precision == "fp32", "engine.precision", cfg.engine.precision,
          "must be fp32: the old tasks' weights stay exactly as trained")
-    need(cfg.engine.ep_size == 1, "engine.ep_size", cfg.engine.ep_size, "must be 1 (the experts are frozen)")
+    # the frozen experts are in no optimizer group and the added ones train as ordinary parameters: nothing to split
+    need(cfg.engine.ep_size == 1, "engine.ep_size", cfg.engine.ep_size, "must be 1 (the old experts are frozen)")
+    need(0 <= cfg.add_task.new_experts <= 256, "add_task.new_experts", cfg.add_task.new_experts,
+         "must be between 0 and 256")
     need(cfg.engine.grad_accum == 1, "engine.grad_accum", cfg.engine.grad_accum, "must be 1")
     need(not cfg.data.all_tasks_per_step, "data.all_tasks_per_step", True, "must be false")
     need(cfg.add_task.out.endswith(".safetensors"), "add_task.out", cfg.add_task.out, "must end in .safetensors")

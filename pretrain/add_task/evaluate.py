@@ -11,11 +11,15 @@ run that has not finished is refused rather than evaluated from an intermediate 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from pretrain import dist
 from pretrain.add_task.config import AddTaskConfig
-from pretrain.data.build import check_shards
+from pretrain.add_task.dense import evaluate_semseg, source_of
+from pretrain.config import DataConfig, TaskConfig
+from pretrain.data.build import check_shards, resolve_shards
+from pretrain.data.sources import read_shard_info
 from pretrain.errors import UsageError
 from pretrain.evaluate import evaluate_model
 from pretrain.log import MetricsWriter, setup_logging
@@ -34,12 +38,28 @@ def main(cfg: AddTaskConfig) -> int:
         raise UsageError(f"{path} does not exist: the add-task run has not finished (run the same `pretrain add-task` "
                          "command to the end, then evaluate it)")
     grown = load_model(path)
-    spec = check_shards(cfg.data, cfg.tasks)  # the added tasks' shards; raises naming a missing folder
+    dense = {name: dataset for name, task in cfg.tasks.items() if (dataset := source_of(cfg.data, task))}
+    shards = replace(cfg, tasks={name: task for name, task in cfg.tasks.items() if name not in dense})
+    spec = check_shards(cfg.data, shards.tasks)  # the added tasks' shards; raises naming a missing folder
+    for name in dense:
+        need_val(cfg.data, name, cfg.tasks[name])
     if info.world_size > 1:  # metrics are reduced across ranks: that needs a process group
         dist.init_process_group(cfg.engine.backend, cfg.engine.timeout_s)
-    metrics = evaluate_model(cfg, grown.model, spec, info)
+    metrics = evaluate_model(shards, grown.model, spec, info) if shards.tasks else {}
+    for name, dataset in dense.items():  # a dense dataset's semseg: its own protocol and meter (`add_task.dense`)
+        scores = evaluate_semseg(grown.model, name, dataset, resolve_shards(cfg.data.root, cfg.tasks[name].val_shards),
+                                 cfg.tasks[name], grown.meta["num_classes"][name], info,
+                                 num_workers=cfg.eval.num_workers, max_samples=cfg.eval.max_samples)
+        metrics.update({f"eval/{name}/{key}": value for key, value in scores.items()})
     step = int(grown.meta.get("added", [{}])[-1].get("steps", 0))
     if info.is_main:
         MetricsWriter(run_dir / "eval.jsonl").write(step, metrics)
         print(json.dumps({"step": step, **{k: round(v, 3) for k, v in metrics.items()}}))
     return 0
+
+
+def need_val(data: DataConfig, name: str, task: TaskConfig) -> None:
+    """Raise naming the task when a dense task has no val shards to evaluate on."""
+    if not task.val_shards:
+        raise UsageError(f"tasks.{name}.val_shards: not set, nothing to evaluate {name} on")
+    read_shard_info(resolve_shards(data.root, task.val_shards))  # raises naming a missing folder

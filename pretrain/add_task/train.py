@@ -19,14 +19,16 @@ import torch
 
 from pretrain import checkpoint, dist
 from pretrain.add_task.config import AddTaskConfig, data_tasks
+from pretrain.add_task.dense import AddedData, build_added_stream, check_added_shards
 from pretrain.config import task_kind, task_order
-from pretrain.data.build import build_sampler, build_stream, check_shards
+from pretrain.data.build import build_sampler, build_stream
 from pretrain.data.collate import TARGET_KEYS
 from pretrain.drift import check_resume
 from pretrain.errors import UsageError
 from pretrain.log import MetricsWriter, progress, setup_logging
 from pretrain.loop import LossWindow, NonFiniteGuard, agree, start_engine, to_device
 from pretrain.models.grow import GrowingModel, grow, merged_state
+from pretrain.models.grow_layers import META_KEY, grown_moe, limits_meta
 from pretrain.models.moe_losses import collect_aux_losses
 from pretrain.objective import build_objective
 from pretrain.portable import PortableModel, config_metadata, config_sections, load_model, read_meta, write_file
@@ -79,32 +81,40 @@ def main(cfg: AddTaskConfig) -> int:
     model_cfg, moe_cfg, old_tasks = config_sections("metadata", trained.meta)
     moe_cfg = replace(moe_cfg, backend="native")
     by_kind, name_of = data_tasks(cfg.tasks)
-    spec = check_shards(cfg.data, by_kind)  # every shard set checked before anything heavy starts
+    added = check_added_shards(cfg.data, by_kind, name_of)  # every shard set checked before anything heavy starts
+    spec = added.spec
     num_classes = {**trained.meta["num_classes"], **{name_of[k]: n for k, n in spec.num_classes.items()}}
     torch.manual_seed(cfg.seed)  # the added rows' and heads' init
     objective = build_objective(cfg.tasks, cfg.optim, moe_cfg, order=tuple(cfg.tasks))
     net = grow(trained.model, model=model_cfg, moe=moe_cfg, tasks=old_tasks, new_tasks=cfg.tasks,
-               num_classes=num_classes, start_from=start_from(cfg, trained), objective=objective)
+               num_classes=num_classes, start_from=start_from(cfg, trained), objective=objective,
+               new_experts=cfg.add_task.new_experts, limits=trained.meta.get(META_KEY), baseline=cfg.add_task.baseline)
     engine, start, stream_state = start_engine(cfg, GrowingModel(net), info)
-    code = train_loop(cfg, engine, net, spec, name_of, info, start, stream_state)
+    code = train_loop(cfg, engine, net, added, name_of, info, start, stream_state)
     if code == 0 and info.is_main:
         table = {**old_tasks, **{n: replace(t, enabled=True) for n, t in cfg.tasks.items()}}
         classes = {**trained.meta.get("classes", {}), **{name_of[k]: c for k, c in spec.classes.items()}}
         path = save_grown(run_dir / cfg.add_task.out, net, trained, table=table, num_classes=num_classes,
                           classes=classes, added={"tasks": list(cfg.tasks), "steps": cfg.train.max_steps,
-                                                  "model": str(cfg.add_task.model)})
+                                                  "model": str(cfg.add_task.model),
+                                                  "new_experts": cfg.add_task.new_experts,
+                                                  **({"baseline": cfg.add_task.baseline}
+                                                     if cfg.add_task.baseline != "none" else {})})
         logger.info("wrote %s (tasks %s)", path, list(net.task_ids))
     return code
 
 
-def train_loop(cfg: AddTaskConfig, engine, net, spec, name_of: dict[str, str], info: dist.DistInfo, start: int,
-               stream_state: dict | None) -> int:
+def train_loop(cfg: AddTaskConfig, engine, net, added: AddedData, name_of: dict[str, str], info: dist.DistInfo,
+               start: int, stream_state: dict | None) -> int:
     """Steps `start + 1 .. train.max_steps` of the added tasks (one task batch per step); 0, 75 or EXIT_ABORT."""
     by_kind, _ = data_tasks(cfg.tasks)
     # the stream restarts at periodic checkpoints only: a resume from a signal checkpoint replays from the last one
     first = stream_state.get("start_step", stream_state["step"]) if stream_state else start
-    mixed = build_stream(cfg.data, by_kind, spec, info, seed=cfg.seed, start_micro_step=first,
-                         sampler=build_sampler(cfg.data, by_kind, spec, seed=cfg.seed))
+    if added.dense:  # some task reads a dense dataset's shards (`add_task.dense`)
+        mixed = build_added_stream(cfg.data, by_kind, added, info, seed=cfg.seed, start_micro_step=first)
+    else:
+        mixed = build_stream(cfg.data, by_kind, added.spec, info, seed=cfg.seed, start_micro_step=first,
+                             sampler=build_sampler(cfg.data, by_kind, added.spec, seed=cfg.seed))
     if stream_state:
         mixed.load_state_dict(stream_state)
     stream, stop = iter(mixed), stop_flag()
@@ -150,10 +160,15 @@ def train_loop(cfg: AddTaskConfig, engine, net, spec, name_of: dict[str, str], i
 def save_grown(path: Path, net, trained: PortableModel, *, table: dict, num_classes: dict[str, int],
                classes: dict[str, Any], added: dict[str, Any]) -> Path:
     """The grown model as one ordinary model file (kind `model`): the trained file's metadata with the grown task
-    table, rows and class lists, and `added` (a list: one entry per addition, oldest first)."""
+    table, rows, class lists and `moe` section (E + N experts), the tasks that see fewer experts (`task_experts`,
+    `models.grow_layers`), and `added` (a list: one entry per addition, oldest first)."""
     model_cfg, moe_cfg, _ = config_sections("metadata", trained.meta)
-    meta = {k: v for k, v in trained.meta.items() if k not in ("format", "format_version", "kind", "pretrain_version")}
-    meta.update(config_metadata(model=model_cfg, moe=moe_cfg, tasks=table))
+    new_experts = int(added.get("new_experts", 0))
+    meta = {k: v for k, v in trained.meta.items()
+            if k not in ("format", "format_version", "kind", "pretrain_version", META_KEY)}
+    meta.update(config_metadata(model=model_cfg, moe=grown_moe(model_cfg, moe_cfg, new_experts), tasks=table))
+    if limits_meta(net):
+        meta[META_KEY] = limits_meta(net)
     meta.update({"task_names": list(net.task_ids), "task_ids": net.task_ids, "num_classes": num_classes,
                  "classes": classes, "dtype": "fp32", "added": [*trained.meta.get("added", []), added]})
     return write_file(path, merged_state(net), {k: v if isinstance(v, str) else json.dumps(v)

@@ -13,10 +13,15 @@ reaches an old row; zeroing the old rows' gradients inside one [T, ...] paramete
   MI EMA buffers (`mi_probs_TE`, `mi_counts_TE`) decay every row at each optimizer step: a grown layer keeps their
   old rows, so the new task's MI is measured against the old tasks' frozen statistics and leaves them as they were.
 Everything else the old tasks read (patch and position embedding, blocks, experts, norms, their heads) is frozen by
-`freeze_old`. With N = 0 new experts an old task's forward reads only old rows and frozen tensors: its outputs are
+`freeze_old`. With N new experts per MoE layer (`add_task.new_experts`, `grow_layers`) each layer holds its E trained
+experts (`experts` / `heads`, frozen) apart from the N added ones (`new_experts` / `new_heads`, trained); routers and
+statistics get N more columns (zero in the old rows), the added tasks' routers read all E + N, and an old task reads
+the first E logits of its row only (`grow_layers.LimitedRouting`), so its softmax, top-k and expert GEMMs are the
+trained layer's. Either way an old task's forward reads only old rows and frozen tensors: its outputs are
 bit-for-bit the trained model's. On disk a grown model is an ordinary one (`merged_state` concatenates the rows
-back to [T, ...]; the table order of the added tasks gives their rows, `config.task_order`), so `load_model` serves
-it and a later `add-task` grows it again (`load_trained` splits a trained state into this layout).
+back to [T, ...] and the experts to [E + N, ...]; the table order of the added tasks gives their rows,
+`config.task_order`; the file's `task_experts` metadata says which tasks see fewer experts), so `load_model` serves it
+and a later `add-task` grows it again (`load_trained` splits a trained state into this layout).
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ from torch import Tensor, nn
 
 from pretrain.config import ModelConfig, MoEConfig, TaskConfig, task_order
 from pretrain.models import build_model
-from pretrain.models.moe import MoEMlp
+from pretrain.models.grow_layers import LAYER_TYPES, LimitedRouting, grown_moe, limits_of, split_grouped, split_stacked
+from pretrain.models.moe import GroupedLinear, MoEMlp
 from pretrain.models.moe_attention import MoEAttention
 from pretrain.models.multitask import MultiTaskModel
 
 logger = logging.getLogger(__name__)
 
 _OLD, _NEW = ".old", ".new"
+_ADDED_EXPERTS = {".new_experts.": ".experts.", ".new_heads.": ".heads."}  # trained child → frozen child (merged)
 _KEPT_STATS = ("mi_probs_TE", "mi_counts_TE")  # decayed for every row by `pop_aux_losses`
 
 
@@ -88,29 +95,61 @@ class GrownRouting:
         return losses
 
 
-class GrownMoEMlp(GrownRouting, MoEMlp):
-    """`MoEMlp` whose first `num_old_tasks` task rows are frozen (module docstring)."""
+class GrownMoEMlp(GrownRouting, LimitedRouting, MoEMlp):
+    """`MoEMlp` whose first `num_old_tasks` task rows and first `num_old_experts` experts (`experts`) are frozen;
+    the added experts are `new_experts`. Task t routes over its first `task_experts[t]` experts (`grow_layers`)."""
 
-    def __init__(self, *, num_old_tasks: int, **kwargs: Any) -> None:
+    def __init__(self, *, num_old_tasks: int, num_old_experts: int, task_experts: list[int], **kwargs: Any) -> None:
         MoEMlp.__init__(self, **kwargs)
+        self._limit(task_experts)
         self._grow(num_old_tasks)
+        self.num_old_experts = num_old_experts
+        if num_old_experts < self.num_experts:
+            self.new_experts = split_stacked(self.experts, num_old_experts)
+            # the checkpoint's expert files hold `experts` under their global ids (ep_size is 1 here); the added
+            # ones are ordinary trained parameters in the engine's module state
+            self.num_local_experts = num_old_experts
+
+    def local_experts(self, x_RD: Tensor, counts: list[int]) -> Tensor:
+        if self.num_old_experts == self.num_experts:
+            return self.experts(x_RD, counts)
+        return split_grouped(x_RD, counts, self.num_old_experts, self.experts, self.new_experts)
 
 
-class GrownMoEAttention(GrownRouting, MoEAttention):
-    """`MoEAttention` whose first `num_old_tasks` task rows are frozen (module docstring)."""
+class GrownMoEAttention(GrownRouting, LimitedRouting, MoEAttention):
+    """`MoEAttention` whose first `num_old_tasks` task rows and first `num_old_experts` head experts (`heads`) are
+    frozen; the added head experts are `new_heads` (`GrownMoEMlp`)."""
 
-    def __init__(self, *, num_old_tasks: int, **kwargs: Any) -> None:
+    def __init__(self, *, num_old_tasks: int, num_old_experts: int, task_experts: list[int], **kwargs: Any) -> None:
         MoEAttention.__init__(self, **kwargs)
+        self._limit(task_experts)
         self._grow(num_old_tasks)
+        self.num_old_experts = num_old_experts
+        if num_old_experts < self.num_experts:
+            self.new_heads = split_stacked(self.heads, num_old_experts)
+
+    def head_linear(self, x_RI: Tensor, counts: list[int], name: str) -> Tensor:
+        if self.num_old_experts == self.num_experts:
+            return super().head_linear(x_RI, counts, name)
+        return split_grouped(x_RI, counts, self.num_old_experts,
+                             lambda x, c: GroupedLinear.apply(x, c, getattr(self.heads, name), None),
+                             lambda x, c: GroupedLinear.apply(x, c, getattr(self.new_heads, name), None))
 
 
 def build_grown_model(*, model: ModelConfig, moe: MoEConfig, tasks: dict[str, TaskConfig], num_old_tasks: int,
+                      num_old_experts: dict[str, int], task_experts: dict[str, list[int]],
                       num_classes: dict[str, int], objective: nn.Module | None = None) -> MultiTaskModel:
     """The model of `tasks` (the trained model's table + the added tasks, after it) with the first `num_old_tasks`
-    rows of every per-task tensor split off as frozen (`GrownRows`). Its weights are at init: `load_trained`."""
+    rows of every per-task tensor split off as frozen (`GrownRows`), and in each MoE layer of type `mlp` | `attn`
+    the first `num_old_experts[type]` of the `moe` section's experts frozen, task row t routing over the first
+    `task_experts[type][t]`. Its weights are at init: `load_trained`."""
     net = build_model(model=model, moe=moe, tasks=tasks, num_classes=num_classes, objective=objective,
-                      moe_mlp_layer=functools.partial(GrownMoEMlp, num_old_tasks=num_old_tasks),
-                      moe_attn_layer=functools.partial(GrownMoEAttention, num_old_tasks=num_old_tasks))
+                      moe_mlp_layer=functools.partial(GrownMoEMlp, num_old_tasks=num_old_tasks,
+                                                      num_old_experts=num_old_experts["mlp"],
+                                                      task_experts=task_experts["mlp"]),
+                      moe_attn_layer=functools.partial(GrownMoEAttention, num_old_tasks=num_old_tasks,
+                                                       num_old_experts=num_old_experts["attn"],
+                                                       task_experts=task_experts["attn"]))
     if net.backbone.task_embed is not None:
         split_rows_(net.backbone, "task_embed", num_old_tasks)
     return net
@@ -127,14 +166,16 @@ def freeze_old(net: MultiTaskModel, new_tasks: list[str]) -> int:
     """Train only the added rows and the heads of `new_tasks` (and the objective); returns the trainable count."""
     for name, param in net.named_parameters():
         trained = name.endswith(_NEW) or name.startswith("objective.") or \
-            any(name.startswith(f"heads.{t}.") for t in new_tasks)
+            any(child in name for child in _ADDED_EXPERTS) or any(name.startswith(f"heads.{t}.") for t in new_tasks)
         param.requires_grad_(trained)
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
 def load_trained(net: MultiTaskModel, state: dict[str, Tensor]) -> None:
-    """Load a trained model's state (rows [T_old, ...]) into the grown `net`: per-task rows into the `old` parts,
-    statistics buffers into their first T_old rows (the added tasks' rows start at zero), everything else as is."""
+    """Load a trained model's state (rows [T_old, ...], E_old experts) into the grown `net`: per-task rows into the
+    `old` parts, routers and statistics into their first T_old rows and E_old columns (the added tasks' rows and the
+    added experts' columns start at zero: an old task never reads them), the frozen experts, everything else as
+    is."""
     own = net.state_dict()
     for key, value in state.items():
         if key.startswith("objective."):
@@ -145,19 +186,28 @@ def load_trained(net: MultiTaskModel, state: dict[str, Tensor]) -> None:
             raise ValueError(f"the trained model's {key} has no place in the grown model")
         target = own[key]
         if target.shape != value.shape:
-            if target.shape[1:] != value.shape[1:] or target.shape[0] < value.shape[0]:
+            if target.dim() != value.dim() or any(v > t for v, t in zip(value.shape, target.shape)):
                 raise ValueError(f"{key}: trained {tuple(value.shape)} does not fit grown {tuple(target.shape)}")
-            value = torch.cat([value, torch.zeros_like(target[value.shape[0]:])])
+            padded = torch.zeros_like(target)
+            padded[tuple(slice(0, n) for n in value.shape)] = value
+            value = padded
         own[key] = value
     net.load_state_dict(own)
 
 
 def merged_state(net: nn.Module) -> dict[str, Tensor]:
-    """`net`'s state in the ordinary layout: each `GrownRows` as one [T, ...] tensor, the objective left out."""
+    """`net`'s state in the ordinary layout: each `GrownRows` as one [T, ...] tensor, the added experts after the
+    frozen ones in one [E + N, ...] tensor, the objective left out."""
     out: dict[str, Tensor] = {}
     state = net.state_dict()
+    added = {key.replace(new, old): key for key in state for new, old in _ADDED_EXPERTS.items() if new in key}
     for key, value in state.items():
         if key.startswith("objective.") or (key.endswith(_NEW) and key[: -len(_NEW)] + _OLD in state):
+            continue
+        if any(child in key for child in _ADDED_EXPERTS):
+            continue
+        if key in added:
+            out[key] = torch.cat([value, state[added[key]]])
             continue
         if key.endswith(_OLD) and (base := key[: -len(_OLD)]) + _NEW in state:
             out[base] = torch.cat([value, state[base + _NEW]])
@@ -201,8 +251,8 @@ class GrowingModel(nn.Module):
     def no_weight_decay(self) -> set[str]:
         names = {name for name, _ in self.model.named_parameters()}
         skip = set()
-        for name in self.model.no_weight_decay():
-            skip.add(f"model.{name}{_NEW}" if name + _NEW in names else f"model.{name}")
+        for name in self.model.no_weight_decay():  # both parts (the old one trains in a `baseline` run only)
+            skip.update({f"model.{name}{_NEW}", f"model.{name}{_OLD}"} if name + _NEW in names else {f"model.{name}"})
         return skip
 
     def forward(self, task: str, images: Tensor, targets: Any = None) -> Any:
@@ -211,11 +261,17 @@ class GrowingModel(nn.Module):
 
 def grow(trained: MultiTaskModel, *, model: ModelConfig, moe: MoEConfig, tasks: dict[str, TaskConfig],
          new_tasks: dict[str, TaskConfig], num_classes: dict[str, int], start_from: dict[str, str] | None = None,
-         objective: nn.Module | None = None) -> MultiTaskModel:
+         objective: nn.Module | None = None, new_experts: int = 0,
+         limits: dict[str, dict[str, int]] | None = None, baseline: str = "none") -> MultiTaskModel:
     """`trained` (the model of the `model`, `moe`, `tasks` sections) grown by `new_tasks`, ready to train them.
 
     Args:
         num_classes: class counts of every task whose `num_classes` is 0 (trained and new ones).
+        new_experts: N experts added to every MoE layer (`grow_layers.grown_moe`), trained; the new tasks route
+            over all E + N, the old ones over what they saw before.
+        limits: the trained model's own `task_experts` metadata (a model grown by experts before), else None.
+        baseline: `none` (the addition); for measurements, `full` (every parameter trains: the old tasks change)
+            or `scratch` (the same model at its random init, every parameter trains).
         start_from: new task → trained task whose rows and head (same kind) it starts from (`start_new_rows`);
             tasks not named keep the fresh init (routers per `moe.router_init`, task embedding per its init).
         objective: the loss module of the new tasks (a child of the model, trained with it).
@@ -224,15 +280,25 @@ def grow(trained: MultiTaskModel, *, model: ModelConfig, moe: MoEConfig, tasks: 
     clash = sorted(set(new_tasks) & set(task_order(tasks)))
     if clash:
         raise ValueError(f"the model already has task(s) {clash}: choose another name")
+    if new_experts < 0:
+        raise ValueError(f"new_experts={new_experts} must be >= 0")
     table = {**tasks, **{name: replace(t, enabled=True) for name, t in new_tasks.items()}}
-    net = build_grown_model(model=model, moe=moe, tasks=table, num_old_tasks=len(task_order(tasks)),
+    big = grown_moe(model, moe, new_experts)
+    old_limits = limits_of({"task_experts": limits or {}}, task_order(tasks), moe)
+    total = {"mlp": big.num_experts, "attn": big.attn_num_experts}
+    net = build_grown_model(model=model, moe=big, tasks=table, num_old_tasks=len(task_order(tasks)),
+                            num_old_experts={"mlp": moe.num_experts, "attn": moe.attn_num_experts},
+                            task_experts={k: old_limits[k] + [total[k]] * len(new_tasks) for k in LAYER_TYPES},
                             num_classes=num_classes, objective=objective)
-    load_trained(net, trained.state_dict())
+    if baseline != "scratch":
+        load_trained(net, trained.state_dict())
     for new_task, from_task in (start_from or {}).items():
         copied = start_new_rows(net, new_task=new_task, from_task=from_task)
         logger.info("%s starts from %s's router and task-embedding rows and %d of its head tensors", new_task,
                     from_task, len(copied))
     trainable = freeze_old(net, list(new_tasks))
+    if baseline != "none":  # a comparison, not an addition: nothing stays frozen
+        trainable = sum(p.requires_grad_(True).numel() for p in net.parameters())
     logger.info("grown by %s: %d of %d parameters train", list(new_tasks), trainable,
                 sum(p.numel() for p in net.parameters()))
     return net

@@ -221,11 +221,16 @@ class MoEMlp(TaskRoutedLayer):
         order_R, inverse_R = sort_routes(routing.idx_SK)
         x_RD = x_SD.index_select(0, order_R // self.top_k)
         if self.ep_size == 1:
-            y_RD = self.experts(x_RD, counts_E.tolist())
+            y_RD = self.local_experts(x_RD, counts_E.tolist())
         else:
             y_RD = self._experts_parallel(x_RD, counts_E)
         y_SD = combine_slots(y_RD, inverse_R, order_R, routing.gates_SK)
         return y_SD.view(batch, tokens, dim)
+
+    def local_experts(self, x_RD: Tensor, counts: list[int]) -> Tensor:
+        """x_RD [R, D] rows grouped by expert, counts[e] rows each, through this process's experts -> [R, D] (a
+        layer grown by new experts keeps them apart from the frozen ones: `models.grow_layers`)."""
+        return self.experts(x_RD, counts)
 
     def _experts_parallel(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """Send rows (sorted by global expert) to the ranks holding their experts, run, and bring results back."""

@@ -83,7 +83,7 @@ class MoEAttention(TaskRoutedLayer):
         order_R, inverse_R = sort_routes(routing.idx_SK)
         x_RD = x_BND.reshape(batch * tokens, dim).index_select(0, order_R // self.top_k)
         x_RD = x_RD.to(self.heads.q_weight.dtype)  # `out=` GEMMs are never autocast (see GroupedExperts.forward)
-        q_RH = GroupedLinear.apply(x_RD, counts, self.heads.q_weight, None)
+        q_RH = self.head_linear(x_RD, counts, "q_weight")
         # slots back in token order: queries of image b are its N*K (token, head) slots
         q_B1QH = permute_rows(q_RH, inverse_R, order_R).view(batch, 1, tokens * self.top_k, self.head_dim)
         k_BNH, v_BNH = self.kv_proj(x_BND).chunk(2, dim=-1)
@@ -91,9 +91,14 @@ class MoEAttention(TaskRoutedLayer):
             q_B1QH, k_BNH.unsqueeze(1), v_BNH.unsqueeze(1),
             dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
         o_RH = permute_rows(o_B1QH.reshape(-1, self.head_dim), order_R, inverse_R).to(self.heads.o_weight.dtype)
-        y_RD = GroupedLinear.apply(o_RH, counts, self.heads.o_weight, None)
+        y_RD = self.head_linear(o_RH, counts, "o_weight")
         y_SD = combine_slots(y_RD, inverse_R, order_R, routing.gates_SK)
         return self.proj_drop(y_SD.view(batch, tokens, dim))
+
+    def head_linear(self, x_RI: Tensor, counts: list[int], name: str) -> Tensor:
+        """Rows x_RI [R, I] grouped by head expert (counts[e] each) through projection `name` (`q_weight` |
+        `o_weight`) of their experts -> [R, O] (a layer grown by new heads keeps them apart: `models.grow_layers`)."""
+        return GroupedLinear.apply(x_RI, counts, getattr(self.heads, name), None)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, head_dim={self.head_dim}, "

@@ -157,7 +157,13 @@ class TaskRoutedLayer(nn.Module):
         the gates (so the expert outputs), the top-k tie-breaking and every statistic.
         """
         clean_BNE, noise_std_BNE = self.router(x_BND, task_B, single_task)
-        clean_SE = clean_BNE.reshape(-1, self.num_experts).float()
+        return self.route_logits(clean_BNE, noise_std_BNE)
+
+    def route_logits(self, clean_BNE: Tensor, noise_std_BNE: Tensor | None) -> Routing:
+        """`route` from router logits [B, N, E'] (and noise std, or None) over the E' experts they cover (E' = E
+        but for a task that sees only the first E' experts: `models.grow_layers`); `Routing` over E'."""
+        num_experts = clean_BNE.shape[-1]
+        clean_SE = clean_BNE.reshape(-1, num_experts).float()
         logits_SE = clean_SE
         use_noise = noise_std_BNE is not None and self.training
         if use_noise:
@@ -169,10 +175,10 @@ class TaskRoutedLayer(nn.Module):
         gates_SK, idx_SK = probs_SE.topk(self.top_k, dim=-1)
         if self.gate == "renorm":
             gates_SK = gates_SK / gates_SK.sum(dim=-1, keepdim=True)
-        if use_noise and self.top_k < self.num_experts:
+        if use_noise and self.top_k < num_experts:
             load_E = moe_losses.prob_in_top_k(clean_SE, logits_SE, noise_std_SE, self.top_k).sum(dim=0)
         else:
-            load_E = torch.bincount(idx_SK.reshape(-1), minlength=self.num_experts).float()
+            load_E = torch.bincount(idx_SK.reshape(-1), minlength=num_experts).float()
         return Routing(logits_SE, probs_SE, gates_SK, idx_SK, load_E)
 
     def record_statistics(self, routing: Routing, task_B: Tensor) -> Tensor:
