@@ -23,6 +23,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config import DataConfig, EvalConfig, RunConfig
+from pretrain.data.dense import DENSE_DATASETS
+from pretrain.errors import UsageError
 from pretrain.extract import Extraction, count_routes, routed_layers
 from pretrain.portable import config_sections
 
@@ -86,6 +88,11 @@ def evaluate_pair(extraction: Extraction, task: str, *, data_root: str, eval_ima
     if not (val_dir / "_info.json").is_file():
         raise FileNotFoundError(f"no val shards for {task} at {val_dir}: pass --data-root, or --eval-images 0 to skip "
                                 "the metric")
+    dataset = json.loads((val_dir / "_info.json").read_text()).get("dataset")
+    if dataset in DENSE_DATASETS:  # an added task on NYUD/PASCAL shards: its evaluator lives in pretrain.add_task
+        raise UsageError(f"{task} is scored on {dataset} dense shards ({val_dir}), which the extract report's metric "
+                         "does not read: pass --eval-images 0 for the report without it (`pretrain evaluate` of the "
+                         "add-task run scores the whole grown model)")
     # evaluate_task stops after the batch that reaches max_samples: a batch size dividing it sees exactly that many
     batch = max(d for d in range(1, table[task].eval_batch_size + 1) if eval_images % d == 0)
     table = {**table, task: replace(table[task], eval_batch_size=batch)}

@@ -77,6 +77,10 @@ def test_nyud_semseg_is_added_with_new_experts_and_evaluated(shards, nyud, train
     assert sub.tasks == ["nyud_seg"] and all(len(kept) == 10 for kept in sub.meta["kept"].values())
     image = torch.randint(0, 256, (1, 3, 48, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sub(image), grown(image, task="nyud_seg"))  # every expert kept: the same function
+    # the extract report's metric reads pretraining shards only: asked for it, one line naming the way round
+    code, err = cli("extract", tmp_path / "n" / "model.safetensors", "--task", "nyud_seg", "--out",
+                    tmp_path / "with_report.safetensors", "--data-root", shards, "--eval-images", 2)
+    assert code == 2 and "nyud dense shards" in err and "--eval-images 0" in err, err
 
 
 @pytest.mark.slow  # the CLI (config and shard checks before any model is built): ~5 s
