@@ -155,8 +155,7 @@ class EngineConfig:
     grad_accum: int = 1  # task micro-batches accumulated per optimizer step
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     threads: int = 0  # torch intra-op threads per rank on CPU; 0 = leave torch's default
-    # process-group timeout (DeepSpeed's default): a rank waiting longer at the start-up rendezvous or in a
-    # collective ends the run with exit 9 (a peer failed or hangs) instead of waiting for ever; larger for slow saves
+    # DeepSpeed's default: a longer wait on another rank (rendezvous, collective) ends the run with exit 9, not a hang
     timeout_s: float = 600.0
 
 
