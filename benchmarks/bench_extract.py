@@ -56,10 +56,10 @@ def child(kind: str, path: str) -> None:
 
 
 def build_files(folder: Path) -> tuple[Path, Path, dict]:
-    from pretrain.config import load_config
-    from pretrain.extract import extract_submodel, routed_layers, save_submodel
+    from pretrain.config.load import load_config
+    from pretrain.extraction.extract import extract_submodel, routed_layers, save_submodel
     from pretrain.models import build_model
-    from pretrain.portable import config_metadata, load_model, write_file
+    from pretrain.runs.portable import config_metadata, load_model, write_file
 
     cfg = load_config(None, CFG)
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from pretrain import load_model, load_submodel
-    from pretrain.extract_report import param_parts
+    from pretrain.extraction.report import param_parts
 
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:

@@ -37,10 +37,10 @@ from harness import interleaved, write_results
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.config import load_config
+from pretrain.config.load import load_config
 from pretrain.models import build_model
 from pretrain.models.moe_losses import collect_aux_losses
-from pretrain.objective import build_objective
+from pretrain.training.objective import build_objective
 
 REPO = Path(__file__).resolve().parent.parent
 MOE_CONFIG = REPO / "configs" / "pretrain" / "vitb16_modsquad_hetero.yaml"

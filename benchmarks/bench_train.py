@@ -4,7 +4,7 @@
 
 One step = `model(task, uint8 images, targets)` -> that task's losses + the weighted MoE auxiliary losses
 (`pretrain.tasks.TaskLoss`, the training objective) -> backward -> `torch.optim.AdamW` step -> zero_grad; fp32, CPU,
-train mode, synthetic inputs. Models come from `pretrain.config.load_config` + `pretrain.models.build_model`. The
+train mode, synthetic inputs. Models come from `pretrain.config.load.load_config` + `pretrain.models.build_model`. The
 DeepSpeed engine (ZeRO partitioned flat AdamW, gradient clipping) is left out: its overhead is the same for both
 variants, up to being proportional to the parameter count like the AdamW step measured here. All variants use
 `moe.router_init=normal` (zero-init routers send every token to the same k experts until they learn, which would
@@ -61,10 +61,11 @@ from torch.utils.flop_counter import (
     sdpa_flop_count,
 )
 
-from pretrain.config import RunConfig, load_config
+from pretrain.config.load import load_config
+from pretrain.config.pretraining import RunConfig
 from pretrain.models import BACKBONE_SIZES, build_model
 from pretrain.models.moe_losses import collect_aux_losses, moe_modules
-from pretrain.objective import build_objective
+from pretrain.training.objective import build_objective
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent

@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.export import consolidate  # noqa: E402
-from pretrain.extract import routed_layers  # noqa: E402
-from pretrain.keep_rules import choose_experts  # noqa: E402
+from pretrain.extraction.export import consolidate  # noqa: E402
+from pretrain.extraction.extract import routed_layers  # noqa: E402
+from pretrain.extraction.keep_rules import choose_experts  # noqa: E402
 
 
 def mutual_information(usage_TE: torch.Tensor) -> float:

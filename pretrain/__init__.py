@@ -7,8 +7,8 @@ torch and of side effects.
 
 __version__ = "0.1.0"
 
-_LAZY = {"load_model": "pretrain.portable", "load_backbone": "pretrain.portable",
-         "load_submodel": "pretrain.portable"}
+_LAZY = {"load_model": "pretrain.runs.portable", "load_backbone": "pretrain.runs.portable",
+         "load_submodel": "pretrain.runs.portable"}
 
 
 def __getattr__(name: str):

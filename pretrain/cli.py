@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from pretrain.errors import EXIT_DEMO_STAGE, EXIT_USAGE, PretrainError, UsageError  # noqa: F401 - codes: errors.EXIT_CODES
-from pretrain.extract_args import add_export_extract, check_extract_args
+from pretrain.extraction.args import add_export_extract, check_extract_args
 
 
 class UserError(UsageError):
@@ -50,23 +50,23 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pretrain.config import load_config
-    from pretrain.signals import stop_flag
+    from pretrain.config.load import load_config
+    from pretrain.training.signals import stop_flag
 
     stop_flag()  # SIGUSR1/SIGTERM from here on ask for a checkpoint and exit 75 instead of killing the rank
 
     cfg = load_config(args.config, args.overrides)  # config errors surface before the heavy imports
-    from pretrain.train import main as train_main
+    from pretrain.training.train import main as train_main
 
     return train_main(cfg, dry_run=args.dry_run)
 
 
 def _add_task(args: argparse.Namespace) -> int:
-    from pretrain.config import load_config
-    from pretrain.signals import stop_flag
+    from pretrain.config.load import load_config
+    from pretrain.training.signals import stop_flag
 
     stop_flag()  # SIGUSR1/SIGTERM from here on ask for a checkpoint and exit 75 instead of killing the rank
-    from pretrain.add_task.config import AddTaskConfig
+    from pretrain.config.add_task import AddTaskConfig
 
     cfg = load_config(args.config, [*args.overrides, f"add_task.model={args.model}"], schema=AddTaskConfig)
     from pretrain.add_task.train import main as add_task_main
@@ -75,11 +75,11 @@ def _add_task(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from pretrain.config import load_config
-    from pretrain.signals import stop_flag
+    from pretrain.config.load import load_config
+    from pretrain.training.signals import stop_flag
 
     stop_flag()  # SIGUSR1/SIGTERM from here on ask for a checkpoint and exit 75 instead of killing the rank
-    from pretrain.finetune.config import FinetuneConfig
+    from pretrain.config.finetuning import FinetuneConfig
 
     cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)  # errors surface before heavy imports
     from pretrain.finetune.init import check_source_overrides
@@ -91,7 +91,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pretrain.config import load_config
+    from pretrain.config.load import load_config
 
     target = Path(args.target)
     overrides = list(args.overrides)
@@ -101,16 +101,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         target, overrides = target / "config.yaml", [f"output_dir={target}", *overrides]
     from importlib import import_module
 
-    import pretrain.add_task.config  # noqa: F401  (registers the add-task schema)
-    import pretrain.finetune.config  # noqa: F401  (registers the fine-tuning schema)
-    from pretrain.config import SCHEMAS, stage_of_file
+    from pretrain.config.load import SCHEMAS, stage_of_file
 
     stage = stage_of_file(target)
     if stage is not None:  # a fine-tuning or add-task run: its stage's own evaluation, `pretrain.<stage>.evaluate`
         cfg = load_config(target, overrides, schema=SCHEMAS[stage])
         return import_module(f"pretrain.{stage}.evaluate").main(cfg)
     cfg = load_config(target, overrides)
-    from pretrain.evaluate import main as evaluate_main
+    from pretrain.training.evaluate import main as evaluate_main
 
     return evaluate_main(cfg, random_init=args.random_init)
 
@@ -128,7 +126,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _import_modsquad(args: argparse.Namespace) -> int:
-    from pretrain.config import TASKS, load_config
+    from pretrain.config.load import load_config
+    from pretrain.config.pretraining import TASKS
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
@@ -156,8 +155,8 @@ def _import_modsquad(args: argparse.Namespace) -> int:
 
 
 def _import_mlore(args: argparse.Namespace) -> int:
-    from pretrain.config import load_config
-    from pretrain.finetune.config import FinetuneConfig
+    from pretrain.config.finetuning import FinetuneConfig
+    from pretrain.config.load import load_config
     from pretrain.finetune.init import import_mlore_file
 
     cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)
@@ -169,8 +168,7 @@ def _import_mlore(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    import pretrain.finetune.config  # noqa: F401  (registers the fine-tuning schema for `submit finetune`)
-    from pretrain.submit import JobOptions, SubmitError, submit, summary
+    from pretrain.cluster.submit import JobOptions, SubmitError, submit, summary
 
     names = [f.name for f in fields(JobOptions)]
     opts = JobOptions(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
@@ -186,9 +184,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import pretrain.add_task.config  # noqa: F401  (registers the add-task schema: status reads its runs too)
-    import pretrain.finetune.config  # noqa: F401  (and the fine-tuning schema)
-    from pretrain.status import collect, format_report
+    from pretrain.cluster.status import collect, format_report
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -202,7 +198,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 
-# `pretrain submit` options: (flag, type, help); defaults live in pretrain.submit.JobOptions
+# `pretrain submit` options: (flag, type, help); defaults live in pretrain.cluster.submit.JobOptions
 SUBMIT_OPTIONS = [
     ("--nodes", int, "nodes (default 1)"),
     ("--gpus-per-node", str, "[TYPE:]COUNT GPUs per node = tasks per node (default 8; 0 = CPU-only job)"),
@@ -220,7 +216,7 @@ SUBMIT_OPTIONS = [
 ]
 
 def _export(args: argparse.Namespace) -> int:
-    from pretrain.export import export_run
+    from pretrain.extraction.export import export_run
     from pretrain.log import setup_logging
 
     setup_logging()
@@ -235,7 +231,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from pretrain.extract import main as extract_main
+    from pretrain.extraction.command import main as extract_main
     from pretrain.log import setup_logging
 
     setup_logging()
@@ -249,8 +245,8 @@ def _extract(args: argparse.Namespace) -> int:
         common = {"step": args.step, "data_root": args.data_root, "eval_images": args.eval_images,
                   "latency_runs": args.latency_runs, "latency_batches": batches}
         if args.sweep:
-            from pretrain.extract_sweep import main as sweep_main
-            from pretrain.extract_sweep import parse_shares
+            from pretrain.extraction.sweep import main as sweep_main
+            from pretrain.extraction.sweep import parse_shares
 
             sweep_main(args.source, args.task.split(","), args.out, parse_shares(args.sweep), **common, **rule)
         else:

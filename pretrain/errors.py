@@ -30,7 +30,7 @@ EXIT_DATA = 6  # the training/eval data is broken (unreadable _info.json, a run 
 EXIT_SETUP = 7  # the process layout does not fit the config (ep_size vs world size, launcher environment)
 EXIT_DISK_FULL = 8  # a checkpoint save ran out of disk space; the previous checkpoint is intact
 EXIT_PEER = 9  # another rank failed and left the job; its own error line is in its log file
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpoint written, requeue me" for the SLURM batch script (pretrain.signals)
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpoint written, requeue me" for the SLURM batch script (training.signals)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 # Codes and their meaning, in the order the README's "When something goes wrong" table lists them.
@@ -90,7 +90,7 @@ class AbortedError(PretrainError):
 
 class StoppedError(PretrainError):
     """A stop signal came where no checkpoint is needed (exit 75): DeepSpeed was still building its op, before the
-    first step (`pretrain.signals`). A requeued job resumes from the run's latest checkpoint, or starts it."""
+    first step (`pretrain.training.signals`). A requeued job resumes from the run's latest checkpoint, or starts it."""
 
     exit_code = EXIT_REQUEUE
 
@@ -108,7 +108,9 @@ class UsageError(PretrainError):
 
 
 def _usage_types() -> tuple[type, ...]:
-    from pretrain.config import ConfigError  # config is below this module: ConfigError stays where configs are
+    from pretrain.config.pretraining import (
+        ConfigError,  # config is below this module: ConfigError stays where configs are
+    )
 
     return ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError
 
@@ -248,7 +250,7 @@ def report(code: int, line: str) -> int:
                 handler.handle(record)
     if _distributed():
         if rank != 0:
-            for sig in (signal.SIGUSR1, signal.SIGTERM):  # the graceful-stop flag (pretrain.signals) would keep
+            for sig in (signal.SIGUSR1, signal.SIGTERM):  # the graceful-stop flag (training.signals) would keep
                 # this process alive through torchrun's SIGTERM
                 signal.signal(sig, signal.SIG_DFL)
             time.sleep(PEER_GRACE_S)

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pretrain.checkpoint import read_latest
-from pretrain.engine import DS_SAFE_GLOBALS
 from pretrain.errors import CheckpointError, one_line
 from pretrain.models.upcycle import refused_global
+from pretrain.parallel.engine import DS_SAFE_GLOBALS
+from pretrain.runs.checkpoint import read_latest
 
 WALL_CLOCK_KEYS, WALL_CLOCK_PREFIXES = {"time"}, ("img_per_s/",)  # they measure the machine, not the computation
 UNSEEDED_RNG = ("rng.python", "rng.numpy")

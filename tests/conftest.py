@@ -113,7 +113,7 @@ def pytest_collection_modifyitems(config, items):
 def deepspeed_shm_op() -> None:
     """Build DeepSpeed's `deepspeed_shm_comm` CPU op once, untimed, if scripts/setup.sh has not (a first build takes
     minutes on a loaded machine and used to time out the first multi-process test). The build runs in a child that
-    imports pretrain.engine first, as every run does: the same per-environment cache and ninja
+    imports pretrain.parallel.engine first, as every run does: the same per-environment cache and ninja
     (`engine.prepare_op_build`). The look for an existing op only saves that child (~10-20 s, mostly importing
     DeepSpeed); where it looks in the wrong place, the child runs and finds the op built."""
     from harness import run
@@ -121,7 +121,7 @@ def deepspeed_shm_op() -> None:
     cache = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions")
     if (Path(cache) / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file():
         return
-    code = "import pretrain.engine; from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    code = "import pretrain.parallel.engine; from deepspeed.comm.torch import build_shm_op; build_shm_op()"
     out = run([sys.executable, "-c", code], timeout=1800)
     assert out.returncode == 0, f"building DeepSpeed's CPU op failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
 

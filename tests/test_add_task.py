@@ -14,7 +14,8 @@ import pytest
 import torch
 from harness import popen, run, signal_once_logging
 
-from pretrain.config import TaskConfig, load_config, task_order
+from pretrain.config.load import load_config
+from pretrain.config.pretraining import TaskConfig, task_order
 from pretrain.models import build_model
 from pretrain.models.grow import GrowingModel, GrownRows, grow, merged_state
 from pretrain.models.grow_layers import grown_moe, layer_factories, limits_meta
@@ -214,7 +215,7 @@ def add_task(model: Path, config: Path, *overrides: str):
 
 
 def served(path: Path, tasks: list[str]) -> dict:
-    from pretrain.portable import load_model
+    from pretrain.runs.portable import load_model
 
     return outputs(load_model(path).model, tasks)
 
@@ -225,7 +226,7 @@ def test_add_task_command_keeps_old_tasks_resumes_exactly_and_grows_twice(shards
     from test_extract import native_run
 
     from pretrain.cli import main as cli_main
-    from pretrain.portable import load_model
+    from pretrain.runs.portable import load_model
 
     native_run(tmp_path / "run", shards, "tasks.det.num_classes=0")
     model = tmp_path / "m.safetensors"
@@ -283,7 +284,7 @@ BAD = [  # (what, MODEL, tasks section, override, message)
 def test_bad_inputs_are_one_line_and_exit_2(what, source, tasks, overrides, message, tmp_path, cli):
     from safetensors.torch import save_file
 
-    from pretrain.portable import config_metadata, write_file
+    from pretrain.runs.portable import config_metadata, write_file
 
     cfg, net = trained_model()
     meta = {**config_metadata(model=cfg.model, moe=cfg.moe, tasks=cfg.tasks), "task_names": list(net.task_ids),
@@ -321,7 +322,7 @@ def test_a_signal_checkpoints_exits_75_and_the_same_command_resumes(shards, tmp_
     from test_extract import native_run
 
     from pretrain.cli import main as cli_main
-    from pretrain.signals import EXIT_REQUEUE
+    from pretrain.training.signals import EXIT_REQUEUE
 
     native_run(tmp_path / "run", shards)
     model = tmp_path / "m.safetensors"

@@ -51,7 +51,7 @@ def test_the_crop_keeps_the_datasets_aspect():
 @pytest.mark.slow  # the add-task command in a child (DeepSpeed engine) and an evaluation: ~40-90 s on 2 loaded cores
 @pytest.mark.usefixtures("deepspeed_shm_op")
 def test_nyud_semseg_is_added_with_new_experts_and_evaluated(shards, nyud, trained, tmp_path, cli):
-    from pretrain.portable import load_model, load_submodel
+    from pretrain.runs.portable import load_model, load_submodel
 
     before = served(trained, ["cls", "det", "seg"])
     config = add_task_config(tmp_path / "n.yaml", shards, tmp_path / "n", NYUD_SEG.format(root=nyud, head="fpn"))

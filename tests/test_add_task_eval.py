@@ -16,15 +16,16 @@ import torch
 from test_add_task import STATS
 
 from pretrain import dist
-from pretrain.add_task.config import AddTaskConfig, AddTaskSection
 from pretrain.add_task.train import save_grown
-from pretrain.config import DataConfig, EvalConfig, TaskConfig, load_config, save_resolved
+from pretrain.config.add_task import AddTaskConfig, AddTaskSection
+from pretrain.config.load import load_config, save_resolved
+from pretrain.config.pretraining import DataConfig, EvalConfig, TaskConfig
 from pretrain.data.build import check_shards
-from pretrain.evaluate import evaluate_model
 from pretrain.models import build_model
 from pretrain.models.grow import grow
 from pretrain.models.moe_losses import moe_modules
-from pretrain.portable import config_metadata, load_model, load_submodel, write_file
+from pretrain.runs.portable import config_metadata, load_model, load_submodel, write_file
+from pretrain.training.evaluate import evaluate_model
 
 TINY = ["model.size=vit_debug", "model.drop_path=0.0", "model.det_min_size=64", "model.det_max_size=64",
         "model.pyramid_dim=32", "moe.num_experts=8", "moe.top_k=2", "moe.attn_num_experts=8", "moe.attn_top_k=2",

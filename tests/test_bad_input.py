@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain import checkpoint
-from pretrain.config import ConfigError, load_config, save_resolved
-from pretrain.integrity import META, build_manifest
+from pretrain.config.load import load_config, save_resolved
+from pretrain.config.pretraining import ConfigError
+from pretrain.runs import checkpoint
+from pretrain.runs.integrity import META, build_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -126,7 +127,7 @@ def _manifest(tag_dir: Path, step: int) -> None:
 def template_run(shards, tmp_path_factory):
     """A run directory with intact checkpoints at steps 5 and 7 (manifests included) in the saved layout."""
     from pretrain.data.build import check_shards
-    from pretrain.runs import build_run_model
+    from pretrain.runs.load import build_run_model
 
     out = tmp_path_factory.mktemp("bad_input_run") / "run"
     cfg = load_config(None, [f"data.root={shards}", f"output_dir={out}", "optim.loss_weighting=uncertainty", *SMALL])

@@ -13,7 +13,8 @@ import pytest
 import torch
 from test_bad_input import check
 
-from pretrain import checkpoint, errors
+from pretrain import errors
+from pretrain.runs import checkpoint
 
 FULL = Path("/dev/full")  # Linux: every write fails with ENOSPC. Only opened in place, never replaced: a writer that
 # renames a temporary file over its target (safetensors' save_file) would turn the device into a regular file
@@ -33,8 +34,8 @@ def _consecutive(task: str = "cls", n: int = 3) -> None:
 
 
 def _ep_mismatch() -> None:
-    from pretrain.config import EngineConfig, OptimConfig
-    from pretrain.engine import build_engine
+    from pretrain.config.pretraining import EngineConfig, OptimConfig
+    from pretrain.parallel.engine import build_engine
 
     build_engine(torch.nn.Linear(1, 1), engine=EngineConfig(ep_size=2), optim=OptimConfig(), max_steps=1,
                  world_size=1)
@@ -89,8 +90,8 @@ def _from_a_loader_worker() -> None:
 def _stop_during_op_build(tmp: Path) -> None:
     from test_op_build import _signal_once, _sleeping_build
 
-    import pretrain.engine as engine
-    from pretrain.signals import StopFlag
+    import pretrain.parallel.engine as engine
+    from pretrain.training.signals import StopFlag
 
     started, real = tmp / "started", engine.deepspeed.init_distributed
     engine.deepspeed.init_distributed = lambda **_: _sleeping_build(tmp, started)  # DeepSpeed builds its op here

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from test_bad_input import check
 
-from pretrain import checkpoint
-from pretrain.integrity import META
+from pretrain.runs import checkpoint
+from pretrain.runs.integrity import META
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("deepspeed_shm_op")  # `pretrain train` starts DeepSpeed in the children
@@ -91,7 +91,7 @@ def test_real_run_setup_and_disk_full(shards, trained_run, tmp_path):
     proc = _train(shards, tmp_path / "ep", "engine.ep_size=2")
     check(proc.returncode, proc.stderr, 7, "engine.ep_size=2 must divide the world size 1")
     # the second save (step 4) hits a full disk: exit 8, step 2 stays the loadable latest
-    patch = ("import errno, sys\nimport pretrain.checkpoint as c\nreal, calls = c.write_rank_state, []\n"
+    patch = ("import errno, sys\nimport pretrain.runs.checkpoint as c\nreal, calls = c.write_rank_state, []\n"
              "def full(*a, **k):\n    calls.append(1)\n    if len(calls) == 2:\n"
              "        raise OSError(errno.ENOSPC, 'No space left on device')\n    return real(*a, **k)\n"
              "c.write_rank_state = full")
@@ -100,7 +100,7 @@ def test_real_run_setup_and_disk_full(shards, trained_run, tmp_path):
     check(proc.returncode, proc.stderr, 8, "disk full while saving the checkpoint")
     assert "`latest` still names step_00000002" in proc.stderr and "GiB" in proc.stderr
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002"]
-    from pretrain.runs import load_run
+    from pretrain.runs.load import load_run
 
     assert load_run(run).step == 2
 
@@ -139,8 +139,8 @@ def test_real_run_consecutive_bad_samples(shards, tmp_path):
 
 
 TWO_RANK_PATCH = """import errno, os, sys
-import pretrain.checkpoint as c
-import pretrain.train as t
+import pretrain.runs.checkpoint as c
+import pretrain.training.train as t
 rank, mode = int(os.environ["RANK"]), os.environ["BAD_INPUT_MODE"]
 if mode == "full":  # every rank's disk is full at the first save
     def full(*a, **k):

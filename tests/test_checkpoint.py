@@ -12,8 +12,8 @@ from harness import run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pretrain import checkpoint
-from pretrain.runs import build_run_model
+from pretrain.runs import checkpoint
+from pretrain.runs.load import build_run_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,7 +63,7 @@ def test_uncommitted_tags_are_ignored_and_pruned(tmp_path):
 def test_a_latest_leaving_the_run_or_a_tag_without_metadata_falls_back(tmp_path, pointer, caplog):
     """`latest` naming something that is not one of this run's tags, or the newest tag without its metadata: the
     newest older tag that verifies is loaded, with a warning naming what was skipped."""
-    from pretrain.integrity import META, build_manifest, select_tag
+    from pretrain.runs.integrity import META, build_manifest, select_tag
 
     ckpt = tmp_path / "run" / "checkpoints"
     make_tags(ckpt, 2, 3)
@@ -90,9 +90,9 @@ def test_a_latest_leaving_the_run_or_a_tag_without_metadata_falls_back(tmp_path,
 def test_a_dangling_latest_link_is_damage_not_a_fresh_start(tmp_path, monkeypatch):
     """A `latest` symlink to nothing was "no checkpoint" for resume (`exists()` follows links), so training would
     have started over beside the run's tags; now it is a pointer to fall back from, or an error naming it."""
-    from pretrain.drift import has_checkpoint
     from pretrain.errors import CheckpointError
-    from pretrain.integrity import select_tag
+    from pretrain.runs.drift import has_checkpoint
+    from pretrain.runs.integrity import select_tag
 
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()
@@ -111,7 +111,7 @@ def test_a_dangling_latest_link_is_damage_not_a_fresh_start(tmp_path, monkeypatc
 
 def test_a_hand_made_tag_takes_its_step_from_its_metadata(tmp_path):
     from pretrain.errors import CheckpointError
-    from pretrain.integrity import META, tag_step
+    from pretrain.runs.integrity import META, tag_step
 
     (tmp_path / "best").mkdir()
     with pytest.raises(CheckpointError, match="best/pretrain_meta.json is missing"):
@@ -136,7 +136,7 @@ def test_rank_state_roundtrip_restores_every_rng(tmp_path):
 
 
 def test_checkpoint_and_models_do_not_import_deepspeed():
-    code = "import sys, pretrain.checkpoint, pretrain.models; assert 'deepspeed' not in sys.modules, 'deepspeed'"
+    code = "import sys, pretrain.runs.checkpoint, pretrain.models; assert 'deepspeed' not in sys.modules, 'deepspeed'"
     proc = run([sys.executable, "-c", code], timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -179,7 +179,7 @@ class _Planted:
 def check_weights_only_loading(tmp_path: Path) -> None:
     """The run's DeepSpeed files load weights-only (its resume already went through `WeightsOnlyCheckpointEngine`,
     which `build_engine` installs); a file that pickles a callable is refused naming it, and the callable never runs."""
-    from pretrain.engine import WeightsOnlyCheckpointEngine
+    from pretrain.parallel.engine import WeightsOnlyCheckpointEngine
 
     files = sorted(tmp_path.glob("zero*/ckpt/step_*/*.pt"))
     assert {f.name for f in files} >= {"mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
@@ -199,7 +199,7 @@ def test_an_expert_file_with_exchanged_slices_is_refused_naming_the_expert(tmp_p
     experts 2 and 3 were exchanged after the save (file CRC recomputed, metadata kept): refused naming the layer, the
     expert and the file, exit 5; the intact file loads every expert into its slot."""
     from pretrain.errors import EXIT_CHECKPOINT, CheckpointError
-    from pretrain.integrity import build_manifest, verify_tag
+    from pretrain.runs.integrity import build_manifest, verify_tag
 
     cfg = make_cfg("engine.ep_size=2")
     torch.manual_seed(0)

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain import checkpoint, errors
-from pretrain.integrity import META
+from pretrain import errors
+from pretrain.runs import checkpoint
+from pretrain.runs.integrity import META
 
 
 class _FakeEngine:
@@ -58,11 +59,11 @@ def _fail_at(monkeypatch, target: str, exc: BaseException) -> None:
 SAVE_FAILURES = {  # name -> (function that fails, exception, error type, fragment)
     "enospc_in_model_file": ("torch.save", OSError(errno.ENOSPC, "No space left on device"), errors.DiskFullError,
                              "A checkpoint needs about"),
-    "enospc_in_rank_state": ("pretrain.rank_state.save_file", OSError(errno.ENOSPC, "No space left on device"),
+    "enospc_in_rank_state": ("pretrain.runs.rank_state.save_file", OSError(errno.ENOSPC, "No space left on device"),
                              errors.DiskFullError, "(the size of step_00000001)"),
     "zip_writer_full": ("torch.save", RuntimeError("PytorchStreamWriter failed writing file data/3: file write "
                                                    "failed"), errors.DiskFullError, "disk full while saving"),
-    "permission": ("pretrain.rank_state.save_file", PermissionError(errno.EACCES, "Permission denied"),
+    "permission": ("pretrain.runs.rank_state.save_file", PermissionError(errno.EACCES, "Permission denied"),
                    errors.CheckpointError, "saving the checkpoint failed (PermissionError"),
 }
 

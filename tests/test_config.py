@@ -8,9 +8,10 @@ import pytest
 from harness import run
 from omegaconf import OmegaConf
 
-from pretrain.add_task.config import AddTaskConfig
-from pretrain.config import ConfigError, RunConfig, load_config, save_resolved, schema_of_file, to_yaml
-from pretrain.finetune.config import FinetuneConfig
+from pretrain.config.add_task import AddTaskConfig
+from pretrain.config.finetuning import FinetuneConfig
+from pretrain.config.load import load_config, save_resolved, schema_of_file, to_yaml
+from pretrain.config.pretraining import ConfigError, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -160,7 +161,7 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_debug_deepspeed_json_matches_the_reference():
-    from pretrain.engine import make_ds_config
+    from pretrain.parallel.engine import make_ds_config
 
     reference = {  # written out from configs/debug/pretrain.yaml by hand: fp32, ZeRO-1, 450 steps, warmup 20
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 2,

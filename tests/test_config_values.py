@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import MODEL_SIZES, ConfigError, RunConfig, load_config
-from pretrain.config_checks import RANGES, _leaves
-from pretrain.finetune.config import FinetuneConfig
+from pretrain.config.checks import RANGES, _leaves
+from pretrain.config.finetuning import FinetuneConfig
+from pretrain.config.load import load_config
+from pretrain.config.pretraining import MODEL_SIZES, ConfigError, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

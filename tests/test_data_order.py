@@ -18,7 +18,8 @@ import torch
 from harness import run, run_ranks, summary
 from test_data import write_split
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config.load import load_config
+from pretrain.config.pretraining import ConfigError
 from pretrain.data.build import build_stream, check_shards
 from pretrain.data.mixture import PartitionStream, TaskSampler
 from pretrain.data.partitions import EpochOrder, make_partition_loader, shard_lengths
@@ -227,7 +228,7 @@ def test_a_layout_change_trains_on_the_same_global_batches_and_matches_the_uncha
     """1 process for 4 steps; 2 gloo ranks (1 loader worker each) for 2 steps, resumed on 1 process for steps 3-4
     (optimizer state carried over, checkpoint.py): the global batches (keys, pixel digests) of every step are the
     same, and the final weights agree to `LAYOUT_TOLERANCE`."""
-    from pretrain.runs import load_run
+    from pretrain.runs.load import load_run
 
     script = Path(__file__).parent / "dist_scripts" / "data_order.py"
     one = run([sys.executable, str(script), str(shards), str(tmp_path / "one"), *TRAIN, "train.max_steps=4",

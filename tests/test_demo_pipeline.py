@@ -88,7 +88,7 @@ def test_eta_within_a_quarter_on_the_reference_run():
 
 
 def test_a_bad_seed_is_refused_before_any_stage(tmp_path):
-    from pretrain.config import ConfigError
+    from pretrain.config.pretraining import ConfigError
     from pretrain.demo import main
 
     root = Path(__file__).resolve().parents[1] / "configs" / "debug"

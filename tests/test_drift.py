@@ -1,4 +1,4 @@
-"""Resume safety (`pretrain.drift.check_resume`): which config keys may change when a run resumes (logged), which
+"""Resume safety (`pretrain.runs.drift.check_resume`): which config keys may change when a run resumes (logged), which
 need `train.allow_config_change`, and that a run without a checkpoint has nothing to refuse. The CLI rows (a changed
 key refused before anything is written, exit 2) are in test_bad_input.py."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pretrain import checkpoint
-from pretrain.config import load_config, save_resolved
+from pretrain.config.load import load_config, save_resolved
+from pretrain.runs import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_PRETRAIN = str(ROOT / "configs/debug/pretrain.yaml")
@@ -23,7 +23,7 @@ def _fake_run(tmp_path: Path, *overrides: str) -> Path:
 
 
 def test_resume_drift_rules(tmp_path, caplog):
-    from pretrain.drift import check_resume
+    from pretrain.runs.drift import check_resume
 
     run = _fake_run(tmp_path)
     safe = ["train.max_steps=7", "train.ckpt_every=3", "eval.max_samples=2", "logging.wandb=disabled",

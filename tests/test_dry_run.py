@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pretrain.config import load_config
-from pretrain.finetune.config import FinetuneConfig
+from pretrain.config.finetuning import FinetuneConfig
+from pretrain.config.load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # `pretrain add-task` has no --dry-run: its model is the trained MODEL's, so its configs state no parameter counts
@@ -44,7 +44,7 @@ def test_dry_run_prints_what_the_header_states(config, tmp_path, capsys, monkeyp
 
         cfg = load_config(ROOT / config, [*overrides, "finetune.init_from=''"], schema=FinetuneConfig)
     else:
-        from pretrain.train import print_dry_run
+        from pretrain.training.train import print_dry_run
 
         cfg = load_config(ROOT / config, overrides)
     assert print_dry_run(cfg) == 0

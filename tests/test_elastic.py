@@ -29,10 +29,10 @@ from harness import run_ranks, summary
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pretrain import checkpoint
 from pretrain.errors import EXIT_CHECKPOINT, CheckpointError
-from pretrain.integrity import build_manifest, read_meta, verify_tag
-from pretrain.runs import build_run_model
+from pretrain.runs import checkpoint
+from pretrain.runs.integrity import build_manifest, read_meta, verify_tag
+from pretrain.runs.load import build_run_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist_scripts"))

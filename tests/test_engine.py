@@ -13,14 +13,14 @@ from harness import run_ranks, summary
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import pretrain.engine as engine_mod
-from pretrain import checkpoint
-from pretrain.config import load_config
-from pretrain.ds_moe import DeepSpeedMoEMlp
-from pretrain.engine import apply_expert_marking, build_engine, make_ds_config, param_groups
-from pretrain.layers import moe_mlp_factory
+import pretrain.parallel.engine as engine_mod
+from pretrain.config.load import load_config
 from pretrain.models import build_model as build_from_sections
 from pretrain.models.moe import MoEMlp
+from pretrain.parallel.ds_moe import DeepSpeedMoEMlp
+from pretrain.parallel.engine import apply_expert_marking, build_engine, make_ds_config, param_groups
+from pretrain.parallel.layers import moe_mlp_factory
+from pretrain.runs import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "dist_scripts"
@@ -195,4 +195,4 @@ def test_deepspeed_builds_its_op_with_the_interpreters_ninja():
     venv_bin = os.path.dirname(sys.executable)
     if not os.path.isfile(os.path.join(venv_bin, "ninja")):
         pytest.skip(f"no ninja beside {sys.executable}")
-    assert os.environ["PATH"].split(os.pathsep)[0] == venv_bin  # set when pretrain.engine was imported
+    assert os.environ["PATH"].split(os.pathsep)[0] == venv_bin  # set when pretrain.parallel.engine was imported

@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 from harness import free_port, run_ranks, summary
 
-from pretrain.expert_parallel import ExpertComm, apply_expert_parallel, make_stats_reducer
 from pretrain.models.moe import MoEMlp
+from pretrain.parallel.expert_parallel import ExpertComm, apply_expert_parallel, make_stats_reducer
 
 
 def test_ep2_matches_ep1_on_two_gloo_ranks():

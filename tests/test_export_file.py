@@ -9,10 +9,10 @@ import pytest
 from test_extract import native_run
 
 from pretrain.cli import main as cli_main
-from pretrain.config import load_config
+from pretrain.config.load import load_config
 from pretrain.data.build import check_shards, save_class_lists
-from pretrain.portable import load_model
 from pretrain.prepare.ade20k import CLASS_NAMES, NUM_CLASSES
+from pretrain.runs.portable import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,13 +10,13 @@ from harness import run as run_cmd
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pretrain import checkpoint
 from pretrain.cli import main as cli_main
-from pretrain.config import load_config
-from pretrain.extract import count_routes, extract_submodel, make_submodel, routed_layers, save_submodel
-from pretrain.keep_rules import choose_experts, keep_mass, keep_modsquad, keep_topn
+from pretrain.config.load import load_config
+from pretrain.extraction.extract import count_routes, extract_submodel, make_submodel, routed_layers, save_submodel
+from pretrain.extraction.keep_rules import choose_experts, keep_mass, keep_modsquad, keep_topn
 from pretrain.models import build_model
-from pretrain.portable import config_metadata, load_model, write_file
+from pretrain.runs import checkpoint
+from pretrain.runs.portable import config_metadata, load_model, write_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.size=vit_debug", "model.drop_path=0.0", "model.det_min_size=64", "model.det_max_size=64",
@@ -220,9 +220,9 @@ def test_bad_requests_are_refused_with_clear_messages(full, tmp_path, capsys):
 def native_run(run_dir: Path, shards: Path, *overrides: str, seed: int = 3):
     from test_runs import write_checkpoint
 
-    from pretrain.config import save_resolved
+    from pretrain.config.load import save_resolved
     from pretrain.data.build import check_shards
-    from pretrain.runs import build_run_model
+    from pretrain.runs.load import build_run_model
 
     cfg = load_config(None, [f"data.root={shards}", f"output_dir={run_dir}", *TINY, "engine.precision=fp32",
                              *overrides])

@@ -9,8 +9,8 @@ from test_extract import native_run
 from test_submodel_build import portable
 
 from pretrain.cli import main as cli_main
-from pretrain.keep_rules import keep_share
-from pretrain.portable import load_submodel, write_file
+from pretrain.extraction.keep_rules import keep_share
+from pretrain.runs.portable import load_submodel, write_file
 
 
 def test_share_keeps_the_same_fraction_of_every_layer():

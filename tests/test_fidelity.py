@@ -7,7 +7,7 @@ The MI references below are independent transcriptions of Mod-Squad's `TaskMoE.u
 import pytest
 import torch
 
-from pretrain.config import load_config
+from pretrain.config.load import load_config
 from pretrain.models import build_backbone as build_backbone_from_sections
 from pretrain.models.moe import MoEMlp, init_experts_
 from pretrain.models.moe_attention import MoEAttention
@@ -217,7 +217,7 @@ def test_placement_defaults_and_debug_pins():
 
 
 def test_bad_option_values_are_named():
-    from pretrain.config import ConfigError
+    from pretrain.config.pretraining import ConfigError
 
     for item, key in (("moe.init=xavier", "moe.init"), ("moe.prob_eps=-1", "moe.prob_eps"),
                       ("moe.dense_attn_head_dim=-2", "moe.dense_attn_head_dim"),

@@ -43,7 +43,7 @@ def _run(cmd: list[str], timeout: float = 1200) -> subprocess.CompletedProcess:
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    from pretrain.checkpoint import MODEL_FILE, read_latest
+    from pretrain.runs.checkpoint import MODEL_FILE, read_latest
 
     tag = read_latest(run / "checkpoints")
     return torch.load(run / "checkpoints" / tag / MODEL_FILE, map_location="cpu", weights_only=True)["module"]
@@ -86,7 +86,7 @@ def test_signal_then_resume_is_bitwise_exact(dense_root, tmp_path):
     proc = popen(_cmd(dense_root, tmp_path / "cut", *steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                  text=True)
     err = signal_once_logging(proc, tmp_path / "cut" / "metrics.jsonl", wait=600, timeout=600)
-    from pretrain.signals import EXIT_REQUEUE
+    from pretrain.training.signals import EXIT_REQUEUE
 
     assert proc.returncode == EXIT_REQUEUE, err[-3000:]
     resumed = _run(_cmd(dense_root, tmp_path / "cut", *steps))
@@ -99,9 +99,9 @@ def test_signal_then_resume_is_bitwise_exact(dense_root, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("trainable", ["decoder", "routers+decoder"])
 def test_frozen_parts_stay_bit_identical(dense_root, tmp_path, trainable):
-    from pretrain.config import load_config
+    from pretrain.config.finetuning import FinetuneConfig
+    from pretrain.config.load import load_config
     from pretrain.finetune.build import build_dense_model, check_dense_shards
-    from pretrain.finetune.config import FinetuneConfig
 
     overrides = [f"data.root={dense_root}", f"output_dir={tmp_path}", f"finetune.trainable={trainable}", *FAST,
                  "train.max_steps=2", "train.eval_every=0", "finetune.grid_images=0", "eval.max_samples=4"]
@@ -127,9 +127,9 @@ def test_depth_bias_from_the_training_images(dense_root):
     (the same value on every call, hence every rank); off, the decoder keeps PyTorch's init."""
     import numpy as np
 
-    from pretrain.config import load_config
+    from pretrain.config.finetuning import FinetuneConfig
+    from pretrain.config.load import load_config
     from pretrain.finetune.build import build_dense_model, check_dense_shards, data_depth_bias
-    from pretrain.finetune.config import FinetuneConfig
 
     def config(*extra: str) -> FinetuneConfig:
         return load_config(CONFIG, [f"data.root={dense_root}", *FAST, *extra], schema=FinetuneConfig)

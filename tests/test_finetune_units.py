@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config.finetuning import FinetuneConfig
+from pretrain.config.load import load_config
+from pretrain.config.pretraining import ConfigError
 from pretrain.finetune import losses
-from pretrain.finetune.config import FinetuneConfig
 from pretrain.finetune.init import select_task_rows_
 from pretrain.models import build_backbone
 from pretrain.models.moe_losses import moe_modules

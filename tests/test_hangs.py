@@ -23,10 +23,10 @@ import pytest
 from harness import PORT_CLASH, free_port, kill_group, popen, run, timeout_scale
 from test_train import DEBUG, FAST
 
-from pretrain.checkpoint import write_latest
 from pretrain.errors import EXIT_CHECKPOINT, EXIT_PEER, EXIT_SETUP
-from pretrain.integrity import read_pointer, verify_tag
 from pretrain.log import read_metrics
+from pretrain.runs.checkpoint import write_latest
+from pretrain.runs.integrity import read_pointer, verify_tag
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +44,13 @@ if case == "no_tokens":  # every token of every rank picks experts 0..k-1: rank 
         return Routing(r.logits_SE, r.probs_SE, r.gates_SK, idx_SK, load_E)
     TaskRoutedLayer.route = first_experts
 elif case == "before_collective" and rank == 1:
-    import pretrain.engine as e
+    import pretrain.parallel.engine as e
     from pretrain.errors import SetupError
     def refuse(*a, **k):
         raise SetupError("injected on rank 1 before the process group")
     e.init_distributed = refuse
 elif case == "in_save" and rank == 1:
-    import pretrain.checkpoint as c
+    import pretrain.runs.checkpoint as c
     write = c.write_rank_state
     def broken(tag_dir, *a, **k):
         if tag_dir.name == "step_00000002":  # the first save (step 1) commits; the second fails on rank 1 alone

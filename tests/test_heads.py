@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pretrain.config import TASKS, RunConfig
+from pretrain.config.pretraining import TASKS, RunConfig
 from pretrain.models import DET_HEADS, SEG_HEADS
 from pretrain.models import build_model as build_from_sections
 from pretrain.models.heads import ClsHead, SegHead, SimpleFeaturePyramid

@@ -24,8 +24,9 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
 from pretrain.cli import main as cli_main
-from pretrain.config import ConfigError, ModelConfig, MoEConfig, load_config
-from pretrain.finetune.config import FinetuneConfig, enabled_dense_tasks
+from pretrain.config.finetuning import FinetuneConfig, enabled_dense_tasks
+from pretrain.config.load import load_config
+from pretrain.config.pretraining import ConfigError, ModelConfig, MoEConfig
 from pretrain.finetune.init import build_finetune_backbone, load_source_decoder_, mlore_import_target
 from pretrain.models import build_backbone
 from pretrain.models.decoders import MLORE_PRESETS, build_mlore, official_to_ours

@@ -12,7 +12,7 @@ import torch
 from mlore_testing import one_thread, randomize_bn, rel_err  # noqa: F401 - one_thread: an autouse fixture
 from torch import nn
 
-from pretrain.config import load_config
+from pretrain.config.load import load_config
 from pretrain.models import build_backbone
 from pretrain.models.decoders import DECODERS, MLORE_PRESETS, build_mlore, load_strict
 from pretrain.models.decoders.mlore_block import MLoREBlock
@@ -218,7 +218,7 @@ def test_saved_in_training_form_then_loaded_eval_is_merged_and_equal():
 
 
 def test_dense_model_passes_the_decoders_no_weight_decay_names_to_the_optimizer():
-    from pretrain.engine import param_groups
+    from pretrain.parallel.engine import param_groups
 
     model = tiny_dense_model()
     skip = model.no_weight_decay()

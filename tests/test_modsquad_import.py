@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from pretrain.cli import main as cli_main
-from pretrain.config import load_config
+from pretrain.config.load import load_config
 from pretrain.models import build_backbone as build_backbone_from_sections
 from pretrain.models.heads.cls import ClsHead
 from pretrain.models.modsquad import import_modsquad, parse_task_map

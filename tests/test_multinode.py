@@ -22,9 +22,9 @@ from harness import run as run_cmd
 from multinode_cluster import NODES, TwoNodeCluster, missing
 from test_train import FAST as TRAIN_FAST
 
+from pretrain.cluster.status import collect, read_jsonl
 from pretrain.dist import gloo_address_problem
-from pretrain.integrity import select_tag, verify_tag
-from pretrain.status import collect, read_jsonl
+from pretrain.runs.integrity import select_tag, verify_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = "configs/debug/pretrain.yaml"
@@ -140,7 +140,7 @@ def _latest_verifies(run: Path) -> int:
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    from pretrain.runs import load_run
+    from pretrain.runs.load import load_run
 
     return load_run(run).model.state_dict()
 

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.objective import Objective
-from pretrain.plots import plot_losses, plot_usage
-from pretrain.routing_stats import mutual_information, routing_metrics
+from pretrain.training.objective import Objective
+from pretrain.training.plots import plot_losses, plot_usage
+from pretrain.training.routing_stats import mutual_information, routing_metrics
 
 
 def test_fixed_weighting_and_aux():
@@ -22,8 +22,8 @@ def test_fixed_weighting_and_aux():
 
 
 def test_mi_weight_schedule_cosine_to_final():
-    from pretrain.config import MoEConfig, OptimConfig, TaskConfig
-    from pretrain.objective import build_objective
+    from pretrain.config.pretraining import MoEConfig, OptimConfig, TaskConfig
+    from pretrain.training.objective import build_objective
 
     moe = MoEConfig(w_mi=0.01, w_mi_start=0.5, w_mi_decay_steps=100)
     tl = build_objective({"cls": TaskConfig()}, OptimConfig(), moe)

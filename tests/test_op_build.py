@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from harness import communicate, kill_group, popen, scaled
 
-import pretrain.engine as engine
+import pretrain.parallel.engine as engine
 from pretrain import errors
-from pretrain.signals import StopFlag, in_op_build
+from pretrain.training.signals import StopFlag, in_op_build
 
 HOME_CACHE = "/home/u/.cache/torch_extensions"
 
@@ -51,7 +51,7 @@ def test_prepare_op_build_sets_the_cache_and_ninja(tmp_path):
     if os.path.isfile(os.path.join(bin_dir, "ninja")):
         assert env["PATH"].split(os.pathsep)[0] == bin_dir
     assert engine.prepare_op_build({"TORCH_EXTENSIONS_DIR": str(tmp_path)}) == str(tmp_path)  # the user's, kept
-    # this process imported pretrain.engine: torch builds DeepSpeed's op under the environment's cache
+    # this process imported pretrain.parallel.engine: torch builds DeepSpeed's op under the environment's cache
     from torch.utils.cpp_extension import _get_build_directory
 
     built = _get_build_directory("deepspeed_shm_comm", verbose=False)
@@ -144,7 +144,7 @@ def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path):
     than any build takes) is removed; a build in progress (lock newer than the op, recent) keeps its lock."""
     import os
 
-    from pretrain.engine import STALE_LOCK_BUILT_S, STALE_LOCK_S, clear_stale_build_lock
+    from pretrain.parallel.engine import STALE_LOCK_BUILT_S, STALE_LOCK_S, clear_stale_build_lock
 
     build = tmp_path / "deepspeed_shm_comm"
     build.mkdir()

@@ -9,9 +9,9 @@ import torch
 from harness import run
 from safetensors.torch import save_file
 
-from pretrain import checkpoint
-from pretrain.config import load_config, save_resolved
-from pretrain.runs import build_run_model, find_tag, load_run
+from pretrain.config.load import load_config, save_resolved
+from pretrain.runs import checkpoint
+from pretrain.runs.load import build_run_model, find_tag, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.size=vit_debug", "model.drop_path=0.0", "model.det_min_size=64", "model.det_max_size=64",

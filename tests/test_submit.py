@@ -18,7 +18,7 @@ from cluster import ENDED, job_state, queued, scontrol_job, slurm_cluster, start
 from harness import run as run_cmd
 from test_train import FAST as TRAIN_FAST
 
-from pretrain.status import collect, format_report, read_jsonl, speed
+from pretrain.cluster.status import collect, format_report, read_jsonl, speed
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = "configs/debug/pretrain.yaml"
@@ -228,7 +228,7 @@ def _preempt(env: dict, run: Path, job_id: str, after_step: int, restarts: int) 
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    from pretrain.runs import load_run
+    from pretrain.runs.load import load_run
 
     return load_run(run).model.state_dict()
 
@@ -261,7 +261,7 @@ def test_preempted_twice_requeues_and_ends_bitwise_equal_to_an_uninterrupted_cha
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 11))  # none lost, none twice
     status = _status(run, env)
     assert status["state"] == "finished" and status["checkpoint"]["tag"] == "step_00000010"
-    from pretrain.checkpoint import read_latest
+    from pretrain.runs.checkpoint import read_latest
 
     assert status["checkpoint"]["tag"] == read_latest(run / "checkpoints")  # status reads `latest` as resume does
 

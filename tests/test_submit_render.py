@@ -41,7 +41,7 @@ def _directives(script: str) -> list[list[str]]:
 
 
 def _render(tmp_path: Path, monkeypatch, run: str, **opts) -> str:
-    from pretrain.submit import TEMPLATE, JobOptions, render
+    from pretrain.cluster.submit import TEMPLATE, JobOptions, render
 
     monkeypatch.delenv("PRETRAIN_PYTHON", raising=False)
     return render(TEMPLATE.read_text(), subcommand="train", run_dir=tmp_path / run, cpus_per_task=2,
@@ -79,7 +79,7 @@ def test_render_quotes_every_value_for_sbatch_and_bash(tmp_path, monkeypatch):
     ("run", {"python": "python 'x"}, "--python \"python 'x\": not a command line"),
 ])
 def test_render_refuses_what_cannot_be_rendered_safely(tmp_path, monkeypatch, run, opts, message):
-    from pretrain.submit import SubmitError
+    from pretrain.cluster.submit import SubmitError
 
     with pytest.raises(SubmitError) as caught:
         _render(tmp_path, monkeypatch, run, **opts)

@@ -7,15 +7,15 @@ import pytest
 import torch
 from test_extract import model_file
 
-from pretrain.config import load_config
-from pretrain.extract import extract_submodel, routed_layers, save_submodel
+from pretrain.config.finetuning import FinetuneConfig
+from pretrain.config.load import load_config
+from pretrain.extraction.extract import extract_submodel, routed_layers, save_submodel
 from pretrain.finetune.build import apply_trainable_
-from pretrain.finetune.config import FinetuneConfig
 from pretrain.finetune.init import build_finetune_backbone
 from pretrain.models import build_model
 from pretrain.models.moe_routing import TaskRouter
 from pretrain.models.submodel import build_submodel, slice_state
-from pretrain.portable import load_model, load_submodel, write_file
+from pretrain.runs.portable import load_model, load_submodel, write_file
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")
@@ -134,7 +134,7 @@ def test_every_submodel_is_a_finetuning_backbone(submodel_files, tasks, exact, r
 def test_fewer_experts_per_token(tmp_path, exact):
     """`--top-k 1 --attn-top-k 1` of a k=2 model: the file rebuilds with k=1 and the trained expert width, computes
     what the full model computes when its layers route to one expert, and costs fewer FLOPs."""
-    from pretrain.extract_report import flops_per_image
+    from pretrain.extraction.report import flops_per_image
 
     full = portable(tmp_path)
     extraction = extract_submodel(full, ["cls"], rule="topn", keep=8, exact_routing=exact, top_k=1, attn_top_k=1)

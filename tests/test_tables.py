@@ -1,11 +1,10 @@
 """Tasks and choices are table entries: every per-task table covers exactly the task list, and every choice list in
 the config schemas equals the table (or tuple) that the value selects from, so a choice is never written twice."""
 
-from pretrain import config
+from pretrain.config import finetuning as ft_config
+from pretrain.config import pretraining as config
 from pretrain.data.collate import COLLATE, TARGET_KEYS
 from pretrain.data.sources import SOURCES
-from pretrain.evaluate import EVALUATORS
-from pretrain.finetune import config as ft_config
 from pretrain.finetune.evaluate import DENSE_METERS
 from pretrain.finetune.losses import build_losses
 from pretrain.models import HEADS
@@ -13,7 +12,8 @@ from pretrain.models.heads import DET_HEADS, SEG_HEADS
 from pretrain.models.heads.cls import ORDERS
 from pretrain.models.multitask import FORWARDS
 from pretrain.models.vit import PLACEMENTS
-from pretrain.objective import WEIGHTINGS
+from pretrain.training.evaluate import EVALUATORS
+from pretrain.training.objective import WEIGHTINGS
 
 
 def test_every_pretraining_table_covers_the_tasks():

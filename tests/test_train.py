@@ -31,7 +31,7 @@ def _run(cmd, timeout=900):
 
 
 def _final_weights(run_dir) -> dict[str, torch.Tensor]:
-    from pretrain.runs import load_run
+    from pretrain.runs.load import load_run
 
     return load_run(run_dir).model.state_dict()
 
@@ -121,7 +121,7 @@ def test_signal_checkpoints_and_resumes(shards, tmp_path):
         _, err = proc.communicate(timeout=360 * timeout_scale())
     finally:
         kill_group(proc)
-    from pretrain.signals import EXIT_REQUEUE
+    from pretrain.training.signals import EXIT_REQUEUE
 
     assert proc.returncode == EXIT_REQUEUE, err[-3000:]
     tag = (run / "checkpoints" / "latest").read_text().strip()
@@ -223,7 +223,7 @@ def test_non_finite_losses_skip_steps(shards, tmp_path, accum):
 
 
 def test_too_many_non_finite_steps_abort_keeping_the_last_good_checkpoint(shards, tmp_path):
-    from pretrain.signals import EXIT_ABORT
+    from pretrain.training.signals import EXIT_ABORT
 
     out = _nan_run(shards, tmp_path, "2,3,4,5,6,7", 3, "train.max_steps=8", "train.ckpt_every=2")
     assert summary(out.stdout, rank=None)["exit_code"] == EXIT_ABORT, out.stderr[-3000:]

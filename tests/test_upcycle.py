@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from pretrain.config import RunConfig
+from pretrain.config.pretraining import RunConfig
 from pretrain.models import build_backbone as build_backbone_from_sections
 from pretrain.models.moe import MoEMlp
 from pretrain.models.upcycle import load_state_dict_file, upcycle_vit

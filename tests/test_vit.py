@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from pretrain.config import TASKS, RunConfig
+from pretrain.config.pretraining import TASKS, RunConfig
 from pretrain.models import BACKBONE_SIZES
 from pretrain.models import build_backbone as build_backbone_from_sections
 from pretrain.models.moe import MoEMlp

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from pretrain import dist
-from pretrain.config import DataConfig, TaskConfig, task_kind
-from pretrain.config_checks import ConfigError
+from pretrain.config.checks import ConfigError
+from pretrain.config.pretraining import DataConfig, TaskConfig, task_kind
 from pretrain.data.build import DataSpec, build_sampler, check_shards, resolve_shards
 from pretrain.data.dense import DENSE_DATASETS, dense_info, make_dense_eval_loader, make_dense_train_loader
 from pretrain.data.mixture import MixedStream

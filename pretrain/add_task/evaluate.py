@@ -1,6 +1,6 @@
 """`pretrain evaluate RUN_DIR` of an add-task run: the tasks it added, read from the model file it wrote
 (`output_dir/<add_task.out>`, what `load_model` serves), each on its own val shards with its kind's evaluator
-(`pretrain.evaluate.EVALUATORS`).
+(`pretrain.training.evaluate.EVALUATORS`).
 
 The old tasks are not evaluated here: everything they read is bit-identical to the trained model's
 (tests/test_add_task.py), so their metrics are that model's (`pretrain evaluate` of its pretraining run). The run's
@@ -15,15 +15,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from pretrain import dist
-from pretrain.add_task.config import AddTaskConfig
 from pretrain.add_task.dense import evaluate_semseg, source_of
-from pretrain.config import DataConfig, TaskConfig
+from pretrain.config.add_task import AddTaskConfig
+from pretrain.config.pretraining import DataConfig, TaskConfig
 from pretrain.data.build import check_shards, resolve_shards
 from pretrain.data.sources import read_shard_info
 from pretrain.errors import UsageError
-from pretrain.evaluate import evaluate_model
 from pretrain.log import MetricsWriter, setup_logging
-from pretrain.portable import load_model
+from pretrain.runs.portable import load_model
+from pretrain.training.evaluate import evaluate_model
 
 
 def main(cfg: AddTaskConfig) -> int:

@@ -17,22 +17,23 @@ from typing import Any
 
 import torch
 
-from pretrain import checkpoint, dist
-from pretrain.add_task.config import AddTaskConfig, data_tasks
+from pretrain import dist
 from pretrain.add_task.dense import AddedData, build_added_stream, check_added_shards
-from pretrain.config import task_kind, task_order
+from pretrain.config.add_task import AddTaskConfig, data_tasks
+from pretrain.config.pretraining import task_kind, task_order
 from pretrain.data.build import build_sampler, build_stream
 from pretrain.data.collate import TARGET_KEYS
-from pretrain.drift import check_resume
 from pretrain.errors import UsageError
 from pretrain.log import MetricsWriter, progress, setup_logging
-from pretrain.loop import LossWindow, NonFiniteGuard, agree, start_engine, to_device
 from pretrain.models.grow import GrowingModel, grow, merged_state
 from pretrain.models.grow_layers import META_KEY, grown_moe, limits_meta
 from pretrain.models.moe_losses import collect_aux_losses
-from pretrain.objective import build_objective
-from pretrain.portable import PortableModel, config_metadata, config_sections, load_model, read_meta, write_file
-from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE, stop_flag
+from pretrain.runs import checkpoint
+from pretrain.runs.drift import check_resume
+from pretrain.runs.portable import PortableModel, config_metadata, config_sections, load_model, read_meta, write_file
+from pretrain.training.lifecycle import LossWindow, NonFiniteGuard, agree, start_engine, to_device
+from pretrain.training.objective import build_objective
+from pretrain.training.signals import EXIT_ABORT, EXIT_REQUEUE, stop_flag
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def load_source(source: str | Path, new_tasks: list[str]) -> PortableModel:
     """The trained model MODEL names: a pretraining run directory (its latest checkpoint) or a model file.
     Anything else (a submodel, a fine-tuning run, a foreign file) and a model that already has one of `new_tasks`
     are a UsageError naming it (exit 2), found from the metadata before the model is built."""
-    from pretrain.export import consolidate
+    from pretrain.extraction.export import consolidate
 
     source = Path(source)
     try:

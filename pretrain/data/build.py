@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import DataConfig, TaskConfig, enabled_tasks, task_kind, task_order
+from pretrain.config.pretraining import DataConfig, TaskConfig, enabled_tasks, task_kind, task_order
 from pretrain.data.mixture import MixedStream, PartitionStream, TaskSampler
 from pretrain.data.partitions import check_layout, make_partition_loader
 from pretrain.data.sources import make_eval_loader, read_shard_info, task_info

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch.utils.data
 
-from pretrain.config_checks import ConfigError
+from pretrain.config.checks import ConfigError
 from pretrain.data.collate import ring_fields
 from pretrain.data.decode import is_allowed_member
 from pretrain.data.ring import BatchRing, RingLoader

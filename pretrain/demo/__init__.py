@@ -200,9 +200,9 @@ def check_seeds(stages: list[Stage], records: Path) -> None:
 
 
 def main(out: Path, *, pretrain_config: str, finetune_config: str, fast: bool = False, seed: int = 0) -> int:
-    from pretrain.config import load_config
+    from pretrain.config.finetuning import FinetuneConfig
+    from pretrain.config.load import load_config
     from pretrain.demo.report import write_report
-    from pretrain.finetune.config import FinetuneConfig
 
     # a wrong config or seed is one line and exit 2 now, not after minutes of data stages (N+1 is the second seed)
     load_config(pretrain_config, [f"seed={seed}"])

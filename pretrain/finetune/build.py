@@ -11,19 +11,19 @@ import torch
 from torch import nn
 
 from pretrain import dist
+from pretrain.config.finetuning import DENSE_TASKS, FinetuneConfig, enabled_dense_tasks
 from pretrain.data.build import resolve_shards
 from pretrain.data.dense import DENSE_DATASETS, make_dense_eval_loader, make_dense_train_loader
 from pretrain.data.mixture import MixedStream, TaskSampler
 from pretrain.data.sources import read_shard_info
 from pretrain.dist import DistInfo
-from pretrain.finetune.config import DENSE_TASKS, FinetuneConfig, enabled_dense_tasks
 from pretrain.finetune.init import build_finetune_backbone, load_source_decoder_
 from pretrain.finetune.losses import build_losses
 from pretrain.models.decoders import DECODERS
 from pretrain.models.dense import DenseModel
 from pretrain.models.moe_losses import moe_modules
 from pretrain.models.moe_routing import TaskRouter
-from pretrain.objective import build_objective
+from pretrain.training.objective import build_objective
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from pretrain import dist
+from pretrain.config.finetuning import FinetuneConfig
 from pretrain.data.dense_decode import DENSE_DATASETS
-from pretrain.finetune.config import FinetuneConfig
 from pretrain.log import progress
 from pretrain.metrics import DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegmentationMeter
 from pretrain.metrics.edges import EDGE_DATASETS, TARGET_GT_BOUNDARY
@@ -159,7 +159,7 @@ def evaluate_dense(cfg: FinetuneConfig, model: torch.nn.Module, loader, tasks: l
 
 def plot_grid(batch: dict, preds: dict[str, Tensor], tasks: list[str], out: Path, limit: int) -> Path | None:
     """PNG grid: per image (row) the image, then ground truth and prediction of every task."""
-    from pretrain.plots import _pyplot
+    from pretrain.training.plots import _pyplot
 
     n = min(limit, len(batch["images"]))
     if n == 0:
@@ -196,11 +196,11 @@ def _show(x_CHW: Tensor) -> Tensor:
 
 def main(cfg: FinetuneConfig) -> int:
     """`pretrain evaluate RUN_DIR` of a fine-tuning run: its latest checkpoint on the val shards, in this process."""
-    from pretrain.checkpoint import TAG_RE, load_model_weights
+    from pretrain.config.finetuning import enabled_dense_tasks
     from pretrain.finetune.build import build_dense_model, check_dense_shards, make_eval_loader
-    from pretrain.finetune.config import enabled_dense_tasks
     from pretrain.log import MetricsWriter, setup_logging
-    from pretrain.runs import find_tag
+    from pretrain.runs.checkpoint import TAG_RE, load_model_weights
+    from pretrain.runs.load import find_tag
 
     info = dist.resolve()
     dist.export(info)

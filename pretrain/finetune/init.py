@@ -19,14 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.config import TASKS, ModelConfig, MoEConfig, load_config
-from pretrain.config_checks import ConfigError
-from pretrain.finetune.config import FinetuneConfig, enabled_dense_tasks
-from pretrain.layers import moe_mlp_factory
+from pretrain.config.checks import ConfigError
+from pretrain.config.finetuning import FinetuneConfig, enabled_dense_tasks
+from pretrain.config.load import load_config
+from pretrain.config.pretraining import TASKS, ModelConfig, MoEConfig
 from pretrain.models import backbone_size, build_backbone
 from pretrain.models.moe_losses import moe_modules
 from pretrain.models.moe_routing import TaskRouter
 from pretrain.models.vit import VisionTransformer
+from pretrain.parallel.layers import moe_mlp_factory
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def source_sections(src: str) -> tuple[ModelConfig, MoEConfig] | None:
     meta = _portable_meta(path) if path.is_file() else None
     if meta is None:
         return None
-    from pretrain.portable import config_sections
+    from pretrain.runs.portable import config_sections
 
     try:
         model, moe, _ = config_sections(path, meta)
@@ -100,7 +101,7 @@ def _portable_meta(path: Path) -> dict | None:
     """The metadata of a file written by `pretrain export` / `pretrain extract`, or None for any other file."""
     if path.suffix != ".safetensors":
         return None
-    from pretrain.portable import FORMAT, decode_meta, read_meta
+    from pretrain.runs.portable import FORMAT, decode_meta, read_meta
 
     try:
         meta = read_meta(path)
@@ -121,7 +122,7 @@ def load_source_backbone(cfg: FinetuneConfig) -> tuple[VisionTransformer, tuple[
         logger.info("backbone: random initialisation (%s, %s placement)", cfg.model.size, cfg.moe.placement)
         return build_backbone(cfg.model, cfg.moe, moe_mlp_layer=moe_mlp_factory(cfg.moe, cfg.engine, rank=0)), TASKS
     if path.is_dir():
-        from pretrain.runs import load_run
+        from pretrain.runs.load import load_run
 
         run = load_run(path)
         logger.info("backbone: run %s at step %d (its model/moe sections replace the config's)", path, run.step)
@@ -133,7 +134,7 @@ def load_source_backbone(cfg: FinetuneConfig) -> tuple[VisionTransformer, tuple[
     if meta is not None and meta.get("kind") == DENSE_KIND:
         return _dense_backbone(cfg, path), TASKS
     if meta is not None:
-        from pretrain.portable import config_sections, load_backbone
+        from pretrain.runs.portable import config_sections, load_backbone
 
         rows = tuple(meta["task_names"]) if meta.get("kind") == "submodel" else TASKS
         logger.info("backbone: %s (%s file, task rows %s)", path, meta.get("kind"), list(rows))
@@ -203,7 +204,7 @@ def _dense_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 def _dense_backbone(cfg: FinetuneConfig, path: Path) -> VisionTransformer:
     """The backbone of a `dense` file, built from the file's model/moe sections (its geometry: no class token,
     position embedding at the official training grid); drop path is the fine-tuning config's."""
-    from pretrain.portable import config_sections, read_meta
+    from pretrain.runs.portable import config_sections, read_meta
 
     model, moe, _ = config_sections(path, read_meta(path, DENSE_KIND))
     adopt_source_sections_(cfg, model, moe, str(path))
@@ -306,7 +307,7 @@ def import_mlore_file(cfg: FinetuneConfig, checkpoint: str | Path, out: str | Pa
     mapped / dropped key counts with the reason per dropped group, and the overrides that take the decoder too.
     """
     from pretrain.models.mlore_import import import_mlore, official_shape, read_official
-    from pretrain.portable import config_metadata, write_file
+    from pretrain.runs.portable import config_metadata, write_file
 
     if cfg.moe.placement != "dense" or cfg.finetune.decoder != "mlore":
         raise ValueError(f"--config: an official MLoRE checkpoint is a plain ViT + MLoRE decoder: set moe.placement="

@@ -1,7 +1,7 @@
 """`pretrain finetune`: dense multi-task fine-tuning on the same engine as pretraining.
 
 `main` builds (shards → backbone from `finetune.init_from` → decoder → engine → resume); `finetune_loop` reads top to
-bottom like the pretraining loop, on the pieces of `pretrain/loop.py`: per step forward every task, agree across
+bottom like the pretraining loop, on the pieces of `training/lifecycle.py`: per step forward every task, agree across
 ranks, backward/step, log, checkpoint, evaluate.
 """
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from pretrain import checkpoint, dist
-from pretrain.config import to_yaml
+from pretrain import dist
+from pretrain.config.finetuning import FinetuneConfig, enabled_dense_tasks
+from pretrain.config.load import to_yaml
 from pretrain.data.dense import DENSE_DATASETS
-from pretrain.drift import check_resume
 from pretrain.finetune.build import (
     DenseData,
     build_dense_model,
@@ -26,11 +26,13 @@ from pretrain.finetune.build import (
     make_eval_loader,
     make_stream,
 )
-from pretrain.finetune.config import FinetuneConfig, enabled_dense_tasks
 from pretrain.finetune.evaluate import evaluate_dense, plot_grid
 from pretrain.finetune.init import SOURCE_KEYS, source_sections
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
-from pretrain.loop import (
+from pretrain.models.moe_losses import collect_aux_losses
+from pretrain.runs import checkpoint
+from pretrain.runs.drift import check_resume
+from pretrain.training.lifecycle import (
     LossWindow,
     NonFiniteGuard,
     TaskTimer,
@@ -41,9 +43,8 @@ from pretrain.loop import (
     start_engine,
     to_device,
 )
-from pretrain.models.moe_losses import collect_aux_losses
-from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE, stop_flag
-from pretrain.tracking import Tracker, wandb_mode
+from pretrain.training.signals import EXIT_ABORT, EXIT_REQUEUE, stop_flag
+from pretrain.training.tracking import Tracker, wandb_mode
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def finetune_loop(cfg: FinetuneConfig, engine, model, data: DenseData, info: dis
     writer.close()
     tracker.finish()
     if info.is_main and cfg.logging.plots:
-        from pretrain.plots import plot_losses
+        from pretrain.training.plots import plot_losses
 
         plot_losses(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_curves.png")
     return exit_code

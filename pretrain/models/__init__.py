@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from pretrain.config import TASKS, ModelConfig, MoEConfig, TaskConfig, task_kind, task_order
-from pretrain.config_checks import ConfigError
+from pretrain.config.checks import ConfigError
+from pretrain.config.pretraining import TASKS, ModelConfig, MoEConfig, TaskConfig, task_kind, task_order
 from pretrain.models.heads import DET_HEADS, SEG_HEADS, ClsHead, DetHead, SegHead
 from pretrain.models.moe import MoEMlp
 from pretrain.models.moe_attention import MoEAttention
@@ -57,7 +57,7 @@ def moe_kwargs(model: ModelConfig, moe: MoEConfig) -> tuple[dict[str, Any], dict
 
     `moe.expert_hidden=0` → mlp_ratio·dim/top_k (k active experts: MLP FLOPs equal the dense MLP's);
     `moe.attn_head_dim=0` → dim/num_heads; `auto` inits resolve per placement (`vit.PLACEMENT_INITS`).
-    ep_size/ep_rank are not set here: the rank is a runtime fact, so `pretrain.layers.moe_mlp_factory` binds them
+    ep_size/ep_rank are not set here: the rank is a runtime fact, so `parallel.layers.moe_mlp_factory` binds them
     in the `moe_mlp_layer` factory passed to `build_model`.
     """
     size, m = backbone_size(model), moe
@@ -142,7 +142,7 @@ def build_model(*, model: ModelConfig, moe: MoEConfig, tasks: dict[str, TaskConf
         task_names: build only these tasks, with router / task-embedding rows 0..T'-1 in this order (a submodel);
             default: every enabled task at its `config.task_order` row (`TASKS`, then tasks added by
             `pretrain add-task`), T = that many rows. A task's head and forward are its kind's (`config.task_kind`).
-        objective: the loss module (`pretrain.objective.Objective`): a child of the model, so its parameters
+        objective: the loss module (`pretrain.training.objective.Objective`): a child of the model, so its parameters
             (uncertainty weights) are optimised and checkpointed with it.
     """
     order = tuple(task_names) if task_names is not None else task_order(tasks)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pretrain.config import ModelConfig, MoEConfig, TaskConfig, task_order
+from pretrain.config.pretraining import ModelConfig, MoEConfig, TaskConfig, task_order
 from pretrain.models import build_model
 from pretrain.models.grow_layers import LAYER_TYPES, LimitedRouting, grown_moe, limits_of, split_grouped, split_stacked
 from pretrain.models.moe import GroupedLinear, MoEMlp

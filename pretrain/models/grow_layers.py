@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.config import ModelConfig, MoEConfig
+from pretrain.config.pretraining import ModelConfig, MoEConfig
 from pretrain.models import backbone_size
 from pretrain.models.moe import MoEMlp, Routing
 from pretrain.models.moe_attention import MoEAttention

@@ -4,7 +4,7 @@ Routing: per-task router -> softmax -> top-k -> stable argsort of the S*K token-
 rows -> each expert runs on its contiguous slice (one GEMM per expert per layer) -> results go back to token order
 and are combined with the gates in one batched matmul. No capacity, no padding, no one-hot [S, E, C] tensor: no
 token is ever dropped. With expert parallelism the sorted rows travel to the rank holding their expert through
-an injected `comm` (see pretrain/expert_parallel.py); this module never imports torch.distributed. Routers and
+an injected `comm` (see pretrain/parallel/expert_parallel.py); this module never imports torch.distributed. Routers and
 statistics live in `moe_routing.py`; MOE.md has the design notes.
 """
 

@@ -62,7 +62,7 @@ class MultiTaskModel(nn.Module):
         tasks: task name → task id (the routers' / task embedding's row); same keys as `heads`.
         kinds: task name → the pretraining task (`cls`, `det`, `seg`) whose forward it runs (`FORWARDS`); default:
             each task is its own kind (a task added by `pretrain add-task` has another name).
-        objective: the loss module combining task and auxiliary losses (`pretrain.objective.Objective`), or None for
+        objective: the loss module combining task and auxiliary losses (`training.objective.Objective`), or None for
             a model that is only evaluated. A child module, so its parameters are trained and checkpointed.
 
     Batches are single-task (one `forward` per task batch). Images arrive as uint8 [B,3,H,W]; cls/seg normalise

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pretrain.config import ModelConfig, MoEConfig, TaskConfig
+from pretrain.config.pretraining import ModelConfig, MoEConfig, TaskConfig
 from pretrain.models import backbone_size, build_model
 from pretrain.models.moe import MoEMlp, Routing, TaskRoutedLayer
 from pretrain.models.moe_attention import MoEAttention

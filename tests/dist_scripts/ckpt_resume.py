@@ -1,4 +1,4 @@
-"""Save/resume via pretrain.checkpoint on 2 gloo ranks, EP=2: `ckpt_resume.py 1,2 OUT_DIR` (test_checkpoint.py).
+"""Save/resume via pretrain.runs.checkpoint on 2 gloo ranks, EP=2: `ckpt_resume.py 1,2 OUT_DIR` (test_checkpoint.py).
 
 Per ZeRO stage, with noisy gating and drop path on (so the RNG state matters):
 1. train SAVE_AT steps, save (client_state + capture_rng()), train to STEPS: the uninterrupted reference;
@@ -25,8 +25,8 @@ from engine_common import build, eval_logits, make_cfg, train_step
 from report import emit, max_abs_diff
 from safetensors.torch import save_file
 
-from pretrain import checkpoint
-from pretrain.engine import WeightsOnlyCheckpointEngine, build_engine, init_distributed
+from pretrain.parallel.engine import WeightsOnlyCheckpointEngine, build_engine, init_distributed
+from pretrain.runs import checkpoint
 
 SAVE_AT, STEPS = 2, 5
 

@@ -9,8 +9,8 @@ import sys
 
 from report import emit
 
-import pretrain.train as train
-from pretrain.config import load_config
+import pretrain.training.train as train
+from pretrain.config.load import load_config
 
 shards, out, *extra = sys.argv[1:]
 cfg = load_config("configs/debug/pretrain.yaml", [f"data.root={shards}", f"output_dir={out}", *extra])

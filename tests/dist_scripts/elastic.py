@@ -23,9 +23,9 @@ import torch.distributed as dist
 from engine_common import CLASSES, IMG, W_MI, build, make_cfg
 from report import emit
 
-from pretrain import checkpoint
-from pretrain.engine import build_engine, init_distributed
 from pretrain.models.moe_losses import collect_aux_losses
+from pretrain.parallel.engine import build_engine, init_distributed
+from pretrain.runs import checkpoint
 
 GLOBAL = 4  # images per optimizer step, split evenly over 1, 2 or 4 ranks
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.config import RunConfig, load_config
-from pretrain.layers import moe_mlp_factory
+from pretrain.config.load import load_config
+from pretrain.config.pretraining import RunConfig
 from pretrain.models import build_model
 from pretrain.models.moe_losses import collect_aux_losses
+from pretrain.parallel.layers import moe_mlp_factory
 
 BATCH, IMG, CLASSES = 4, 32, 10
 W_MI = 0.01

@@ -1,7 +1,7 @@
 """`moe.backend=deepspeed` with ep_size=2 on 2 gloo ranks: `engine_ds_backend.py OUT_DIR` (tests/test_engine.py).
 
 Trains STEPS optimizer steps with ZeRO-1 (loss finite, router and expert weights move, aux statistics present),
-saves through pretrain.checkpoint, and rank 0 writes the eval logits of the 2-rank model on fixed images to
+saves through pretrain.runs.checkpoint, and rank 0 writes the eval logits of the 2-rank model on fixed images to
 OUT_DIR/ref_ds.safetensors; the test loads the checkpoint into one process without DeepSpeed and compares.
 A failed check raises naming what; success prints the summary (report.emit) {"losses", "changed"} (rank 0's
 losses per step, the weights checked to have moved) and then "DS BACKEND OK".
@@ -17,9 +17,9 @@ from engine_common import build, eval_logits, make_cfg, train_step
 from report import emit
 from safetensors.torch import save_file
 
-from pretrain import checkpoint
-from pretrain.ds_moe import DeepSpeedMoEMlp
-from pretrain.engine import build_engine, init_distributed
+from pretrain.parallel.ds_moe import DeepSpeedMoEMlp
+from pretrain.parallel.engine import build_engine, init_distributed
+from pretrain.runs import checkpoint
 
 STEPS = 2
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from engine_common import build, make_cfg, train_step
 from report import emit, max_abs_diff
 
-from pretrain.engine import build_engine, init_distributed
+from pretrain.parallel.engine import build_engine, init_distributed
 
 STEPS, TOL, WEIGHT_TOL = 4, 1e-5, 1e-4
 

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from report import emit, max_abs_diff
 
-from pretrain.expert_parallel import ExpertComm, apply_expert_parallel, make_stats_reducer
 from pretrain.models.moe import MoEMlp
+from pretrain.parallel.expert_parallel import ExpertComm, apply_expert_parallel, make_stats_reducer
 
 D, H, E, K, T, B, N = 12, 20, 4, 2, 3, 3, 6
 TOL = 1e-5

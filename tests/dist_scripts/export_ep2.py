@@ -1,7 +1,7 @@
 """An EP=2 training run for tests/test_extract.py: `export_ep2.py SHARDS RUN_DIR [key=value ...]` on 2 gloo ranks.
 
 Builds the three-task model with `engine.ep_size=2` (each rank holds half of the MoE MLP experts), trains one cls step
-through DeepSpeed (ZeRO-1 unless overridden), saves the checkpoint with `pretrain.checkpoint.save` and the run's
+through DeepSpeed (ZeRO-1 unless overridden), saves the checkpoint with `pretrain.runs.checkpoint.save` and the run's
 `config.yaml`, then every rank runs the eval forwards of fixed images for every task (collective under EP) and rank 0
 writes them to RUN_DIR/ref.safetensors (cls/seg logits, det boxes/scores/labels per image). Prints "EXPORT EP2 OK".
 """
@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from pretrain import checkpoint
-from pretrain.config import load_config, save_resolved
+from pretrain.config.load import load_config, save_resolved
 from pretrain.data.build import check_shards
-from pretrain.engine import build_engine, init_distributed
-from pretrain.runs import build_run_model
+from pretrain.parallel.engine import build_engine, init_distributed
+from pretrain.runs import checkpoint
+from pretrain.runs.load import build_run_model
 
 TINY = ["model.size=vit_debug", "model.drop_path=0.0", "model.det_min_size=64", "model.det_max_size=64",
         "model.pyramid_dim=32", "moe.num_experts=4", "moe.top_k=2", "moe.attn_num_experts=4", "moe.attn_top_k=2",

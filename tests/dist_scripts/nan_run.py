@@ -10,8 +10,8 @@ import sys
 
 from report import emit
 
-import pretrain.train as train
-from pretrain.config import load_config
+import pretrain.training.train as train
+from pretrain.config.load import load_config
 
 shards, out, bad, max_bad, *extra = sys.argv[1:]
 bad_steps = {int(s) for s in bad.split(",") if s}

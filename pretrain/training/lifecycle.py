@@ -117,7 +117,7 @@ class TaskTimer:
 def already_complete(run_dir: Path, max_steps: int) -> bool:
     """True when the run's committed checkpoint is at `max_steps` or beyond (a chained job then has nothing to do;
     a damaged `latest` is left to resume, which falls back to the newest intact checkpoint)."""
-    from pretrain import checkpoint
+    from pretrain.runs import checkpoint
 
     latest, damaged = checkpoint.read_pointer(run_dir / "checkpoints")
     done = None if damaged else checkpoint.TAG_RE.match(latest or "")
@@ -136,9 +136,9 @@ def start_engine(cfg: Any, model: torch.nn.Module, info: dist.DistInfo) -> tuple
     Args: cfg: a run or fine-tuning config (its `engine`, `optim`, `train`, `seed`, `output_dir`).
     Returns: (engine, start step, this rank's saved stream state or None).
     """
-    from pretrain import checkpoint
-    from pretrain.config import save_resolved
-    from pretrain.engine import build_engine, init_distributed, make_ds_config
+    from pretrain.config.load import save_resolved
+    from pretrain.parallel.engine import build_engine, init_distributed, make_ds_config
+    from pretrain.runs import checkpoint
 
     run_dir = Path(cfg.output_dir)
     ds_config = make_ds_config(cfg.engine, cfg.optim, max_steps=cfg.train.max_steps, world_size=info.world_size)

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from pretrain.config import ModelConfig, MoEConfig, TaskConfig
+from pretrain.config.pretraining import ModelConfig, MoEConfig, TaskConfig
 from pretrain.durable import check_writable, honour_umask
 from pretrain.errors import UsageError
 
@@ -186,7 +186,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Portable
 
     Returns a `PortableModel` in eval mode: `model(images_uint8_B3HW, task="cls"|"det"|"seg")`.
     """
-    from pretrain.config import task_order
+    from pretrain.config.pretraining import task_order
     from pretrain.models import build_model
     from pretrain.models.grow_layers import layer_factories
 
@@ -244,7 +244,7 @@ def load_backbone(source: str | Path, device: str | torch.device = "cpu") -> nn.
     """
     source = Path(source)
     if source.is_dir():
-        from pretrain.runs import load_run
+        from pretrain.runs.load import load_run
 
         return load_run(source).model.backbone.to(device)
     return load_any(source, device).backbone

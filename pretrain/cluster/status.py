@@ -16,15 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-# `checkpoint.TAG_RE` and `checkpoint.read_latest` say the same; importing pretrain.checkpoint pulls in torch and
+# `checkpoint.TAG_RE` and `checkpoint.read_latest` say the same; importing pretrain.runs.checkpoint pulls in torch and
 # DeepSpeed (~6 s), too slow for a status line, and read_latest raises on a half-written directory.
 TAG_RE = re.compile(r"step_(\d{8})$")
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
           "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"}
 JOB_FIELDS = ("JobState", "Reason", "Restarts", "ExitCode", "RunTime", "TimeLimit", "StartTime", "NodeList")
-EXIT_VERDICTS = {0: "stopped", 3: "aborted", 75: "preempted"}  # pretrain.signals: EXIT_ABORT, EXIT_REQUEUE
+EXIT_VERDICTS = {0: "stopped", 3: "aborted", 75: "preempted"}  # pretrain.training.signals: EXIT_ABORT, EXIT_REQUEUE
 ATTEMPT_HEADER = re.compile(r"^=== pretrain: job \d+ attempt \d+ \(", re.MULTILINE)  # slurm/train.sbatch
-RUN_START = re.compile(r"training steps \d+ → \d+")  # pretrain/train.py's first line of every run (rank logs)
+RUN_START = re.compile(r"training steps \d+ → \d+")  # pretrain/training/train.py's first line of every run (rank logs)
 LOG_MARKERS = (("aborting:", "aborted"), ("stopped by signal", "preempted"), ("run already complete", "finished"))
 # what srun and slurmstepd print when SLURM declares a node of the job dead (slurmd unreachable for SlurmdTimeout)
 NODE_FAILURE_RES = (re.compile(r"srun: error: Node failure on (\S+)"),
@@ -68,7 +68,7 @@ def latest_checkpoint(run_dir: Path) -> dict | None:
 
 def max_steps(run_dir: Path) -> int | None:
     """train.max_steps of the run's resolved config.yaml, or None when it is missing or unreadable."""
-    from pretrain.config import load_config, schema_of_file
+    from pretrain.config.load import load_config, schema_of_file
 
     try:
         path = run_dir / "config.yaml"

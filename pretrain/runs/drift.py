@@ -17,8 +17,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pretrain.config import ConfigError
-from pretrain.integrity import LATEST, TAG_RE
+from pretrain.config.pretraining import ConfigError
+from pretrain.runs.integrity import LATEST, TAG_RE
 
 logger = logging.getLogger(__name__)
 

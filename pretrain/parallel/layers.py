@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pretrain import dist
-from pretrain.config import EngineConfig, MoEConfig
+from pretrain.config.pretraining import EngineConfig, MoEConfig
 from pretrain.models.moe import MoEMlp
 
 
@@ -46,7 +46,7 @@ def moe_mlp_factory(moe: MoEConfig, engine: EngineConfig, *, rank: int | None = 
     ep_size = engine.ep_size
     ep_rank = (dist.resolve().rank if rank is None else rank) % ep_size
     if moe.backend == "deepspeed":
-        from pretrain.ds_moe import DeepSpeedMoEMlp  # imports DeepSpeed: only for this backend
+        from pretrain.parallel.ds_moe import DeepSpeedMoEMlp  # imports DeepSpeed: only for this backend
 
         return functools.partial(DeepSpeedMoEMlp, ep_size=ep_size, ep_rank=ep_rank,
                                  capacity_factor=moe.capacity_factor)

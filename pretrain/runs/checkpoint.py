@@ -9,15 +9,15 @@ Layout of `<ckpt_dir>/step_{step:08d}/` (the tag):
   GLOBAL ids, keys `<layer>.experts.<param>.<id>` (native, one slice of the stacked tensor per expert) or
   `<layer>.deepspeed_moe.experts.deepspeed_experts.<id>.<param>` (DeepSpeed backend). Together the files hold
   every expert for any ep_size, and any ep_size dividing E can load them; each file's metadata holds a CRC-32 per
-  expert, checked on every read (`pretrain.expert_files`).
+  expert, checked on every read (`pretrain.runs.expert_files`).
 - `optim_dense.safetensors` + `optim_experts_ep{r}.safetensors`: the fp32 masters, Adam moments and step counts per
   parameter / per global expert, independent of the layout: what a resume at another world size or ep_size loads
-  (`pretrain.elastic_state`).
+  (`pretrain.runs.elastic_state`).
 - `rank_{r:05d}.json` + `rank_{r:05d}.safetensors`: this rank's `rank_state` (RNG states, stream position...):
-  tensors in safetensors, the rest in JSON (`pretrain.rank_state`).
+  tensors in safetensors, the rest in JSON (`pretrain.runs.rank_state`).
   DeepSpeed saves `client_state` from DP rank 0 only and no RNG state.
 - `pretrain_meta.json`: step, world size, ep_size and `files`, the size + CRC-32 manifest of every other file of
-  the tag (`pretrain.integrity`). `client_state` sits under one key of DeepSpeed's model file.
+  the tag (`pretrain.runs.integrity`). `client_state` sits under one key of DeepSpeed's model file.
 
 Commit protocol: every rank writes its files, barrier, rank 0 lists the tag, writes the metadata with its manifest,
 fsyncs the tag and replaces `<ckpt_dir>/latest` (the file DeepSpeed reads: the tag, no newline) atomically (tmp +
@@ -45,9 +45,9 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 
 from pretrain.durable import atomic_write, fsync_path
-from pretrain.elastic_state import has_state, load_state, save_state
+from pretrain.runs.elastic_state import has_state, load_state, save_state
 from pretrain.errors import CheckpointError, one_line
-from pretrain.expert_files import (  # noqa: F401 - ExpertFiles, expert_id, local_expert_tensors: this module's interface
+from pretrain.runs.expert_files import (
     ExpertFiles,
     expert_id,
     expert_prefix,
@@ -56,7 +56,7 @@ from pretrain.expert_files import (  # noqa: F401 - ExpertFiles, expert_id, loca
     local_expert_tensors,
     write_experts,
 )
-from pretrain.integrity import (  # noqa: F401 - LATEST, META, TAG_RE are part of this module's interface
+from pretrain.runs.integrity import (
     LATEST,
     META,
     TAG_RE,
@@ -68,13 +68,7 @@ from pretrain.integrity import (  # noqa: F401 - LATEST, META, TAG_RE are part o
     verify_tag,
 )
 from pretrain.models.moe_losses import expert_layers
-from pretrain.rank_state import (  # noqa: F401 - capture/restore/read/write are part of this module's interface
-    capture_rng,
-    json_only,
-    read_rank_state,
-    restore_rng,
-    write_rank_state,
-)
+from pretrain.runs.rank_state import capture_rng, json_only, read_rank_state, restore_rng, write_rank_state
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +241,7 @@ def load_latest(engine, ckpt_dir: str | Path) -> tuple[int, dict, dict] | None:
     The tag `latest` names if its manifest verifies, else the newest older one that does (warned). Same world size
     and ep_size: everything through DeepSpeed's own files, bit-exact (weights, fp32 masters, Adam moments, lr
     schedule, step counters). Another layout: DeepSpeed loads weights, lr schedule and counters, and
-    `pretrain.elastic_state` sets the fp32 masters, Adam moments and step counts re-sliced for this layout (logged;
+    `pretrain.runs.elastic_state` sets the fp32 masters, Adam moments and step counts re-sliced for this layout (logged;
     a checkpoint older than that state restarts the optimizer, warned). Ranks beyond the old world take rank 0's
     rank_state. Raises CheckpointError naming the file that cannot be read.
     """

@@ -2,7 +2,7 @@
 source, head and forward, is the one its `head` belongs to: `config.task_kind`), where to start from, and the
 training sections shared with pretraining. The model's own sections (`model`, `moe`, its tasks) come from MODEL.
 
-Registered in `pretrain.config.VALIDATORS` / `SCHEMAS` under its section name `add_task`, so a file with an
+Listed in `pretrain.config.load.SCHEMAS` / `VALIDATORS` under its section name `add_task`, so a file with an
 `add_task:` section is recognised as this command's.
 """
 
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pretrain.config import CHOICES as CORE_CHOICES
-from pretrain.config import (
-    SCHEMAS,
+from pretrain.config.checks import ConfigError, check_choices, check_values, need
+from pretrain.config.pretraining import CHOICES as CORE_CHOICES
+from pretrain.config.pretraining import (
     TASKS,
-    VALIDATORS,
     DataConfig,
     EngineConfig,
     EvalConfig,
@@ -25,7 +24,6 @@ from pretrain.config import (
     check_train,
     task_kind,
 )
-from pretrain.config_checks import ConfigError, check_choices, check_values, need
 
 
 @dataclass
@@ -66,7 +64,7 @@ CHOICES = {
 }
 
 
-def _check(cfg: AddTaskConfig) -> None:
+def check_add_task(cfg: AddTaskConfig) -> None:
     check_values(cfg)
     check_choices(cfg, CHOICES)
     check_train(cfg.train, cfg.optim)
@@ -103,6 +101,3 @@ def data_tasks(tasks: dict[str, TaskConfig]) -> tuple[dict[str, TaskConfig], dic
     names = {task_kind(name, t): name for name, t in tasks.items()}
     return {kind: tasks[name] for kind, name in names.items()}, names
 
-
-VALIDATORS[AddTaskConfig] = _check
-SCHEMAS["add_task"] = AddTaskConfig

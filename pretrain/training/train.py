@@ -13,14 +13,17 @@ from pathlib import Path
 
 import torch
 
-from pretrain import checkpoint, dist
-from pretrain.config import RunConfig, enabled_tasks
+from pretrain import dist
+from pretrain.config.pretraining import RunConfig, enabled_tasks
 from pretrain.data.build import DataSpec, build_sampler, build_stream, check_shards, save_class_lists
 from pretrain.data.collate import TARGET_KEYS
 from pretrain.data.partitions import check_layout
-from pretrain.drift import check_resume
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
-from pretrain.loop import (
+from pretrain.models.moe_losses import collect_aux_losses, moe_modules, pop_routing_counts
+from pretrain.runs import checkpoint
+from pretrain.runs.drift import check_resume
+from pretrain.runs.load import build_run_model
+from pretrain.training.lifecycle import (
     LossWindow,
     NonFiniteGuard,
     TaskTimer,
@@ -31,11 +34,9 @@ from pretrain.loop import (
     start_engine,
     to_device,
 )
-from pretrain.models.moe_losses import collect_aux_losses, moe_modules, pop_routing_counts
-from pretrain.routing_stats import routing_metrics
-from pretrain.runs import build_run_model
-from pretrain.signals import EXIT_ABORT, EXIT_REQUEUE, stop_flag
-from pretrain.tracking import Tracker, wandb_mode
+from pretrain.training.routing_stats import routing_metrics
+from pretrain.training.signals import EXIT_ABORT, EXIT_REQUEUE, stop_flag
+from pretrain.training.tracking import Tracker, wandb_mode
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             break
         # 7. periodic evaluation
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            from pretrain.evaluate import evaluate_model
+            from pretrain.training.evaluate import evaluate_model
 
             metrics = evaluate_model(cfg, engine.module, spec, info)
             writer.write(step, metrics)
@@ -153,7 +154,7 @@ def finish_run(cfg: RunConfig, model, tasks: list[str], info: dist.DistInfo, wri
     tracker.finish()
     if not (info.is_main and cfg.logging.plots):
         return
-    from pretrain.plots import plot_losses, plot_usage
+    from pretrain.training.plots import plot_losses, plot_usage
 
     run_dir = Path(cfg.output_dir)
     plot_losses(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_curves.png")
@@ -163,9 +164,9 @@ def finish_run(cfg: RunConfig, model, tasks: list[str], info: dist.DistInfo, wri
 def print_dry_run(cfg: RunConfig) -> int:
     """`--dry-run`: the resolved config, then one JSON line: the whole model's parameters, what one rank holds at
     `engine.ep_size`, and where the class counts came from (the shards when they are there, else the releases')."""
-    from pretrain.config import to_yaml
+    from pretrain.config.load import to_yaml
     from pretrain.data.build import RELEASE_CLASSES
-    from pretrain.runs import model_counts
+    from pretrain.runs.load import model_counts
 
     try:
         num_classes, source = check_shards(cfg.data, cfg.tasks).num_classes, "shards"

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import dist
-from pretrain.config import EvalConfig, RunConfig, TaskConfig, enabled_tasks, task_kind, task_order
+from pretrain.config.pretraining import EvalConfig, RunConfig, TaskConfig, enabled_tasks, task_kind, task_order
 from pretrain.data.build import DataSpec, build_eval_loader, check_shards
 from pretrain.log import MetricsWriter, progress, setup_logging
 from pretrain.metrics import ClassificationMeter, CocoDetectionMeter, SegmentationMeter
@@ -154,7 +154,7 @@ def evaluate_model(cfg: EvalSections, model: torch.nn.Module, spec: DataSpec,
 def main(cfg: RunConfig, *, random_init: bool = False) -> int:
     """Load the latest checkpoint of `cfg.output_dir` in this process (no DeepSpeed for the native MoE backend) and
     evaluate every enabled task; `random_init`: the config's model as initialised from `seed` (a baseline, step 0)."""
-    from pretrain.runs import build_run_model, find_tag, unused_prefixes
+    from pretrain.runs.load import build_run_model, find_tag, unused_prefixes
 
     info = dist.resolve()
     dist.export(info)
@@ -165,8 +165,8 @@ def main(cfg: RunConfig, *, random_init: bool = False) -> int:
     model = build_run_model(cfg, num_classes=spec.num_classes, rank=0, single_process=True)
     step = 0
     if not random_init:
-        from pretrain.checkpoint import load_model_weights
-        from pretrain.integrity import tag_step
+        from pretrain.runs.checkpoint import load_model_weights
+        from pretrain.runs.integrity import tag_step
 
         tag_dir = find_tag(run_dir / "checkpoints", None)
         load_model_weights(tag_dir, model, skip=unused_prefixes(cfg), verify=False)  # find_tag verified it

@@ -1,4 +1,4 @@
-"""`pretrain export`: a run's checkpoint → one portable safetensors file (see `pretrain.portable`).
+"""`pretrain export`: a run's checkpoint → one portable safetensors file (see `pretrain.runs.portable`).
 
 Works for any ep_size, ZeRO stage, precision and MoE backend: the non-expert weights come from DeepSpeed's
 `mp_rank_00_model_states.pt` (read weights-only: ZeRO-1/2 save the full module there), the experts from the tag's
@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pretrain.checkpoint import META, MODEL_FILE, ExpertFiles
-from pretrain.config import RunConfig, load_config, stage_of_file
-from pretrain.integrity import tag_step
-from pretrain.portable import DTYPES, PortableModel, check_out, config_metadata, decode_meta, write_file
+from pretrain.config.load import load_config, stage_of_file
+from pretrain.config.pretraining import RunConfig
+from pretrain.runs.checkpoint import META, MODEL_FILE, ExpertFiles
+from pretrain.runs.integrity import tag_step
+from pretrain.runs.portable import DTYPES, PortableModel, check_out, config_metadata, decode_meta, write_file
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def consolidate(run_dir: str | Path, *, step: int | None = None, dtype: str | No
     Raises FileNotFoundError naming a missing config, checkpoint, step or expert file.
     """
     from pretrain.models import build_model
-    from pretrain.runs import find_tag
+    from pretrain.runs.load import find_tag
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

@@ -21,7 +21,7 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # Frames of these modules under one of ENGINE_MODULE's: torch/DeepSpeed JIT-building (or loading) an op while the
 # engine starts (`engine.init_distributed`, `build_engine`), i.e. before the first step of the run's loop.
 OP_BUILD_MODULES = ("torch.utils.cpp_extension", "deepspeed.ops.op_builder")
-ENGINE_MODULE = "pretrain.engine"
+ENGINE_MODULE = "pretrain.parallel.engine"
 
 
 def in_op_build(frame: FrameType | None) -> bool:

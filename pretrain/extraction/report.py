@@ -3,7 +3,7 @@
 Parameters (total, backbone / decoder / heads as `MultiTaskModel.param_counts`, and the MoE layers alone), FLOPs per
 image (`torch.utils.flop_counter.FlopCounterMode`, one image at the task's size), CPU latency (median of paired
 runs, full and submodel alternating), experts kept per layer, the share of the full model's token-routes (token × k)
-that go to dropped experts, and the task metric of both models on the same val images (`pretrain.evaluate`'s
+that go to dropped experts, and the task metric of both models on the same val images (`pretrain.training.evaluate`'s
 evaluators). Written as `NAME.report.json`, printed as a table, and drawn as `NAME.report.png` (usage heatmaps
 with the kept experts marked).
 """
@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.config import DataConfig, EvalConfig, RunConfig
+from pretrain.config.pretraining import DataConfig, EvalConfig, RunConfig
 from pretrain.data.dense import DENSE_DATASETS
 from pretrain.errors import UsageError
-from pretrain.extract import Extraction, count_routes, routed_layers
-from pretrain.portable import config_sections
+from pretrain.extraction.extract import Extraction, count_routes, routed_layers
+from pretrain.runs.portable import config_sections
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def evaluate_pair(extraction: Extraction, task: str, *, data_root: str, eval_ima
     model's top-k selection counts there (for the dropped-route share)."""
     from pretrain import dist
     from pretrain.data.build import resolve_shards
-    from pretrain.evaluate import evaluate_task
+    from pretrain.training.evaluate import evaluate_task
 
     _, _, table = config_sections("metadata", extraction.full.meta)
     val_dir = resolve_shards(data_root, table[task].val_shards)
@@ -190,7 +190,7 @@ def format_table(report: dict[str, Any]) -> str:
 def plot_kept(usage: dict[str, torch.Tensor], kept: dict[str, list[int]], task_ids: dict[str, int],
               chosen: list[str], out: Path) -> Path:
     """Usage (% per task row) heatmap per MoE layer; kept experts of the chosen tasks' rows marked with dots."""
-    from pretrain.plots import plot_usage
+    from pretrain.training.plots import plot_usage
 
     tasks = sorted(task_ids, key=task_ids.get)
     rows = {name: u.double().numpy()[[task_ids[t] for t in tasks]] for name, u in usage.items()}

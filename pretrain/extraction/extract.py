@@ -1,8 +1,8 @@
 """`pretrain extract`: keep the experts some tasks use → a standalone submodel file, and a report comparing it with
-the full model (`pretrain.extract_report`).
+the full model (`pretrain.extraction.report`).
 
 Usage comes from the layers' training EMA (`usage_TE`, Mod-Squad's statistic) or, with `--calibrate`, from top-k
-selection counts of the full model (eval mode) on the tasks' own images. `pretrain.keep_rules` turns usage into kept
+selection counts of the full model (eval mode) on the tasks' own images. `extraction.keep_rules` turns usage into kept
 experts; `pretrain.models.submodel` builds and slices the submodel.
 """
 
@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pretrain.config import ModelConfig, MoEConfig
-from pretrain.keep_rules import choose_experts
+from pretrain.config.pretraining import ModelConfig, MoEConfig
+from pretrain.extraction.keep_rules import choose_experts
 from pretrain.models import backbone_size, moe_kwargs
 from pretrain.models.moe_losses import moe_modules
 from pretrain.models.submodel import build_submodel, slice_state
 from pretrain.models.vit import moe_layout
-from pretrain.portable import PortableModel, check_out, config_sections, load_model, write_file
+from pretrain.runs.portable import PortableModel, config_sections, load_model, write_file
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def load_source(source: str | Path, *, step: int | None = None, data_root: str |
     """The full model from a run directory (its checkpoint, consolidated in memory) or a `pretrain export` file."""
     source = Path(source)
     if source.is_dir():
-        from pretrain.export import consolidate
+        from pretrain.extraction.export import consolidate
 
         return consolidate(source, step=step, data_root=data_root)
     if step is not None:
@@ -125,7 +125,7 @@ def check_request(full: PortableModel, tasks: list[str], rule: str, keep: int) -
     layers = routed_layers(full.model)
     if not layers:
         raise ValueError(f"the model has no MoE layers (placement {full.meta['moe']['placement']!r}): nothing to "
-                         "extract; its backbone is already dense (`pretrain.portable.load_backbone`)")
+                         "extract; its backbone is already dense (`pretrain.runs.portable.load_backbone`)")
     if rule == "topn":
         too_many = {n: m.num_experts for n, m in layers.items() if keep > m.num_experts}
         if too_many:
@@ -212,51 +212,3 @@ def make_submodel(full: PortableModel, tasks: list[str], kept: dict[str, list[in
 def save_submodel(extraction: Extraction, out: str | Path) -> Path:
     """Write the submodel file (`kind=submodel`): only the kept experts' tensors."""
     return write_file(out, extraction.sub.model.state_dict(), extraction.sub.meta, kind="submodel")
-
-
-def main(source: str, tasks: list[str], out: str, *, step: int | None = None, data_root: str | None = None,
-         report: bool = True, eval_images: int = 64, latency_runs: int = 5, latency_batches: tuple[int, ...] = (1, 32),
-         heal: int = 0, heal_lr: float = 1e-4, **rule_args) -> dict:
-    """`pretrain extract`: build, (with `heal` > 0) distil for that many steps (`pretrain.heal`), save, and (unless
-    `report=False`) write `NAME.report.json` / `.png` and print the comparison table. Returns the report (or the
-    kept experts without a report)."""
-    if Path(out).resolve() == Path(source).resolve():
-        raise ValueError(f"--out {out} is the source model: choose another file name (nothing was written)")
-    check_out(out)  # an unwritable --out fails before the extraction (and --heal) runs
-    full = load_source(source, step=step, data_root=data_root)
-    extraction = extract_submodel(full, tasks, **rule_args)
-    healed = heal_submodel(extraction, out, data_root=data_root, steps=heal, lr=heal_lr,
-                           eval_images=eval_images if report else 0) if heal else None
-    path = save_submodel(extraction, out)
-    logger.info("wrote %s (%d bytes)", path, path.stat().st_size)
-    if not report:
-        return {"kept": extraction.kept}
-    from pretrain.extract_report import build_report, write_report
-
-    result = build_report(extraction, source=str(source), out=path, data_root=data_root, eval_images=eval_images,
-                          latency_runs=latency_runs, latency_batches=latency_batches)
-    if healed is not None:
-        result["heal"] = healed
-    write_report(result, extraction, path)
-    return result
-
-
-def heal_submodel(extraction: Extraction, out: str | Path, *, data_root: str | None, steps: int, lr: float,
-                  eval_images: int) -> dict:
-    """Distil the submodel from the full model in `NAME.heal/` (`pretrain.heal`); with `eval_images`, the tasks'
-    metric of the unhealed submodel first (the report then has before and after)."""
-    from pretrain.data.build import check_shards
-    from pretrain.extract_report import evaluate_pair
-    from pretrain.heal import heal, heal_config
-
-    root = data_root or extraction.full.meta.get("source", {}).get("data_root", "")
-    out_dir = Path(out).with_suffix(".heal")
-    # unreachable shards (a wrong --data-root) fail here, before `heal` starts NAME.heal/
-    cfg = heal_config(extraction.full, extraction.tasks, out_dir=out_dir, data_root=root, steps=steps, lr=lr)
-    check_shards(cfg.data, cfg.tasks)
-    before = {t: evaluate_pair(extraction, t, data_root=root, eval_images=eval_images)["sub"]
-              for t in extraction.tasks} if eval_images else {}
-    result = heal(extraction.full, extraction.sub, extraction.tasks, out_dir=out_dir, data_root=root, steps=steps,
-                  lr=lr)
-    extraction.sub.meta["healed"] = {"steps": steps, "lr": lr}
-    return {**result, "metric_before": before}

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pretrain.durable import honour_umask
 from pretrain.errors import CheckpointError, one_line
-from pretrain.integrity import EXPERT_CRC_KEY, tensor_crc32
+from pretrain.runs.integrity import EXPERT_CRC_KEY, tensor_crc32
 from pretrain.models.moe import MoEMlp
 from pretrain.models.moe_losses import expert_layers
 
@@ -82,7 +82,7 @@ def write_experts(model: nn.Module, tag_dir: Path, *, ep_size: int, ep_rank: int
 
 class ExpertFiles(contextlib.ExitStack):
     """Lazy reader over a tag's `experts_ep*.safetensors` (or the files `pattern` matches: the optimizer state,
-    `pretrain.elastic_state`), reading only the tensors asked for; a context manager.
+    `pretrain.runs.elastic_state`), reading only the tensors asked for; a context manager.
 
     `read` checks each tensor against the CRC-32 its writer recorded under the same key (files written before
     per-expert checksums existed, and files without them, are read unchecked).

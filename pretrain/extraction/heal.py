@@ -22,16 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain import checkpoint, dist
-from pretrain.config import RunConfig, load_config
+from pretrain import dist
+from pretrain.config.load import load_config
+from pretrain.config.pretraining import RunConfig
 from pretrain.data.build import build_sampler, build_stream, check_shards
-from pretrain.drift import check_resume
 from pretrain.errors import AbortedError
 from pretrain.log import MetricsWriter, progress
-from pretrain.loop import agree, start_engine, to_device
 from pretrain.models.moe_losses import collect_aux_losses
-from pretrain.portable import PortableModel, config_sections
-from pretrain.signals import EXIT_REQUEUE, stop_flag
+from pretrain.runs import checkpoint
+from pretrain.runs.drift import check_resume
+from pretrain.runs.portable import PortableModel, config_sections
+from pretrain.training.lifecycle import agree, start_engine, to_device
+from pretrain.training.signals import EXIT_REQUEUE, stop_flag
 
 logger = logging.getLogger(__name__)
 

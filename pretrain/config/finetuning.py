@@ -1,8 +1,8 @@
 """The fine-tuning schema: the core's shared sections (model, moe, optim, engine, train, eval, logging) plus the dense
 data, the dense task table and the fine-tuning choices (initialisation, routing, what trains, decoder).
 
-Registered in `pretrain.config.VALIDATORS`, so `load_config(path, overrides, schema=FinetuneConfig)` merges, checks
-and reports errors exactly as for pretraining.
+Listed in `pretrain.config.load.SCHEMAS` / `VALIDATORS`, so `load_config(path, overrides,
+schema=FinetuneConfig)` merges, checks and reports errors exactly as for pretraining.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pretrain.config import CHOICES as CORE_CHOICES
-from pretrain.config import (
-    SCHEMAS,
-    VALIDATORS,
+from pretrain.config.checks import ConfigError, check_choices, check_tasks, check_values, need
+from pretrain.config.pretraining import CHOICES as CORE_CHOICES
+from pretrain.config.pretraining import (
     EngineConfig,
     EvalConfig,
     LoggingConfig,
@@ -25,7 +24,6 @@ from pretrain.config import (
     check_moe,
     check_train,
 )
-from pretrain.config_checks import ConfigError, check_choices, check_tasks, check_values, need
 
 # every dense task the fine-tuning stage knows, in id order (the dense model's router rows follow the enabled ones)
 DENSE_TASKS = ("semseg", "human_parts", "sal", "normals", "edge", "depth")
@@ -110,7 +108,7 @@ CHOICES = {
 }
 
 
-def _check(cfg: FinetuneConfig) -> None:
+def check_finetune(cfg: FinetuneConfig) -> None:
     check_values(cfg)
     check_choices(cfg, CHOICES)
     check_model(cfg.model)
@@ -167,9 +165,6 @@ def check_decoder(cfg: FinetuneConfig) -> None:
                           f"{cfg.finetune.decoder}: {exc} (options of a config file stay when an override changes "
                           "the decoder: set the file's decoder_options to match)") from None
 
-
-VALIDATORS[FinetuneConfig] = _check
-SCHEMAS["finetune"] = FinetuneConfig
 
 
 def enabled_dense_tasks(cfg: FinetuneConfig) -> list[str]:

@@ -15,8 +15,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pretrain.extract import extract_with_usage, load_source, save_submodel, task_usage
-from pretrain.plots import plot_sweep
+from pretrain.extraction.extract import extract_with_usage, load_source, save_submodel, task_usage
+from pretrain.training.plots import plot_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def main(source: str, tasks: list[str], out: str, shares: list[float], *, step: 
          latency_batches: tuple[int, ...] = (1, 32), calibrate: list[str] | None = None, calibrate_images: int = 64,
          exact_routing: bool = False, top_k: int = 0, attn_top_k: int = 0, **ignored_rule_args) -> list[dict]:
     """Every size's submodel and report, then the table and the plot; returns the rows (one task: the first)."""
-    from pretrain.extract_report import build_report, write_report
+    from pretrain.extraction.report import build_report, write_report
 
     if Path(out).resolve() == Path(source).resolve():
         raise ValueError(f"--out {out} is the source model: choose another file name (nothing was written)")

@@ -7,25 +7,16 @@ names the key, value or file. Derived values (total steps, scaled lr) come from 
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from pretrain.config_checks import (
+from pretrain.config.checks import (
     ConfigError,
     check_choices,
     check_tasks,
     check_values,
-    failing_key,
-    load_overlay,
     need,
-    omegaconf_error,
 )
-from pretrain.durable import atomic_write
 
 # The pretraining tasks. Task id = index here: routers, task embeddings and usage buffers have one row per entry, so
 # checkpoints keep their shapes when a task is switched off. Per-concern tables keyed by these names live beside the
@@ -167,7 +158,8 @@ class TrainConfig:
     eval_every: int = 5000
     log_every: int = 20
     max_bad_steps: int = 20  # consecutive NaN/inf steps before the run aborts
-    # resume although keys that change the model or the data stream differ from the run's config.yaml (pretrain.drift)
+    # resume although keys that change the model or the data stream differ from the run's config.yaml
+    # (pretrain.runs.drift)
     allow_config_change: bool = False
 
 
@@ -261,7 +253,7 @@ def check_model(m: ModelConfig) -> None:
          "[rows, cols] of patches, both >= 1")
 
 
-def _check_run(cfg: RunConfig) -> None:
+def check_run(cfg: RunConfig) -> None:
     check_values(cfg)
     check_choices(cfg, CHOICES)
     check_model(cfg.model)
@@ -278,103 +270,6 @@ def _check_run(cfg: RunConfig) -> None:
         need(0 <= lo <= hi, f"tasks.{name}.aug_range", list(task.aug_range), "must be [lo, hi] with 0 <= lo <= hi")
 
 
-@functools.cache
-def _defaults(schema: type) -> DictConfig:
-    # Building a structured config from the dataclasses is most of a load's cost (~40 ms); merges and to_object
-    # copy rather than modify their inputs, so one per schema serves every load.
-    return OmegaConf.structured(schema)
-
-
-# a config file with one of these top-level sections is that stage's (its command; `add_task` → `pretrain add-task`)
-STAGE_SECTIONS = ("finetune", "add_task")
-
-
-def stage_of_file(path: str | Path) -> str | None:
-    """The stage a config file is written for (`finetune` for a file with a `finetune:` section), None for a
-    pretraining file or one that cannot be read (`load_config` reports that properly)."""
-    try:
-        keys = set(OmegaConf.load(path).keys())
-    except Exception:
-        return None
-    return next((stage for stage in STAGE_SECTIONS if stage in keys), None)
-
-
-def check_schema_of(path: Path, overlay: DictConfig, schema: type) -> None:
-    """ConfigError naming the mix-up when a file written for one command is given to another (a fine-tuning file to
-    `pretrain train` reported `unknown config key 'data.dataset'`)."""
-    names = {f.name for f in fields(schema)}
-    keys = set(overlay.keys()) if isinstance(overlay, DictConfig) else set()
-    stage = next((k for k in STAGE_SECTIONS if k in keys and k not in names), None)
-    if stage is not None:
-        command = stage.replace("_", "-")
-        raise ConfigError(f"{path} is a `pretrain {command}` config (it has a '{stage}:' section): run "
-                          f"`pretrain {command} {path}`")
-    missing = next((k for k in STAGE_SECTIONS if k in names and k not in keys), None)
-    tasks = set(overlay.get("tasks", None) or {}) if keys else set()
-    if missing is not None and tasks & set(TASKS):
-        raise ConfigError(f"{path} is a pretraining config (tasks {sorted(tasks & set(TASKS))}, no '{missing}:' "
-                          f"section): run `pretrain train {path}`")
-
-
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
-                schema: type | None = None) -> Any:
-    """Merge `schema` defaults ← YAML file ← `key=value` overrides, then validate.
-
-    Args:
-        schema: a dataclass schema (default `RunConfig`); its validator is `VALIDATORS[schema]`, registered by the
-            module that defines the schema (the fine-tuning stage registers its own).
-    Raises `ConfigError` (one line naming the file, key or value) on any problem.
-    """
-    schema = schema or RunConfig
-    merged: DictConfig = _defaults(schema)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        overlay = load_overlay(path)
-        check_schema_of(path, overlay, schema)
-        try:
-            merged = OmegaConf.merge(merged, overlay)
-        except OmegaConfBaseException as exc:
-            hint = "" if getattr(exc, "full_key", "") else failing_key(merged, overlay)  # one merge per leaf
-            raise omegaconf_error(exc, str(path), schema, hint) from None
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as exc:
-            raise omegaconf_error(exc, f"override '{item}'", schema, item.split("=", 1)[0].strip()) from None
-    cfg = OmegaConf.to_object(merged)
-    VALIDATORS[schema](cfg)
-    return cfg
-
-
-VALIDATORS: dict[type, Any] = {RunConfig: _check_run}
-# command → the schema of its config. A stage registers itself here (`pretrain/finetune/config.py` adds "finetune"),
-# so the core can load any run's config without importing the stage; its configs carry a top-level section of the
-# same name (`finetune:`), which is how a file's schema is recognised.
-SCHEMAS: dict[str, type] = {"train": RunConfig}
-
-
-def schema_of_file(path: str | Path) -> type:
-    """The registered schema a config file is written for (a `finetune:` section → fine-tuning), else RunConfig."""
-    stage = stage_of_file(path)
-    return SCHEMAS.get(stage, RunConfig) if stage else RunConfig
-
-
-def to_yaml(cfg: Any) -> str:
-    """The resolved config as YAML (what `save_resolved` writes into the run directory)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def save_resolved(cfg: Any, run_dir: str | Path) -> Path:
-    """Write `config.yaml` (the fully resolved config) atomically into the run directory."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.yaml"
-    atomic_write(out, to_yaml(cfg))
-    return out
 
 
 def enabled_tasks(tasks: dict[str, Any], order: tuple[str, ...] = TASKS) -> list[str]:

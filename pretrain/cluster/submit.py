@@ -21,10 +21,10 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import SCHEMAS, load_config, save_resolved
-from pretrain.status import ACTIVE, latest_checkpoint, read_jsonl, slurm_jobs
+from pretrain.cluster.status import ACTIVE, latest_checkpoint, read_jsonl, slurm_jobs
+from pretrain.config.load import SCHEMAS, load_config, save_resolved
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
 
 
 class SubmitError(ValueError):

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from pretrain.durable import honour_umask
 from pretrain.errors import CheckpointError
-from pretrain.expert_files import ExpertFiles, expert_slots
+from pretrain.runs.expert_files import ExpertFiles, expert_slots
 
 logger = logging.getLogger(__name__)
 

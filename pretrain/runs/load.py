@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import TAG_RE, load_model_weights, tag_for
-from pretrain.config import TASKS, RunConfig, enabled_tasks, load_config
-from pretrain.integrity import select_tag, tag_step
-from pretrain.layers import moe_mlp_factory
+from pretrain.runs.checkpoint import TAG_RE, load_model_weights, tag_for
+from pretrain.config.pretraining import TASKS, RunConfig, enabled_tasks
+from pretrain.config.load import load_config
+from pretrain.runs.integrity import select_tag, tag_step
+from pretrain.parallel.layers import moe_mlp_factory
 from pretrain.models import MultiTaskModel, build_model
-from pretrain.objective import build_objective
+from pretrain.training.objective import build_objective
 
 logger = logging.getLogger(__name__)
 

@@ -134,12 +134,12 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
 from pretrain import dist
-from pretrain.config import EngineConfig, OptimConfig
-from pretrain.ds_moe import DeepSpeedMoEMlp
+from pretrain.config.pretraining import EngineConfig, OptimConfig
 from pretrain.errors import CheckpointError, SetupError
-from pretrain.expert_parallel import ExpertComm, apply_expert_parallel, make_stats_reducer
 from pretrain.models.moe import MoEMlp
 from pretrain.models.moe_losses import expert_layers, moe_modules
+from pretrain.parallel.ds_moe import DeepSpeedMoEMlp
+from pretrain.parallel.expert_parallel import ExpertComm, apply_expert_parallel, make_stats_reducer
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from pretrain.config import MoEConfig, OptimConfig, TaskConfig, enabled_tasks
+from pretrain.config.pretraining import MoEConfig, OptimConfig, TaskConfig, enabled_tasks
 
 WEIGHTINGS = ("fixed", "uncertainty")
 

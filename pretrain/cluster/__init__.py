@@ -1,0 +1,3 @@
+"""SLURM: `pretrain submit` (`submit.py`, rendering the top-level `slurm/` templates) and `pretrain status`
+(`status.py`).
+"""
