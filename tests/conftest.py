@@ -15,6 +15,9 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_SILENT", "true")
+# no wandb run in a test's child processes unless the test's config asks for one (`logging.wandb=offline` beats the
+# environment): an offline run costs 3-7 s per process, over a minute of the demo test alone
+os.environ.setdefault("WANDB_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"imagenet_train": 24, "imagenet_val": 4, "coco_train": 48, "coco_val": 8, "ade_train": 48, "ade_val": 8,
@@ -78,7 +81,7 @@ SLOW = {
     "tests/test_mlore_import.py::test_official_names_and_shapes_at_full_size_fit_the_shipped_configs",  # 4-7 s each
 }
 # Modules whose tests start a SLURM cluster (tests/cluster.py): under pytest-xdist (`.ci/run` runs the slow half with
-# `-n 2 --dist loadgroup`) they go to one worker together, so one session cluster serves them all and two clusters
+# `-n 3 --dist loadgroup`) they go to one worker together, so one session cluster serves them all and two clusters
 # never race for a job id's rendezvous port.
 SLURM_MODULES = {"tests/test_slurm.py", "tests/test_submit.py", "tests/test_multinode.py"}
 

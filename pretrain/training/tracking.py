@@ -11,15 +11,27 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pretrain.config.checks import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
+MODES = ("online", "offline", "disabled")
+
+
 def wandb_mode(setting: str, env: dict[str, str] | None = None) -> str:
-    """`auto` → online when WANDB_API_KEY is set, else offline."""
+    """`auto` → the user's WANDB_MODE when set (wandb's own switch: `wandb.init(mode=...)` would override it), else
+    online when WANDB_API_KEY is set, else offline. An explicit `logging.wandb` wins over both."""
     env = os.environ if env is None else env
-    if setting == "auto":
-        return "online" if env.get("WANDB_API_KEY") else "offline"
-    return setting
+    if setting != "auto":
+        return setting
+    if env.get("WANDB_MODE"):
+        mode = "offline" if env["WANDB_MODE"] == "dryrun" else env["WANDB_MODE"]  # dryrun: wandb's old offline
+        if mode not in MODES:
+            raise ConfigError(f"environment variable WANDB_MODE={env['WANDB_MODE']!r}: expected one of "
+                              f"{', '.join(MODES)} (or dryrun)")
+        return mode
+    return "online" if env.get("WANDB_API_KEY") else "offline"
 
 
 def attempt_id(run_dir: Path, env: dict[str, str] | None = None) -> tuple[str, str]:
