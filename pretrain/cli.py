@@ -13,6 +13,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from pretrain import catalog
 from pretrain.errors import EXIT_DEMO_STAGE, EXIT_USAGE, PretrainError, UsageError  # noqa: F401 - codes: errors.EXIT_CODES
 from pretrain.extraction.args import add_export_extract, check_extract_args
 
@@ -39,7 +40,7 @@ def _prepare(args: argparse.Namespace) -> int:
     setup_logging()
     try:
         extra = ({"tasks": args.tasks, "keep_oversized": args.keep_oversized}
-                 if args.dataset in ("nyud", "pascal_context") else {})
+                 if catalog.DATASETS[args.dataset].dense else {})
         PREPARERS[args.dataset](
             Path(args.src), Path(args.out), args.split, overwrite=args.overwrite, workers=args.workers,
             max_count=args.shard_max_count, max_bytes=args.shard_max_bytes, min_shards=args.min_shards, **extra,
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the Python traceback of a failure (also PRETRAIN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    dense = "/".join(catalog.dense_datasets())
 
     p = sub.add_parser("synth", help="write the embedded corpus (raw layouts of all five datasets)")
     p.add_argument("--out", required=True, help="output folder for the raw layouts")
@@ -273,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("prepare", help="convert a raw dataset layout into WebDataset shards")
-    p.add_argument("dataset", choices=["imagenet", "coco", "ade20k", "nyud", "pascal_context"])
+    p.add_argument("dataset", choices=list(catalog.DATASETS))
     p.add_argument("--src", required=True, help="dataset root in its standard release layout")
     p.add_argument("--out", required=True, help="output folder for shards + _info.json")
     p.add_argument("--split", required=True, choices=["train", "val"])
@@ -284,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-shards", type=int, default=1,
                    help="at least this many shards (readers need >= ranks × workers shards per split)")
     p.add_argument("--tasks", nargs="+", default=None,
-                   help="nyud/pascal_context: convert only these tasks (a missing task folder is an error otherwise)")
+                   help=f"{dense}: convert only these tasks (a missing task folder is an error otherwise)")
     p.add_argument("--keep-oversized", action="store_true",
-                   help="nyud/pascal_context: keep images larger than the pad target (reported either way)")
+                   help=f"{dense}: keep images larger than the pad target (reported either way)")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("train", help="pretrain on the task mixture with DeepSpeed")

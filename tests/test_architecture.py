@@ -97,9 +97,7 @@ DEEPSPEED_ANYWHERE = frozenset({"pretrain.parallel.engine", "pretrain.parallel.d
 DEEPSPEED_LAZY = frozenset({"pretrain.parallel.layers"})  # may import deepspeed in a function, never at module level
 # Which modules today's tree puts in breach of the table, and why (strict: the test fails once they are fixed, so the
 # entry gets removed).
-KNOWN: dict[str, str] = {
-    "pretrain.config.finetuning": "its checks read DENSE_DATASETS and OUT_CHANNELS from the stage: the catalog's job",
-}
+KNOWN: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -335,7 +333,6 @@ def test_cycle_finder_finds_a_planted_cycle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(strict=True, reason="config.finetuning -> finetune.build -> config.load: the catalog's job")
 def test_no_import_cycle():
     """No two modules import each other, directly or through others, lazily or not (a cycle is a design knot: two
     modules that cannot be understood or changed apart)."""

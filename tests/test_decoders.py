@@ -12,26 +12,33 @@ from pretrain.models.decoders.heads import HeadsDecoder
 
 TASKS = {"semseg": 5, "depth": 1, "normals": 3}
 SMALL_MLORE = {"channels": 16, "ranks": (2, 3, 4), "spe_rank": 2, "top_k": 2}
+SMALL = {"mlore": SMALL_MLORE}  # options that keep a decoder small; a decoder without an entry is built as it comes
+# what each decoder says about itself: its taps at depth 12 and 24, its auxiliary losses' weights (every decoder of
+# `DECODERS` has a row: `test_every_decoder_has_a_row`)
+TAPS = {"heads": {12: (11,), 24: (23,)}, "mlore": {12: (2, 5, 8, 11), 24: (5, 11, 17, 23)}}
+AUX_WEIGHTS = {"heads": {}, "mlore": {"mlore_balance": 1e-4}}
 
 
 def build(name: str, depth: int = 8, **options) -> nn.Module:
-    if name == "mlore":
-        options = {**SMALL_MLORE, **options}
-    return DECODERS[name](embed_dim=24, depth=depth, tasks=TASKS, **options)
+    return DECODERS[name](embed_dim=24, depth=depth, tasks=TASKS, **{**SMALL.get(name, {}), **options})
 
 
 def tapped(decoder: nn.Module, batch: int = 2, hw: int = 4) -> list[torch.Tensor]:
     return [torch.randn(batch, 24, hw, hw) for _ in decoder.taps]
 
 
-def test_decoders_dict_and_taps():
-    assert set(DECODERS) == {"heads", "mlore"}
-    assert build("heads", depth=12).taps == (11,)
-    assert build("mlore", depth=24).taps == (5, 11, 17, 23)
-    assert build("mlore", depth=12).taps == (2, 5, 8, 11)
+def test_every_decoder_has_a_row():
+    assert set(TAPS) == set(AUX_WEIGHTS) == set(DECODERS)
 
 
-@pytest.mark.parametrize("name", ["heads", "mlore"])
+@pytest.mark.parametrize("name", DECODERS)
+def test_taps_are_blocks_ending_at_the_last(name):
+    for depth, taps in TAPS[name].items():
+        got = build(name, depth=depth).taps
+        assert got == taps and list(got) == sorted(set(got)) and got[-1] == depth - 1, (depth, got)
+
+
+@pytest.mark.parametrize("name", DECODERS)
 def test_shapes_aux_and_predictor_modules(name):
     decoder = build(name)
     feats = tapped(decoder)
@@ -41,13 +48,10 @@ def test_shapes_aux_and_predictor_modules(name):
     assert all(a.dim() == 0 and torch.isfinite(a) for a in aux.values())
     predictors = decoder.predictor_modules()
     assert set(predictors) == set(TASKS)
-    # heads: the final 1×1 conv; mlore: the whole ConvHead (official count of "heads"); both end in C_t channels
-    last = [mods[-1] if name == "heads" else mods[-1].pred for mods in predictors.values()]
+    # heads: the final 1×1 conv; mlore: the whole ConvHead (official count of "heads"); each ends in C_t channels
+    last = [[m for m in mods[-1].modules() if isinstance(m, nn.Conv2d)][-1] for mods in predictors.values()]
     assert [(m.out_channels, m.kernel_size) for m in last] == [(n, (1, 1)) for n in TASKS.values()]
-    if name == "heads":
-        assert aux == {} and decoder.aux_weights == {}
-    else:
-        assert decoder.aux_weights == {"mlore_balance": 1e-4}
+    assert decoder.aux_weights == AUX_WEIGHTS[name]
 
 
 def test_heads_decoder_layout_is_m3vit_pup():
@@ -60,7 +64,8 @@ def test_heads_decoder_layout_is_m3vit_pup():
     assert out.shape == (1, 5, 48, 80)  # four ×2 upsamplings
 
 
-@pytest.mark.parametrize(("name", "options"), [("heads", {}), ("mlore", {"train_form": "merged"}),
+@pytest.mark.parametrize(("name", "options"), [*((name, {}) for name in DECODERS),
+                                               ("mlore", {"train_form": "merged"}),
                                                ("mlore", {"train_form": "lowrank"}),
                                                ("mlore", {"router_pool": "linear", "router_hw": (4, 4)}),
                                                ("mlore", {"router_pool": "mean", "pre_softmax": True})])

@@ -109,7 +109,7 @@ def test_frozen_parts_stay_bit_identical(dense_root, tmp_path, trainable):
     assert out.returncode == 0, out.stderr[-3000:]
     cfg = load_config(CONFIG, overrides, schema=FinetuneConfig)
     torch.manual_seed(cfg.seed)  # the run's initial weights
-    model = build_dense_model(cfg, check_dense_shards(cfg))
+    model, _ = build_dense_model(cfg, check_dense_shards(cfg))
     initial = {k: p.detach() for k, p in model.named_parameters()}  # routing statistics (buffers) may move
     trained = _weights(tmp_path)
     changed = {k for k in initial if k.startswith("backbone.") and not torch.equal(initial[k], trained[k])}
@@ -146,7 +146,7 @@ def test_depth_bias_from_the_training_images(dense_root):
     off = config("finetune.depth_bias_samples=0")  # (the debug config itself uses 32)
     assert data_depth_bias(off, data) is None
     assert data_depth_bias(config("finetune.depth_bias_samples=4", "tasks.depth.enabled=false"), data) is None
-    model = build_dense_model(cfg, data, depth_bias=bias)
+    model, _ = build_dense_model(cfg, data, depth_bias=bias)
     assert torch.all(model.decoder.heads["depth"].pred.bias == torch.tensor(bias, dtype=torch.float32))
-    default = build_dense_model(off, data).decoder.heads["depth"].pred.bias
+    default = build_dense_model(off, data)[0].decoder.heads["depth"].pred.bias
     assert default.abs().max() < 1.0  # PyTorch's init: a few tenths at most

@@ -96,7 +96,7 @@ def test_a_model_file_defines_the_backbone_and_a_conflicting_override_is_refused
     path, _ = model_file(tmp_path / "model.safetensors")
     cfg = load_config(None, [f"finetune.init_from={path}"], schema=FinetuneConfig)
     assert (cfg.model.size, cfg.moe.num_experts, cfg.moe.top_k) == ("vit_b16", 16, 4)  # the schema's defaults
-    vit = build_finetune_backbone(cfg, ["semseg"])
+    vit, _ = build_finetune_backbone(cfg, ["semseg"])
     assert (cfg.model.size, cfg.moe.num_experts, cfg.moe.top_k) == ("vit_debug", 8, 2)
     assert {m.num_experts for _, m in moe_modules(vit)} == {8}
     config = str(Path(__file__).resolve().parents[1] / "configs/debug/finetune.yaml")  # moe.attn_top_k: 4

@@ -170,7 +170,7 @@ def test_import_then_finetune_init_computes_the_official_forward(tmp_path, capsy
                                                 "finetune.decoder_options.router_pool=linear",
                                                 "finetune.decoder_options.router_hw=[4,6]"], schema=FinetuneConfig)
     tasks = enabled_dense_tasks(cfg)
-    backbone = build_finetune_backbone(cfg, tasks)
+    backbone, _ = build_finetune_backbone(cfg, tasks)
     assert backbone.cls_token is None and backbone.pos_embed.shape == (1, GRID[0] * GRID[1], DIM)
     assert torch.equal(backbone.pos_embed, sd["backbone.pos_embed"][:, 1:])
     decoder = build_mlore(embed_dim=DIM, depth=DEPTH, tasks={t: PASCAL[t] for t in tasks},

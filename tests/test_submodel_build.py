@@ -108,7 +108,7 @@ def test_every_submodel_is_a_finetuning_backbone(submodel_files, tasks, exact, r
     cfg = load_config(None, [*TINY[:9], f"finetune.init_from={path}", f"finetune.routing={routing}",
                              f"finetune.trainable={trainable}", "finetune.router_from=seg"], schema=FinetuneConfig)
     dense = ["semseg", "depth"]
-    vit = build_finetune_backbone(cfg, dense)
+    vit, _ = build_finetune_backbone(cfg, dense)
     assert vit.num_tasks == (len(dense) if routing == "per_task" else 1)
 
     class Dense(torch.nn.Module):  # the backbone part of a DenseModel: `apply_trainable_` reads `.backbone`

@@ -40,6 +40,6 @@ def test_fine_tuning_choices_equal_their_tables():
     from pretrain.models.decoders import DECODERS
     from pretrain.models.dense import ROUTINGS
 
-    c = ft_config.CHOICES
+    c = ft_config.choices()
     assert c["data.dataset"] == tuple(DENSE_DATASETS) and c["finetune.decoder"] == tuple(DECODERS)
     assert c["finetune.router_from"] == config.TASKS and c["finetune.routing"] == ROUTINGS

@@ -28,12 +28,22 @@ from pretrain.log import MetricsWriter, progress, setup_logging
 from pretrain.models.grow import GrowingModel, grow, merged_state
 from pretrain.models.grow_layers import META_KEY, grown_moe, limits_meta
 from pretrain.models.moe_losses import collect_aux_losses
-from pretrain.runs import checkpoint
 from pretrain.runs.drift import check_resume
 from pretrain.runs.portable import PortableModel, config_metadata, config_sections, load_model, read_meta, write_file
-from pretrain.training.lifecycle import LossWindow, NonFiniteGuard, agree, start_engine, to_device
+from pretrain.training.lifecycle import (
+    LossWindow,
+    NonFiniteGuard,
+    agree,
+    checkpoint_if_due,
+    close_loop,
+    resume_micro_step,
+    resume_stream,
+    start_engine,
+    stop_code,
+    to_device,
+)
 from pretrain.training.objective import build_objective
-from pretrain.training.signals import EXIT_ABORT, EXIT_REQUEUE, stop_flag
+from pretrain.training.signals import EXIT_ABORT, stop_flag
 
 logger = logging.getLogger(__name__)
 
@@ -109,16 +119,13 @@ def train_loop(cfg: AddTaskConfig, engine, net, added: AddedData, name_of: dict[
                start: int, stream_state: dict | None) -> int:
     """Steps `start + 1 .. train.max_steps` of the added tasks (one task batch per step); 0, 75 or EXIT_ABORT."""
     by_kind, _ = data_tasks(cfg.tasks)
-    # the stream restarts at periodic checkpoints only: a resume from a signal checkpoint replays from the last one
-    first = stream_state.get("start_step", stream_state["step"]) if stream_state else start
+    first = resume_micro_step(stream_state, start)
     if added.dense:  # some task reads a dense dataset's shards (`add_task.dense`)
         mixed = build_added_stream(cfg.data, by_kind, added, info, seed=cfg.seed, start_micro_step=first)
     else:
         mixed = build_stream(cfg.data, by_kind, added.spec, info, seed=cfg.seed, start_micro_step=first,
                              sampler=build_sampler(cfg.data, by_kind, added.spec, seed=cfg.seed))
-    if stream_state:
-        mixed.load_state_dict(stream_state)
-    stream, stop = iter(mixed), stop_flag()
+    stream, stop = resume_stream(mixed, stream_state), stop_flag()
     writer = MetricsWriter(Path(cfg.output_dir) / "metrics.jsonl", enabled=info.is_main)
     window, guard, code = LossWindow(), NonFiniteGuard(cfg.train.max_bad_steps), 0
     steps = cfg.train.max_steps
@@ -142,19 +149,12 @@ def train_loop(cfg: AddTaskConfig, engine, net, added: AddedData, name_of: dict[
         # 4. log, 5. checkpoint (periodic, last, on a signal)
         if step % cfg.train.log_every == 0 or step == steps:
             writer.write(step, {**window.pop(), "lr": engine.get_lr()[0]})
-        periodic = step % cfg.train.ckpt_every == 0 and finite
-        if periodic:  # the stream restarts here, so a resume replays nothing
-            mixed.restart()
-        if periodic or step == steps or stopping:
-            checkpoint.save(engine, Path(cfg.output_dir) / "checkpoints", step, client_state={"step": step},
-                            rank_state={**checkpoint.capture_rng(), "stream": mixed.state_dict()},
-                            keep_last=cfg.train.keep_last)
+        checkpoint_if_due(engine, mixed, step, ckpt_dir=Path(cfg.output_dir) / "checkpoints", train=cfg.train,
+                          ok=finite, stopping=stopping)
         if stopping:
-            logger.warning("stopped by signal after step %d; run the same command to resume", step)
-            code = EXIT_REQUEUE
+            code = stop_code(step, logger, requeue=False)
             break
-    stop.uninstall()
-    writer.close()
+    close_loop(stop, writer)
     return code
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pretrain import catalog
 from pretrain.config.checks import ConfigError, check_choices, check_tasks, check_values, need
 from pretrain.config.pretraining import CHOICES as CORE_CHOICES
 from pretrain.config.pretraining import (
@@ -25,8 +26,9 @@ from pretrain.config.pretraining import (
     check_train,
 )
 
-# every dense task the fine-tuning stage knows, in id order (the dense model's router rows follow the enabled ones)
-DENSE_TASKS = ("semseg", "human_parts", "sal", "normals", "edge", "depth")
+# every dense task the fine-tuning stage knows, in id order (the dense model's router rows follow the enabled ones):
+# the catalog's, as it stood at import (the checks below read the catalog itself)
+DENSE_TASKS = tuple(catalog.DENSE_TASKS)
 
 
 @dataclass
@@ -48,12 +50,13 @@ def nyud_tasks() -> dict[str, DenseTaskConfig]:
 @dataclass
 class DenseDataConfig:
     root: str = "corpus/shards"
-    dataset: str = "nyud"  # nyud | pascal_context
+    dataset: str = "nyud"  # a dense dataset of `pretrain.catalog.DATASETS`: nyud | pascal_context
     train_shards: str = ""  # "" = <dataset>/train under root
     val_shards: str = ""  # "" = <dataset>/val under root
     protocol: str = "new"  # new: pad to eval_size, random scale/crop (InvPT/MLoRE); old: fixed resize (ASTMT/M3ViT)
-    train_size: tuple[int, int] = (448, 576)  # crop (new) or resize (old) size, (h, w)
-    eval_size: tuple[int, int] = (448, 576)  # pad-to (new) or resize (old) size
+    # (h, w); [0, 0] = the dataset's size for the protocol (its catalog record: `dense_size`), never another's
+    train_size: tuple[int, int] = (0, 0)  # crop (new) or resize (old) size
+    eval_size: tuple[int, int] = (0, 0)  # pad-to (new) or resize (old) size
     batch_size: int = 2
     eval_batch_size: int = 2
     num_workers: int = 2
@@ -99,7 +102,6 @@ class FinetuneConfig:
 CHOICES = {
     **{key: allowed for key, allowed in CORE_CHOICES.items() if key.split(".")[0] in ("moe", "engine", "logging",
                                                                                       "optim", "model")},
-    "data.dataset": ("nyud", "pascal_context"),
     "data.protocol": ("new", "old"),
     "finetune.router_from": ("cls", "det", "seg"),
     "finetune.routing": ("per_task", "shared"),
@@ -108,13 +110,26 @@ CHOICES = {
 }
 
 
+def choices() -> dict[str, tuple]:
+    """`CHOICES` plus the dense datasets (`data.dataset`), read from the catalog when asked."""
+    return {**CHOICES, "data.dataset": tuple(catalog.dense_datasets())}
+
+
+def dense_size(data: DenseDataConfig, split: str) -> tuple[int, int]:
+    """(h, w) of `split` ("train" / "val"): `data.train_size` / `data.eval_size`, or the dataset's own size for
+    `data.protocol` where that is [0, 0] (its catalog record)."""
+    h, w = data.train_size if split == "train" else data.eval_size
+    return (h, w) if (h, w) != (0, 0) else catalog.DATASETS[data.dataset].size(data.protocol, split)
+
+
 def check_finetune(cfg: FinetuneConfig) -> None:
+    known = tuple(catalog.DENSE_TASKS)
     check_values(cfg)
-    check_choices(cfg, CHOICES)
+    check_choices(cfg, choices())
     check_model(cfg.model)
     check_moe(cfg.moe, cfg.engine)
     check_train(cfg.train, cfg.optim)
-    check_tasks(cfg.tasks, DENSE_TASKS)
+    check_tasks(cfg.tasks, known)
     need(cfg.engine.ep_size == 1, "engine.ep_size", cfg.engine.ep_size,
          "fine-tuning holds every expert on every rank: must be 1")
     d = cfg.data
@@ -123,20 +138,19 @@ def check_finetune(cfg: FinetuneConfig) -> None:
     need(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     for key in ("train_size", "eval_size"):
         h, w = getattr(d, key)
-        need(h >= 16 and w >= 16, f"data.{key}", [h, w], "must be [h, w] with both >= 16")
+        need((h, w) == (0, 0) or (h >= 16 and w >= 16), f"data.{key}", [h, w],
+             "must be [h, w] with both >= 16, or [0, 0] for the dataset's size")
     need(0 < cfg.finetune.edge_pos_weight < 1, "finetune.edge_pos_weight", cfg.finetune.edge_pos_weight,
          "must be in (0, 1)")
-    unknown = sorted(set(cfg.finetune.baselines) - set(DENSE_TASKS))
-    need(not unknown, "finetune.baselines", unknown, f"unknown task(s); expected {', '.join(DENSE_TASKS)}")
+    unknown = sorted(set(cfg.finetune.baselines) - set(known))
+    need(not unknown, "finetune.baselines", unknown, f"unknown task(s); expected {', '.join(known)}")
     check_dataset_tasks(cfg)
     check_decoder(cfg)
 
 
 def check_dataset_tasks(cfg: FinetuneConfig) -> None:
     """Every enabled task has labels in `data.dataset`'s release (PASCAL-Context has no depth)."""
-    from pretrain.data.dense_decode import DENSE_DATASETS
-
-    labelled = DENSE_DATASETS[cfg.data.dataset].tasks
+    labelled = catalog.DATASETS[cfg.data.dataset].tasks
     for task in enabled_dense_tasks(cfg):
         need(task in labelled, f"tasks.{task}.enabled", True,
              f"data.dataset={cfg.data.dataset} has no {task} labels (it has {', '.join(labelled)}): disable it")
@@ -148,14 +162,11 @@ def check_decoder(cfg: FinetuneConfig) -> None:
     The configured backbone size gives the widths (a run or file in `finetune.init_from` brings its own later)."""
     import torch
 
-    from pretrain.data.dense_decode import DENSE_DATASETS
-    from pretrain.finetune.build import OUT_CHANNELS
     from pretrain.models import backbone_size
     from pretrain.models.decoders import DECODERS
 
     size = backbone_size(cfg.model)
-    classes = DENSE_DATASETS[cfg.data.dataset].num_classes
-    channels = {t: OUT_CHANNELS.get(t) or classes[t] for t in enabled_dense_tasks(cfg)}
+    channels = {t: catalog.out_channels(t, cfg.data.dataset) for t in enabled_dense_tasks(cfg)}
     try:
         with torch.device("meta"):
             DECODERS[cfg.finetune.decoder](embed_dim=size["embed_dim"], depth=size["depth"], tasks=channels,
@@ -166,7 +177,6 @@ def check_decoder(cfg: FinetuneConfig) -> None:
                           "the decoder: set the file's decoder_options to match)") from None
 
 
-
 def enabled_dense_tasks(cfg: FinetuneConfig) -> list[str]:
-    """Enabled dense tasks in `DENSE_TASKS` order (the dense model's router row order)."""
-    return [t for t in DENSE_TASKS if t in cfg.tasks and cfg.tasks[t].enabled]
+    """Enabled dense tasks in the catalog's order (the dense model's router row order)."""
+    return [t for t in catalog.DENSE_TASKS if t in cfg.tasks and cfg.tasks[t].enabled]

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
+from pretrain.catalog import IGNORE_INDEX as IGNORE_INDEX  # the catalog's, re-exported for the decoders
 from pretrain.metrics.segmentation import reduce_zero_label
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ DENSE_KEYS = ("semseg.png", "depth.npy", "normals.png", "normals_valid.png", "ed
               "human_parts.png", "sal.png")
 # Tar member extensions (text after the first dot of the file name) that are read at all.
 ALLOWED_EXTENSIONS = frozenset({*IMAGE_KEYS, MASK_KEY, "cls", "json", *DENSE_KEYS})
-IGNORE_INDEX = 255
 # Largest image (width × height) decoded anywhere. The converters (prepare/images.py) accept what PIL opens without
 # a DecompressionBombError, i.e. up to 2 × PIL's default MAX_IMAGE_PIXELS (89,478,485); one number for both sides.
 MAX_IMAGE_PIXELS = 2 * 89_478_485

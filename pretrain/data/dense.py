@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import webdataset as wds
 
+from pretrain.catalog import DATASETS, dense_datasets
 from pretrain.data.decode import is_allowed_member
 from pretrain.data.dense_decode import DENSE_DATASETS, DENSE_TASKS, DenseDataset, decode_dense_sample
 from pretrain.data.dense_transforms import CAT_MAX_RATIO, PROTOCOLS, SCALE_RANGE, transform_dense
@@ -89,9 +90,9 @@ def dense_info(dataset: str, shard_dir: str | Path, tasks: Sequence[str] | None 
 
     Raises ValueError naming the folder when the set is of another dataset or lacks a requested task.
     """
-    if dataset not in DENSE_DATASETS:
-        raise ValueError(f"unknown dense dataset {dataset!r}; expected one of {sorted(DENSE_DATASETS)}")
-    spec = DENSE_DATASETS[dataset]
+    if dataset not in dense_datasets():
+        raise ValueError(f"unknown dense dataset {dataset!r}; expected one of {sorted(dense_datasets())}")
+    spec = DATASETS[dataset]
     info = read_shard_info(shard_dir)
     if info.get("dataset") != dataset:
         raise ValueError(f"{shard_dir}: _info.json says dataset {info.get('dataset')!r}, expected {dataset!r}")
@@ -135,8 +136,8 @@ def make_dense_train_loader(dataset: str, shard_dir: str | Path, *, tasks: Seque
         scale_range / cat_max_ratio: the new protocol's RandomScaling range and RandomCrop class-dominance limit.
     """
     info = dense_info(dataset, shard_dir, tasks)
-    spec = DENSE_DATASETS[dataset]
-    size = tuple(crop_size or (spec.train_size if protocol == "new" else spec.old_size))
+    spec = DATASETS[dataset]
+    size = tuple(crop_size or spec.size(protocol, "train"))
     _check(dataset, batch_size=batch_size, size=size, rank=rank, world_size=world_size, num_workers=num_workers,
            protocol=protocol)
     if seed < 0 or start_step < 0:
@@ -169,8 +170,8 @@ def make_dense_eval_loader(dataset: str, shard_dir: str | Path, *, tasks: Sequen
             FixedResize size ("old": NYUD 480×640, PASCAL 512×512).
     """
     info = dense_info(dataset, shard_dir, tasks)
-    spec = DENSE_DATASETS[dataset]
-    size = tuple(eval_size or (spec.eval_size if protocol == "new" else spec.old_size))
+    spec = DATASETS[dataset]
+    size = tuple(eval_size or spec.size(protocol, "val"))
     _check(dataset, batch_size=batch_size, size=size, rank=rank, world_size=world_size, num_workers=num_workers,
            protocol=protocol)
     if len(info["urls"]) < world_size * max(1, num_workers):

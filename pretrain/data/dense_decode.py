@@ -1,8 +1,8 @@
 """Dense multi-task samples (NYUD-v2, PASCAL-Context) → image + per-task label tensors at the original resolution.
 
-Shard schema: DATA.md beside this file, "Dense multi-task fine-tuning data". Two tables drive everything:
-`DENSE_TASKS` says how each task's member decodes, what pads it and how geometry treats it; `DENSE_DATASETS` says
-which tasks a dataset has, its class counts, label conventions and default sizes. Only whitelisted members are read
+Shard schema: DATA.md beside this file, "Dense multi-task fine-tuning data". `DENSE_TASKS` says how each task's
+member decodes and how geometry treats it; what pads it and the dataset's tasks, class counts, label conventions and
+default sizes are the catalog's (`pretrain.catalog`). Only whitelisted members are read
 (`decode.is_allowed_member`); `.npy` goes through `np.load(allow_pickle=False)` after a magic/dtype/shape check.
 
 Label conventions (what the references' loaders do, evaluation.md §2):
@@ -23,12 +23,15 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from pretrain.catalog import DATASETS, dense_datasets
+from pretrain.catalog import DENSE_TASKS as CATALOG_TASKS
+from pretrain.catalog import Dataset as DenseDataset
 from pretrain.data.decode import (
     IGNORE_INDEX,
     MAX_IMAGE_PIXELS,
@@ -45,61 +48,8 @@ logger = logging.getLogger(__name__)
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-@dataclass(frozen=True)
-class ScaleRotate:
-    """ASTMT's ScaleNRotate ranges (old protocol training): (min, max) drawn uniformly, or value lists to choose from
-    when `discrete` (degrees, counter-clockwise as cv2.getRotationMatrix2D; scale factors)."""
-
-    rotations: tuple[float, ...]
-    scales: tuple[float, ...]
-    discrete: bool
-
-
-@dataclass(frozen=True)
-class DenseDataset:
-    """One dense multi-task dataset: its tasks, label conventions and default sizes (h, w).
-
-    Attributes:
-        num_classes: per class-map task; semseg's is the count AFTER any reduce-zero-label.
-        semseg_zero_is_ignore: raw semseg 0 means unlabelled (NYUD): reduce-zero-label, raw range 0..C.
-        normals_valid_member: a 0/1 mask member; normals are zeroed (→ ignored) where it is 0.
-        eval_labels: task → the evaluation label (a `DENSE_TASKS` row) its metric takes as GT when present.
-        train_size / eval_size: new protocol crop and pad targets; old_size: the old protocol's FixedResize.
-        old_scale_rotate: the old protocol's ScaleNRotate ranges (ASTMT get_transformations).
-    """
-
-    name: str
-    tasks: tuple[str, ...]
-    num_classes: dict[str, int]
-    semseg_zero_is_ignore: bool
-    train_size: tuple[int, int]
-    eval_size: tuple[int, int]
-    old_size: tuple[int, int]
-    old_scale_rotate: ScaleRotate
-    normals_valid_member: str | None = None
-    eval_labels: dict[str, str] = field(default_factory=dict)
-    label_range: dict[str, int] = field(default_factory=dict)  # derived: largest raw label value accepted
-
-    def __post_init__(self) -> None:
-        top = {t: n - 1 for t, n in self.num_classes.items()}
-        if self.semseg_zero_is_ignore:
-            top["semseg"] = self.num_classes["semseg"]  # raw 1..C are classes, 0 unlabelled
-        object.__setattr__(self, "label_range", top)
-
-
-DENSE_DATASETS: dict[str, DenseDataset] = {
-    "nyud": DenseDataset(name="nyud", tasks=("semseg", "depth", "normals", "edge"),
-                         num_classes={"semseg": 40}, semseg_zero_is_ignore=True, train_size=(448, 576),
-                         eval_size=(448, 576), old_size=(480, 640),
-                         old_scale_rotate=ScaleRotate(rotations=(0.0,), scales=(1.0, 1.2, 1.5), discrete=True)),
-    "pascal_context": DenseDataset(name="pascal_context", tasks=("semseg", "human_parts", "sal", "normals", "edge"),
-                                   num_classes={"semseg": 21, "human_parts": 7, "sal": 2},
-                                   semseg_zero_is_ignore=False, train_size=(512, 512), eval_size=(512, 512),
-                                   old_size=(512, 512), normals_valid_member="normals_valid.png",
-                                   eval_labels={"edge": "edge_regions"},
-                                   old_scale_rotate=ScaleRotate(rotations=(-20.0, 20.0), scales=(0.75, 1.25),
-                                                                discrete=False)),
-}
+# the records live in the catalog; this snapshot serves importers (code looks up `catalog.DATASETS` by name)
+DENSE_DATASETS: dict[str, DenseDataset] = {name: DATASETS[name] for name in dense_datasets()}
 
 
 def _class_map(data: bytes, *, top: int, member: str) -> torch.Tensor:
@@ -210,16 +160,23 @@ class DenseTask:
         return torch.uint8 if self.index_map else torch.float32
 
 
+def _row(task: str, member: str, decode: Callable[[Mapping[str, Any], DenseDataset], torch.Tensor],
+         **geometry: bool) -> DenseTask:
+    """A task's decoding row; its channels, padding value and map kind are its catalog record's."""
+    t = CATALOG_TASKS[task]
+    return DenseTask(member, decode, t.channels, t.fill, t.index_map, **geometry)
+
+
 DENSE_TASKS: dict[str, DenseTask] = {
-    "semseg": DenseTask("semseg.png", _decode_semseg, 1, IGNORE_INDEX, index_map=True),
-    "human_parts": DenseTask("human_parts.png", _decode_parts, 1, IGNORE_INDEX, index_map=True,
-                             ignore_without_foreground=True),
-    "sal": DenseTask("sal.png", _decode_sal, 1, IGNORE_INDEX, index_map=True),
-    "edge": DenseTask("edge.png", _decode_edge, 1, float(IGNORE_INDEX), index_map=False),
+    "semseg": _row("semseg", "semseg.png", _decode_semseg),
+    "human_parts": _row("human_parts", "human_parts.png", _decode_parts, ignore_without_foreground=True),
+    "sal": _row("sal", "sal.png", _decode_sal),
+    "edge": _row("edge", "edge.png", _decode_edge),
+    # an evaluation label, not a task (no catalog record): PASCAL's LabelMap partition, padded like the edge map
     "edge_regions": DenseTask("edge_regions.png", _decode_regions, 1, float(IGNORE_INDEX), index_map=False),
-    "depth": DenseTask("depth.npy", _decode_depth, 1, 0.0, index_map=False, divide_by_scale=True),
-    "normals": DenseTask("normals.png", _decode_normals, 3, 0.0, index_map=False, negate_x_on_flip=True,
-                         zero_norm_ignored=True, old_normals=True),
+    "depth": _row("depth", "depth.npy", _decode_depth, divide_by_scale=True),
+    "normals": _row("normals", "normals.png", _decode_normals, negate_x_on_flip=True, zero_norm_ignored=True,
+                    old_normals=True),
 }
 
 

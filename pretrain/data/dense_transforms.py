@@ -29,7 +29,8 @@ import torch.nn.functional as NF
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
-from pretrain.data.dense_decode import DENSE_TASKS, ScaleRotate
+from pretrain.catalog import ScaleRotate
+from pretrain.data.dense_decode import DENSE_TASKS
 from pretrain.data.transforms import PAD_RGB
 
 IGNORE = 255.0

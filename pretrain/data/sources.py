@@ -32,6 +32,7 @@ import numpy as np
 import torch.utils.data
 import webdataset as wds
 
+from pretrain.catalog import DATASETS
 from pretrain.data.collate import COLLATE, ring_fields
 from pretrain.data.decode import (
     coco_label_maps,
@@ -48,8 +49,8 @@ from pretrain.errors import DataError
 logger = logging.getLogger(__name__)
 
 INFO_NAME = "_info.json"
-# integer ids for seeding (no string hashing): pretraining tasks, then the dense fine-tuning datasets (dense.py)
-TASK_IDS = {"cls": 0, "det": 1, "seg": 2, "nyud": 3, "pascal_context": 4}
+# integer ids for seeding (no string hashing), the catalog's: pretraining tasks, then the dense datasets (dense.py)
+TASK_IDS = {d.stream: d.id for d in DATASETS.values()}
 _WARN_LIMIT = 5  # warnings per worker before skips are only counted
 _SHARDS, _SHUFFLE, _AUG = 0, 1, 2  # seed purposes
 _DEFER_BYTES = 16384  # image/mask members at least this large are read right before decoding (tar.py)

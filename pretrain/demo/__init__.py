@@ -29,14 +29,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain.catalog import DATASETS, dense_datasets
 from pretrain.demo.eta import eta_seconds, format_eta
 from pretrain.durable import atomic_write
 from pretrain.errors import UsageError
 
 PRETRAIN_TASKS = ("cls", "det", "seg")
-DENSE = ("nyud", "pascal_context")
-RAW_DIRS = {"imagenet": "imagenet", "coco": "coco", "ade20k": "ade20k", "nyud": "NYUDv2",
-            "pascal_context": "PASCALContext"}
+DENSE = tuple(dense_datasets())
+RAW_DIRS = {name: d.folder for name, d in DATASETS.items()}  # what `pretrain synth` writes, the catalog's
 INITS = {"extracted": "extract/seg_nyud.safetensors", "pretrained": "model.safetensors", "random": ""}
 # Stage weights: each stage's seconds in the reference run (`pretrain demo`, 2026-12-07 04:22 UTC, the idle 2-vCPU
 # AMD EPYC dev machine: benchmarks/RESULTS.md, "pretrain demo again"); the ETA scales what is left by the pace so far

@@ -9,8 +9,8 @@ import platform
 import re
 from pathlib import Path
 
+from pretrain.catalog import DENSE_TASKS, primary_metric
 from pretrain.demo.verdict import BASELINE, RULE, finite_or_none, mean_spread, phrase, summarize
-from pretrain.metrics.multitask import PRIMARY
 
 PRETRAIN_METRICS = {"cls": ("top1", "top5"), "det": ("AP", "AP50"), "seg": ("mIoU", "aAcc")}
 
@@ -164,7 +164,7 @@ def _finetune_section(done: dict) -> tuple[list[str], str, dict]:
     lines += [f"| {k.removeprefix('eval/')} | " + " | ".join(_metric_cell(m[k.removeprefix("eval/")])
                                                           for m in metrics.values()) + " |" for k in keys]
     numbers: dict = {"metrics": metrics}
-    table = PRIMARY["new"]
+    table = {t: primary_metric(t, "new") for t in DENSE_TASKS}  # the demo fine-tunes with the new protocol
     tasks = sorted({k.split("/")[1] for k in keys if k.count("/") == 2 and k.split("/")[1] in table})
     primary = {init: {s: {t: out.get(f"eval/{t}/{table[t][0]}") for t in tasks} for s, out in r.items()}
                for init, r in runs.items()}

@@ -29,10 +29,9 @@ from pretrain.data.build import build_sampler, build_stream, check_shards
 from pretrain.errors import AbortedError
 from pretrain.log import MetricsWriter, progress
 from pretrain.models.moe_losses import collect_aux_losses
-from pretrain.runs import checkpoint
 from pretrain.runs.drift import check_resume
 from pretrain.runs.portable import PortableModel, config_sections
-from pretrain.training.lifecycle import agree, start_engine, to_device
+from pretrain.training.lifecycle import agree, checkpoint_if_due, close_loop, resume_stream, start_engine, to_device
 from pretrain.training.signals import EXIT_REQUEUE, stop_flag
 
 logger = logging.getLogger(__name__)
@@ -108,9 +107,7 @@ def heal(full: PortableModel, sub: PortableModel, tasks: list[str], *, out_dir: 
     engine, start, stream_state = start_engine(cfg, student, info)
     mixed = build_stream(cfg.data, cfg.tasks, spec, info, seed=cfg.seed, start_micro_step=start,
                          sampler=build_sampler(cfg.data, cfg.tasks, spec, seed=cfg.seed))
-    if stream_state:
-        mixed.load_state_dict(stream_state)
-    stream, stop = iter(mixed), stop_flag()
+    stream, stop = resume_stream(mixed, stream_state), stop_flag()
     writer = MetricsWriter(out_dir / "metrics.jsonl", enabled=info.is_main)
     losses, window = [], []
     for step in progress(range(start + 1, steps + 1), total=steps, initial=start, desc="heal", enabled=info.is_main):
@@ -130,19 +127,14 @@ def heal(full: PortableModel, sub: PortableModel, tasks: list[str], *, out_dir: 
             losses.append(sum(window) / len(window))
             writer.write(step, {"loss/distill": losses[-1], "lr": engine.get_lr()[0]})
             window = []
-        periodic = step % cfg.train.ckpt_every == 0
-        if periodic:  # the stream restarts here, so a resume replays nothing
-            mixed.restart()
-        if periodic or step == steps or stopping:
-            checkpoint.save(engine, out_dir / "checkpoints", step, client_state={"step": step},
-                            rank_state={**checkpoint.capture_rng(), "stream": mixed.state_dict()},
-                            keep_last=cfg.train.keep_last)
+        # every step is finite here (a non-finite one raised above); train.max_steps is `steps`
+        checkpoint_if_due(engine, mixed, step, ckpt_dir=out_dir / "checkpoints", train=cfg.train, ok=True,
+                          stopping=stopping)
         if stopping:
             stop.uninstall()
             logger.warning("healing stopped by signal after step %d; run the same command to resume", step)
             raise SystemExit(EXIT_REQUEUE)
-    stop.uninstall()
-    writer.close()
+    close_loop(stop, writer)
     sub.model.eval()
     return {"steps": steps, "resumed_from": start, "lr": lr, "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None, "dir": str(out_dir)}

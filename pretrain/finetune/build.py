@@ -11,14 +11,16 @@ import torch
 from torch import nn
 
 from pretrain import dist
-from pretrain.config.finetuning import DENSE_TASKS, FinetuneConfig, enabled_dense_tasks
+from pretrain.catalog import DATASETS, out_channels
+from pretrain.config.finetuning import DENSE_TASKS, FinetuneConfig, dense_size, enabled_dense_tasks
 from pretrain.data.build import resolve_shards
-from pretrain.data.dense import DENSE_DATASETS, make_dense_eval_loader, make_dense_train_loader
+from pretrain.data.dense import make_dense_eval_loader, make_dense_train_loader
 from pretrain.data.mixture import MixedStream, TaskSampler
 from pretrain.data.sources import read_shard_info
 from pretrain.dist import DistInfo
 from pretrain.finetune.init import build_finetune_backbone, load_source_decoder_
 from pretrain.finetune.losses import build_losses
+from pretrain.finetune.record import BackboneRecord
 from pretrain.models.decoders import DECODERS
 from pretrain.models.dense import DenseModel
 from pretrain.models.moe_losses import moe_modules
@@ -27,8 +29,7 @@ from pretrain.training.objective import build_objective
 
 logger = logging.getLogger(__name__)
 
-# output channels of each task's prediction (semseg / human_parts: the dataset's class count)
-OUT_CHANNELS = {"sal": 2, "normals": 3, "edge": 1, "depth": 1}
+# output channels of each task's prediction, the catalog's (semseg / human_parts: the dataset's class count, absent)
 
 
 @dataclass
@@ -49,7 +50,7 @@ def check_dense_shards(cfg: FinetuneConfig) -> DenseData:
     val_dir = resolve_shards(d.root, d.val_shards or f"{d.dataset}/val")
     info = read_shard_info(train_dir)
     read_shard_info(val_dir)
-    have = set(info.get("tasks", DENSE_DATASETS[d.dataset].tasks))
+    have = set(info.get("tasks", DATASETS[d.dataset].tasks))
     missing = [t for t in enabled_dense_tasks(cfg) if t not in have]
     if missing:
         raise ValueError(f"{train_dir}: the shards hold no {', '.join(missing)} labels (tasks {sorted(have)}); "
@@ -70,26 +71,34 @@ def apply_trainable_(model: DenseModel, trainable: str) -> None:
                 router.requires_grad_(True)
 
 
-def build_dense_model(cfg: FinetuneConfig, data: DenseData, *, depth_bias: float | None = None) -> DenseModel:
-    """Backbone (with one router row per dense task, or one shared) + decoder + objective, frozen parts applied.
+def build_dense_model(cfg: FinetuneConfig, data: DenseData, *, depth_bias: float | None = None,
+                      record: BackboneRecord | None = None) -> tuple[DenseModel, BackboneRecord]:
+    """Backbone (with one router row per dense task, or one shared) + decoder + objective, frozen parts applied, and
+    the backbone's record (`finetune.record`).
+
     `depth_bias`: the depth output's starting bias (`data_depth_bias`); a decoder loaded from the source file keeps
-    its own."""
+    its own. `record`: None at a run's first start (the backbone, and an imported decoder, come from
+    `finetune.init_from`); the run's own record on resume and evaluation (only the structure: the run's checkpoint
+    brings every weight, and `init_from` is not read).
+    """
     tasks = enabled_dense_tasks(cfg)
-    backbone = build_finetune_backbone(cfg, tasks)
-    channels = {t: OUT_CHANNELS.get(t) or data.num_classes[t] for t in tasks}
+    first_start = record is None
+    backbone, record = build_finetune_backbone(cfg, tasks, record)
+    channels = {t: out_channels(t, cfg.data.dataset) for t in tasks}
     decoder = DECODERS[cfg.finetune.decoder](embed_dim=backbone.embed_dim, depth=backbone.depth, tasks=channels,
                                              **cfg.finetune.decoder_options)
     if depth_bias is not None:
         with torch.no_grad():
             decoder.heads["depth"].pred.bias.fill_(depth_bias)
-    load_source_decoder_(cfg, decoder)  # an imported official MLoRE file (`pretrain import-mlore`) brings its decoder
+    if first_start:  # an imported official MLoRE file (`pretrain import-mlore`) brings its decoder
+        load_source_decoder_(cfg, decoder)
     objective = build_objective(cfg.tasks, cfg.optim, cfg.moe, extra_aux=decoder.aux_weights, order=DENSE_TASKS)
     model = DenseModel(backbone=backbone, decoder=decoder, tasks=tasks, routing=cfg.finetune.routing,
                        losses=build_losses(tasks, edge_pos_weight=cfg.finetune.edge_pos_weight), objective=objective)
     apply_trainable_(model, cfg.finetune.trainable)
     if torch.cuda.is_available() and dist.resolve().world_size > 1 and cfg.engine.backend != "gloo":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over every GPU, as the references do
-    return model
+    return model, record
 
 
 @torch.no_grad()
@@ -102,7 +111,7 @@ def data_depth_bias(cfg: FinetuneConfig, data: DenseData) -> float | None:
         return None
     d = cfg.data
     loader = make_dense_train_loader(data.dataset, data.train_dir, tasks=["depth"], batch_size=d.batch_size,
-                                     crop_size=tuple(d.train_size), seed=cfg.seed, shuffle_buffer=d.shuffle_buffer,
+                                     crop_size=dense_size(d, "train"), seed=cfg.seed, shuffle_buffer=d.shuffle_buffer,
                                      protocol=d.protocol)
     total, pixels, seen = 0.0, 0, 0
     for batch in loader:
@@ -122,7 +131,7 @@ def make_stream(cfg: FinetuneConfig, data: DenseData, info: DistInfo, *, start_m
     """The resumable training stream (one dataset: every step draws it) from `start_micro_step`."""
     d = cfg.data
     kwargs = {data.dataset: {"shard_dir": data.train_dir, "tasks": enabled_dense_tasks(cfg),
-                             "batch_size": d.batch_size, "crop_size": tuple(d.train_size),
+                             "batch_size": d.batch_size, "crop_size": dense_size(d, "train"),
                              "shuffle_buffer": d.shuffle_buffer, "protocol": d.protocol}}
     sampler = TaskSampler([data.dataset], [1.0], seed=cfg.seed)
     return MixedStream(sampler, kwargs, rank=info.rank, world_size=info.world_size, num_workers=d.num_workers,
@@ -132,7 +141,7 @@ def make_stream(cfg: FinetuneConfig, data: DenseData, info: DistInfo, *, start_m
 def make_eval_loader(cfg: FinetuneConfig, data: DenseData, info: DistInfo):
     d = cfg.data
     return make_dense_eval_loader(data.dataset, data.val_dir, tasks=enabled_dense_tasks(cfg),
-                                  batch_size=d.eval_batch_size, eval_size=tuple(d.eval_size), protocol=d.protocol,
+                                  batch_size=d.eval_batch_size, eval_size=dense_size(d, "val"), protocol=d.protocol,
                                   rank=info.rank, world_size=info.world_size, num_workers=cfg.eval.num_workers)
 
 

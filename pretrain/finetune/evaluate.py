@@ -18,12 +18,12 @@ import torch
 from torch import Tensor
 
 from pretrain import dist
+from pretrain.catalog import DATASETS
 from pretrain.config.finetuning import FinetuneConfig
-from pretrain.data.dense_decode import DENSE_DATASETS
 from pretrain.log import progress
 from pretrain.metrics import DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegmentationMeter
 from pretrain.metrics.edges import EDGE_DATASETS, TARGET_GT_BOUNDARY
-from pretrain.metrics.multitask import PRIMARY, delta_m
+from pretrain.metrics.multitask import delta_m, primary_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def evaluate_dense(cfg: FinetuneConfig, model: torch.nn.Module, loader, tasks: l
     model.eval()
     device = next(model.parameters()).device
     meters = {t: DENSE_METERS[t].make(cfg, num_classes) for t in tasks}
-    labels = {t: DENSE_DATASETS[cfg.data.dataset].eval_labels.get(t, t) for t in tasks}
+    labels = {t: DATASETS[cfg.data.dataset].eval_labels.get(t, t) for t in tasks}
     unlabelled, seen = dict.fromkeys(tasks, 0), 0
     for batch in progress(loader, desc="eval", enabled=info.is_main):
         if max_images and seen >= max_images:
@@ -142,16 +142,15 @@ def evaluate_dense(cfg: FinetuneConfig, model: torch.nn.Module, loader, tasks: l
         seen += len(batch["images"])
     _warn_unlabelled(unlabelled, labels, cfg.data.dataset)
     metrics: dict[str, float] = {}
+    scores: dict[str, dict[str, float]] = {}
     for task, meter in meters.items():
         meter.sync(dist.all_reduce_sum)
-        metrics.update({f"eval/{task}/{k}": float(v) for k, v in meter.compute().items()})
+        scores[task] = {k: float(v) for k, v in meter.compute().items()}
+        metrics.update({f"eval/{task}/{k}": v for k, v in scores[task].items()})
     baselines = cfg.finetune.baselines
     if baselines and set(tasks) <= set(baselines):
-        primary = PRIMARY[cfg.data.protocol]
-        key_of = {t: primary[t][0] for t in tasks}
-        lower = {t for t in tasks if primary[t][1]}
-        metrics["eval/delta_m"] = delta_m({t: metrics[f"eval/{t}/{key_of[t]}"] for t in tasks},
-                                          {t: baselines[t] for t in tasks}, lower)
+        values, lower = primary_metrics(scores, mode=cfg.data.protocol)
+        metrics["eval/delta_m"] = delta_m(values, {t: baselines[t] for t in tasks}, lower)
     model.train(was_training)
     logger.info("evaluation: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     return metrics
@@ -198,6 +197,7 @@ def main(cfg: FinetuneConfig) -> int:
     """`pretrain evaluate RUN_DIR` of a fine-tuning run: its latest checkpoint on the val shards, in this process."""
     from pretrain.config.finetuning import enabled_dense_tasks
     from pretrain.finetune.build import build_dense_model, check_dense_shards, make_eval_loader
+    from pretrain.finetune.record import read_record
     from pretrain.log import MetricsWriter, setup_logging
     from pretrain.runs.checkpoint import TAG_RE, load_model_weights
     from pretrain.runs.load import find_tag
@@ -208,7 +208,9 @@ def main(cfg: FinetuneConfig) -> int:
     run_dir = Path(cfg.output_dir)
     data = check_dense_shards(cfg)
     tag_dir = find_tag(run_dir / "checkpoints", None)
-    model = build_dense_model(cfg, data)
+    # the structure from the run's own record, the weights from its checkpoint: `finetune.init_from` is not read
+    # (a run started before records existed still rebuilds from it)
+    model, _ = build_dense_model(cfg, data, record=read_record(run_dir))
     load_model_weights(tag_dir, model, verify=False)  # find_tag verified it
     if info.world_size > 1:
         dist.init_process_group(cfg.engine.backend, cfg.engine.timeout_s)

@@ -19,10 +19,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain.catalog import out_channels
 from pretrain.config.checks import ConfigError
-from pretrain.config.finetuning import FinetuneConfig, enabled_dense_tasks
+from pretrain.config.finetuning import FinetuneConfig, dense_size, enabled_dense_tasks
 from pretrain.config.load import load_config
 from pretrain.config.pretraining import TASKS, ModelConfig, MoEConfig
+from pretrain.finetune.record import (
+    SOURCE_KEYS,
+    UNNEEDED_META,
+    BackboneRecord,
+    adopt_record_,
+    as_plain,
+    described_backbone,
+    file_fingerprint,
+)
 from pretrain.models import backbone_size, build_backbone
 from pretrain.models.moe_losses import moe_modules
 from pretrain.models.moe_routing import TaskRouter
@@ -32,19 +42,6 @@ from pretrain.parallel.layers import moe_mlp_factory
 logger = logging.getLogger(__name__)
 
 DENSE_KIND = "dense"  # portable-format file kind of `pretrain import-mlore`: `backbone.*` + `decoder.*` tensors
-# The fields of `model` / `moe` that fix a backbone's shapes and routing. With `finetune.init_from` the source defines
-# them: its values go into the run's config (the saved config.yaml tells the truth), and a key=value override that
-# contradicts the source is refused (`check_source_overrides`) rather than silently trained as the source's value.
-ARCH_FIELDS = {"model": ("size", "patch_size", "img_size", "pos_grid", "class_token", "task_embed"),
-               "moe": ("placement", "num_experts", "top_k", "expert_hidden", "attn_num_experts", "attn_top_k",
-                       "attn_head_dim", "dense_attn_head_dim", "gate")}
-SOURCE_KEYS = tuple(f"{section}.{name}" for section, names in ARCH_FIELDS.items() for name in names)
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
 def source_sections(src: str) -> tuple[ModelConfig, MoEConfig] | None:
     """The model/moe sections of the backbone `finetune.init_from` names: a run directory's config.yaml, a pretrain
     file's metadata; None for random init, dense ViT weights (upcycled into the config's architecture) and anything
@@ -79,22 +76,9 @@ def check_source_overrides(cfg: FinetuneConfig, overrides: list[str] | tuple[str
         section, name = key.split(".")
         have = getattr(getattr(cfg, section), name)
         want = getattr(sections[0] if section == "model" else sections[1], name)
-        if _plain(have) != _plain(want):
+        if as_plain(have) != as_plain(want):
             raise ConfigError(f"{key}={have} conflicts with finetune.init_from={cfg.finetune.init_from}, whose "
                               f"backbone has {key}={want}: the source defines the architecture; drop the override")
-
-
-def adopt_source_sections_(cfg: FinetuneConfig, model: ModelConfig, moe: MoEConfig, src: str) -> None:
-    """Write the source backbone's architecture fields (`ARCH_FIELDS`) into `cfg.model` / `cfg.moe` in place, so the
-    saved config.yaml describes the backbone the run trains; the values that change are logged."""
-    for section, source in (("model", model), ("moe", moe)):
-        mine = getattr(cfg, section)
-        changed = {f"{section}.{name}": (getattr(mine, name), getattr(source, name)) for name in ARCH_FIELDS[section]
-                   if _plain(getattr(mine, name)) != _plain(getattr(source, name))}
-        if changed:
-            logger.info("finetune.init_from=%s defines the backbone: %s", src,
-                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-        setattr(cfg, section, replace(mine, **{name: getattr(source, name) for name in ARCH_FIELDS[section]}))
 
 
 def _portable_meta(path: Path) -> dict | None:
@@ -110,8 +94,9 @@ def _portable_meta(path: Path) -> dict | None:
     return decode_meta(meta) if meta.get("format") == FORMAT else None
 
 
-def load_source_backbone(cfg: FinetuneConfig) -> tuple[VisionTransformer, tuple[str, ...]]:
-    """The backbone `finetune.init_from` names, or a fresh one, and the task name of each of its router rows.
+def load_source_backbone(cfg: FinetuneConfig) -> tuple[VisionTransformer, BackboneRecord]:
+    """The backbone `finetune.init_from` names, or a fresh one, and its record (`finetune.record`: what it was built
+    from, the task name of each router row) that resume and evaluation rebuild it from.
 
     A run directory's `model`/`moe` sections replace `cfg`'s (in place), so the fine-tuning run's config describes
     its backbone. An extracted submodel holds only its own tasks' rows, in its own order.
@@ -120,37 +105,55 @@ def load_source_backbone(cfg: FinetuneConfig) -> tuple[VisionTransformer, tuple[
     path = Path(src)
     if not src:
         logger.info("backbone: random initialisation (%s, %s placement)", cfg.model.size, cfg.moe.placement)
-        return build_backbone(cfg.model, cfg.moe, moe_mlp_layer=moe_mlp_factory(cfg.moe, cfg.engine, rank=0)), TASKS
+        vit = build_backbone(cfg.model, cfg.moe, moe_mlp_layer=moe_mlp_factory(cfg.moe, cfg.engine, rank=0))
+        return vit, _record(cfg, "random", vit, TASKS)
     if path.is_dir():
         from pretrain.runs.load import load_run
 
         run = load_run(path)
         logger.info("backbone: run %s at step %d (its model/moe sections replace the config's)", path, run.step)
-        cfg.model, cfg.moe = run.cfg.model, run.cfg.moe  # the saved config.yaml then describes this backbone
-        return run.model.backbone, TASKS
+        record = _record(cfg, "run", run.model.backbone, TASKS, model=run.cfg.model, moe=run.cfg.moe,
+                         fingerprint={"step": run.step, "tag": run.tag_dir.name})
+        adopt_record_(cfg, record)  # the saved config.yaml then describes this backbone
+        return run.model.backbone, record
     if not path.is_file():
         raise FileNotFoundError(f"finetune.init_from={src}: no such run directory or file")
     meta = _portable_meta(path)
     if meta is not None and meta.get("kind") == DENSE_KIND:
-        return _dense_backbone(cfg, path), TASKS
+        return _dense_backbone(cfg, path)
     if meta is not None:
-        from pretrain.runs.portable import config_sections, load_backbone
+        from pretrain.runs.portable import config_sections, load_backbone, read_meta
 
         rows = tuple(meta["task_names"]) if meta.get("kind") == "submodel" else TASKS
         logger.info("backbone: %s (%s file, task rows %s)", path, meta.get("kind"), list(rows))
         try:
             model, moe, _ = config_sections(path, meta)
-            adopt_source_sections_(cfg, model, moe, src)
-            return load_backbone(path), rows
+            vit = load_backbone(path)
         except (ValueError, KeyError) as exc:  # metadata or tensors that do not describe one model: the user's input
             raise ConfigError(f"finetune.init_from={src}: {str(exc).strip(chr(39))}") from None
+        raw = {k: v for k, v in read_meta(path).items() if k not in UNNEEDED_META}
+        record = _record(cfg, meta["kind"], vit, rows, model=model, moe=moe, meta=raw)
+        adopt_record_(cfg, record)
+        return vit, record
     logger.info("backbone: dense ViT weights %s, upcycled into the %s placement", path, cfg.moe.placement)
     model = replace(cfg.model, upcycle_from=str(path))
     try:
-        return build_backbone(model, cfg.moe, moe_mlp_layer=moe_mlp_factory(cfg.moe, cfg.engine, rank=0)), TASKS
+        vit = build_backbone(model, cfg.moe, moe_mlp_layer=moe_mlp_factory(cfg.moe, cfg.engine, rank=0))
     except ConfigError as exc:
         raise ConfigError(f"finetune.init_from={src}: neither a pretrain model file nor dense ViT weights the "
                           f"upcycler reads ({str(exc).split(': ', 1)[-1]})") from None
+    return vit, _record(cfg, "weights", vit, TASKS, model=model)
+
+
+def _record(cfg: FinetuneConfig, kind: str, vit: VisionTransformer, rows: tuple[str, ...], *,
+            model: ModelConfig | None = None, moe: MoEConfig | None = None, meta: dict[str, str] | None = None,
+            fingerprint: dict[str, Any] | None = None) -> BackboneRecord:
+    """The record of a backbone just built from `cfg.finetune.init_from` (a file's fingerprint by default)."""
+    src = cfg.finetune.init_from
+    if fingerprint is None:
+        fingerprint = file_fingerprint(Path(src)) if src and Path(src).is_file() else {}
+    return BackboneRecord(init_from=src, kind=kind, model=model or cfg.model, moe=moe or cfg.moe,
+                          num_tasks=vit.num_tasks, rows=tuple(rows), meta=meta or {}, fingerprint=fingerprint)
 
 
 @torch.no_grad()
@@ -179,10 +182,22 @@ def select_task_rows_(vit: VisionTransformer, rows: list[int]) -> VisionTransfor
     return vit
 
 
-def build_finetune_backbone(cfg: FinetuneConfig, tasks: list[str]) -> VisionTransformer:
+def build_finetune_backbone(cfg: FinetuneConfig, tasks: list[str], record: BackboneRecord | None = None
+                            ) -> tuple[VisionTransformer, BackboneRecord]:
     """The source backbone with one router row per dense task (per_task) or one shared row, all copied from the
-    pretraining task `finetune.router_from`."""
-    vit, row_tasks = load_source_backbone(cfg)
+    pretraining task `finetune.router_from`, and its record.
+
+    Args:
+        record: None at a run's first start (the backbone comes from `finetune.init_from`); on resume and evaluation
+            the run's own record (`finetune.record`): the structure is rebuilt from it, `cfg` gets its sections as
+            the first start gave them, and the weights are left to the run's checkpoint.
+    """
+    if record is None:
+        vit, record = load_source_backbone(cfg)
+    else:
+        adopt_record_(cfg, record)
+        vit = described_backbone(cfg, record)
+    row_tasks = record.rows
     if cfg.finetune.router_from in row_tasks:
         source = row_tasks.index(cfg.finetune.router_from)
     else:  # an extracted submodel keeps only its own tasks' rows
@@ -190,7 +205,7 @@ def build_finetune_backbone(cfg: FinetuneConfig, tasks: list[str]) -> VisionTran
                        cfg.finetune.router_from, list(row_tasks), row_tasks[0])
         source = 0
     count = len(tasks) if cfg.finetune.routing == "per_task" else 1
-    return select_task_rows_(vit, [source] * count)
+    return select_task_rows_(vit, [source] * count), record
 
 
 def _dense_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -201,13 +216,12 @@ def _dense_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
         return {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
-def _dense_backbone(cfg: FinetuneConfig, path: Path) -> VisionTransformer:
+def _dense_backbone(cfg: FinetuneConfig, path: Path) -> tuple[VisionTransformer, BackboneRecord]:
     """The backbone of a `dense` file, built from the file's model/moe sections (its geometry: no class token,
     position embedding at the official training grid); drop path is the fine-tuning config's."""
     from pretrain.runs.portable import config_sections, read_meta
 
     model, moe, _ = config_sections(path, read_meta(path, DENSE_KIND))
-    adopt_source_sections_(cfg, model, moe, str(path))
     model = replace(model, drop_path=cfg.model.drop_path)
     vit = build_backbone(model, moe, moe_mlp_layer=moe_mlp_factory(moe, cfg.engine, rank=0))
     result = vit.load_state_dict(_dense_tensors(path, "backbone."), strict=False)
@@ -216,7 +230,9 @@ def _dense_backbone(cfg: FinetuneConfig, path: Path) -> VisionTransformer:
                          f"unexpected {result.unexpected_keys[:8]}")
     logger.info("backbone: %s (dense file of an official MLoRE checkpoint: %s, class token %s, grid %s)", path,
                 model.size, model.class_token, list(model.pos_grid))
-    return vit
+    record = _record(cfg, DENSE_KIND, vit, TASKS, model=model, moe=moe)
+    adopt_record_(cfg, record)
+    return vit, record
 
 
 @torch.no_grad()
@@ -268,8 +284,6 @@ def mlore_import_target(cfg: FinetuneConfig, shape: Any, source: str
     that grid, no task embedding; the decoder `router_pool=linear`, `router_hw` = the grid (models/mlore_import.py).
     Returns (the backbone's model section, backbone, decoder, decoder options).
     """
-    from pretrain.data.dense_decode import DENSE_DATASETS
-    from pretrain.finetune.build import OUT_CHANNELS  # build imports this module: import it lazily
     from pretrain.models.decoders import DECODERS
 
     size = backbone_size(cfg.model)
@@ -277,7 +291,7 @@ def mlore_import_target(cfg: FinetuneConfig, shape: Any, source: str
         raise ValueError(f"{source}: a ViT of width {shape.embed_dim}, depth {shape.depth}, patch "
                          f"{shape.patch_size}; --config model.size={cfg.model.size} has {size['embed_dim']}, "
                          f"{size['depth']}, {size['patch_size']}")
-    patch, (h, w) = shape.patch_size, cfg.data.train_size
+    patch, (h, w) = shape.patch_size, dense_size(cfg.data, "train")
     grid = (h // patch, w // patch)
     if grid[0] * grid[1] != shape.tokens:
         raise ValueError(f"{source}: its position embedding holds {shape.tokens} patches (+1 class row); "
@@ -288,7 +302,7 @@ def mlore_import_target(cfg: FinetuneConfig, shape: Any, source: str
     if lacking:
         raise ValueError(f"{source}: no heads for tasks {lacking} (it has {sorted(shape.tasks)}): disable them "
                          "with tasks.<task>.enabled=false")
-    channels = {t: OUT_CHANNELS.get(t) or DENSE_DATASETS[cfg.data.dataset].num_classes[t] for t in tasks}
+    channels = {t: out_channels(t, cfg.data.dataset) for t in tasks}
     wrong = {t: shape.tasks[t] for t in tasks if shape.tasks[t] != channels[t]}
     if wrong:
         raise ValueError(f"{source}: heads with {wrong} outputs, data.dataset={cfg.data.dataset} has "

@@ -62,9 +62,24 @@ def depth_l1(pred_B1HW: Tensor, target_B1HW: Tensor) -> Tensor:
     return _masked_mean((pred_B1HW - target_B1HW).abs(), valid)
 
 
-def build_losses(tasks: list[str], *, edge_pos_weight: float) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _fixed(loss: LossFn) -> Callable[[float], LossFn]:
+    return lambda edge_pos_weight: loss
+
+
+# task (a `catalog.DENSE_TASKS` name) → its loss, given `finetune.edge_pos_weight` (only the edge loss takes it)
+LOSSES: dict[str, Callable[[float], LossFn]] = {
+    "semseg": _fixed(cross_entropy),
+    "human_parts": _fixed(cross_entropy),
+    "sal": _fixed(balanced_cross_entropy),
+    "normals": _fixed(normals_l1),
+    "edge": lambda edge_pos_weight: functools.partial(balanced_bce, pos_weight=edge_pos_weight),
+    "depth": _fixed(depth_l1),
+}
+
+
+def build_losses(tasks: list[str], *, edge_pos_weight: float) -> dict[str, LossFn]:
     """The loss function of each dense task."""
-    table = {"semseg": cross_entropy, "human_parts": cross_entropy, "sal": balanced_cross_entropy,
-             "normals": normals_l1, "depth": depth_l1,
-             "edge": functools.partial(balanced_bce, pos_weight=edge_pos_weight)}
-    return {t: table[t] for t in tasks}
+    return {t: LOSSES[t](edge_pos_weight) for t in tasks}

@@ -1,8 +1,9 @@
 """`pretrain finetune`: dense multi-task fine-tuning on the same engine as pretraining.
 
-`main` builds (shards → backbone from `finetune.init_from` → decoder → engine → resume); `finetune_loop` reads top to
-bottom like the pretraining loop, on the pieces of `training/lifecycle.py`: per step forward every task, agree across
-ranks, backward/step, log, checkpoint, evaluate.
+`main` builds (shards → backbone from `finetune.init_from` at the first start, from the run's own `backbone.json` on
+resume (`finetune.record`) → decoder → engine → resume); `finetune_loop` reads top to bottom like the pretraining
+loop, on the pieces of `training/lifecycle.py`: per step forward every task, agree across ranks, backward/step, log,
+checkpoint, evaluate.
 """
 
 from __future__ import annotations
@@ -28,22 +29,34 @@ from pretrain.finetune.build import (
 )
 from pretrain.finetune.evaluate import evaluate_dense, plot_grid
 from pretrain.finetune.init import SOURCE_KEYS, source_sections
+from pretrain.finetune.record import (
+    BackboneRecord,
+    adopt_record_,
+    check_source_unchanged,
+    read_record,
+    source_keys,
+    write_record,
+)
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
 from pretrain.models.moe_losses import collect_aux_losses
-from pretrain.runs import checkpoint
-from pretrain.runs.drift import check_resume
+from pretrain.runs.drift import check_resume, has_checkpoint
 from pretrain.training.lifecycle import (
     LossWindow,
     NonFiniteGuard,
     TaskTimer,
     agree,
     already_complete,
+    checkpoint_if_due,
     clock,
+    close_loop,
+    resume_micro_step,
+    resume_stream,
     skip_micro_batch,
     start_engine,
+    stop_code,
     to_device,
 )
-from pretrain.training.signals import EXIT_ABORT, EXIT_REQUEUE, stop_flag
+from pretrain.training.signals import EXIT_ABORT, stop_flag
 from pretrain.training.tracking import Tracker, wandb_mode
 
 logger = logging.getLogger(__name__)
@@ -68,12 +81,8 @@ def evaluate(cfg: FinetuneConfig, model, data: DenseData, info: dist.DistInfo, *
 def finetune_loop(cfg: FinetuneConfig, engine, model, data: DenseData, info: dist.DistInfo, start_step: int,
                   stream_state: dict | None) -> int:
     run_dir, accum = Path(cfg.output_dir), cfg.engine.grad_accum
-    # loaders restart at periodic checkpoints only; a resume from a signal checkpoint replays from the last restart
-    start_micro = stream_state.get("start_step", stream_state["step"]) if stream_state else start_step * accum
-    mixed = make_stream(cfg, data, info, start_micro_step=start_micro)
-    if stream_state:
-        mixed.load_state_dict(stream_state)
-    stream = iter(mixed)
+    mixed = make_stream(cfg, data, info, start_micro_step=resume_micro_step(stream_state, start_step * accum))
+    stream = resume_stream(mixed, stream_state)
     writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_main)
     tracker = Tracker(run_dir=run_dir, mode=wandb_mode(cfg.logging.wandb), project=cfg.logging.project,
                       config=json.loads(json.dumps(cfg, default=vars)), enabled=info.is_main)
@@ -121,16 +130,10 @@ def finetune_loop(cfg: FinetuneConfig, engine, model, data: DenseData, info: dis
             tracker.log(step, record)
             bar.set_postfix(loss=f"{record.get('loss/total', float('nan')):.3f}")
         # 6. checkpoint: periodic, at the end, or on a signal (then exit with the requeue code)
-        periodic = step % cfg.train.ckpt_every == 0 and step_ok
-        if periodic:  # before the save, so the saved stream state starts here: nothing to replay on resume
-            mixed.restart()
-        if periodic or step == cfg.train.max_steps or stopping:
-            checkpoint.save(engine, run_dir / "checkpoints", step, client_state={"step": step},
-                            rank_state={**checkpoint.capture_rng(), "stream": mixed.state_dict()},
-                            keep_last=cfg.train.keep_last)
+        checkpoint_if_due(engine, mixed, step, ckpt_dir=run_dir / "checkpoints", train=cfg.train, ok=step_ok,
+                          stopping=stopping)
         if stopping:
-            logger.warning("stopped by signal after step %d; exit %d so the job is requeued", step, EXIT_REQUEUE)
-            exit_code = EXIT_REQUEUE
+            exit_code = stop_code(step, logger)
             break
         # 7. evaluation: periodic and at the end
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps:
@@ -138,10 +141,7 @@ def finetune_loop(cfg: FinetuneConfig, engine, model, data: DenseData, info: dis
                                grid=run_dir / "predictions.png" if step == cfg.train.max_steps else None)
             writer.write(step, metrics)
             tracker.log(step, metrics)
-    bar.close()
-    stop.uninstall()
-    writer.close()
-    tracker.finish()
+    close_loop(stop, writer, tracker, bar)
     if info.is_main and cfg.logging.plots:
         from pretrain.training.plots import plot_losses
 
@@ -149,7 +149,7 @@ def finetune_loop(cfg: FinetuneConfig, engine, model, data: DenseData, info: dis
     return exit_code
 
 
-def print_dry_run(cfg: FinetuneConfig) -> int:
+def print_dry_run(cfg: FinetuneConfig, record: BackboneRecord | None = None) -> int:
     """`--dry-run`: the resolved config, then one JSON line with the parameter counts (one process holds every
     parameter: fine-tuning runs without expert parallelism) and where the class counts came from (the shards when
     they are there, else the dataset's release)."""
@@ -158,9 +158,10 @@ def print_dry_run(cfg: FinetuneConfig) -> int:
     except FileNotFoundError:
         release = DENSE_DATASETS[cfg.data.dataset]
         data, source = DenseData(cfg.data.dataset, Path(), Path(), 0, dict(release.num_classes)), "release"
-    # from random init nothing needs real memory: counts on the meta device (a ViT-L decoder takes seconds, not GBs)
-    with torch.device("meta") if not cfg.finetune.init_from else contextlib.nullcontext():
-        model = build_dense_model(cfg, data)
+    # from random init or a record nothing needs real memory: counts on the meta device (a ViT-L decoder takes
+    # seconds, not GBs)
+    with torch.device("meta") if not cfg.finetune.init_from or record else contextlib.nullcontext():
+        model, _ = build_dense_model(cfg, data, record=record)
     print(to_yaml(cfg))
     print(json.dumps({"params": model.param_counts(), "num_classes": data.num_classes, "class_counts_from": source}))
     return 0
@@ -172,21 +173,30 @@ def main(cfg: FinetuneConfig, dry_run: bool = False) -> int:
     dist.export(info)
     run_dir = Path(cfg.output_dir)
     setup_logging(info.rank, log_file=None if dry_run else run_dir / "logs" / f"rank{info.rank}.log")
-    # before anything in the run directory is replaced; a run-dir source rewrites model/moe from its own config, a
-    # file source their architecture fields (`init.SOURCE_KEYS`; an override contradicting it was refused already)
-    from_run = bool(cfg.finetune.init_from) and Path(cfg.finetune.init_from).is_dir()
-    derived = ("model.*", "moe.*") if from_run else SOURCE_KEYS if source_sections(cfg.finetune.init_from) else ()
-    check_resume(cfg, run_dir, ignore=derived)
+    # a resume rebuilds the backbone from the run's own record (`finetune.record`), whose sections go into `cfg` as
+    # the first start's did, before the drift check compares it with config.yaml: `init_from` is read at the first
+    # start only. A run started before records existed resumes from `init_from` as it always did.
+    record = read_record(run_dir) if has_checkpoint(run_dir) else None
+    if record is not None:
+        adopt_record_(cfg, record)
+        check_source_unchanged(record)
+        check_resume(cfg, run_dir, ignore=source_keys(record))
+    else:  # a run-dir source rewrites model/moe from its own config, a file source their architecture fields
+        from_run = bool(cfg.finetune.init_from) and Path(cfg.finetune.init_from).is_dir()
+        derived = ("model.*", "moe.*") if from_run else SOURCE_KEYS if source_sections(cfg.finetune.init_from) else ()
+        check_resume(cfg, run_dir, ignore=derived)
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     if dry_run:
-        return print_dry_run(cfg)
+        return print_dry_run(cfg, record)
     data = check_dense_shards(cfg)  # every shard set and task checked before anything heavy starts
     depth_bias = data_depth_bias(cfg, data)  # before seeding: its DataLoader draws a seed from torch's generator
     torch.manual_seed(cfg.seed)
-    model = build_dense_model(cfg, data, depth_bias=depth_bias)  # (a resume loads its own)
+    model, built = build_dense_model(cfg, data, depth_bias=depth_bias, record=record)  # (a resume loads its own)
     if already_complete(run_dir, cfg.train.max_steps):
         return 0
-    engine, start_step, stream_state = start_engine(cfg, model, info)
+    if info.is_main and record is None:  # the first start (or a run from before records): what resume needs
+        write_record(run_dir, built)
+    engine, start_step, stream_state = start_engine(cfg, model, info, keep_config=True)
     logger.info("params %s; fine-tuning steps %d → %d", model.param_counts(), start_step, cfg.train.max_steps)
     return finetune_loop(cfg, engine, model, data, info, start_step, stream_state)

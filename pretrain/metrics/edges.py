@@ -43,6 +43,7 @@ import math
 import numpy as np
 import torch
 
+from pretrain.catalog import DATASETS
 from pretrain.metrics.boundaries import edge_nms, match_count, match_count_distance, seg2bmap, thin
 from pretrain.metrics.pooled import PooledSums
 from pretrain.metrics.segmentation import ReduceFn
@@ -55,10 +56,9 @@ EDGE_MODES = {
     "new": (HED_THRESHOLDS, True, True),
     "old": (OLD_THRESHOLDS, False, False),
 }
-EDGE_DATASETS = {  # EdgeMeter keywords per dataset; PASCAL's GT map is its `edge_regions` label
-    "pascal_context": {"max_dist": 0.0075, "gt_boundary": "seg2bmap"},
-    "nyud": {"max_dist": 0.011, "gt_boundary": "seg2bmap"},
-}
+# EdgeMeter keywords per dataset, from its catalog record; PASCAL's GT map is its `edge_regions` label
+EDGE_DATASETS = {name: {"max_dist": d.edge_max_dist, "gt_boundary": d.edge_gt_boundary}
+                 for name, d in DATASETS.items() if d.edge_max_dist is not None}
 TARGET_GT_BOUNDARY = "thin"  # how a binary training edge target becomes GT (PASCAL shards without edge_regions)
 GT_BOUNDARIES = {
     "thin": lambda gt_HW: thin(gt_HW > 0),

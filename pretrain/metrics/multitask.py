@@ -5,10 +5,9 @@ M_s the single-task baseline and l_t = 1 for lower-is-better metrics (depth RMSE
 means the multi-task model is better on average. M3ViT `calculate_multi_task_performance` computes the same mean
 relative change (as a fraction); DenseMTL reports it ×100, as here.
 
-Which metric enters Δm per task (`PRIMARY[mode][task] = (key in that meter's compute(), lower_is_better)`):
-semseg and human_parts mIoU (SegmentationMeter; for human_parts, num_classes=7, it already is the person-only mIoU:
-an image without person parts is all 255 in the shards and adds nothing), saliency maxF in the new protocol but
-mIoU in the old one (as M3ViT), normals mean angular error, depth RMSE, edge odsF (EdgeMeter, or the SEISM number).
+Which metric enters Δm per task is its catalog record's (`catalog.primary_metric`; `PRIMARY[mode][task] = (key in
+that meter's compute(), lower_is_better)` is the same lookup as a table): semseg and human_parts mIoU, saliency maxF
+in the new protocol but mIoU in the old one (as M3ViT), normals mean angular error, depth RMSE, edge odsF.
 The baselines are the caller's: always state which single-task runs (same backbone, same protocol) were used.
 """
 
@@ -16,17 +15,10 @@ from __future__ import annotations
 
 import math
 
-_SHARED = {
-    "semseg": ("mIoU", False),
-    "human_parts": ("mIoU", False),
-    "normals": ("mean", True),
-    "depth": ("rmse", True),
-    "edge": ("odsF", False),
-}
+from pretrain.catalog import DENSE_TASKS, PROTOCOLS, primary_metric
+
 PRIMARY: dict[str, dict[str, tuple[str, bool]]] = {
-    "new": {**_SHARED, "sal": ("maxF", False)},
-    "old": {**_SHARED, "sal": ("mIoU", False)},
-}
+    mode: {task: primary_metric(task, mode) for task in DENSE_TASKS} for mode in PROTOCOLS}
 
 
 def delta_m(metrics: dict[str, float], baselines: dict[str, float], lower_is_better: set[str]) -> float:
@@ -65,14 +57,12 @@ def primary_metrics(results: dict[str, dict[str, float]], *, mode: str) -> tuple
     Returns:
         ({task: value}, lower-is-better task set), ready for `delta_m`.
     """
-    if mode not in PRIMARY:
-        raise ValueError(f"primary_metrics: mode must be one of {sorted(PRIMARY)}, got {mode!r}")
-    table = PRIMARY[mode]
     values, lower = {}, set()
     for task, scores in results.items():
-        if task not in table:
-            raise ValueError(f"primary_metrics: no Δm metric for task {task!r}; known: {sorted(table)}")
-        key, is_lower = table[task]
+        try:
+            key, is_lower = primary_metric(task, mode)
+        except ValueError as exc:
+            raise ValueError(f"primary_metrics: {exc}") from None
         if key not in scores:
             raise ValueError(f"primary_metrics: task {task!r} results lack {key!r} (have {sorted(scores)})")
         values[task] = float(scores[key])

@@ -3,8 +3,9 @@
 A resumed run is exact only if the model and the data stream are the same. Keys that change neither (how long to
 train, how often to log, checkpoint and evaluate, where the shards live, evaluation settings) may differ; every
 other difference is refused with one line listing the keys, old → new, unless `train.allow_config_change=true`
-(then each difference is logged and the run's `config.yaml` is rewritten with the new values). The table of safe
-keys is data: `SAFE_KEYS` (fnmatch patterns over dotted keys).
+(then each difference is logged and a pretraining run's `config.yaml` is rewritten with the new values; a
+fine-tuning run's is written once, by its first start). The table of safe keys is data: `SAFE_KEYS` (fnmatch
+patterns over dotted keys).
 """
 
 from __future__ import annotations

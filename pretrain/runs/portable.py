@@ -186,20 +186,35 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Portable
 
     Returns a `PortableModel` in eval mode: `model(images_uint8_B3HW, task="cls"|"det"|"seg")`.
     """
+    path = Path(path)
+    meta = read_meta(path, "model")
+    net = build_checked(path, lambda: build_described(path, meta))
+    decoded = decode_meta(meta)
+    load_state(path, net, DTYPES[decoded["dtype"]], device)
+    return PortableModel(net, decoded).eval()
+
+
+def build_described(path: str | Path, meta: dict[str, str]) -> nn.Module:
+    """The model (random weights) a file's metadata `meta` (raw strings) describes: `build_model` for a `model`
+    file, `build_submodel` for a `submodel`; `path` names the file in errors. The one constructor of both loaders,
+    and of a fine-tuning run's backbone on resume (`finetune.record`), which keeps the metadata but not the file."""
     from pretrain.config.pretraining import task_order
     from pretrain.models import build_model
     from pretrain.models.grow_layers import layer_factories
 
     path = Path(path)
-    meta = read_meta(path, "model")
     model_cfg, moe_cfg, tasks = config_sections(path, meta)
     decoded = decode_meta(meta)
+    if decoded.get("kind") == "submodel":
+        from pretrain.models.submodel import build_submodel
+
+        check_submodel_meta(path, decoded)
+        return build_submodel(model=model_cfg, moe=moe_cfg, tasks=tasks, task_names=decoded["task_names"],
+                              num_classes=decoded["num_classes"], kept=decoded["kept"],
+                              exact_routing=bool(decoded["exact_routing"]))
     # a model grown by `pretrain add-task` with new experts: its old tasks route over the experts they had
     layers = layer_factories(decoded, task_order(tasks), moe_cfg)
-    net = build_checked(path, lambda: build_model(model=model_cfg, moe=moe_cfg, tasks=tasks,
-                                                  num_classes=decoded["num_classes"], **layers))
-    load_state(path, net, DTYPES[decoded["dtype"]], device)
-    return PortableModel(net, decoded).eval()
+    return build_model(model=model_cfg, moe=moe_cfg, tasks=tasks, num_classes=decoded["num_classes"], **layers)
 
 
 def check_submodel_meta(path: Path, meta: dict[str, Any]) -> None:
@@ -219,12 +234,8 @@ def load_submodel(path: str | Path, device: str | torch.device = "cpu") -> Porta
     raw = read_meta(path, "submodel")
     meta = decode_meta(raw)
     check_submodel_meta(path, meta)
-    model_cfg, moe_cfg, tasks = config_sections(path, raw)
-    from pretrain.models.submodel import build_submodel
-
-    net = build_checked(path, lambda: build_submodel(
-        model=model_cfg, moe=moe_cfg, tasks=tasks, task_names=meta["task_names"], num_classes=meta["num_classes"],
-        kept=meta["kept"], exact_routing=bool(meta["exact_routing"])))
+    config_sections(path, raw)  # a section this version does not know fails before anything is built
+    net = build_checked(path, lambda: build_described(path, raw))
     load_state(path, net, DTYPES[meta["dtype"]], device)
     return PortableModel(net, meta).eval()
 

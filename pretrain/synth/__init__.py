@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pretrain.catalog import DATASETS
 from pretrain.synth.dense_layouts import write_nyud, write_pascal_context
 from pretrain.synth.draw import ADE_CLASS_IDS, ADE_FLOOR_ID, COCO_CATEGORY_IDS, FILLS, SHAPES, write_file
 from pretrain.synth.layouts import imagenet_class, imagenet_wnid, write_ade20k, write_coco, write_imagenet
@@ -40,8 +41,7 @@ __all__ = ["ADE_CLASS_IDS", "ADE_FLOOR_ID", "COCO_CATEGORY_IDS", "FILLS", "FOLDE
 
 LAYOUTS = {"imagenet": write_imagenet, "coco": write_coco, "ade20k": write_ade20k, "nyud": write_nyud,
            "pascal_context": write_pascal_context}
-FOLDERS = {"imagenet": "imagenet", "coco": "coco", "ade20k": "ade20k", "nyud": "NYUDv2",
-           "pascal_context": "PASCALContext"}
+FOLDERS = {name: d.folder for name, d in DATASETS.items()}  # the release folders, the catalog's
 
 MARKER_NAME = ".synth.json"  # written first into every dataset folder synth creates
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pretrain.catalog import DATASETS
+
 SHAPES = ("circle", "square", "triangle", "star", "cross", "crescent", "arrow", "ell")
 FILLS = ("solid", "stripes", "checker")
 COCO_CATEGORY_IDS = (1, 3, 7, 14, 22, 37, 52, 88)  # shape i -> category id; gaps like COCO's 1..90
@@ -18,7 +20,8 @@ ADE_CLASS_IDS = (12, 25, 37, 56, 74, 93, 117, 142)  # shape i -> ADE20K label id
 ADE_FLOOR_ID = 4
 JPEG_QUALITY = 90
 DS_STORE = b"\x00\x00\x00\x01Bud1" + bytes(24)  # the magic of a macOS .DS_Store; any content would do
-DATASET_CODES = {"imagenet": 1, "coco": 2, "ade20k": 3, "nyud": 4, "pascal_context": 5}
+# the drawings' RNG code per dataset: the catalog id + 1 (codes started at 1; kept so the corpus's bytes stay)
+DATASET_CODES = {name: d.id + 1 for name, d in DATASETS.items()}
 SPLIT_CODES = {"train": 0, "val": 1}
 
 

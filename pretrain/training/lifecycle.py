@@ -1,8 +1,11 @@
-"""What every training loop shares: rank agreement, the non-finite streak, the loss window, per-task timing.
+"""What every training loop shares: rank agreement, the non-finite streak, the loss window, per-task timing, and the
+life cycle around the steps: start-up, stream resume, checkpoint / stop, shutdown.
 
-Both loops (`pretrain train`, `pretrain finetune`) read top to bottom in their own module and call these pieces;
-nothing here owns the loop. Agreement is collective: every rank calls `agree` once per micro-batch. `start_engine`
-is the start-up both share (config files, engine, resume).
+The loops (`pretrain train`, `pretrain finetune`, `pretrain add-task`, the heal of `pretrain extract --heal`) read
+top to bottom in their own module and call these pieces; nothing here owns the loop. Agreement is collective: every
+rank calls `agree` once per micro-batch. `start_engine` is the start-up they share (config files, engine, resume);
+`resume_micro_step` + `resume_stream` the stream's restart, `checkpoint_if_due` a step's checkpoint, `stop_code` the
+exit on a signal and `close_loop` the shutdown, each written once for every loop.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,12 +131,16 @@ def already_complete(run_dir: Path, max_steps: int) -> bool:
     return False
 
 
-def start_engine(cfg: Any, model: torch.nn.Module, info: dist.DistInfo) -> tuple[Any, int, dict | None]:
+def start_engine(cfg: Any, model: torch.nn.Module, info: dist.DistInfo, *,
+                 keep_config: bool = False) -> tuple[Any, int, dict | None]:
     """What both loops do before their first step: write the resolved config and the generated DeepSpeed config
     (rank 0), initialise torch.distributed, build the engine, and resume from `cfg.output_dir` (weights, optimizer,
     schedule, this rank's RNG and stream state) or seed this rank's randomness.
 
-    Args: cfg: a run or fine-tuning config (its `engine`, `optim`, `train`, `seed`, `output_dir`).
+    Args:
+        cfg: a run or fine-tuning config (its `engine`, `optim`, `train`, `seed`, `output_dir`).
+        keep_config: a resume leaves `config.yaml` as the first start wrote it (a fine-tuning run's config is
+            written once); otherwise every start writes it.
     Returns: (engine, start step, this rank's saved stream state or None).
     """
     from pretrain.config.load import save_resolved
@@ -149,7 +156,8 @@ def start_engine(cfg: Any, model: torch.nn.Module, info: dist.DistInfo) -> tuple
     engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, max_steps=cfg.train.max_steps,
                           world_size=info.world_size)
     resumed = checkpoint.load_latest(engine, run_dir / "checkpoints")
-    if info.is_main:  # only once the checkpoint loaded: a resume that fails must leave the run's config.yaml as it was
+    # only once the checkpoint loaded: a resume that fails must leave the run's config.yaml as it was
+    if info.is_main and not (keep_config and resumed is not None):
         save_resolved(cfg, run_dir)
     if resumed is None:
         torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # per-rank randomness (drop path, noisy gates)
@@ -161,3 +169,54 @@ def start_engine(cfg: Any, model: torch.nn.Module, info: dist.DistInfo) -> tuple
                                                 "counts": client_state.get("task_counts", {})}
     logger.info("resumed from step %d in %s", start_step, run_dir / "checkpoints")
     return engine, start_step, stream_state
+
+
+def resume_micro_step(stream_state: dict | None, first_micro_step: int) -> int:
+    """The micro-step a loop's stream starts from: `first_micro_step` on a fresh start; on resume, the stream's last
+    restart (loaders restart at periodic checkpoints only: a resume from a signal checkpoint replays from there)."""
+    return stream_state.get("start_step", stream_state["step"]) if stream_state else first_micro_step
+
+
+def resume_stream(mixed: Any, stream_state: dict | None) -> Iterator:
+    """An iterator over `mixed` (a `MixedStream`) with this rank's saved counters restored on resume."""
+    if stream_state:
+        mixed.load_state_dict(stream_state)
+    return iter(mixed)
+
+
+def checkpoint_if_due(engine, mixed: Any, step: int, *, ckpt_dir: Path, train: Any, ok: bool, stopping: bool) -> None:
+    """A step's checkpoint, collective: periodic (`train.ckpt_every`, never inside a non-finite streak: `ok` False),
+    at the last step (`train.max_steps`), or on a stop request. Model/optimizer (DeepSpeed), this rank's RNG and
+    stream counters; the `train.keep_last` newest are kept."""
+    from pretrain.runs import checkpoint
+
+    periodic = step % train.ckpt_every == 0 and ok
+    if periodic:  # before the save, so the saved stream state starts here: nothing to replay on resume
+        mixed.restart()  # batches after step s depend on (seed, s) only: every resume sees the same batches
+    if periodic or step == train.max_steps or stopping:
+        checkpoint.save(engine, ckpt_dir, step, client_state={"step": step},
+                        rank_state={**checkpoint.capture_rng(), "stream": mixed.state_dict()},
+                        keep_last=train.keep_last)
+
+
+def stop_code(step: int, log: logging.Logger, *, requeue: bool = True) -> int:
+    """The exit code of a loop stopped by a signal after `step` (its checkpoint is saved): EXIT_REQUEUE. `requeue`:
+    say the job is requeued (a SLURM job) rather than that the same command resumes; logged by the loop's `log`."""
+    from pretrain.training.signals import EXIT_REQUEUE
+
+    if requeue:
+        log.warning("stopped by signal after step %d; exit %d so the job is requeued", step, EXIT_REQUEUE)
+    else:
+        log.warning("stopped by signal after step %d; run the same command to resume", step)
+    return EXIT_REQUEUE
+
+
+def close_loop(stop: Any, writer: Any, tracker: Any = None, bar: Any = None) -> None:
+    """The end of every loop, whatever its exit: the progress bar, the signal handlers given back, the logs
+    flushed and closed."""
+    if bar is not None:
+        bar.close()
+    stop.uninstall()
+    writer.close()
+    if tracker is not None:
+        tracker.finish()

@@ -2,7 +2,7 @@
 
 `main` builds (data → model → engine → resume); `train_loop` reads top to bottom: per step choose the task(s),
 forward, loss, agree across ranks on finiteness and stop requests, backward/step, log, checkpoint, evaluate. The
-pieces both training loops share live in `loop.py`.
+pieces every training loop shares live in `lifecycle.py`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pretrain.data.collate import TARGET_KEYS
 from pretrain.data.partitions import check_layout
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
 from pretrain.models.moe_losses import collect_aux_losses, moe_modules, pop_routing_counts
-from pretrain.runs import checkpoint
 from pretrain.runs.drift import check_resume
 from pretrain.runs.load import build_run_model
 from pretrain.training.lifecycle import (
@@ -29,13 +28,18 @@ from pretrain.training.lifecycle import (
     TaskTimer,
     agree,
     already_complete,
+    checkpoint_if_due,
     clock,
+    close_loop,
+    resume_micro_step,
+    resume_stream,
     skip_micro_batch,
     start_engine,
+    stop_code,
     to_device,
 )
 from pretrain.training.routing_stats import routing_metrics
-from pretrain.training.signals import EXIT_ABORT, EXIT_REQUEUE, stop_flag
+from pretrain.training.signals import EXIT_ABORT, stop_flag
 from pretrain.training.tracking import Tracker, wandb_mode
 
 logger = logging.getLogger(__name__)
@@ -55,13 +59,9 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
                stream_state: dict | None) -> int:
     run_dir, tasks, accum = Path(cfg.output_dir), enabled_tasks(cfg.tasks), cfg.engine.grad_accum
     sampler = build_sampler(cfg.data, cfg.tasks, spec, seed=cfg.seed)
-    # loaders restart at periodic checkpoints only; a resume from a signal checkpoint replays from the last restart
-    start_micro = stream_state.get("start_step", stream_state["step"]) if stream_state else start_step * accum
-    mixed = build_stream(cfg.data, cfg.tasks, spec, info, seed=cfg.seed, start_micro_step=start_micro,
-                         sampler=sampler)
-    if stream_state:
-        mixed.load_state_dict(stream_state)
-    stream = iter(mixed)
+    mixed = build_stream(cfg.data, cfg.tasks, spec, info, seed=cfg.seed, sampler=sampler,
+                         start_micro_step=resume_micro_step(stream_state, start_step * accum))
+    stream = resume_stream(mixed, stream_state)
     writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=info.is_main)
     tracker = Tracker(run_dir=run_dir, mode=wandb_mode(cfg.logging.wandb), project=cfg.logging.project,
                       config=json.loads(json.dumps(cfg, default=vars)), enabled=info.is_main)
@@ -119,14 +119,10 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             bar.set_postfix(loss=f"{record.get('loss/total', float('nan')):.3f}")
             counts = {name: torch.zeros_like(c) for name, c in counts.items()}
         # 6. checkpoint: periodic, at the end, or on a signal (then exit with the requeue code)
-        periodic = step % cfg.train.ckpt_every == 0 and step_ok  # never checkpoint inside a non-finite streak
-        if periodic:  # before the save, so the saved stream state starts here: nothing to replay on resume
-            mixed.restart()  # batches after step s depend on (seed, s) only: every resume sees the same batches
-        if periodic or step == cfg.train.max_steps or stopping:
-            save(cfg, engine, mixed, step)
+        checkpoint_if_due(engine, mixed, step, ckpt_dir=run_dir / "checkpoints", train=cfg.train, ok=step_ok,
+                          stopping=stopping)
         if stopping:
-            logger.warning("stopped by signal after step %d; exit %d so the job is requeued", step, EXIT_REQUEUE)
-            exit_code = EXIT_REQUEUE
+            exit_code = stop_code(step, logger)
             break
         # 7. periodic evaluation
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
@@ -135,23 +131,13 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             metrics = evaluate_model(cfg, engine.module, spec, info)
             writer.write(step, metrics)
             tracker.log(step, metrics)
-    bar.close()
-    stop.uninstall()
-    finish_run(cfg, model, tasks, info, writer, tracker)
+    close_loop(stop, writer, tracker, bar)
+    plot_run(cfg, model, tasks, info)
     return exit_code
 
 
-def save(cfg: RunConfig, engine, mixed, step: int) -> None:
-    """Collective checkpoint of step `step`: model/optimizer (DeepSpeed), this rank's RNG and stream counters."""
-    checkpoint.save(engine, Path(cfg.output_dir) / "checkpoints", step, client_state={"step": step},
-                    rank_state={**checkpoint.capture_rng(), "stream": mixed.state_dict()},
-                    keep_last=cfg.train.keep_last)
-
-
-def finish_run(cfg: RunConfig, model, tasks: list[str], info: dist.DistInfo, writer: MetricsWriter,
-               tracker: Tracker) -> None:
-    writer.close()
-    tracker.finish()
+def plot_run(cfg: RunConfig, model, tasks: list[str], info: dist.DistInfo) -> None:
+    """Loss curves and expert usage PNGs of a finished (or stopped) run, on rank 0 when `logging.plots`."""
     if not (info.is_main and cfg.logging.plots):
         return
     from pretrain.training.plots import plot_losses, plot_usage
