@@ -1,8 +1,8 @@
 """The checks every config schema shares, over any dataclass config: reading a YAML overlay and turning YAML's and
 OmegaConf's errors into the one-line `ConfigError` that names the file and key (`load_overlay`, `omegaconf_error`),
 `need`, `check_values` (every number finite, every count >= 0, plus the per-key `RANGES`), `check_choices` and
-`check_tasks`. The pretraining schema (`config.py`, which adds the checks of its shared sections) and the fine-tuning
-one (`finetune/config.py`) validate with these, so a key is checked and reported the same way whichever command loads
+`check_tasks`. Every schema (`pretraining.py`, which adds the checks of its shared sections, `finetuning.py`,
+`add_task.py`) validates with these, so a key is checked and reported the same way whichever command loads
 it.
 """
 

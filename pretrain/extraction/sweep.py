@@ -2,7 +2,7 @@
 
 Each size keeps the same share of every MoE layer's experts (`keep_rules.keep_share`: the most used ones, at least
 the layer's k), from one usage table (the training EMA, or one calibration pass). Every size is a submodel file
-`NAME.share<S>.safetensors` with its full report (`extract_report`), and one table (`NAME.sweep.json`, `.md`) and one
+`NAME.share<S>.safetensors` with its full report (`extraction.report`), and one table (`NAME.sweep.json`, `.md`) and one
 plot (`NAME.sweep.png`) put the sizes side by side: experts kept, MoE-layer and total parameters, FLOPs, batch-1 and
 batch-32 latency (median of paired ratios against the full model, measured alternately in this process) and the
 task metric on the same val images.
@@ -37,7 +37,7 @@ def parse_shares(text: str) -> list[float]:
 
 
 def sweep_row(share: float, report: dict[str, Any], task: str) -> dict[str, Any]:
-    """One line of the table from one size's report (`extract_report.build_report`)."""
+    """One line of the table from one size's report (`report.build_report`)."""
     kept = sum(len(v["kept"]) for v in report["experts_kept"].values())
     total = sum(v["of"] for v in report["experts_kept"].values())
     sub, full = report["params"]["sub"], report["params"]["full"]
