@@ -81,6 +81,25 @@ def test_select_task_rows_copies_one_pretraining_router():
     assert out.shape[0] == 2 and torch.isfinite(out).all()
 
 
+def test_select_task_rows_keeps_a_grown_model_expert_limits():
+    """A model grown by `pretrain add-task` with new experts: old tasks route over their first E experts only; the
+    rows copied for fine-tuning keep the limit of the row they copy (the buffer once kept the old tasks' count)."""
+    from pretrain.models.grow_layers import LimitedRouting, layer_factories
+
+    cfg = load_config(None, ["model.size=vit_debug", "moe.num_experts=6", "moe.top_k=2", "moe.attn_num_experts=6",
+                             "moe.attn_top_k=2"])
+    meta = {"task_experts": {"mlp": {"cls": 4, "det": 4, "seg": 4}, "attn": {"cls": 4, "det": 4, "seg": 4}}}
+    factories = layer_factories(meta, ("cls", "det", "seg", "new"), cfg.moe)
+    vit = build_backbone(cfg.model, cfg.moe, num_tasks=4, **factories)
+    layers = [m for _, m in moe_modules(vit) if isinstance(m, LimitedRouting)]
+    assert layers and all(m.task_experts == [4, 4, 4, 6] for m in layers)
+    select_task_rows_(vit, [3, 2, 3])  # two dense tasks from the added task's row, one from seg's
+    for m in layers:
+        assert m.task_experts == [6, 4, 6] and m.task_experts_T.tolist() == [6, 4, 6]
+    out = vit.forward_features(torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]))
+    assert torch.isfinite(out).all()
+
+
 def test_a_model_file_defines_the_backbone_and_a_conflicting_override_is_refused(tmp_path, capsys):
     """`finetune.init_from=MODEL` (vit_debug, 8 experts, top-2, attention top-2): the config's model/moe fields take
     the file's values, from the schema's defaults or the overlay's (the saved config tells the truth); a key=value

@@ -34,6 +34,7 @@ from pretrain.finetune.record import (
     file_fingerprint,
 )
 from pretrain.models import backbone_size, build_backbone
+from pretrain.models.grow_layers import LimitedRouting
 from pretrain.models.moe_losses import moe_modules
 from pretrain.models.moe_routing import TaskRouter
 from pretrain.models.vit import VisionTransformer
@@ -176,6 +177,8 @@ def select_task_rows_(vit: VisionTransformer, rows: list[int]) -> VisionTransfor
                     module.register_buffer(name, buf[index].clone())
             if hasattr(module, "num_tasks"):
                 module.num_tasks = len(rows)
+            if isinstance(module, LimitedRouting):  # a grown model's layer: its per-task expert counts are rows too
+                module.keep_task_rows(rows)
     if vit.task_embed is not None:
         vit.task_embed = nn.Parameter(vit.task_embed[index].clone())
     vit.num_tasks = len(rows)

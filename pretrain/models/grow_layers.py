@@ -50,6 +50,11 @@ class LimitedRouting:
         self.task_experts = limits
         self.register_buffer("task_experts_T", torch.tensor(limits), persistent=False)
 
+    def keep_task_rows(self, rows: Sequence[int]) -> None:
+        """Row i of the limits becomes old row `rows[i]`'s (the routers' rows are reindexed alike by the caller, and
+        `num_tasks` already set to len(rows)): fine-tuning from a grown model keeps each copied row's expert count."""
+        self._limit([self.task_experts[r] for r in rows])
+
     def route(self, x_BND: Tensor, task_B: Tensor, single_task: int | None = None) -> Routing:
         """Routing of x_BND [B, N, D] over each sample's task's experts; `Routing` over all E (module docstring)."""
         if single_task is not None:
