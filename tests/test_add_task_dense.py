@@ -77,6 +77,11 @@ def test_nyud_semseg_is_added_with_new_experts_and_evaluated(shards, nyud, train
     assert sub.tasks == ["nyud_seg"] and all(len(kept) == 10 for kept in sub.meta["kept"].values())
     image = torch.randint(0, 256, (1, 3, 48, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sub(image), grown(image, task="nyud_seg"))  # every expert kept: the same function
+    # an old task routes over its 8 experts only: keeping 10 for it is refused in one line, naming its limit
+    code, err = cli("extract", tmp_path / "n" / "model.safetensors", "--task", "seg", "--out",
+                    tmp_path / "seg.safetensors", "--rule", "topn", "--keep", 10, "--no-report")
+    assert code == 2 and "--task seg routes over" in err and ": 8" in err, err
+    assert not (tmp_path / "seg.safetensors").exists()
     # the extract report's metric reads pretraining shards only: asked for it, one line naming the way round
     code, err = cli("extract", tmp_path / "n" / "model.safetensors", "--task", "nyud_seg", "--out",
                     tmp_path / "with_report.safetensors", "--data-root", shards, "--eval-images", 2)

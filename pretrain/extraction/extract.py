@@ -130,6 +130,15 @@ def check_request(full: PortableModel, tasks: list[str], rule: str, keep: int) -
         too_many = {n: m.num_experts for n, m in layers.items() if keep > m.num_experts}
         if too_many:
             raise ValueError(f"--keep {keep} is more than the experts of layers {too_many}")
+        # a model grown by `pretrain add-task` with new experts: an older task routes over its first experts only,
+        # so keeping more would keep experts it never uses (`models.grow_layers.LimitedRouting`)
+        rows = [full.model.task_ids[t] for t in tasks]
+        limited = {n: min(m.task_experts[r] for r in rows) for n, m in layers.items() if hasattr(m, "task_experts")}
+        too_many = {n: most for n, most in limited.items() if keep > most}
+        if too_many:
+            raise ValueError(f"--keep {keep} is more than the experts --task {','.join(tasks)} routes over in layers "
+                             f"{too_many} (a model grown by add-task: older tasks see the experts they were trained "
+                             "with)")
 
 
 def extract_submodel(full: PortableModel, tasks: list[str], *, rule: str = "modsquad", thresh: float = 3.0,
