@@ -1,9 +1,9 @@
 """The datasets and the dense tasks: one record each, the facts every stage's tables derive from.
 
 A fact about a dataset or a task is written here once; choice lists, seed ids, release folders, default sizes, class
-counts, ignore values, edge tolerances and the Δm metric are read from these records, never written again in a stage
-(two tables once gave `nyud` the id 3 and 4, and fine-tuning fell back to NYUD's size for PASCAL). What is code stays
-in its package, in a table keyed by the same names: converters (`prepare.PREPARERS`), synthetic layouts
+counts and names, ignore values, edge tolerances and the Δm metric are read from these records, never written again
+in a stage (two tables once gave `nyud` the id 3 and 4, and fine-tuning fell back to NYUD's size for PASCAL). What
+is code stays in its package, in a table keyed by the same names: converters (`prepare.PREPARERS`), synthetic layouts
 (`synth.LAYOUTS`), decoders (`data.dense_decode.DENSE_TASKS`), losses (`finetune.losses.LOSSES`), meters
 (`finetune.evaluate.DENSE_METERS`); `tests/test_catalog.py` fails when a table lacks a record's entry or has one
 no record names.
@@ -18,6 +18,36 @@ from dataclasses import dataclass, field
 IGNORE_INDEX = 255  # the "no label" value of every class map (and edge map padding)
 PROTOCOLS = ("new", "old")  # InvPT/MLoRE (pad at eval) and ASTMT/M3ViT (fixed resize); evaluation.md §2
 SPLITS = ("train", "val")
+
+# Class names in label-id order (after any reduce-zero-label): what a model file carries and a report prints.
+# ADE20K: the SceneParsing benchmark's ids 1..150 as the devkit's objectInfo150 lists them (mmsegmentation's spelling)
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
+    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
+    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag")
+# NYUv2 40 classes (Gupta et al.): raw value v is class v - 1
+NYUD_CLASSES = (
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture", "counter",
+    "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat", "clothes", "ceiling",
+    "books", "refridgerator", "television", "paper", "towel", "shower curtain", "box", "whiteboard", "person",
+    "night stand", "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop",
+)
+# PASCAL VOC's 21 (PASCAL-Context's semseg task in the multi-task benchmarks)
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor")
 
 
 @dataclass(frozen=True)
@@ -40,7 +70,8 @@ class Dataset:
         folder: the release's folder under a raw root (what `pretrain synth` writes, `pretrain prepare --src` reads).
         tasks: the tasks its labels train; a pretraining dataset serves one (`cls`, `det`, `seg`), named `stream`.
         dense: one image with many label maps (fine-tuning) rather than one pretraining task.
-        num_classes: per class-map task; semseg's is the count AFTER any reduce-zero-label.
+        num_classes: per task with classes; semseg's is the count AFTER any reduce-zero-label.
+        class_names: per task, where the names are known here, in id order (their count is `num_classes`).
         semseg_zero_is_ignore: raw semseg 0 means unlabelled (NYUD): reduce-zero-label, raw range 0..C.
         train_size / eval_size: the new protocol's crop and pad targets; old_size: the old protocol's FixedResize.
         old_scale_rotate: the old protocol's ScaleNRotate ranges (ASTMT get_transformations).
@@ -58,6 +89,7 @@ class Dataset:
     dense: bool = False
     splits: tuple[str, ...] = SPLITS
     num_classes: dict[str, int] = field(default_factory=dict)
+    class_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
     semseg_zero_is_ignore: bool = False
     train_size: tuple[int, int] | None = None
     eval_size: tuple[int, int] | None = None
@@ -70,6 +102,9 @@ class Dataset:
     label_range: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for task, names in self.class_names.items():
+            if self.num_classes.get(task) != len(names):
+                raise ValueError(f"{self.name}: {len(names)} {task} class names, num_classes {self.num_classes}")
         top = {t: n - 1 for t, n in self.num_classes.items()}
         if self.semseg_zero_is_ignore:
             top["semseg"] = self.num_classes["semseg"]  # raw 1..C are classes, 0 unlabelled
@@ -119,17 +154,21 @@ def _both(key: str) -> dict[str, str]:
 
 
 DATASETS: dict[str, Dataset] = {
-    "imagenet": Dataset(name="imagenet", id=0, folder="imagenet", tasks=("cls",)),
-    "coco": Dataset(name="coco", id=1, folder="coco", tasks=("det",)),
-    "ade20k": Dataset(name="ade20k", id=2, folder="ade20k", tasks=("seg",)),
+    # pretraining: num_classes = the release's (what a run without shards builds its heads with)
+    "imagenet": Dataset(name="imagenet", id=0, folder="imagenet", tasks=("cls",), num_classes={"cls": 1000}),
+    "coco": Dataset(name="coco", id=1, folder="coco", tasks=("det",), num_classes={"det": 80}),
+    "ade20k": Dataset(name="ade20k", id=2, folder="ade20k", tasks=("seg",), num_classes={"seg": 150},
+                      class_names={"seg": ADE20K_CLASSES}),
     "nyud": Dataset(name="nyud", id=3, folder="NYUDv2", tasks=("semseg", "depth", "normals", "edge"), dense=True,
-                    num_classes={"semseg": 40}, semseg_zero_is_ignore=True, train_size=(448, 576),
+                    num_classes={"semseg": 40}, class_names={"semseg": NYUD_CLASSES}, semseg_zero_is_ignore=True,
+                    train_size=(448, 576),
                     eval_size=(448, 576), old_size=(480, 640),
                     old_scale_rotate=ScaleRotate(rotations=(0.0,), scales=(1.0, 1.2, 1.5), discrete=True),
                     edge_max_dist=0.011),
     "pascal_context": Dataset(name="pascal_context", id=4, folder="PASCALContext",
                               tasks=("semseg", "human_parts", "sal", "normals", "edge"), dense=True,
-                              num_classes={"semseg": 21, "human_parts": 7, "sal": 2}, train_size=(512, 512),
+                              num_classes={"semseg": 21, "human_parts": 7, "sal": 2},
+                              class_names={"semseg": VOC_CLASSES}, train_size=(512, 512),
                               eval_size=(512, 512), old_size=(512, 512),
                               old_scale_rotate=ScaleRotate(rotations=(-20.0, 20.0), scales=(0.75, 1.25),
                                                            discrete=False),

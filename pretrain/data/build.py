@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain.catalog import DATASETS
 from pretrain.config.pretraining import DataConfig, TaskConfig, enabled_tasks, task_kind, task_order
 from pretrain.data.mixture import MixedStream, PartitionStream, TaskSampler
 from pretrain.data.partitions import check_layout, make_partition_loader
@@ -30,7 +31,7 @@ class DataSpec:
 
 # Class counts of the releases (ImageNet-1k, COCO 2017's 80 categories, ADE20K's 150): a dry run without shards on
 # disk counts the heads' parameters with these (`tasks.<t>.num_classes` wins when set).
-RELEASE_CLASSES = {"cls": 1000, "det": 80, "seg": 150}
+RELEASE_CLASSES = {d.stream: d.num_classes[d.stream] for d in DATASETS.values() if not d.dense}  # catalog
 
 CLASSES_FILE = "classes.json"  # in a run directory: what export needs from the shards, so it needs no shards
 

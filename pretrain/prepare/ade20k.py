@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pretrain.catalog import DATASETS
 from pretrain.prepare.images import IMAGE_SUFFIXES, CheckedImage, ImageError, load_image, load_label_png
 from pretrain.prepare.paths import SourceTree, scan
 from pretrain.prepare.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, LayoutError, encode_json, sample_key
@@ -19,25 +20,9 @@ from pretrain.prepare.skeleton import Converter, Listing, Sample, Skip, run_conv
 
 logger = logging.getLogger(__name__)
 
-NUM_CLASSES = 150
-# The SceneParsing benchmark's class names for label ids 1..150 (index 0 here = label 1, after reduce-zero-label),
-# as the devkit's objectInfo150 lists them and mmsegmentation's ADE20KDataset spells them; a model file carries them.
-CLASS_NAMES = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
-    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
-    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
-    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
-    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
-    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
-    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
-    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
-    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
-    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
-    "bulletin board", "shower", "radiator", "glass", "clock", "flag")
+# the SceneParsing benchmark's class names for label ids 1..150 (index 0 = label 1, after reduce-zero-label)
+CLASS_NAMES = DATASETS["ade20k"].class_names["seg"]
+NUM_CLASSES = len(CLASS_NAMES)
 ROOT_NAME = "ADEChallengeData2016"
 SPLIT_DIRS = {"train": "training", "val": "validation"}
 

@@ -14,18 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pretrain.catalog import DATASETS
 from pretrain.prepare.dense import DenseConverter, DenseJob, DenseLayout, check_size, load_members, png_member
 from pretrain.prepare.images import ImageError, load_label_png, read_bytes
 from pretrain.prepare.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT
 from pretrain.prepare.skeleton import run_converter
 
-NUM_CLASSES = 40
-SEMSEG_CLASSES = (  # NYUv2 40-class names (Gupta et al.), raw value v is class v - 1
-    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture", "counter",
-    "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat", "clothes", "ceiling",
-    "books", "refridgerator", "television", "paper", "towel", "shower curtain", "box", "whiteboard", "person",
-    "night stand", "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop",
-)
+SEMSEG_CLASSES = DATASETS["nyud"].class_names["semseg"]  # raw value v is class v - 1
+NUM_CLASSES = len(SEMSEG_CLASSES)
 
 
 def _npy_header(name: str, buf: io.BytesIO) -> tuple[tuple[int, ...], np.dtype]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
+from pretrain.catalog import DATASETS
 from pretrain.prepare.dense import (
     DenseConverter,
     DenseJob,
@@ -41,9 +42,7 @@ from pretrain.prepare.pascal_labels import (
 from pretrain.prepare.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT
 from pretrain.prepare.skeleton import run_converter
 
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
+VOC_CLASSES = DATASETS["pascal_context"].class_names["semseg"]
 
 
 def _load_mat(path: Path, name: str, image_hw: tuple[int, int], role: str) -> dict:
