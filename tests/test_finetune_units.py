@@ -100,6 +100,21 @@ def test_select_task_rows_keeps_a_grown_model_expert_limits():
     assert torch.isfinite(out).all()
 
 
+def test_a_trained_backbone_fine_tunes_in_train_mode(tmp_path):
+    """A model file's backbone comes in eval mode (`load_model`); the fine-tuning model trains every part in train
+    mode, as one from random init does (routing noise, MoE auxiliary losses and usage updates are train-mode only)."""
+    from test_extract import model_file
+
+    from pretrain.finetune.build import DenseData, build_dense_model
+
+    path, _ = model_file(tmp_path / "model.safetensors")
+    cfg = load_config(None, [f"finetune.init_from={path}", "data.dataset=nyud", "finetune.decoder=heads"],
+                      schema=FinetuneConfig)
+    data = DenseData("nyud", tmp_path, tmp_path, 0, {"semseg": 40})
+    model, _ = build_dense_model(cfg, data)
+    assert all(m.training for m in model.modules())
+
+
 def test_a_model_file_defines_the_backbone_and_a_conflicting_override_is_refused(tmp_path, capsys):
     """`finetune.init_from=MODEL` (vit_debug, 8 experts, top-2, attention top-2): the config's model/moe fields take
     the file's values, from the schema's defaults or the overlay's (the saved config tells the truth); a key=value

@@ -96,6 +96,10 @@ def build_dense_model(cfg: FinetuneConfig, data: DenseData, *, depth_bias: float
     model = DenseModel(backbone=backbone, decoder=decoder, tasks=tasks, routing=cfg.finetune.routing,
                        losses=build_losses(tasks, edge_pos_weight=cfg.finetune.edge_pos_weight), objective=objective)
     apply_trainable_(model, cfg.finetune.trainable)
+    # every source trains in train mode: a trained backbone arrives in eval mode (`load_model`, `load_run`), and
+    # nothing switched it before the first periodic evaluation, so a pretrained or extracted backbone fine-tuned
+    # without routing noise, MoE auxiliary losses or usage updates while a random one had all three
+    model.train()
     if torch.cuda.is_available() and dist.resolve().world_size > 1 and cfg.engine.backend != "gloo":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over every GPU, as the references do
     return model, record
