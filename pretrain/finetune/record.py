@@ -159,9 +159,7 @@ def described_backbone(cfg: FinetuneConfig, record: BackboneRecord) -> VisionTra
     else:
         vit = build_backbone(replace(record.model, upcycle_from=""), record.moe, num_tasks=record.num_tasks,
                              moe_mlp_layer=moe_mlp_factory(record.moe, cfg.engine, rank=0))
-    # the loaders of trained models hand their backbone over in eval mode (`load_run`, `load_model`): the first
-    # start trains in it until its first evaluation switches the whole model to train mode; rebuilt the same way
-    return vit.eval() if record.kind in ("run", "model", "submodel") else vit
+    return vit  # `build_dense_model` puts the whole model in train mode, whatever the source
 
 
 def check_source_unchanged(record: BackboneRecord) -> None:
