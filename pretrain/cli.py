@@ -168,15 +168,29 @@ def _import_mlore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_resume_view(cfg, run_dir: Path) -> tuple[str, ...]:
+    """`pretrain finetune`'s view of its config before its drift check, for a resubmission (`cluster.submit`'s
+    `view`: the core never imports the stage); `finetune.init.resume_view`, which the loop runs too."""
+    from pretrain.finetune.init import resume_view
+
+    return resume_view(cfg, run_dir)[1]
+
+
 def _submit(args: argparse.Namespace) -> int:
     from pretrain.cluster.submit import JobOptions, SubmitError, submit, summary
 
     names = [f.name for f in fields(JobOptions)]
     opts = JobOptions(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    config, overrides = args.config, list(args.overrides)
+    if args.subcommand == "add-task" and overrides and "=" not in overrides[0]:
+        # `submit add-task MODEL CONFIG ...`, spelled as `pretrain add-task MODEL CONFIG` is: an override always has
+        # a `=`, so a second word without one is CONFIG; MODEL goes last, as `pretrain add-task` passes it
+        config, overrides = overrides[0], [*overrides[1:], f"add_task.model={config}"]
+    view = _finetune_resume_view if args.subcommand == "finetune" else None
     try:
-        run_dir, job_ids = submit(args.subcommand, args.config, args.overrides, opts, chain=args.chain,
+        run_dir, job_ids = submit(args.subcommand, config, overrides, opts, chain=args.chain,
                                   dependency=args.dependency, dry_run=args.dry_run, force=args.force,
-                                  argv=sys.argv)
+                                  argv=sys.argv, view=view)
     except SubmitError as exc:
         raise UserError(str(exc)) from None
     if job_ids:
@@ -343,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of --config, next to CHECKPOINT")
     p.set_defaults(func=_import_mlore)
     p = sub.add_parser("submit", help="submit a requeueable SLURM job (slurm/train.sbatch) for a config")
-    p.add_argument("subcommand", choices=["train", "finetune"], help="what the job runs")
-    p.add_argument("config", help="YAML overlay; validated and frozen into output_dir/config.yaml")
+    p.add_argument("subcommand", choices=["train", "finetune", "add-task"], help="what the job runs")
+    p.add_argument("config", help="YAML overlay; validated and frozen into output_dir/config.yaml (add-task: MODEL "
+                   "CONFIG as `pretrain add-task` takes them, or CONFIG add_task.model=MODEL)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     for flag, kind, text in SUBMIT_OPTIONS:
         p.add_argument(flag, type=kind, help=text)

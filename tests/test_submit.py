@@ -325,6 +325,34 @@ def test_requeue_cap_and_a_signal_during_startup(slurm, shards, tmp_path):
     assert _status(run, env)["state"] == "preempted"
 
 
+def test_an_add_task_job_grows_the_model_and_a_drifting_resubmission_is_refused(slurm, shards, tmp_path):
+    """`pretrain submit add-task MODEL CONFIG` runs `pretrain add-task MODEL <run>/config.yaml` as a job; once it has
+    a checkpoint, a resubmission that its run would refuse to resume with is refused before anything is written."""
+    from test_add_task import SEG2, add_task_config
+    from test_extract import native_run
+
+    env, model, run = _env(slurm), tmp_path / "trained", tmp_path / "grown"
+    native_run(model, shards, "tasks.det.num_classes=0")  # a tiny trained model: a run dir with a checkpoint
+    config = add_task_config(tmp_path / "add.yaml", shards, run, SEG2)
+    job_opts = ["--gpus-per-node", "0", "--cpus-per-task", "1"]
+    out = _pretrain("submit", "add-task", model, config, "train.max_steps=2", *job_opts, env=env)
+    assert out.returncode == 0 and "submitted job" in out.stdout, out.stderr
+    (job,) = _job_ids(run)
+    assert f"-m pretrain add-task {model} \"$RUN_DIR/config.yaml\" &" in (run / "slurm" / f"{job}.sbatch").read_text()
+    final = _ended(env, job)
+    log = (run / "slurm" / f"{job}.log").read_text()
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "0", log[-3000:]
+    assert (run / "model.safetensors").is_file(), log[-3000:]
+    assert [(a["rc"], a["action"]) for a in read_jsonl(run / "slurm" / "attempts.jsonl")] == [(0, "ended")]
+    status = _status(run, env)
+    assert status["state"] == "finished" and status["checkpoint"]["tag"] == "step_00000002", status
+    saved, before = (run / "config.yaml").read_bytes(), queued(env)
+    out = _pretrain("submit", "add-task", model, config, "train.max_steps=4", "optim.lr=0.5", *job_opts, env=env)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "trained with a different config and resuming would not be exact (optim.lr: 0.01 -> 0.5)" in out.stderr
+    assert queued(env) == before and _job_ids(run) == [job] and (run / "config.yaml").read_bytes() == saved
+
+
 @pytest.mark.slow
 def test_time_limit_checkpoints_and_requeues(slurm, shards, tmp_path):
     """No scancel: SLURM itself sends USR1 90 s (up to 60 s more) before a 4-minute limit."""

@@ -1,9 +1,11 @@
 """`pretrain submit`: validate a run config, freeze it into output_dir, render the SLURM job script and sbatch it.
 
-Nothing reaches the queue before the config and overrides are valid. The job runs `pretrain <subcommand>
-<output_dir>/config.yaml`, the resolved config written at submission, so editing the YAML afterwards changes
-nothing. Each submission leaves `output_dir/slurm/<job_id>.sbatch` (the exact script) and one line in
-`output_dir/slurm/jobs.jsonl`; the job appends its log to `output_dir/slurm/<job_id>.log`.
+Nothing reaches the queue before the config and overrides are valid, and a run dir that already holds a checkpoint
+takes only a config its run would resume with (`check_resubmission`). The job runs `pretrain <subcommand> [MODEL]
+<output_dir>/config.yaml`, the resolved config written at submission (add-task's MODEL is that config's
+`add_task.model`, made absolute), so editing the YAML afterwards changes nothing. Each submission leaves
+`output_dir/slurm/<job_id>.sbatch` (the exact script) and one line in `output_dir/slurm/jobs.jsonl`; the job appends
+its log to `output_dir/slurm/<job_id>.log`.
 """
 
 from __future__ import annotations
@@ -18,13 +20,28 @@ import subprocess
 import sys
 import time
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
 
 from pretrain.cluster.status import ACTIVE, latest_checkpoint, read_jsonl, slurm_jobs
-from pretrain.config.load import SCHEMAS, load_config, save_resolved
+from pretrain.config.load import SCHEMAS, load_config, save_resolved, stage_of_file
+from pretrain.runs.drift import ABSENT, check_resume, has_checkpoint
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
+# `pretrain <command>` → its schema's key in SCHEMAS (`add-task` → `add_task`)
+COMMANDS = {name.replace("_", "-"): name for name in SCHEMAS}
+# the command's arguments before its config, from the frozen config: (what a bad value is reported as, the value)
+LEADING_ARGS: dict[str, Callable[[Any], list[tuple[str, str]]]] = {
+    "add-task": lambda cfg: [("add_task.model", cfg.add_task.model)],
+}
+# what a stage does to its config before its own drift check (fine-tuning adopts its backbone record): called with
+# (config, run dir), changes the config in place, returns the keys the run derives itself (fnmatch patterns)
+ResumeView = Callable[[Any, Path], tuple[str, ...]]
 
 
 class SubmitError(ValueError):
@@ -176,21 +193,28 @@ def _integer(option: str, value: object) -> int:
     return value
 
 
-def render(text: str, *, subcommand: str, run_dir: Path, cpus_per_task: int, opts: JobOptions) -> str:
+def render(text: str, *, subcommand: str, run_dir: Path, cpus_per_task: int, opts: JobOptions,
+           leading: list[tuple[str, str]] = ()) -> str:
     """Fill the template's placeholders; raises SubmitError naming an unknown placeholder or the option whose value
     cannot be rendered safely.
 
     Every value is checked (`check_value`) and quoted for where it goes: `#SBATCH` values as sbatch reads them
     (`sbatch_value`: `job_name`, `log`, `workdir`, `sbatch_options`), shell words with `shlex` (`run_dir`,
-    `python`), numbers as integers; `subcommand` is one of `SCHEMAS`.
+    `python`, `arguments`), numbers as integers; `subcommand` is one of `COMMANDS`. `arguments` is the command's
+    argument list: `leading` ((option, value) pairs, e.g. add-task's MODEL), then `"$RUN_DIR/config.yaml"`.
     """
-    if subcommand not in SCHEMAS:
+    if subcommand not in COMMANDS:
         raise SubmitError(f"`pretrain {subcommand}` does not exist in this version: nothing submitted")
+    if leading and "${arguments}" not in text:  # a template copied before `${arguments}` would drop MODEL
+        raise SubmitError(f"`pretrain {subcommand}` needs {', '.join(o for o, _ in leading)} before its config, but "
+                          "the job template has no ${arguments}: run `pretrain ${subcommand} ${arguments}` as "
+                          "slurm/train.sbatch does")
     run = check_value("output_dir", run_dir)
     python_option = "--python" if opts.python else "PRETRAIN_PYTHON"
     python = opts.python or os.environ.get("PRETRAIN_PYTHON")
     values = {
         "subcommand": subcommand, "run_dir": shlex.quote(run),
+        "arguments": " ".join([*(shlex.quote(check_value(o, v)) for o, v in leading), '"$RUN_DIR/config.yaml"']),
         "log": sbatch_value("output_dir", output_pattern(run_dir)),
         "job_name": sbatch_value("--job-name", opts.job_name or f"{subcommand}-{run_dir.name}"),
         "nodes": _integer("--nodes", opts.nodes), "tasks_per_node": tasks_per_node(opts),
@@ -236,16 +260,76 @@ def sbatch(script: Path, dependency: str | None) -> tuple[str, list[str]]:
     return job_id, cmd
 
 
+def check_model(model: str) -> str:
+    """`add_task.model` made absolute; SubmitError naming it unless it is what `pretrain add-task` reads: a
+    pretraining run directory with a checkpoint, or a `pretrain export` model file (kind `model`)."""
+    if not model:
+        raise SubmitError("add_task.model: name the trained model (pretrain submit add-task MODEL CONFIG): "
+                          "nothing submitted")
+    path = Path(os.path.abspath(check_value("add_task.model", model)))
+    if path.is_dir():
+        saved = path / "config.yaml"
+        if not saved.is_file() or stage_of_file(saved) is not None or not has_checkpoint(path):
+            raise SubmitError(f"MODEL {model}: not a pretraining run directory with a checkpoint (tasks are added to "
+                              "a whole pretraining model: a run directory or a `pretrain export` file): nothing "
+                              "submitted")
+    elif path.is_file():
+        from pretrain.runs.portable import read_meta  # torch: only for a file MODEL
+
+        try:
+            kind = read_meta(path).get("kind")
+        except ValueError as exc:
+            raise SubmitError(f"MODEL {exc}: nothing submitted") from None
+        if kind != "model":
+            raise SubmitError(f"MODEL {model} is a {kind} file: tasks are added to a whole pretraining model (a run "
+                              "directory or a `pretrain export` file): nothing submitted")
+    else:
+        raise SubmitError(f"MODEL {model}: no such run directory or model file: nothing submitted")
+    return str(path)
+
+
+def check_resubmission(cfg: Any, run_dir: Path, view: ResumeView | None = None) -> Any:
+    """The config to freeze for a run dir that already holds a checkpoint; the drift check's ConfigError (one line,
+    the keys old → new) when its run would refuse to resume with it. A new run dir keeps `cfg` as it is.
+
+    `view` does what the stage does before its own check (`pretrain finetune` adopts its backbone record into the
+    config and leaves the keys its source defines to it), so a legitimate resubmission passes here as it would on
+    the node. The keys the run derives itself keep the saved values: the job reads nothing but this file, so it must
+    carry the new safe values (a raised train.max_steps), and the source's `model` / `moe` sections the run's first
+    start wrote stay in it rather than the overlay's, which the run never trained (config.yaml keeps telling the
+    truth, and the next resume compares against the same sections).
+    """
+    if not has_checkpoint(run_dir) or not (run_dir / "config.yaml").is_file():
+        return cfg
+    try:
+        ignore = view(cfg, run_dir) if view else ()
+    except ValueError as exc:  # a damaged backbone record names its file
+        raise SubmitError(f"{exc}: nothing submitted") from None
+    diff = check_resume(cfg, run_dir, ignore=ignore)
+    kept = {key: old for key, (old, new) in diff.items()  # a key one side lacks stays the schema's
+            if old is not ABSENT and new is not ABSENT and any(fnmatchcase(key, pattern) for pattern in ignore)}
+    if not kept:
+        return cfg
+    merged = OmegaConf.structured(cfg)
+    for key, old in kept.items():
+        OmegaConf.update(merged, key, old, merge=False)
+    return OmegaConf.to_object(merged)
+
+
 def prepare(subcommand: str, config: str, overrides: list[str], opts: JobOptions, *, chain: int = 1,
-            force: bool = False) -> tuple[object, Path, str]:
+            force: bool = False, view: ResumeView | None = None) -> tuple[object, Path, str]:
     """Validate everything a submission needs; returns (resolved config, absolute run dir, rendered script).
 
+    `subcommand` is a `COMMANDS` name; `view` is its stage's `ResumeView` (`check_resubmission`).
     Raises ConfigError / SubmitError; writes nothing.
     """
-    if subcommand not in SCHEMAS:
+    if subcommand not in COMMANDS:
         raise SubmitError(f"`pretrain {subcommand}` does not exist in this version: nothing submitted")
-    cfg = load_config(config, overrides, schema=SCHEMAS[subcommand])
+    cfg = load_config(config, overrides, schema=SCHEMAS[COMMANDS[subcommand]])
+    if subcommand == "add-task":
+        cfg.add_task.model = check_model(cfg.add_task.model)
     run_dir = Path(os.path.abspath(cfg.output_dir))
+    cfg = check_resubmission(cfg, run_dir, view)
     ranks = opts.nodes * tasks_per_node(opts)
     if ranks % cfg.engine.ep_size:
         raise SubmitError(f"engine.ep_size={cfg.engine.ep_size} does not divide the job's {ranks} ranks")
@@ -265,18 +349,19 @@ def prepare(subcommand: str, config: str, overrides: list[str], opts: JobOptions
     if not template.is_file():
         raise SubmitError(f"job template {template} not found (pass --template FILE)")
     cpus = opts.cpus_per_task or cfg.data.num_workers + 1
+    leading = LEADING_ARGS[subcommand](cfg) if subcommand in LEADING_ARGS else []
     return cfg, run_dir, render(template.read_text(), subcommand=subcommand, run_dir=run_dir, cpus_per_task=cpus,
-                                opts=opts)
+                                opts=opts, leading=leading)
 
 
 def submit(subcommand: str, config: str, overrides: list[str], opts: JobOptions, *, chain: int = 1,
            dependency: str | None = None, dry_run: bool = False, force: bool = False,
-           argv: list[str] | None = None) -> tuple[Path, list[str]]:
+           argv: list[str] | None = None, view: ResumeView | None = None) -> tuple[Path, list[str]]:
     """Validate, freeze the config into output_dir, and sbatch `chain` jobs (each after the previous one ends).
 
     Returns (run dir, job ids); a dry run prints the script and the sbatch commands and returns no ids.
     """
-    cfg, run_dir, script = prepare(subcommand, config, overrides, opts, chain=chain, force=force)
+    cfg, run_dir, script = prepare(subcommand, config, overrides, opts, chain=chain, force=force, view=view)
     slurm_dir = run_dir / "slurm"
     if dry_run:
         print(script)

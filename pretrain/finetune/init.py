@@ -32,6 +32,8 @@ from pretrain.finetune.record import (
     as_plain,
     described_backbone,
     file_fingerprint,
+    read_record,
+    source_keys,
 )
 from pretrain.models import backbone_size, build_backbone
 from pretrain.models.grow_layers import LimitedRouting
@@ -66,6 +68,22 @@ def source_sections(src: str) -> tuple[ModelConfig, MoEConfig] | None:
     except (ValueError, KeyError):
         return None
     return model, moe
+
+
+def resume_view(cfg: FinetuneConfig, run_dir: Path) -> tuple[BackboneRecord | None, tuple[str, ...]]:
+    """What a resume of a fine-tuning run (and `pretrain submit finetune` resubmitting it) compares with the run's
+    config.yaml: the run's record, whose sections go into `cfg` in place as the first start's did, and the keys the
+    source defines (fnmatch patterns the drift check leaves out). A run started before records existed derives them
+    from `init_from`, as it always did: a run directory defines model/moe, a file their architecture fields."""
+    from pretrain.runs.drift import has_checkpoint
+
+    record = read_record(run_dir) if has_checkpoint(run_dir) else None
+    if record is not None:
+        adopt_record_(cfg, record)
+        return record, source_keys(record)
+    if cfg.finetune.init_from and Path(cfg.finetune.init_from).is_dir():
+        return None, ("model.*", "moe.*")
+    return None, SOURCE_KEYS if source_sections(cfg.finetune.init_from) else ()
 
 
 def check_source_overrides(cfg: FinetuneConfig, overrides: list[str] | tuple[str, ...]) -> None:

@@ -28,18 +28,15 @@ from pretrain.finetune.build import (
     make_stream,
 )
 from pretrain.finetune.evaluate import evaluate_dense, plot_grid
-from pretrain.finetune.init import SOURCE_KEYS, source_sections
+from pretrain.finetune.init import resume_view
 from pretrain.finetune.record import (
     BackboneRecord,
-    adopt_record_,
     check_source_unchanged,
-    read_record,
-    source_keys,
     write_record,
 )
 from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
 from pretrain.models.moe_losses import collect_aux_losses
-from pretrain.runs.drift import check_resume, has_checkpoint
+from pretrain.runs.drift import check_resume
 from pretrain.training.lifecycle import (
     LossWindow,
     NonFiniteGuard,
@@ -176,15 +173,10 @@ def main(cfg: FinetuneConfig, dry_run: bool = False) -> int:
     # a resume rebuilds the backbone from the run's own record (`finetune.record`), whose sections go into `cfg` as
     # the first start's did, before the drift check compares it with config.yaml: `init_from` is read at the first
     # start only. A run started before records existed resumes from `init_from` as it always did.
-    record = read_record(run_dir) if has_checkpoint(run_dir) else None
+    record, derived = resume_view(cfg, run_dir)
     if record is not None:
-        adopt_record_(cfg, record)
         check_source_unchanged(record)
-        check_resume(cfg, run_dir, ignore=source_keys(record))
-    else:  # a run-dir source rewrites model/moe from its own config, a file source their architecture fields
-        from_run = bool(cfg.finetune.init_from) and Path(cfg.finetune.init_from).is_dir()
-        derived = ("model.*", "moe.*") if from_run else SOURCE_KEYS if source_sections(cfg.finetune.init_from) else ()
-        check_resume(cfg, run_dir, ignore=derived)
+    check_resume(cfg, run_dir, ignore=derived)
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     if dry_run:
