@@ -148,3 +148,17 @@ def test_a_model_file_defines_the_backbone_and_a_conflicting_override_is_refused
             f"pretrain finetune: error: {override} conflicts with finetune.init_from={path}, whose backbone has "
             f"{key}={source}: the source defines the architecture; drop the override")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_backbone_record_is_a_checkpoint_error_naming_it(tmp_path):
+    """`backbone.json` cut short or from a newer version: exit 5's error naming the file, never a traceback."""
+    from pretrain.errors import CheckpointError
+    from pretrain.finetune.record import RECORD, read_record
+
+    assert read_record(tmp_path) is None  # a run from before records
+    (tmp_path / RECORD).write_text('{"version": 1, "kind": ')
+    with pytest.raises(CheckpointError, match=f"{tmp_path / RECORD}: not a readable backbone record"):
+        read_record(tmp_path)
+    (tmp_path / RECORD).write_text('{"version": 99}')
+    with pytest.raises(CheckpointError, match="version 99 is newer"):
+        read_record(tmp_path)

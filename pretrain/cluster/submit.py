@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 
 from pretrain.cluster.status import ACTIVE, latest_checkpoint, read_jsonl, slurm_jobs
 from pretrain.config.load import SCHEMAS, load_config, save_resolved, stage_of_file
+from pretrain.errors import CheckpointError
 from pretrain.runs.drift import ABSENT, check_resume, has_checkpoint
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
@@ -303,7 +304,7 @@ def check_resubmission(cfg: Any, run_dir: Path, view: ResumeView | None = None) 
         return cfg
     try:
         ignore = view(cfg, run_dir) if view else ()
-    except ValueError as exc:  # a damaged backbone record names its file
+    except (ValueError, CheckpointError) as exc:  # a damaged backbone record names its file
         raise SubmitError(f"{exc}: nothing submitted") from None
     diff = check_resume(cfg, run_dir, ignore=ignore)
     kept = {key: old for key, (old, new) in diff.items()  # a key one side lacks stays the schema's

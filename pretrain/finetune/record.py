@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pretrain.config.finetuning import FinetuneConfig
 from pretrain.config.pretraining import ModelConfig, MoEConfig
 from pretrain.durable import atomic_write
+from pretrain.errors import CheckpointError
 
 if TYPE_CHECKING:
     from pretrain.models.vit import VisionTransformer
@@ -100,8 +101,8 @@ def write_record(run_dir: str | Path, record: BackboneRecord) -> Path:
 
 
 def read_record(run_dir: str | Path) -> BackboneRecord | None:
-    """The record of `run_dir`, or None when it has none (a run started before records existed); raises ValueError
-    naming the file when it is damaged or newer than this version reads."""
+    """The record of `run_dir`, or None when it has none (a run started before records existed); raises
+    CheckpointError (exit 5) naming the file when it is damaged or newer than this version reads."""
     path = Path(run_dir) / RECORD
     if not path.is_file():
         return None
@@ -112,7 +113,7 @@ def read_record(run_dir: str | Path) -> BackboneRecord | None:
             raise ValueError(f"version {version} is newer than this pretrain reads ({RECORD_VERSION})")
         return BackboneRecord(**{**body, "model": ModelConfig(**body["model"]), "moe": MoEConfig(**body["moe"])})
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a readable backbone record ({exc}): restore it from a backup") from None
+        raise CheckpointError(f"{path}: not a readable backbone record ({exc}): restore it from a backup") from None
 
 
 def adopt_source_sections_(cfg: FinetuneConfig, model: ModelConfig, moe: MoEConfig, src: str) -> None:
