@@ -32,9 +32,9 @@ COMMANDS = frozenset({"training.train", "training.evaluate", "extraction.export"
                       "extraction.command", "cluster.submit", "cluster.status"})
 CORE = FOUNDATION | {"__init__", "synth", "prepare", "data", "models", "metrics", "training.signals",
                      "training.tracking", "training.routing_stats", "training.plots", "training.objective",
-                     "training.lifecycle", "parallel.expert_parallel", "parallel.layers", "parallel.engine",
-                     "parallel.ds_moe", "runs.checkpoint", "runs.rank_state", "runs.load", "runs.portable",
-                     "runs.integrity", "runs.drift", "runs.expert_files", "runs.elastic_state",
+                     "training.lifecycle", "training.global_batch", "parallel.expert_parallel", "parallel.layers",
+                     "parallel.engine", "parallel.ds_moe", "runs.checkpoint", "runs.rank_state", "runs.load",
+                     "runs.portable", "runs.integrity", "runs.drift", "runs.expert_files", "runs.elastic_state",
                      "extraction.keep_rules"}
 ANY_CORE = CORE | COMMANDS  # what a command may import (minus other commands: see COMMAND_PAIRS)
 # group -> the groups it may import besides itself and `pretrain/__init__` (version only), each with why.
@@ -60,6 +60,8 @@ RULES: dict[str, frozenset[str]] = {
     "training.objective": FOUNDATION | {"models"},
     # what every loop shares (engine lazily)
     "training.lifecycle": FOUNDATION | {"training.signals", "runs.checkpoint", "parallel.engine"},
+    # layout-free forwards: models' keyed randomness, data's global positions
+    "training.global_batch": FOUNDATION | {"models", "data"},
     "parallel.layers": FOUNDATION | {"models", "parallel.ds_moe"},  # the MoE layer factory (ds_moe only lazily)
     "parallel.ds_moe": FOUNDATION | {"models"},  # the DeepSpeed twin of models/moe
     "parallel.engine": FOUNDATION | {"models", "parallel.expert_parallel", "parallel.ds_moe"},

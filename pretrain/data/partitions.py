@@ -81,6 +81,12 @@ def check_layout(partitions: int, world_size: int) -> None:
                          "(changing data.partitions changes the data order)")
 
 
+def global_positions(rank: int, local_batch: int) -> range:
+    """Where rank `rank`'s `local_batch` samples sit in the global batch: the rank batches concatenated in rank
+    order are the global batch (module docstring), on every layout and in every micro-batch."""
+    return range(rank * local_batch, (rank + 1) * local_batch)
+
+
 def shard_lengths(info: dict[str, Any], shard_dir: str | Path) -> list[int]:
     """`_info.json` `shard_lengths`, checked against its `shards` and `num_samples` (DataError naming the file)."""
     lengths = info.get("shard_lengths")

@@ -27,6 +27,7 @@ from pretrain.models.moe import (
     permute_rows,
     sort_routes,
 )
+from pretrain.models.sample_random import KeyedDropout, keyed_dropout_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +74,12 @@ class MoEAttention(TaskRoutedLayer):
         # its head experts have none
         self.kv_proj = nn.Linear(dim, 2 * head_dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = KeyedDropout(proj_drop)  # keyed per sample inside a keyed forward
 
     def forward(self, x_BND: Tensor, task_B: Tensor) -> Tensor:
         single_task = self._check_inputs(x_BND, task_B)
+        if self.training:
+            keyed_dropout_allowed(self.attn_drop)
         batch, tokens, dim = x_BND.shape
         routing = self.route(x_BND, task_B, single_task)
         counts = self.record_statistics(routing, task_B).tolist()

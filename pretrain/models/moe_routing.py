@@ -17,6 +17,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from pretrain.models import moe_losses
+from pretrain.models.sample_random import randn_like, softplus
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class TaskRouter(nn.Module):
         logits_BNE = self._logits(self.weight, x_BND, task_B, single_task)
         if self.noise_weight is None:
             return logits_BNE, None
-        return logits_BNE, F.softplus(self._logits(self.noise_weight, x_BND, task_B, single_task)) + _NOISE_EPS
+        # keyed forwards: a std that does not depend on the local batch size (sample_random.softplus)
+        return logits_BNE, softplus(self._logits(self.noise_weight, x_BND, task_B, single_task)) + _NOISE_EPS
 
     @staticmethod
     def _logits(weight_TED: Tensor, x_BND: Tensor, task_B: Tensor, single_task: int | None) -> Tensor:
@@ -168,7 +170,8 @@ class TaskRoutedLayer(nn.Module):
         use_noise = noise_std_BNE is not None and self.training
         if use_noise:
             noise_std_SE = noise_std_BNE.reshape_as(clean_SE).float()
-            logits_SE = clean_SE + torch.randn_like(clean_SE) * noise_std_SE
+            # torch's RNG, or per-sample keyed normals inside a keyed forward (sample_random.py)
+            logits_SE = clean_SE + randn_like(clean_SE, batch=clean_BNE.shape[0]) * noise_std_SE
         probs_SE = logits_SE.softmax(dim=-1)
         if self.prob_eps:
             probs_SE = probs_SE + self.prob_eps

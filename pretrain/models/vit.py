@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from timm.layers import (
     Attention,
-    DropPath,
     LayerNorm,
     LayerScale,
     Mlp,
@@ -31,6 +30,8 @@ from timm.layers import (
     trunc_normal_,
 )
 from torch import Tensor, nn
+
+from pretrain.models.sample_random import KeyedDropPath
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +84,11 @@ class Block(nn.Module):
         self.norm1 = LayerNorm(dim)
         self.attn = attn
         self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path1 = KeyedDropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm(dim)
         self.mlp = mlp
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = KeyedDropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x_BND: Tensor, task_B: Tensor) -> Tensor:
         """x_BND [B,N,D], task_B [B] int64 → [B,N,D]."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pretrain import dist
-from pretrain.config.pretraining import RunConfig, enabled_tasks
+from pretrain.config.pretraining import RunConfig, enabled_tasks, task_order
 from pretrain.data.build import DataSpec, build_sampler, build_stream, check_shards, save_class_lists
 from pretrain.data.collate import TARGET_KEYS
 from pretrain.data.partitions import check_layout
@@ -22,6 +22,7 @@ from pretrain.log import MetricsWriter, progress, read_metrics, setup_logging
 from pretrain.models.moe_losses import collect_aux_losses, moe_modules, pop_routing_counts
 from pretrain.runs.drift import check_resume
 from pretrain.runs.load import build_run_model
+from pretrain.training.global_batch import GlobalBatch
 from pretrain.training.lifecycle import (
     LossWindow,
     NonFiniteGuard,
@@ -68,6 +69,10 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
     stop = stop_flag()  # installed by the CLI before the heavy imports (a signal during start-up is kept)
     window, timer, guard = LossWindow(), TaskTimer(tasks), NonFiniteGuard(cfg.train.max_bad_steps)
     counts = {name: torch.zeros_like(m.usage_TE) for name, m in moe_modules(model)}
+    # with partitions: random draws keyed per sample of the global batch, loss means over it (global_batch.py)
+    global_batch = GlobalBatch(seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                               task_ids={t: i for i, t in enumerate(task_order(cfg.tasks))},
+                               enabled=cfg.data.partitions > 0)
     exit_code = 0
     bar = progress(total=cfg.train.max_steps, initial=start_step, desc="train", enabled=info.is_main)
     step = start_step
@@ -78,7 +83,8 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
             t0 = clock(engine.device)
             _, task, drawn = next(stream)
             batches = drawn if task == "all" else [drawn]
-            task_losses = {b["task"]: forward_task(engine, b) for b in batches}
+            task_losses = {b["task"]: global_batch.forward(forward_task, engine, b, step=step, micro=_micro)
+                           for b in batches}
             timer.add(task_losses, clock(engine.device) - t0, {b["task"]: len(b["images"]) for b in batches})
             # every forward of this micro-batch enters one MI loss; earlier micro-batches of the step stay in its
             # statistics (detached) until the step's last one

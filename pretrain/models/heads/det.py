@@ -17,17 +17,74 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from pretrain.models.heads.pyramid import SCALES, SimpleFeaturePyramid
+from pretrain.models.sample_random import active
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+LOSS_PREFIX = "det_"  # DetHead's training losses are torchvision's keys with this prefix
+
+
+class KeyedSampler(BalancedPositiveNegativeSampler):
+    """torchvision's fg/bg sampler (RPN anchors, RoIs) with its contract and counts: per image, min(batch_size_per_image
+    · positive_fraction, #positives) positives, negatives fill up to batch_size_per_image; masks per image.
+
+    Outside a keyed forward it IS torchvision's (`torch.randperm` per image, the process RNG). Inside one
+    (`sample_random.py`) each image picks the elements of smallest keyed score, so the picks follow the image, not
+    the rank or its batch-mates, and the number picked is recorded for `terms`: torchvision's losses of this stage
+    are means over the local batch's picks, which the training side turns into means over the global batch's.
+    """
+
+    def __init__(self, *, batch_size_per_image: int, positive_fraction: float, terms: tuple[str, ...]) -> None:
+        super().__init__(batch_size_per_image, positive_fraction)
+        self.terms = terms
+
+    def __call__(self, matched_idxs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        keyed = active()
+        if keyed is None:
+            return super().__call__(matched_idxs)
+        device = matched_idxs[0].device if matched_idxs else torch.device("cpu")
+        # one call for the batch; element j of image b is scored by (b's key, call, j): no dependence on the others
+        scores_BM = keyed.bits(len(matched_idxs), max((m.numel() for m in matched_idxs), default=0), device)
+        pos_idx, neg_idx, picked = [], [], 0
+        for labels, scores in zip(matched_idxs, scores_BM):
+            positive, negative = torch.where(labels >= 1)[0], torch.where(labels == 0)[0]
+            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+            for chosen, out in ((_smallest(positive, scores, num_pos), pos_idx),
+                                (_smallest(negative, scores, num_neg), neg_idx)):
+                mask = torch.zeros_like(labels, dtype=torch.uint8)
+                mask[chosen] = 1
+                out.append(mask)
+            picked += num_pos + num_neg
+        for term in self.terms:
+            keyed.count_term(term, picked)
+        return pos_idx, neg_idx
+
+
+def _smallest(idx: Tensor, scores: Tensor, k: int) -> Tensor:
+    """The k of `idx` with the smallest scores (ties: the lower index, so any layout picks the same)."""
+    return idx[scores[idx].sort(stable=True).indices[:k]]
+
+
+def _key_samplers(detector: FasterRCNN) -> FasterRCNN:
+    """Swap the RPN's and the RoI heads' samplers for `KeyedSampler`s of the same sizes (torchvision's
+    constructor takes no sampler; they hold no state)."""
+    for stage, terms in ((detector.rpn, ("loss_objectness", "loss_rpn_box_reg")),
+                         (detector.roi_heads, ("loss_classifier", "loss_box_reg"))):
+        old = stage.fg_bg_sampler
+        stage.fg_bg_sampler = KeyedSampler(batch_size_per_image=old.batch_size_per_image,
+                                           positive_fraction=old.positive_fraction,
+                                           terms=tuple(LOSS_PREFIX + t for t in terms))
+    return detector
 
 
 class ViTDetBackbone(nn.Module):
@@ -71,17 +128,19 @@ def faster_rcnn(*, backbone: ViTDetBackbone, num_classes: int, min_size: int, ma
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, box_fc_dim)
-    return FasterRCNN(backbone, min_size=min_size, max_size=max_size, image_mean=list(IMAGENET_MEAN),
-                      image_std=list(IMAGENET_STD), rpn_anchor_generator=anchors, box_roi_pool=roi_pool,
-                      box_head=box_head, box_predictor=FastRCNNPredictor(box_fc_dim, num_classes),
-                      box_batch_size_per_image=rois_per_image, rpn_pre_nms_top_n_train=proposals,
-                      rpn_post_nms_top_n_train=proposals, size_divisible=max(backbone.strides))
+    detector = FasterRCNN(backbone, min_size=min_size, max_size=max_size, image_mean=list(IMAGENET_MEAN),
+                          image_std=list(IMAGENET_STD), rpn_anchor_generator=anchors, box_roi_pool=roi_pool,
+                          box_head=box_head, box_predictor=FastRCNNPredictor(box_fc_dim, num_classes),
+                          box_batch_size_per_image=rois_per_image, rpn_pre_nms_top_n_train=proposals,
+                          rpn_post_nms_top_n_train=proposals, size_divisible=max(backbone.strides))
+    return _key_samplers(detector)
 
 
 def retinanet(*, backbone: ViTDetBackbone, num_classes: int, min_size: int, max_size: int,
               **two_stage: int) -> RetinaNet:
     """RetinaNet with 3 scales (4·stride·2^(i/3)) × 3 ratios per level and a GroupNorm head (torchvision's v2).
-    It has no RoI stage: Faster R-CNN's `two_stage` settings do not apply."""
+    It has no RoI stage: Faster R-CNN's `two_stage` settings do not apply. Nothing random in training, and its losses
+    are per-image means averaged over the images, so ranks of equal batches average to the global batch's."""
     sizes = tuple(tuple(int(round(4 * s * 2 ** (i / 3))) for i in range(3)) for s in backbone.strides)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     c = backbone.out_channels
@@ -140,5 +199,5 @@ class DetHead(nn.Module):
                     raise ValueError(f"det target {i}: labels must lie in 1..{self.num_classes}, got "
                                      f"[{int(labels.min())}, {int(labels.max())}]")
             losses = self.detector(images, targets)
-            return {f"det_{k}": v for k, v in losses.items()}
+            return {f"{LOSS_PREFIX}{k}": v for k, v in losses.items()}
         return self.detector(images)

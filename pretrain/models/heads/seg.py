@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.models.heads.pyramid import SimpleFeaturePyramid
+from pretrain.models.sample_random import KeyedDropout2d, count_term
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class SegHead(nn.Module):
         self.pyramid = SimpleFeaturePyramid(in_dim=in_dim, out_channels=pyramid_dim, norm=norm)
         dim = decoder_dim or (128 if kind == "fpn" else 256)
         self.decoder = SEG_HEADS[kind](in_channels=pyramid_dim, dim=dim)
-        self.dropout = nn.Dropout2d(0.1)
+        self.dropout = KeyedDropout2d(0.1)  # keyed per sample inside a keyed forward (sample_random.py)
         self.classifier = nn.Conv2d(dim, num_classes, 1)
 
     def predictor_modules(self) -> list[nn.Module]:
@@ -123,5 +124,7 @@ class SegHead(nn.Module):
             raise ValueError(f"seg mask values must lie in [0, {logits_BCHW.shape[1]}) or be {IGNORE_INDEX}; got "
                              f"[{int(labelled.min())}, {int(labelled.max())}]")
         ce = F.cross_entropy(logits_BCHW, masks_BHW, ignore_index=IGNORE_INDEX, reduction="sum")
-        # mean over labelled pixels; an all-ignored batch gives 0 instead of torch's NaN
+        # mean over labelled pixels; an all-ignored batch gives 0 instead of torch's NaN. A keyed forward learns the
+        # count, so the training side can make it the mean over the GLOBAL batch's pixels
+        count_term("seg", labelled.numel())
         return {"seg": ce / max(labelled.numel(), 1)}
