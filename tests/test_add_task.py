@@ -276,6 +276,7 @@ BAD = [  # (what, MODEL, tasks section, override, message)
     ("a submodel file", "submodel", SEG2, (), "is a submodel file: tasks are added to a whole pretraining model"),
     ("bf16", "model", SEG2, ("engine.precision=bf16",), "engine.precision='bf16' is out of range: must be fp32"),
     ("missing shards", "model", SEG2, (), "shards/ade20k/train"),
+    ("a start evaluation", "model", SEG2, ("eval.at_start=true",), "eval.at_start=True is out of range: must be false"),
 ]
 
 

@@ -81,8 +81,12 @@ def test_signal_then_resume_is_bitwise_exact(dense_root, tmp_path):
     # the final evaluation is not what this test checks: 4 images (each batch of 4 costs ~8 s, mostly the edge metric)
     steps = ["train.max_steps=6", "train.ckpt_every=100", "train.eval_every=0", "finetune.grid_images=0",
              "eval.max_samples=4"]
-    full = _run(_cmd(dense_root, tmp_path / "full", *steps))
+    # the uninterrupted run also evaluates before its first step: that evaluation must not move the training (the
+    # weights are compared with the cut run's below, which does not evaluate at the start)
+    full = _run(_cmd(dense_root, tmp_path / "full", *steps, "eval.at_start=true"))
     assert full.returncode == 0, full.stderr[-3000:]
+    evals = [r["step"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "eval/semseg/mIoU" in r]
+    assert evals == [0, 6]
     proc = popen(_cmd(dense_root, tmp_path / "cut", *steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                  text=True)
     err = signal_once_logging(proc, tmp_path / "cut" / "metrics.jsonl", wait=600, timeout=600)

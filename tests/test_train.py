@@ -181,12 +181,14 @@ def test_bf16_engine_trains_and_evaluates_every_task(shards, tmp_path):
     """The GPU recipe's precision path (DeepSpeed bf16, ZeRO-2) on CPU: every head runs, eval included."""
     out = _run(_train_cmd(shards, tmp_path, "engine.precision=bf16", "engine.zero_stage=2", "train.max_steps=3",
                           "train.ckpt_every=3", "data.all_tasks_per_step=true", "train.eval_every=2",
-                          "eval.num_workers=0"))
+                          "eval.num_workers=0", "eval.at_start=true"))
     assert out.returncode == 0, out.stderr[-3000:]
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert all(r["skipped_steps"] == 0 for r in records if "skipped_steps" in r)
     assert {"loss/cls", "loss/det", "loss/seg"} <= set(records[-1])
-    assert {"eval/cls/top1", "eval/det/AP", "eval/seg/mIoU"} <= set(records[2])
+    evals = [r for r in records if "eval/cls/top1" in r]
+    assert [r["step"] for r in evals] == [0, 2]  # eval.at_start, then train.eval_every
+    assert all({"eval/cls/top1", "eval/det/AP", "eval/seg/mIoU"} <= set(r) for r in evals)
     # resuming reads DeepSpeed's bf16 optimizer files through the weights-only checkpoint engine
     out = _run(_train_cmd(shards, tmp_path, "engine.precision=bf16", "engine.zero_stage=2", "train.max_steps=4",
                           "train.ckpt_every=4", "data.all_tasks_per_step=true"))

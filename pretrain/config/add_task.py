@@ -78,6 +78,9 @@ def check_add_task(cfg: AddTaskConfig) -> None:
          "must be between 0 and 256")
     need(cfg.engine.grad_accum == 1, "engine.grad_accum", cfg.engine.grad_accum, "must be 1")
     need(not cfg.data.all_tasks_per_step, "data.all_tasks_per_step", True, "must be false")
+    # the add-task loop evaluates nowhere (`pretrain evaluate RUN` does, after it): a start evaluation would be a
+    # setting that silently does nothing
+    need(not cfg.eval.at_start, "eval.at_start", True, "must be false: evaluate the run with `pretrain evaluate RUN`")
     need(cfg.add_task.out.endswith(".safetensors"), "add_task.out", cfg.add_task.out, "must end in .safetensors")
     kinds: dict[str, str] = {}
     for name, task in cfg.tasks.items():

@@ -167,6 +167,9 @@ class TrainConfig:
 class EvalConfig:
     max_samples: int = 0  # per task; 0 = the whole split
     num_workers: int = 1
+    # also evaluate before the first step of a fresh run (logged at step 0): the reference a training's evaluations
+    # are compared with (the demo's "better than at step 0" row); a resumed run does not repeat it
+    at_start: bool = False
 
 
 @dataclass

@@ -52,6 +52,7 @@ from pretrain.training.lifecycle import (
     start_engine,
     stop_code,
     to_device,
+    untouched_rng,
 )
 from pretrain.training.signals import EXIT_ABORT, stop_flag
 from pretrain.training.tracking import Tracker, wandb_mode
@@ -67,9 +68,10 @@ def evaluate(cfg: FinetuneConfig, model, data: DenseData, info: dist.DistInfo, *
         if not first:
             first.update(batch=batch, preds={t: p.cpu() for t, p in preds.items()})
 
-    loader = make_eval_loader(cfg, data, info)
-    metrics = evaluate_dense(cfg, model, loader, tasks, data.num_classes, info, max_images=cfg.eval.max_samples,
-                             on_batch=keep_first)
+    with untouched_rng(next(model.parameters()).device):
+        loader = make_eval_loader(cfg, data, info)
+        metrics = evaluate_dense(cfg, model, loader, tasks, data.num_classes, info, max_images=cfg.eval.max_samples,
+                                 on_batch=keep_first)
     if grid is not None and info.is_main and first and cfg.finetune.grid_images:
         plot_grid(first["batch"], first["preds"], tasks, grid, cfg.finetune.grid_images)
     return metrics
@@ -87,6 +89,9 @@ def finetune_loop(cfg: FinetuneConfig, engine, model, data: DenseData, info: dis
     window, timer, guard = LossWindow(), TaskTimer(["all"]), NonFiniteGuard(cfg.train.max_bad_steps)
     exit_code, step = 0, start_step
     bar = progress(total=cfg.train.max_steps, initial=start_step, desc="finetune", enabled=info.is_main)
+    if cfg.eval.at_start and start_step == 0:
+        writer.write(0, metrics := evaluate(cfg, engine.module, data, info))
+        tracker.log(0, metrics)
     while step < cfg.train.max_steps:
         # 1. forward: every task's prediction from one batch (per_task routing runs the backbone once per task)
         step_ok, stopping, parts_sum = True, False, {}

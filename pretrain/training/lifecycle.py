@@ -5,7 +5,8 @@ The loops (`pretrain train`, `pretrain finetune`, `pretrain add-task`, the heal 
 top to bottom in their own module and call these pieces; nothing here owns the loop. Agreement is collective: every
 rank calls `agree` once per micro-batch. `start_engine` is the start-up they share (config files, engine, resume);
 `resume_micro_step` + `resume_stream` the stream's restart, `checkpoint_if_due` a step's checkpoint, `stop_code` the
-exit on a signal and `close_loop` the shutdown, each written once for every loop.
+exit on a signal and `close_loop` the shutdown, each written once for every loop; `untouched_rng` keeps evaluations
+out of the training's random stream.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,15 @@ def clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+@contextmanager
+def untouched_rng(device: torch.device) -> Iterator[None]:
+    """Run an evaluation inside a training without moving the training's random stream: its DataLoader draws the
+    workers' base seed from torch's RNG, so without this, evaluating (at the start, every N steps) would change every
+    later dropout mask, gate noise and sampler draw: a run's weights would depend on when it evaluated."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
 
 
 def agree(loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
@@ -160,7 +171,9 @@ def start_engine(cfg: Any, model: torch.nn.Module, info: dist.DistInfo, *,
     if info.is_main and not (keep_config and resumed is not None):
         save_resolved(cfg, run_dir)
     if resumed is None:
-        torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # per-rank randomness (drop path, noisy gates)
+        # per-rank randomness (drop path, noisy gates; with data.partitions the forward's draws are keyed per sample
+        # instead: training/global_batch.py)
+        torch.manual_seed(cfg.seed * 1000 + info.rank + 1)
         return engine, 0, None
     start_step, client_state, rank_state = resumed
     checkpoint.restore_rng(rank_state)

@@ -38,6 +38,7 @@ from pretrain.training.lifecycle import (
     start_engine,
     stop_code,
     to_device,
+    untouched_rng,
 )
 from pretrain.training.routing_stats import routing_metrics
 from pretrain.training.signals import EXIT_ABORT, stop_flag
@@ -76,6 +77,14 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
     exit_code = 0
     bar = progress(total=cfg.train.max_steps, initial=start_step, desc="train", enabled=info.is_main)
     step = start_step
+    if cfg.eval.at_start and start_step == 0:
+        from pretrain.training.evaluate import evaluate_model
+
+        with untouched_rng(engine.device):
+            with untouched_rng(engine.device):
+                metrics = evaluate_model(cfg, engine.module, spec, info)
+        writer.write(0, metrics)
+        tracker.log(0, metrics)
     while step < cfg.train.max_steps:
         # 1. forward every micro-batch of this optimizer step (one task each, the same task on every rank)
         step_ok, stopping, parts_sum = True, False, {}
@@ -134,7 +143,8 @@ def train_loop(cfg: RunConfig, engine, model, spec: DataSpec, info: dist.DistInf
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
             from pretrain.training.evaluate import evaluate_model
 
-            metrics = evaluate_model(cfg, engine.module, spec, info)
+            with untouched_rng(engine.device):
+                metrics = evaluate_model(cfg, engine.module, spec, info)
             writer.write(step, metrics)
             tracker.log(step, metrics)
     close_loop(stop, writer, tracker, bar)
