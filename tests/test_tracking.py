@@ -22,3 +22,23 @@ def test_mode(setting, env, mode):
 def test_a_wrong_wandb_mode_names_the_variable():
     with pytest.raises(ConfigError, match="WANDB_MODE='of'"):
         wandb_mode("auto", {"WANDB_MODE": "of"})
+
+
+def test_a_bad_wandb_mode_stops_before_the_engine_starts(monkeypatch, tmp_path):
+    """start_engine (every loop's start-up) reads WANDB_MODE first: a typo is one line before the process group,
+    the config files and DeepSpeed, not after minutes of start-up."""
+    import torch
+
+    import pretrain.parallel.engine as engine
+    from pretrain.config.load import load_config
+    from pretrain.dist import DistInfo
+    from pretrain.training.lifecycle import start_engine
+
+    started = []
+    monkeypatch.setattr(engine, "init_distributed", lambda *a, **k: started.append("init"))
+    monkeypatch.setattr(engine, "build_engine", lambda *a, **k: started.append("build"))
+    monkeypatch.setenv("WANDB_MODE", "of")
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="WANDB_MODE='of'"):
+        start_engine(cfg, torch.nn.Linear(1, 1), DistInfo(0, 1, 0, "127.0.0.1", 0, "single"))
+    assert started == [] and not (tmp_path / "run").exists()

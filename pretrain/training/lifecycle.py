@@ -157,6 +157,10 @@ def start_engine(cfg: Any, model: torch.nn.Module, info: dist.DistInfo, *,
     from pretrain.config.load import save_resolved
     from pretrain.parallel.engine import build_engine, init_distributed, make_ds_config
     from pretrain.runs import checkpoint
+    from pretrain.training.tracking import wandb_mode
+
+    # a bad WANDB_MODE is one line (exit 2) before the process group and the engine start, not after them
+    wandb_mode(cfg.logging.wandb)
 
     run_dir = Path(cfg.output_dir)
     ds_config = make_ds_config(cfg.engine, cfg.optim, max_steps=cfg.train.max_steps, world_size=info.world_size)
