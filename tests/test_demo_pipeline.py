@@ -12,18 +12,17 @@ from pretrain.demo import SECONDS, check_seeds, pipeline
 from pretrain.demo.eta import eta_seconds, etas, format_eta
 from pretrain.errors import UsageError
 
-# seconds per stage of the reference run (`pretrain demo --out /tmp/demo2`, 2026-12-07 04:22 UTC, idle 2-vCPU AMD
-# EPYC; benchmarks/RESULTS.md), in its order: the pipeline of that day (one seed, no smaller-submodel stages)
-REFERENCE_RUN = {  # the idle 2026-12-07 demo's stages (`pretrain demo --out /tmp/demo4`: 10.0 min; less the six
-    # `evaluate_finetune_*` stages it ran then, which repeated each fine-tuning's last evaluation)
-    "synth": 6.9, "prepare_imagenet_train": 3.0, "prepare_imagenet_val": 2.5, "prepare_coco_train": 2.8,
-    "prepare_coco_val": 2.6, "prepare_ade20k_train": 2.8, "prepare_ade20k_val": 2.6, "prepare_nyud_train": 2.7,
-    "prepare_nyud_val": 2.6, "prepare_pascal_context_train": 2.7, "prepare_pascal_context_val": 2.8, "train": 149.0,
-    "evaluate": 11.6, "evaluate_random": 13.7, "export": 5.8, "extract_cls": 6.8, "extract_det": 14.5,
-    "extract_seg": 8.6, "extract_seg_nyud": 8.9, "extract_seg_sweep": 20.0, "extract_seg_half_healed": 17.5,
-    "extract_cls_top1_healed": 18.0, "finetune_extracted_s0": 37.0, "finetune_pretrained_s0": 36.7,
-    "finetune_random_s0": 33.7, "finetune_extracted_s1": 37.3, "finetune_pretrained_s1": 38.2,
-    "finetune_random_s1": 38.0,
+# seconds per stage of the reference run (`pretrain demo --out /tmp/demo_n2 --seed 2`, 2026-12-07 15:58 UTC, idle
+# 2-vCPU AMD EPYC; benchmarks/RESULTS.md), in its order: 11.0 min of stages
+REFERENCE_RUN = {
+    "synth": 5.7, "prepare_imagenet_train": 2.9, "prepare_imagenet_val": 2.7, "prepare_coco_train": 2.6,
+    "prepare_coco_val": 2.4, "prepare_ade20k_train": 2.5, "prepare_ade20k_val": 3.0, "prepare_nyud_train": 2.5,
+    "prepare_nyud_val": 2.6, "prepare_pascal_context_train": 2.6, "prepare_pascal_context_val": 2.4, "train": 138.9,
+    "evaluate": 10.3, "evaluate_random": 13.0, "export": 6.1, "extract_cls": 7.2, "extract_det": 14.7,
+    "extract_seg": 6.9, "extract_seg_nyud": 7.7, "extract_seg_sweep": 17.0, "extract_seg_half_healed": 19.6,
+    "extract_cls_top1_healed": 17.4, "finetune_extracted_s2": 63.8, "finetune_pretrained_s2": 60.4,
+    "finetune_random_s2": 71.0, "finetune_extracted_s3": 56.0, "finetune_pretrained_s3": 55.0,
+    "finetune_random_s3": 65.2,
 }
 OLD_WEIGHTS = {"synth": 1.0, "prepare": 0.3, "train": 12.0, "evaluate": 1.0, "evaluate_random": 1.0, "export": 0.5,
                "extract": 1.5, "finetune": 6.0, "evaluate_finetune": 0.5}  # before issue 24
@@ -74,7 +73,7 @@ def test_eta_arithmetic():
     # a machine uniformly 1.7× slower than the reference: right from the second stage on
     weights = list(REFERENCE_RUN.values())
     assert _errors(weights, [1.7 * w for w in weights]) == pytest.approx([0.0] * (len(weights) - 1))
-    assert "~9 min on the reference machine" in format_eta(None, sum(weights))
+    assert "~11 min on the reference machine" in format_eta(None, sum(weights))
     assert format_eta(270.0, 0.0) == ", demo ETA 4.5 min"
 
 
@@ -119,6 +118,11 @@ def test_a_finetuning_record_holds_its_last_evaluation(tmp_path):
     (records / "finetune_random_s0.json").write_text(json.dumps({"name": "finetune_random_s0", "seconds": 1.0}))
     assert run_stage(stage, records, 1, 1, "")["output"]["step"] == 4
     assert "output" in json.loads((records / "finetune_random_s0.json").read_text())
+    assert "start" not in record  # no evaluation at step 0
+    at_start = [{"step": 0, "eval/semseg/mIoU": 0.51234}, *lines]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in at_start))
+    (records / "finetune_random_s0.json").unlink()
+    assert run_stage(stage, records, 1, 1, "")["start"] == {"step": 0, "eval/semseg/mIoU": 0.5123}
     (run_dir / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n")
     with pytest.raises(DemoError, match="no evaluation record"):
         final_eval(run_dir)

@@ -115,3 +115,25 @@ def test_report_without_a_second_seed_says_so(tmp_path):
     write_report(tmp_path, done)
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["verdicts"] == {} and "second seed is missing" in data["verdict"]
+
+
+def test_step0_column_and_which_runs_do_not_beat_it(tmp_path):
+    """The random-init run's evaluation before its first step is the step-0 column; the report names every run
+    whose primary metric is not better than it (by each metric's direction)."""
+    done = _records({"extracted": (0.1, 0.1), "pretrained": (0.1, 0.1)})
+    write_report(tmp_path, done)
+    assert "step0" not in json.loads((tmp_path / "report.json").read_text())["finetune"]  # none made: no column
+    # step 0 worse than every run except extracted seed 1's normals (lower is better: 20 beats its 27)
+    step0 = {"eval/semseg/mIoU": 1.0, "eval/normals/mean": 50.0, "eval/edge/odsF": 10.0, "eval/depth/rmse": 9.0}
+    done["finetune_random_s0"]["start"] = {"step": 0, **step0}
+    done["finetune_extracted_s1"]["output"]["eval/normals/mean"] = 60.0
+    write_report(tmp_path, done)
+    data = json.loads((tmp_path / "report.json").read_text())["finetune"]
+    assert data["step0"]["semseg/mIoU"] == 1.0
+    assert data["not_better_than_step0"] == {"extracted": ["normals seed 1"], "pretrained": [], "random": []}
+    report = (tmp_path / "report.md").read_text()
+    assert next(line for line in report.splitlines() if line.startswith("| depth/rmse |")).endswith("| 9.00 |")
+    assert "not better in extracted: normals seed 1." in report
+    done["finetune_extracted_s1"]["output"]["eval/normals/mean"] = 20.0
+    write_report(tmp_path, done)
+    assert "every initialisation and seed is better on every task" in (tmp_path / "report.md").read_text()

@@ -38,15 +38,15 @@ PRETRAIN_TASKS = ("cls", "det", "seg")
 DENSE = tuple(dense_datasets())
 RAW_DIRS = {name: d.folder for name, d in DATASETS.items()}  # what `pretrain synth` writes, the catalog's
 INITS = {"extracted": "extract/seg_nyud.safetensors", "pretrained": "model.safetensors", "random": ""}
-# Stage weights: each stage's seconds in the reference run (`pretrain demo`, 2026-12-07 04:22 UTC, the idle 2-vCPU
-# AMD EPYC dev machine: benchmarks/RESULTS.md, "pretrain demo again"); the ETA scales what is left by the pace so far
-# (eta.py). The guessed weights before (prepare 0.3, train 12, finetune 6) put a fine-tuning at half the training's
-# time (it takes 0.15×): on that run the ETA read 37% low at stage 2 and 2.4× high after training.
-SECONDS = {"synth": 7.0, "prepare": 2.7, "train": 149.0, "evaluate": 11.6, "evaluate_random": 13.7, "export": 5.8,
-           "extract_cls": 6.8, "extract_det": 14.5, "extract_seg": 8.6, "extract_seg_nyud": 8.9,
-           "extract_seg_sweep": 20.0, "extract_seg_half_healed": 17.5, "extract_cls_top1_healed": 18.0,
-           "finetune": 36.8}  # 528 s in all (8.8 min): the idle 2026-12-07 demo's stages (its six separate
-# `pretrain evaluate` runs of the fine-tunings, 70 s, repeated the evaluation each fine-tuning ends with: gone since)
+# Stage weights: each stage's seconds in the reference run (`pretrain demo --seed 2`, 2026-12-07 15:58 UTC, the idle
+# 2-vCPU AMD EPYC dev machine: benchmarks/RESULTS.md, "pretrain demo with 120-step fine-tunings"); the ETA scales
+# what is left by the pace so far (eta.py). The guessed weights before (prepare 0.3, train 12, finetune 6) put a
+# fine-tuning at half the training's time (it takes 0.15×): on that run the ETA read 37% low at stage 2 and 2.4×
+# high after training.
+SECONDS = {"synth": 5.7, "prepare": 2.6, "train": 138.9, "evaluate": 10.3, "evaluate_random": 13.0, "export": 6.1,
+           "extract_cls": 7.2, "extract_det": 14.7, "extract_seg": 6.9, "extract_seg_nyud": 7.7,
+           "extract_seg_sweep": 17.0, "extract_seg_half_healed": 19.6, "extract_cls_top1_healed": 17.4,
+           "finetune": 61.9}  # 662 s in all (11.0 min); a fine-tuning is 120 steps on 64 × 96 crops since issue 24
 
 
 @dataclass
@@ -114,8 +114,11 @@ def finetunings(out: Path, finetune_config: str, *, fast: bool, seeds: tuple[int
         for init, source in INITS.items():
             ft, name = out / "finetune" / f"{init}_s{seed}", f"{init}_s{seed}"
             init_arg = [f"finetune.init_from={out / source}"] if source else []  # the config's default: random init
+            # the first random-init run also evaluates before its first step: the report's "step 0" column, what
+            # every fine-tuning must clearly beat (one is enough: at step 0 every decoder is an untrained one)
+            start = ["eval.at_start=true"] if init == "random" and seed == seeds[0] else []
             stages.append(Stage(f"finetune_{name}", [*p, "finetune", finetune_config, f"data.root={shards}",
-                                                     f"output_dir={ft}", f"seed={seed}", *init_arg, *quick],
+                                                     f"output_dir={ft}", f"seed={seed}", *init_arg, *quick, *start],
                                 SECONDS["finetune"], "final_eval", seed=seed, run_dir=ft))
     return stages
 
@@ -141,17 +144,38 @@ def smaller_submodels(out: Path, report: list[str], fast: bool) -> list[Stage]:
     ]
 
 
-def final_eval(run_dir: Path) -> dict:
-    """The evaluation a training command ran at its last step: `{"step", "eval/...": value}` from the last record of
-    `run_dir/metrics.jsonl` that has eval keys, rounded as `pretrain evaluate` prints them."""
+def _evals(run_dir: Path) -> list[dict]:
     from pretrain.log import read_metrics
 
     path = run_dir / "metrics.jsonl"
-    evals = [r for r in read_metrics(path) if any(k.startswith("eval/") for k in r)] if path.is_file() else []
+    return [r for r in read_metrics(path) if any(k.startswith("eval/") for k in r)] if path.is_file() else []
+
+
+def _rounded(record: dict) -> dict:
+    """`{"step", "eval/...": value}`, rounded as `pretrain evaluate` prints them."""
+    return {"step": record["step"], **{k: round(v, 4) for k, v in record.items() if k.startswith("eval/")}}
+
+
+def final_eval(run_dir: Path) -> dict:
+    """The evaluation a training command ran at its last step: the last record of `run_dir/metrics.jsonl` that has
+    eval keys."""
+    evals = _evals(run_dir)
     if not evals:
-        raise DemoError(f"{path}: no evaluation record; the stage's command ended without evaluating")
-    last = evals[-1]
-    return {"step": last["step"], **{k: round(v, 4) for k, v in last.items() if k.startswith("eval/")}}
+        raise DemoError(f"{run_dir / 'metrics.jsonl'}: no evaluation record; the stage's command ended without "
+                        "evaluating")
+    return _rounded(evals[-1])
+
+
+def eval_record(run_dir: Path) -> dict:
+    """A fine-tuning stage's record data: `output` (its last evaluation) and `start` (the one at step 0, if any)."""
+    start = start_eval(run_dir)
+    return {"output": final_eval(run_dir), **({"start": start} if start else {})}
+
+
+def start_eval(run_dir: Path) -> dict | None:
+    """The evaluation before the first step (`eval.at_start`), or None when the run made none."""
+    first = next(iter(_evals(run_dir)), None)
+    return _rounded(first) if first is not None and first["step"] == 0 else None
 
 
 def run_stage(stage: Stage, records: Path, index: int, total: int, eta_text: str) -> dict:
@@ -161,7 +185,7 @@ def run_stage(stage: Stage, records: Path, index: int, total: int, eta_text: str
         print(f"[{index}/{total}] {stage.name}: done earlier, skipped", flush=True)
         record = json.loads(record_path.read_text())
         if stage.parse == "final_eval" and "output" not in record:  # a record written before fine-tunings held it
-            record["output"] = final_eval(stage.run_dir)
+            record.update(eval_record(stage.run_dir))
             atomic_write(record_path, json.dumps(record, indent=1))
         return record
     print(f"[{index}/{total}] {stage.name}{eta_text}\n  $ {shlex.join(stage.argv)}", flush=True)
@@ -178,7 +202,7 @@ def run_stage(stage: Stage, records: Path, index: int, total: int, eta_text: str
     if stage.parse == "json_last_line":
         record["output"] = json.loads(proc.stdout.strip().splitlines()[-1])
     elif stage.parse == "final_eval":
-        record["output"] = final_eval(stage.run_dir)
+        record.update(eval_record(stage.run_dir))
     atomic_write(record_path, json.dumps(record, indent=1))
     return record
 

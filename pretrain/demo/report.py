@@ -138,6 +138,22 @@ def _finetune_runs(done: dict) -> dict[str, dict[int, dict]]:
     return runs
 
 
+def _step0(done: dict) -> dict:
+    """The evaluation before the first fine-tuning step (`start` of a fine-tuning record; the demo makes one)."""
+    return next((r["start"] for name, r in done.items() if name.startswith("finetune_") and "start" in r), {})
+
+
+def _beats_step0(primary: dict, step0: dict, table: dict) -> dict[str, list[str]]:
+    """{init: ["task seed s", ...]}: the runs whose primary metric is not better than at step 0 (empty: all are)."""
+    def better(task: str, value: float | None) -> bool:
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        return value < step0[task] if table[task][1] else value > step0[task]
+
+    return {init: [f"{t} seed {s}" for s, p in runs.items() for t, v in p.items() if not better(t, v)]
+            for init, runs in primary.items()}
+
+
 def _metric_numbers(per_seed: dict[int, float | None]) -> dict:
     """A metric over the seeds: {"per_seed", "mean", "spread"} (mean and spread null when a seed lacks it)."""
     values = [finite_or_none(v) for v in per_seed.values()]
@@ -158,16 +174,28 @@ def _finetune_section(done: dict) -> tuple[list[str], str, dict]:
     keys = sorted({k for r in runs.values() for out in r.values() for k in out if k.startswith("eval/")})
     metrics = {init: {k.removeprefix("eval/"): _metric_numbers({s: out.get(k) for s, out in r.items()})
                       for k in keys} for init, r in runs.items()}
+    step0 = _step0(done)
     lines = ["## Fine-tuning on NYUD-v2 (embedded corpus) with the MLoRE decoder", "",
-             f"Each initialisation fine-tuned with seeds {', '.join(map(str, seeds))}: mean ± half the difference.",
-             "", "| metric | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+             f"Each initialisation fine-tuned with seeds {', '.join(map(str, seeds))}: mean ± half the difference. "
+             + ("Step 0: the random-init model before its first step (decoder untrained; the depth output starts at "
+                "the training crops' mean depth), the floor every fine-tuning has to clear." if step0 else ""),
+             "", "| metric | " + " | ".join(runs) + (" | step 0 |" if step0 else " |"),
+             "|---|" + "---|" * (len(runs) + bool(step0))]
     lines += [f"| {k.removeprefix('eval/')} | " + " | ".join(_metric_cell(m[k.removeprefix("eval/")])
-                                                          for m in metrics.values()) + " |" for k in keys]
+                                                          for m in metrics.values())
+              + (f" | {_fmt(step0.get(k))} |" if step0 else " |") for k in keys]
     numbers: dict = {"metrics": metrics}
     table = {t: primary_metric(t, "new") for t in DENSE_TASKS}  # the demo fine-tunes with the new protocol
     tasks = sorted({k.split("/")[1] for k in keys if k.count("/") == 2 and k.split("/")[1] in table})
     primary = {init: {s: {t: out.get(f"eval/{t}/{table[t][0]}") for t in tasks} for s, out in r.items()}
                for init, r in runs.items()}
+    if step0 and all(isinstance(step0.get(f"eval/{t}/{table[t][0]}"), (int, float)) for t in tasks):
+        numbers["step0"] = {k.removeprefix("eval/"): finite_or_none(v) for k, v in step0.items() if k != "step"}
+        worse = _beats_step0(primary, {t: step0[f"eval/{t}/{table[t][0]}"] for t in tasks}, table)
+        numbers["not_better_than_step0"] = worse
+        lines += ["", "Against step 0 (primary metric per task): " + (
+            "every initialisation and seed is better on every task." if not any(worse.values()) else
+            "not better in " + "; ".join(f"{init}: {', '.join(w)}" for init, w in worse.items() if w) + ".")]
     complete = all(isinstance(v, (int, float)) and math.isfinite(v)
                    for r in primary.values() for p in r.values() for v in p.values())
     complete = complete and all(v != 0 for p in primary.get(BASELINE, {}).values() for v in p.values())  # Δm divides
