@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -69,7 +70,10 @@ def _add_task(args: argparse.Namespace) -> int:
     stop_flag()  # SIGUSR1/SIGTERM from here on ask for a checkpoint and exit 75 instead of killing the rank
     from pretrain.config.add_task import AddTaskConfig
 
-    cfg = load_config(args.config, [*args.overrides, f"add_task.model={args.model}"], schema=AddTaskConfig)
+    # absolute, as `pretrain submit add-task` freezes it: a run started here with a relative MODEL and resubmitted
+    # through SLURM would otherwise differ in spelling only and be refused as a changed model
+    model = os.path.abspath(args.model) if args.model else args.model
+    cfg = load_config(args.config, [*args.overrides, f"add_task.model={model}"], schema=AddTaskConfig)
     from pretrain.add_task.train import main as add_task_main
 
     return add_task_main(cfg)

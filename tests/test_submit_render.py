@@ -244,3 +244,23 @@ def test_a_finetuning_resubmission_keeps_the_adopted_backbone_sections(tmp_path,
     (run / "backbone.json").unlink()
     cfg, _, _ = prepare("finetune", FINETUNE, [*given, "train.max_steps=60"], opts, view=_finetune_resume_view)
     assert (cfg.moe.num_experts, cfg.train.max_steps) == (16, 60)
+
+
+def test_a_direct_add_task_run_freezes_its_model_absolute(tmp_path, monkeypatch, submit_cli):
+    """`pretrain add-task MODEL CONFIG` records MODEL as `pretrain submit add-task` does (absolute), so a run started
+    by hand with a relative path and resubmitted through SLURM is not refused as a changed model."""
+    _fake_pretraining_run(tmp_path / "my run")
+    monkeypatch.chdir(tmp_path)
+    import pretrain.add_task.train
+    import pretrain.training.signals
+
+    seen = []
+    monkeypatch.setattr(pretrain.training.signals, "stop_flag", lambda: None)
+    monkeypatch.setattr(pretrain.add_task.train, "main", lambda cfg: seen.append(cfg.add_task.model) or 0)
+    code, _, err = submit_cli("add-task", "my run", ADD_TASK, f"output_dir={tmp_path}/out")
+    assert code == 0, err
+    from pretrain.cluster.submit import JobOptions, prepare
+
+    frozen, _, _ = prepare("add-task", ADD_TASK, [f"output_dir={tmp_path}/out", "add_task.model=my run"],
+                           JobOptions(gpus_per_node="0"))
+    assert seen == [str(tmp_path / "my run")] == [frozen.add_task.model]
