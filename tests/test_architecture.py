@@ -59,7 +59,8 @@ RULES: dict[str, frozenset[str]] = {
     "parallel.expert_parallel": FOUNDATION | {"models"},  # injects comms into the models' MoE layers
     "training.objective": FOUNDATION | {"models"},
     # what every loop shares (engine lazily)
-    "training.lifecycle": FOUNDATION | {"training.signals", "runs.checkpoint", "parallel.engine"},
+    # (tracking: start_engine reads WANDB_MODE before anything starts)
+    "training.lifecycle": FOUNDATION | {"training.signals", "runs.checkpoint", "parallel.engine", "training.tracking"},
     # layout-free forwards: models' keyed randomness, data's global positions
     "training.global_batch": FOUNDATION | {"models", "data"},
     "parallel.layers": FOUNDATION | {"models", "parallel.ds_moe"},  # the MoE layer factory (ds_moe only lazily)
