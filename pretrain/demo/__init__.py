@@ -156,26 +156,20 @@ def _rounded(record: dict) -> dict:
     return {"step": record["step"], **{k: round(v, 4) for k, v in record.items() if k.startswith("eval/")}}
 
 
-def final_eval(run_dir: Path) -> dict:
-    """The evaluation a training command ran at its last step: the last record of `run_dir/metrics.jsonl` that has
-    eval keys."""
+def eval_record(run_dir: Path) -> dict:
+    """A fine-tuning stage's record data from one read of `run_dir/metrics.jsonl`: `output`, the evaluation it ran at
+    its last step, and `start`, the one before its first step (`eval.at_start`) when it made one."""
     evals = _evals(run_dir)
     if not evals:
         raise DemoError(f"{run_dir / 'metrics.jsonl'}: no evaluation record; the stage's command ended without "
                         "evaluating")
-    return _rounded(evals[-1])
+    start = {"start": _rounded(evals[0])} if evals[0]["step"] == 0 and len(evals) > 1 else {}
+    return {"output": _rounded(evals[-1]), **start}
 
 
-def eval_record(run_dir: Path) -> dict:
-    """A fine-tuning stage's record data: `output` (its last evaluation) and `start` (the one at step 0, if any)."""
-    start = start_eval(run_dir)
-    return {"output": final_eval(run_dir), **({"start": start} if start else {})}
-
-
-def start_eval(run_dir: Path) -> dict | None:
-    """The evaluation before the first step (`eval.at_start`), or None when the run made none."""
-    first = next(iter(_evals(run_dir)), None)
-    return _rounded(first) if first is not None and first["step"] == 0 else None
+def final_eval(run_dir: Path) -> dict:
+    """The evaluation a training command ran at its last step (`eval_record`'s `output`)."""
+    return eval_record(run_dir)["output"]
 
 
 def run_stage(stage: Stage, records: Path, index: int, total: int, eta_text: str) -> dict:
