@@ -124,7 +124,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     try:
         return demo_main(Path(args.out), pretrain_config=args.pretrain_config, finetune_config=args.finetune_config,
-                         fast=args.fast, seed=args.seed)
+                         fast=args.fast, seed=args.seed, jobs=args.jobs)
     except DemoError as exc:
         print(f"pretrain demo: error: {exc}", file=sys.stderr)
         return EXIT_DEMO_STAGE
@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-config", default="configs/debug/finetune.yaml")
     p.add_argument("--fast", action="store_true", help="few steps per stage (a smoke test of the pipeline)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
-                   help="training seed: pretraining and its random-init evaluation use N, the fine-tunings N and N+1")
+                   help="training seed: pretraining and its random-init evaluation use N, the fine-tunings N..N+3")
+    p.add_argument("--jobs", type=int, default=0, help="fine-tunings at a time (default: 2 on 2+ cores, else 1)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("evaluate", help="evaluate a run directory (its latest checkpoint) or a config")

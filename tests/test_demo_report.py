@@ -39,11 +39,16 @@ def test_smaller_section_reads_the_extract_reports(tmp_path):
 
 # --- the fine-tuning verdict follows from the report's own numbers (issue 24) ---------------------------------------
 
-# random init, seeds 0 and 1: reseeding alone moves Δm by (+5 − 1 − 2.083 + 2.857) / 4 = +1.19%
+# random init, seeds 0 and 1: seed 1 against seed 0 moves Δm by (+5 − 1 − 2.083 + 2.857) / 4 = +1.19%, seed 0
+# against seed 1 by (−4.762 + 0.990 + 2.128 − 2.941) / 4 = −1.146%: reseeding, their root mean square, is 1.17%
 RANDOM = {0: {"semseg/mIoU": 4.0, "normals/mean": 30.0, "edge/odsF": 24.0, "depth/rmse": 3.5},
-          1: {"semseg/mIoU": 4.2, "normals/mean": 30.3, "edge/odsF": 23.5, "depth/rmse": 3.4}}
+          1: {"semseg/mIoU": 4.2, "normals/mean": 30.3, "edge/odsF": 23.5, "depth/rmse": 3.4},
+          2: {"semseg/mIoU": 3.8, "normals/mean": 29.0, "edge/odsF": 25.0, "depth/rmse": 3.6},
+          3: {"semseg/mIoU": 4.4, "normals/mean": 31.0, "edge/odsF": 22.0, "depth/rmse": 3.3}}
 LOWER = ("normals/mean", "depth/rmse")
 RESEED = (5.0 - 1.0 - 0.5 / 24 * 100 + 0.1 / 3.5 * 100) / 4
+RESEED_BACK = (-0.2 / 4.2 * 100 + 0.3 / 30.3 * 100 + 0.5 / 23.5 * 100 - 0.1 / 3.4 * 100) / 4
+RESEED_RMS = ((RESEED**2 + RESEED_BACK**2) / 2) ** 0.5
 
 
 def _scaled(metrics: dict, gain: float) -> dict:
@@ -51,14 +56,15 @@ def _scaled(metrics: dict, gain: float) -> dict:
     return {k: v * (1 - gain if k in LOWER else 1 + gain) for k, v in metrics.items()}
 
 
-def _records(gains: dict[str, tuple[float, float]]) -> dict:
-    """Stage records of a demo (seed 0) whose fine-tunings beat random init by `gains[init]` per seed; no training."""
+def _records(gains: dict[str, tuple[float, ...]]) -> dict:
+    """Stage records of a demo (seed 0) whose fine-tunings beat random init by `gains[init]` per seed (seeds 0, 1,
+    …, one per gain); no training."""
     done = {"train": {"command": "pretrain train ...", "seconds": 1.0, "seed": 0},
             "evaluate": {"command": "pretrain evaluate run", "seconds": 1.0, "seed": 0,
                          "output": {"step": 450, "eval/cls/top1": 34.0, "eval/det/APl": float("nan")}},
             "evaluate_random": {"command": "pretrain evaluate cfg --random-init", "seconds": 1.0, "seed": 0,
                                 "output": {"step": 0, "eval/cls/top1": 1.0}}}
-    for seed in (0, 1):
+    for seed in range(len(gains["pretrained"])):
         for init in ("extracted", "pretrained", "random"):
             gain = gains[init][seed] if init != "random" else 0.0
             out = {f"eval/{k}": v for k, v in _scaled(RANDOM[seed], gain).items()}
@@ -68,7 +74,7 @@ def _records(gains: dict[str, tuple[float, float]]) -> dict:
 
 
 CASES = {  # pretrained's per-seed gains → its verdict (extracted: always within the noise)
-    "helped": ((0.10, 0.08), "helped by +9.00 ± 1.00%"),  # mean 9 > max(2 × 1, 1.19)
+    "helped": ((0.10, 0.08), "helped by +9.00 ± 1.00%"),  # mean 9 > max(2 × 1, 1.17)
     "hurt": ((-0.10, -0.08), "hurt by -9.00 ± 1.00%"),
     "no measurable difference": ((0.10, -0.02), "no measurable difference (+4.00 ± 6.00%)"),  # signs disagree
 }
@@ -77,13 +83,14 @@ CASES = {  # pretrained's per-seed gains → its verdict (extracted: always with
 @pytest.mark.parametrize("expected", list(CASES))
 def test_verdict_follows_from_the_reports_numbers(tmp_path, expected):
     gains, text = CASES[expected]
-    # extracted: both seeds positive and close (spread 0.1) but smaller than what reseeding alone does (1.19)
+    # extracted: both seeds positive and close (spread 0.1) but smaller than what reseeding alone does (1.17)
     write_report(tmp_path, _records({"extracted": (0.01, 0.012), "pretrained": gains}))
     report = (tmp_path / "report.md").read_text()
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["seed"] == 0 and data["finetune"]["seeds"] == [0, 1] and data["finetune"]["rule"] == RULE
     assert data["verdicts"] == {"extracted": "no measurable difference", "pretrained": expected}
-    assert data["finetune"]["reseed_delta_m"] == pytest.approx(RESEED)
+    assert data["finetune"]["reseed_delta_m"] == pytest.approx(RESEED_RMS)
+    assert data["finetune"]["reseed_pairs"] == pytest.approx({"1 vs 0": RESEED, "0 vs 1": RESEED_BACK})
     for init, want in (("extracted", (1.0, 1.2)), ("pretrained", tuple(100 * g for g in gains))):
         d = data["finetune"]["delta_m"][init]
         assert list(d["per_seed"].values()) == pytest.approx(list(want))
@@ -93,7 +100,7 @@ def test_verdict_follows_from_the_reports_numbers(tmp_path, expected):
         assert stated == data["verdicts"][init]
     headline = next(line for line in report.splitlines() if line.startswith("**Fine-tuning on NYUD-v2"))
     assert f"pretrained: {text}" in headline and "extracted: no measurable difference (+1.10 ± 0.10%)" in headline
-    assert "reseeding alone moves Δm by 1.19%" in headline and RULE in report
+    assert "reseeding alone moves Δm by 1.17%" in headline and RULE in report
     row = next(line for line in report.splitlines() if line.startswith("| semseg/mIoU |"))
     a, b = 4.0 * (1 + gains[0]), 4.2 * (1 + gains[1])  # pretrained's mIoU, seeds 0 and 1
     assert row.split("|")[3].strip() == f"{(a + b) / 2:.2f} ± {abs(a - b) / 2:.2f}"
@@ -106,6 +113,31 @@ def test_decide_at_its_margins():
     assert decide([2.0, 2.0], reseed=2.5) == "no measurable difference"  # inside what reseeding alone does
     assert decide([-2.0, -2.0], reseed=1.5) == "hurt"
     assert decide([5.0, -1.0], reseed=0.0) == "no measurable difference"
+
+
+def test_four_seeds_give_the_standard_error_and_the_rms_reseeding(tmp_path):
+    """With n seeds the spread is sd / √n of the per-seed Δm and the reseeding Δm the root mean square of random
+    init's Δm over the 12 ordered pairs of seeds; the verdict is the rule on those stated numbers."""
+    pretrained = (0.16, 0.08, 0.12, 0.04)  # Δm 16, 8, 12, 4: mean 10, sd √(80/3), spread √(80/3) / 2 = 2.58
+    write_report(tmp_path, _records({"extracted": (0.05, -0.05, 0.07, -0.03), "pretrained": pretrained}))
+    data = json.loads((tmp_path / "report.json").read_text())
+    ft = data["finetune"]
+    assert ft["seeds"] == [0, 1, 2, 3]
+    d = ft["delta_m"]["pretrained"]
+    assert d["mean"] == pytest.approx(10.0) and d["spread"] == pytest.approx((80 / 3) ** 0.5 / 2)
+    reseeds = ft["reseed_pairs"]
+    assert len(reseeds) == 12 and reseeds["1 vs 0"] == pytest.approx(RESEED)
+    assert ft["reseed_delta_m"] == pytest.approx((sum(r * r for r in reseeds.values()) / 12) ** 0.5)
+    for init, want in (("pretrained", "helped"), ("extracted", "no measurable difference")):
+        d = ft["delta_m"][init]
+        assert decide(list(d["per_seed"].values()), ft["reseed_delta_m"]) == want == data["verdicts"][init]
+    report = (tmp_path / "report.md").read_text()
+    assert "fine-tuning runs with seeds 0, 1, 2 and 3" in report and "over seeds 0–3" in report
+    row = next(line for line in report.splitlines() if line.startswith("| semseg/mIoU |"))
+    values = [RANDOM[s]["semseg/mIoU"] * (1 + g) for s, g in enumerate(pretrained)]
+    mean = sum(values) / 4
+    se = (sum((v - mean) ** 2 for v in values) / 3 / 4) ** 0.5
+    assert row.split("|")[3].strip() == f"{mean:.2f} ± {se:.2f}"
 
 
 def test_report_without_a_second_seed_says_so(tmp_path):

@@ -2,14 +2,19 @@
 
 synth → prepare (five datasets) → train → evaluate (and the same model at random init) → export → extract (one
 submodel per pretraining task, and `seg` calibrated on NYUD) → finetune on NYUD-v2 with MLoRE from (a) the extracted
-submodel, (b) the full pretrained model, (c) random initialisation, each with seeds N and N+1 (each fine-tuning
+submodel, (b) the full pretrained model, (c) random initialisation, each with seeds N … N+3 (each fine-tuning
 evaluates at its last step: the record takes that evaluation from the run's metrics.jsonl, which is what
-`pretrain evaluate` of the run would print) → `report.md` + `report.json` (the fine-tuning verdict from the two seeds:
-`verdict.py`).
+`pretrain evaluate` of the run would print) → `report.md` + `report.json` (the fine-tuning verdict from the four
+seeds: `verdict.py`).
 
 `--seed N` is every training seed of the run: the pretraining run and its random-init evaluation (`seed=N`) and the
-fine-tunings (`seed=N`, `seed=N+1`). The corpus does not follow it: it stands in for fixed public datasets, so two
+fine-tunings (`seed=N` … `seed=N+3`). The corpus does not follow it: it stands in for fixed public datasets, so two
 seeds compare training randomness on the same data.
+
+The twelve fine-tunings run `--jobs` at a time (default: 2 on a machine with 2 or more cores), each on cores / jobs
+threads: this small model's step does not scale from one thread to two (a fine-tuning took 55-71 s on 2 threads
+alone and 53-76 s on 1 thread beside another, 2-vCPU AMD EPYC), so two at a time do the work of four seeds in the
+time two took. A parallel stage's progress output goes to `stages/<name>.log` instead of the terminal.
 
 Each stage runs one user-facing command in a subprocess (printed first, so it can be repeated by hand) and, when it
 succeeds, leaves `stages/<name>.json` (command, seconds, the seed it ran with, parsed output). A re-run skips every
@@ -26,11 +31,12 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pretrain.catalog import DATASETS, dense_datasets
-from pretrain.demo.eta import eta_seconds, format_eta
+from pretrain.demo.eta import Progress
 from pretrain.durable import atomic_write
 from pretrain.errors import UsageError
 
@@ -38,15 +44,19 @@ PRETRAIN_TASKS = ("cls", "det", "seg")
 DENSE = tuple(dense_datasets())
 RAW_DIRS = {name: d.folder for name, d in DATASETS.items()}  # what `pretrain synth` writes, the catalog's
 INITS = {"extracted": "extract/seg_nyud.safetensors", "pretrained": "model.safetensors", "random": ""}
-# Stage weights: each stage's seconds in the reference run (`pretrain demo --seed 2`, 2026-12-07 15:58 UTC, the idle
-# 2-vCPU AMD EPYC dev machine: benchmarks/RESULTS.md, "pretrain demo with 120-step fine-tunings"); the ETA scales
-# what is left by the pace so far (eta.py). The guessed weights before (prepare 0.3, train 12, finetune 6) put a
+FINETUNE_SEEDS = 4  # per initialisation (verdict.py: with two the extracted verdict flipped between demo seeds)
+FAST_FINETUNE_SEEDS = 2  # --fast (the demo test): the fewest the verdict takes
+REFERENCE_JOBS = 2  # fine-tunings at a time in the reference run: a fine-tuning's weight is its share of the wall
+# Stage weights: each stage's seconds in the reference run (`pretrain demo --seed 0`, 2026-12-07 18:33 UTC, the idle
+# 2-vCPU AMD EPYC dev machine: benchmarks/RESULTS.md, "pretrain demo with four fine-tuning seeds"); the ETA scales
+# what is left by the pace so far (eta.py). A fine-tuning's weight is its seconds / REFERENCE_JOBS: its share of the
+# wall when two run at once. The guessed weights before issue 24 (prepare 0.3, train 12, finetune 6) put a
 # fine-tuning at half the training's time (it takes 0.15×): on that run the ETA read 37% low at stage 2 and 2.4×
 # high after training.
-SECONDS = {"synth": 5.7, "prepare": 2.6, "train": 138.9, "evaluate": 10.3, "evaluate_random": 13.0, "export": 6.1,
-           "extract_cls": 7.2, "extract_det": 14.7, "extract_seg": 6.9, "extract_seg_nyud": 7.7,
-           "extract_seg_sweep": 17.0, "extract_seg_half_healed": 19.6, "extract_cls_top1_healed": 17.4,
-           "finetune": 61.9}  # 662 s in all (11.0 min); a fine-tuning is 120 steps on 64 × 96 crops since issue 24
+SECONDS = {"synth": 7.2, "prepare": 2.6, "train": 139.4, "evaluate": 10.2, "evaluate_random": 13.8, "export": 6.7,
+           "extract_cls": 8.4, "extract_det": 18.2, "extract_seg": 9.4, "extract_seg_nyud": 7.5,
+           "extract_seg_sweep": 16.3, "extract_seg_half_healed": 19.8, "extract_cls_top1_healed": 20.6,
+           "finetune": 67.2}  # 707 s in all (11.8 min): twelve 120-step fine-tunings, two at a time, in 403 s
 
 
 @dataclass
@@ -59,6 +69,8 @@ class Stage:
     parse: str = ""  # "json_last_line": the command prints one JSON object last; "final_eval": see `final_eval`
     env: dict[str, str] = field(default_factory=dict)
     seed: int | None = None  # the training seed the stage runs with (recorded; None: the stage takes none)
+    parallel: bool = False  # may run beside its parallel neighbours (the fine-tunings: they read, never write, shared
+    # files)
     run_dir: Path | None = None  # "final_eval": the run directory the command writes
 
 
@@ -100,12 +112,13 @@ def pipeline(out: Path, *, pretrain_config: str, finetune_config: str, fast: boo
                                              "--calibrate", str(shards / "nyud" / "train"),
                                              "--out", str(out / INITS["extracted"]), *report], s["extract_seg_nyud"]))
     stages += smaller_submodels(out, report, fast)
-    return stages + finetunings(out, finetune_config, fast=fast, seeds=(seed, seed + 1))
+    n = FAST_FINETUNE_SEEDS if fast else FINETUNE_SEEDS
+    return stages + finetunings(out, finetune_config, fast=fast, seeds=tuple(range(seed, seed + n)))
 
 
 def finetunings(out: Path, finetune_config: str, *, fast: bool, seeds: tuple[int, ...]) -> list[Stage]:
     """Every initialisation fine-tuned once per seed (`finetune_<init>_s<seed>`, its record holding the evaluation at
-    the last step): two seeds give the report its spread. Seed-major order, so the first seed's three runs are
+    the last step): the seeds give the report its spread. Seed-major order, so the first seed's three runs are
     comparable as soon as they are done."""
     p, shards = [sys.executable, "-m", "pretrain"], out / "shards"
     quick = ["train.max_steps=10", "train.ckpt_every=5", "train.eval_every=0", "eval.max_samples=16"] if fast else []
@@ -119,7 +132,8 @@ def finetunings(out: Path, finetune_config: str, *, fast: bool, seeds: tuple[int
             start = ["eval.at_start=true"] if init == "random" and seed == seeds[0] else []
             stages.append(Stage(f"finetune_{name}", [*p, "finetune", finetune_config, f"data.root={shards}",
                                                      f"output_dir={ft}", f"seed={seed}", *init_arg, *quick, *start],
-                                SECONDS["finetune"], "final_eval", seed=seed, run_dir=ft))
+                                SECONDS["finetune"] / REFERENCE_JOBS, "final_eval", seed=seed, run_dir=ft,
+                                parallel=True))
     return stages
 
 
@@ -173,7 +187,8 @@ def final_eval(run_dir: Path) -> dict:
 
 
 def run_stage(stage: Stage, records: Path, index: int, total: int, eta_text: str) -> dict:
-    """Run one stage (skipped when its record exists); returns its record."""
+    """Run one stage (skipped when its record exists); returns its record. A parallel stage's stderr goes to
+    `records/<name>.log` (two progress bars would interleave), its tail printed when the stage fails."""
     record_path = records / f"{stage.name}.json"
     if record_path.is_file():
         print(f"[{index}/{total}] {stage.name}: done earlier, skipped", flush=True)
@@ -183,14 +198,20 @@ def run_stage(stage: Stage, records: Path, index: int, total: int, eta_text: str
             atomic_write(record_path, json.dumps(record, indent=1))
         return record
     print(f"[{index}/{total}] {stage.name}{eta_text}\n  $ {shlex.join(stage.argv)}", flush=True)
-    start = time.monotonic()
+    start, started = time.monotonic(), time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **stage.env}
-    proc = subprocess.run(stage.argv, env=env, stdout=subprocess.PIPE, text=True)  # stderr (progress bars) shows
+    log = records / f"{stage.name}.log"
+    with open(log, "w") if stage.parallel else open(os.devnull) as log_file:
+        stderr = log_file if stage.parallel else None  # None: progress bars show on the terminal
+        proc = subprocess.run(stage.argv, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     print(proc.stdout, end="", flush=True)
     if proc.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-20:]) if stage.parallel else ""
         raise DemoError(f"stage {stage.name} failed (exit {proc.returncode}); re-run `pretrain demo` to resume "
-                        f"from it, or run the command above by hand to see the problem")
-    record = {"name": stage.name, "command": shlex.join(stage.argv), "seconds": round(time.monotonic() - start, 1)}
+                        f"from it, or run the command above by hand to see the problem"
+                        + (f"; the end of {log}:\n{tail}" if tail else ""))
+    record = {"name": stage.name, "command": shlex.join(stage.argv), "seconds": round(time.monotonic() - start, 1),
+              "started": round(started, 1), "ended": round(time.time(), 1)}
     if stage.seed is not None:
         record["seed"] = stage.seed
     if stage.parse == "json_last_line":
@@ -199,6 +220,45 @@ def run_stage(stage: Stage, records: Path, index: int, total: int, eta_text: str
         record.update(eval_record(stage.run_dir))
     atomic_write(record_path, json.dumps(record, indent=1))
     return record
+
+
+def run_all(stages: list[Stage], records: Path, jobs: int) -> dict[str, dict]:
+    """Run every stage in order; consecutive parallel stages `jobs` at a time, each on cores / jobs threads.
+    Returns {name: record} in pipeline order."""
+    progress, done = Progress(sum(s.weight for s in stages), jobs), {}
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+
+    def one(i: int, stage: Stage) -> dict:
+        ran = not (records / f"{stage.name}.json").is_file()
+        if stage.parallel and jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+            stage.env.setdefault("OMP_NUM_THREADS", threads)
+        eta = progress.eta_text()
+        progress.started(stage.name, stage.weight)
+        record = run_stage(stage, records, i, len(stages), eta)
+        progress.finished(stage.name, record["seconds"], ran, stage.parallel)
+        return record
+
+    i = 0
+    while i < len(stages):
+        group = [stages[i]]
+        while stages[i].parallel and i + len(group) < len(stages) and stages[i + len(group)].parallel:
+            group.append(stages[i + len(group)])
+        with ThreadPoolExecutor(max_workers=jobs if len(group) > 1 else 1) as pool:
+            futures = [pool.submit(one, i + k + 1, stage) for k, stage in enumerate(group)]
+            try:
+                for stage, future in zip(group, futures, strict=True):
+                    done[stage.name] = future.result()
+            except BaseException:  # the first failure: stages not started yet never start, running ones finish
+                for future in futures:
+                    future.cancel()
+                raise
+        i += len(group)
+    return done
+
+
+def default_jobs() -> int:
+    """Fine-tunings at a time: two on a machine with two or more cores (module doc), else one."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 class DemoError(RuntimeError):
@@ -217,26 +277,25 @@ def check_seeds(stages: list[Stage], records: Path) -> None:
                                  f"{stage.seed}: one folder holds one --seed, use another --out")
 
 
-def main(out: Path, *, pretrain_config: str, finetune_config: str, fast: bool = False, seed: int = 0) -> int:
+def main(out: Path, *, pretrain_config: str, finetune_config: str, fast: bool = False, seed: int = 0,
+         jobs: int = 0) -> int:
+    """Run (or resume) the demo in `out`; `jobs`: fine-tunings at a time (0: `default_jobs()`)."""
     from pretrain.config.finetuning import FinetuneConfig
     from pretrain.config.load import load_config
     from pretrain.demo.report import write_report
 
-    # a wrong config or seed is one line and exit 2 now, not after minutes of data stages (N+1 is the second seed)
+    # a wrong config or seed is one line and exit 2 now, not after minutes of data stages (N+3: the last seed)
+    if jobs < 0:
+        raise UsageError(f"--jobs {jobs}: must be >= 1 (or 0: the default)")
     load_config(pretrain_config, [f"seed={seed}"])
-    load_config(finetune_config, [f"seed={seed + 1}"], schema=FinetuneConfig)
+    load_config(finetune_config, [f"seed={seed + (FAST_FINETUNE_SEEDS if fast else FINETUNE_SEEDS) - 1}"],
+                schema=FinetuneConfig)
     out.mkdir(parents=True, exist_ok=True)
     records = out / "stages"
     records.mkdir(exist_ok=True)
     stages = pipeline(out, pretrain_config=pretrain_config, finetune_config=finetune_config, fast=fast, seed=seed)
     check_seeds(stages, records)
-    done, spent, weight_done = {}, 0.0, 0.0
-    total_weight = sum(s.weight for s in stages)
-    for i, stage in enumerate(stages, 1):
-        eta = format_eta(eta_seconds(spent, weight_done, total_weight - weight_done), total_weight)
-        done[stage.name] = run_stage(stage, records, i, len(stages), eta)
-        spent += done[stage.name]["seconds"]
-        weight_done += stage.weight
+    done = run_all(stages, records, jobs or default_jobs())
     report = write_report(out, done)
     print(f"report: {report}")
     return 0
