@@ -136,6 +136,9 @@ def test_a_bad_seed_is_refused_before_any_stage(tmp_path):
         with pytest.raises(ConfigError, match="seed="):
             main(tmp_path / "demo", pretrain_config=str(root / "pretrain.yaml"),
                  finetune_config=str(root / "finetune.yaml"), seed=seed)
+    with pytest.raises(UsageError, match="--jobs -1: must be >= 1"):
+        main(tmp_path / "demo", pretrain_config=str(root / "pretrain.yaml"),
+             finetune_config=str(root / "finetune.yaml"), jobs=-1)
     assert not (tmp_path / "demo").exists()  # nothing was started
 
 
