@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pretrain.demo.report import _smaller_section, write_report
+from pretrain.demo.report import _smaller_section, _wall_seconds, write_report
 from pretrain.demo.verdict import RULE, decide
 
 
@@ -169,3 +169,12 @@ def test_step0_column_and_which_runs_do_not_beat_it(tmp_path):
     done["finetune_extracted_s1"]["output"]["eval/normals/mean"] = 20.0
     write_report(tmp_path, done)
     assert "every initialisation and seed is better on every task" in (tmp_path / "report.md").read_text()
+
+
+def test_total_time_counts_stages_that_ran_at_once_once():
+    done = {"train": {"seconds": 10.0, "started": 100.0, "ended": 110.0},
+            "a": {"seconds": 60.0, "started": 110.0, "ended": 170.0},  # a and b two at a time
+            "b": {"seconds": 50.0, "started": 110.0, "ended": 160.0},
+            "c": {"seconds": 30.0, "started": 160.0, "ended": 190.0},
+            "old": {"seconds": 5.0}}  # a record from before the spans: its seconds
+    assert _wall_seconds(done) == pytest.approx(10.0 + 80.0 + 5.0)

@@ -224,8 +224,9 @@ def _finetune_section(done: dict) -> tuple[list[str], str, dict]:
 
 
 def _wall_seconds(done: dict) -> float:
-    """The demo's time: the union of the stages' [started, ended] spans (stages that ran at once count once); a
-    record without them (before they were written, or skipped on resume) adds its seconds."""
+    """The demo's time: the union of the stages' [started, ended] spans (stages that ran at once count once, a
+    resumed demo's earlier stages with the spans they had); a record written before records held them adds its
+    seconds."""
     spans = sorted((r["started"], r["ended"]) for r in done.values() if "started" in r and "ended" in r)
     total, end = sum(r["seconds"] for r in done.values() if "started" not in r or "ended" not in r), float("-inf")
     for a, b in spans:
