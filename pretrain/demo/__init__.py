@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,8 +113,12 @@ def pipeline(out: Path, *, pretrain_config: str, finetune_config: str, fast: boo
                                              "--calibrate", str(shards / "nyud" / "train"),
                                              "--out", str(out / INITS["extracted"]), *report], s["extract_seg_nyud"]))
     stages += smaller_submodels(out, report, fast)
-    n = FAST_FINETUNE_SEEDS if fast else FINETUNE_SEEDS
-    return stages + finetunings(out, finetune_config, fast=fast, seeds=tuple(range(seed, seed + n)))
+    return stages + finetunings(out, finetune_config, fast=fast, seeds=finetune_seeds(seed, fast))
+
+
+def finetune_seeds(seed: int, fast: bool) -> tuple[int, ...]:
+    """The fine-tunings' seeds of a demo run with `--seed seed`: N … N+3 (--fast: N, N+1)."""
+    return tuple(range(seed, seed + (FAST_FINETUNE_SEEDS if fast else FINETUNE_SEEDS)))
 
 
 def finetunings(out: Path, finetune_config: str, *, fast: bool, seeds: tuple[int, ...]) -> list[Stage]:
@@ -201,8 +206,8 @@ def run_stage(stage: Stage, records: Path, index: int, total: int, eta_text: str
     start, started = time.monotonic(), time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **stage.env}
     log = records / f"{stage.name}.log"
-    with open(log, "w") if stage.parallel else open(os.devnull) as log_file:
-        stderr = log_file if stage.parallel else None  # None: progress bars show on the terminal
+    # a stage alone keeps stderr on the terminal (None): its progress bars show there
+    with open(log, "w") if stage.parallel else nullcontext() as stderr:
         proc = subprocess.run(stage.argv, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     print(proc.stdout, end="", flush=True)
     if proc.returncode != 0:
@@ -288,8 +293,7 @@ def main(out: Path, *, pretrain_config: str, finetune_config: str, fast: bool = 
     if jobs < 0:
         raise UsageError(f"--jobs {jobs}: must be >= 1 (or 0: the default)")
     load_config(pretrain_config, [f"seed={seed}"])
-    load_config(finetune_config, [f"seed={seed + (FAST_FINETUNE_SEEDS if fast else FINETUNE_SEEDS) - 1}"],
-                schema=FinetuneConfig)
+    load_config(finetune_config, [f"seed={finetune_seeds(seed, fast)[-1]}"], schema=FinetuneConfig)
     out.mkdir(parents=True, exist_ok=True)
     records = out / "stages"
     records.mkdir(exist_ok=True)
