@@ -154,3 +154,23 @@ def test_depth_bias_from_the_training_images(dense_root):
     assert torch.all(model.decoder.heads["depth"].pred.bias == torch.tensor(bias, dtype=torch.float32))
     default = build_dense_model(off, data)[0].decoder.heads["depth"].pred.bias
     assert default.abs().max() < 1.0  # PyTorch's init: a few tenths at most
+
+
+@pytest.mark.slow
+def test_scale_range_reaches_the_training_crops(dense_root):
+    """`data.scale_range` is RandomScaling's range for both the training stream and the depth bias's crops: every
+    image shrunk to half (inside the padded crop) has its depth doubled, against crops of unscaled images."""
+    from pretrain import dist
+    from pretrain.config.finetuning import FinetuneConfig
+    from pretrain.config.load import load_config
+    from pretrain.finetune.build import check_dense_shards, data_depth_bias, make_stream
+
+    def config(*extra: str) -> FinetuneConfig:
+        return load_config(CONFIG, [f"data.root={dense_root}", *FAST, "finetune.depth_bias_samples=4", *extra],
+                           schema=FinetuneConfig)
+
+    half, unscaled = config("data.scale_range=[0.5,0.5]"), config("data.scale_range=[1,1]")
+    data = check_dense_shards(half)
+    assert 1.6 < data_depth_bias(half, data) / data_depth_bias(unscaled, data) < 2.4
+    stream = make_stream(half, data, dist.resolve(), start_micro_step=0)
+    assert stream.loader_kwargs["nyud"]["scale_range"] == (0.5, 0.5)

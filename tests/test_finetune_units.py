@@ -9,6 +9,7 @@ import torch
 from pretrain.config.finetuning import FinetuneConfig
 from pretrain.config.load import load_config
 from pretrain.config.pretraining import ConfigError
+from pretrain.data.dense_transforms import SCALE_RANGE
 from pretrain.finetune import losses
 from pretrain.finetune.init import select_task_rows_
 from pretrain.models import build_backbone
@@ -22,9 +23,16 @@ def test_schema_shares_sections_and_reports_errors():
     for bad, fragment in [("finetune.routing=sometimes", "finetune.routing"),
                           ("tasks.cls.enabled=true", "unknown task"), ("data.train_size=[8,8]", "data.train_size"),
                           ("engine.ep_size=2", "engine.ep_size"),
-                          ("finetune.edge_pos_weight=1.0", "edge_pos_weight"), ("finetune.nope=1", "finetune.nope")]:
+                          ("finetune.edge_pos_weight=1.0", "edge_pos_weight"), ("finetune.nope=1", "finetune.nope"),
+                          ("data.scale_range=[0,2]", "data.scale_range"), ("data.scale_range=[2,1]", "data.scale_range")]:
         with pytest.raises(ConfigError, match=fragment):
             load_config(None, [bad], schema=FinetuneConfig)
+
+
+def test_scale_range_defaults_to_the_protocol():
+    cfg = load_config(None, [], schema=FinetuneConfig)
+    assert tuple(cfg.data.scale_range) == SCALE_RANGE
+    assert tuple(load_config(None, ["data.scale_range=[0.67,1.5]"], schema=FinetuneConfig).data.scale_range) == (0.67, 1.5)
 
 
 def test_cross_entropy_ignores_255_and_all_ignored_is_zero():

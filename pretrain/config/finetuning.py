@@ -57,6 +57,9 @@ class DenseDataConfig:
     # (h, w); [0, 0] = the dataset's size for the protocol (its catalog record: `dense_size`), never another's
     train_size: tuple[int, int] = (0, 0)  # crop (new) or resize (old) size
     eval_size: tuple[int, int] = (0, 0)  # pad-to (new) or resize (old) size
+    # new protocol: RandomScaling's factor range before the crop (depth is divided by the factor); the official one
+    # (data.dense_transforms.SCALE_RANGE)
+    scale_range: tuple[float, float] = (0.5, 2.0)
     batch_size: int = 2
     eval_batch_size: int = 2
     num_workers: int = 2
@@ -140,6 +143,8 @@ def check_finetune(cfg: FinetuneConfig) -> None:
         h, w = getattr(d, key)
         need((h, w) == (0, 0) or (h >= 16 and w >= 16), f"data.{key}", [h, w],
              "must be [h, w] with both >= 16, or [0, 0] for the dataset's size")
+    lo, hi = d.scale_range
+    need(0 < lo <= hi, "data.scale_range", [lo, hi], "must be [low, high] with 0 < low <= high")
     need(0 < cfg.finetune.edge_pos_weight < 1, "finetune.edge_pos_weight", cfg.finetune.edge_pos_weight,
          "must be in (0, 1)")
     unknown = sorted(set(cfg.finetune.baselines) - set(known))

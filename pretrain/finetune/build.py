@@ -116,7 +116,7 @@ def data_depth_bias(cfg: FinetuneConfig, data: DenseData) -> float | None:
     d = cfg.data
     loader = make_dense_train_loader(data.dataset, data.train_dir, tasks=["depth"], batch_size=d.batch_size,
                                      crop_size=dense_size(d, "train"), seed=cfg.seed, shuffle_buffer=d.shuffle_buffer,
-                                     protocol=d.protocol)
+                                     protocol=d.protocol, scale_range=tuple(d.scale_range))
     total, pixels, seen = 0.0, 0, 0
     for batch in loader:
         depth = batch["targets"]["depth"][: count - seen].float()
@@ -136,7 +136,8 @@ def make_stream(cfg: FinetuneConfig, data: DenseData, info: DistInfo, *, start_m
     d = cfg.data
     kwargs = {data.dataset: {"shard_dir": data.train_dir, "tasks": enabled_dense_tasks(cfg),
                              "batch_size": d.batch_size, "crop_size": dense_size(d, "train"),
-                             "shuffle_buffer": d.shuffle_buffer, "protocol": d.protocol}}
+                             "shuffle_buffer": d.shuffle_buffer, "protocol": d.protocol,
+                             "scale_range": tuple(d.scale_range)}}
     sampler = TaskSampler([data.dataset], [1.0], seed=cfg.seed)
     return MixedStream(sampler, kwargs, rank=info.rank, world_size=info.world_size, num_workers=d.num_workers,
                        start_step=start_micro_step, seed=cfg.seed, make_loader=make_dense_train_loader)
