@@ -48,16 +48,18 @@ INITS = {"extracted": "extract/seg_nyud.safetensors", "pretrained": "model.safet
 FINETUNE_SEEDS = 4  # per initialisation (verdict.py: with two the extracted verdict flipped between demo seeds)
 FAST_FINETUNE_SEEDS = 2  # --fast (the demo test): the fewest the verdict takes
 REFERENCE_JOBS = 2  # fine-tunings at a time in the reference run: a fine-tuning's weight is its share of the wall
-# Stage weights: each stage's seconds in the reference run (`pretrain demo --seed 0`, 2026-12-07 18:33 UTC, the idle
-# 2-vCPU AMD EPYC dev machine: benchmarks/RESULTS.md, "pretrain demo with four fine-tuning seeds"); the ETA scales
+# Stage weights: each stage's seconds in the reference run (`pretrain demo --seed 0`, 2026-12-07 20:33 UTC, the idle
+# 2-vCPU AMD EPYC dev machine: benchmarks/RESULTS.md, "pretrain demo with the 0.67-1.5 scale range"); the ETA scales
 # what is left by the pace so far (eta.py). A fine-tuning's weight is its seconds / REFERENCE_JOBS: its share of the
 # wall when two run at once. The guessed weights before issue 24 (prepare 0.3, train 12, finetune 6) put a
 # fine-tuning at half the training's time (it takes 0.15×): on that run the ETA read 37% low at stage 2 and 2.4×
 # high after training.
-SECONDS = {"synth": 7.2, "prepare": 2.6, "train": 139.4, "evaluate": 10.2, "evaluate_random": 13.8, "export": 6.7,
-           "extract_cls": 8.4, "extract_det": 18.2, "extract_seg": 9.4, "extract_seg_nyud": 7.5,
-           "extract_seg_sweep": 16.3, "extract_seg_half_healed": 19.8, "extract_cls_top1_healed": 20.6,
-           "finetune": 67.2}  # 707 s in all (11.8 min): twelve 120-step fine-tunings, two at a time, in 403 s
+SECONDS = {"synth": 6.4, "prepare": 2.8, "train": 133.2, "evaluate": 10.9, "evaluate_random": 14.2, "export": 6.3,
+           "extract_cls": 7.0, "extract_det": 13.9, "extract_seg": 7.8, "extract_seg_nyud": 8.3,
+           "extract_seg_sweep": 16.0, "extract_seg_half_healed": 18.5, "extract_cls_top1_healed": 16.9,
+           "finetune": 58.0}  # 635 s in all (10.6 min)
+# (a fine-tuning took 55.5 s on average there, 64.9 s in the seed-4 run after it: 58 keeps the ETA replayed on both
+# runs' timelines within 21% and 24%; tests/test_demo_pipeline.py)
 
 
 @dataclass
