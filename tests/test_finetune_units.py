@@ -24,7 +24,8 @@ def test_schema_shares_sections_and_reports_errors():
                           ("tasks.cls.enabled=true", "unknown task"), ("data.train_size=[8,8]", "data.train_size"),
                           ("engine.ep_size=2", "engine.ep_size"),
                           ("finetune.edge_pos_weight=1.0", "edge_pos_weight"), ("finetune.nope=1", "finetune.nope"),
-                          ("data.scale_range=[0,2]", "data.scale_range"), ("data.scale_range=[2,1]", "data.scale_range")]:
+                          ("data.scale_range=[0,2]", "data.scale_range"),
+                          ("data.scale_range=[2,1]", "data.scale_range")]:
         with pytest.raises(ConfigError, match=fragment):
             load_config(None, [bad], schema=FinetuneConfig)
 
@@ -32,7 +33,8 @@ def test_schema_shares_sections_and_reports_errors():
 def test_scale_range_defaults_to_the_protocol():
     cfg = load_config(None, [], schema=FinetuneConfig)
     assert tuple(cfg.data.scale_range) == SCALE_RANGE
-    assert tuple(load_config(None, ["data.scale_range=[0.67,1.5]"], schema=FinetuneConfig).data.scale_range) == (0.67, 1.5)
+    narrow = load_config(None, ["data.scale_range=[0.67,1.5]"], schema=FinetuneConfig)
+    assert tuple(narrow.data.scale_range) == (0.67, 1.5)
 
 
 def test_cross_entropy_ignores_255_and_all_ignored_is_zero():
