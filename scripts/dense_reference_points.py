@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from pretrain import dist
-from pretrain.config.finetuning import FinetuneConfig
+from pretrain.config.finetuning import FinetuneConfig, dense_size
 from pretrain.config.load import load_config
 from pretrain.data.dense import make_dense_eval_loader
 from pretrain.finetune.build import check_dense_shards, make_eval_loader
@@ -44,7 +44,7 @@ def train_statistics(cfg: FinetuneConfig, data, num_classes: int) -> dict[str, T
     split at its own size (no augmentation)."""
     d = cfg.data
     loader = make_dense_eval_loader(data.dataset, data.train_dir, tasks=TASKS, batch_size=d.eval_batch_size,
-                                    eval_size=tuple(d.eval_size), protocol=d.protocol, rank=0, world_size=1,
+                                    eval_size=dense_size(d, "val"), protocol=d.protocol, rank=0, world_size=1,
                                     num_workers=0)
     k = num_classes + 1
     depth_sum, depth_n = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
@@ -92,8 +92,16 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
-    cfg = load_config(argv[0], argv[1:], schema=FinetuneConfig)
-    data = check_dense_shards(cfg)
+    try:
+        cfg = load_config(argv[0], argv[1:], schema=FinetuneConfig)
+        data = check_dense_shards(cfg)
+    except (OSError, ValueError) as exc:  # a bad config, key or shard folder (ConfigError is a ValueError)
+        print(f"dense_reference_points: error: {exc}", file=sys.stderr)
+        return 2
+    if "semseg" not in data.num_classes:
+        print(f"dense_reference_points: error: {data.train_dir}: no semseg class count in its _info.json",
+              file=sys.stderr)
+        return 2
     num_classes = data.num_classes["semseg"]
     stats = train_statistics(cfg, data, num_classes)
     out = {name: score(cfg, data, num_classes, *pred) for name, pred in predictors(stats).items()}
