@@ -31,18 +31,12 @@ from pretrain.finetune.evaluate import DENSE_METERS, as_map, crop
 TASKS = ["semseg", "depth", "normals"]
 
 
-def _valid_depth(depth_HW: Tensor) -> Tensor:
-    return (depth_HW > 0) & (depth_HW < 80)  # the depth meter's rule (metrics/depth.py)
-
-
-def _valid_normals(normals_3HW: Tensor) -> Tensor:
-    return (normals_3HW != 255).all(0) & (normals_3HW.norm(dim=0) > 0)
-
-
 def train_statistics(cfg: FinetuneConfig, data, num_classes: int) -> dict[str, Tensor]:
     """Sums per semseg class (index num_classes: unlabelled) of depth, normals and their pixel counts on the train
     split at its own size (no augmentation)."""
     d = cfg.data
+    depth_meter = DENSE_METERS["depth"].make(cfg, data.num_classes)  # the pixels the meters count, by their rules
+    normals_meter = DENSE_METERS["normals"].make(cfg, data.num_classes)
     loader = make_dense_eval_loader(data.dataset, data.train_dir, tasks=TASKS, batch_size=d.eval_batch_size,
                                     eval_size=dense_size(d, "val"), protocol=d.protocol, rank=0, world_size=1,
                                     num_workers=0)
@@ -54,10 +48,10 @@ def train_statistics(cfg: FinetuneConfig, data, num_classes: int) -> dict[str, T
             t = {name: crop(as_map(v[b:b + 1]), box)[0] for name, v in batch["targets"].items()}
             cls_HW = t["semseg"][0].long().clamp(max=num_classes)  # 255 → the unlabelled row
             depth_HW, normals_3HW = t["depth"][0].double(), t["normals"].double()
-            ok = _valid_depth(depth_HW)
+            ok = (depth_HW > depth_meter.min_depth) & (depth_HW < depth_meter.max_depth)
             depth_sum.index_add_(0, cls_HW[ok], depth_HW[ok])
             depth_n.index_add_(0, cls_HW[ok], torch.ones_like(depth_HW[ok]))
-            ok = _valid_normals(normals_3HW)
+            ok = (normals_3HW != normals_meter.ignore_value).all(0)
             normal_sum.index_add_(0, cls_HW[ok], normals_3HW[:, ok].T)
             normal_n.index_add_(0, cls_HW[ok], torch.ones(int(ok.sum()), dtype=torch.float64))
     return {"depth_sum": depth_sum, "depth_n": depth_n, "normal_sum": normal_sum, "normal_n": normal_n}
