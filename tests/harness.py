@@ -186,7 +186,8 @@ def summary(text: str, rank: int | None = 0) -> dict:
     lines = (rank_output(text, rank) if rank is not None else text).splitlines()
     found = [line[len(SUMMARY_PREFIX):] for line in lines if line.startswith(SUMMARY_PREFIX)]
     assert found, f"no {SUMMARY_PREFIX!r} line in:\n{text[-TAIL_CHARS:]}"
-    return json.loads(found[-1])
+    # raw_decode: a line the tailer read before its newline arrived ends in the next read's `[defaultN]:` prefix
+    return json.JSONDecoder().raw_decode(found[-1])[0]
 
 
 def tails(out: str | None, err: str | None) -> str:

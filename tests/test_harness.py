@@ -93,6 +93,8 @@ def test_summary_and_rank_output():
     assert rank_output(text, 0) == "x\nSUMMARY {\"a\": 1}"
     assert summary(text) == {"a": 1} and summary(text, rank=1) == {"a": 2}
     assert summary("SUMMARY {\"b\": 3}\n", rank=None) == {"b": 3}
+    # torchrun's tailer read the line before its newline: the newline came back as its own prefixed line
+    assert summary("[default0]:SUMMARY {\"c\": 4}[default0]:\n") == {"c": 4}
     with pytest.raises(AssertionError, match="no 'SUMMARY ' line"):
         summary("[default0]:EP PARITY OK\n")
 

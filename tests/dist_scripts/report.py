@@ -5,6 +5,7 @@ and asserts on, then the old sentinel word (kept for tests that still look for i
 from __future__ import annotations
 
 import json
+import sys
 
 import torch
 
@@ -17,6 +18,9 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def emit(sentinel: str, **fields) -> None:
-    """Print the summary line, then `sentinel`. Call on rank 0 only, after every check passed on every rank."""
-    print("SUMMARY " + json.dumps(fields, sort_keys=True), flush=True)
-    print(sentinel, flush=True)
+    """Print the summary line, then `sentinel`. Call on rank 0 only, after every check passed on every rank.
+
+    Each line goes out in one write: under PYTHONUNBUFFERED `print` writes the text and the newline separately, and
+    torchrun's tailer can read between the two and prefix the bare newline, gluing `[default0]:` to the JSON."""
+    sys.stdout.write(f"SUMMARY {json.dumps(fields, sort_keys=True)}\n{sentinel}\n")
+    sys.stdout.flush()
