@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from pretrain import catalog
+from pretrain.cluster.render import SUBMIT_OPTIONS, JobOptions, SubmitError
 from pretrain.errors import EXIT_DEMO_STAGE, EXIT_USAGE, PretrainError, UsageError  # noqa: F401 - codes: errors.EXIT_CODES
 from pretrain.extraction.args import add_export_extract, check_extract_args
 
@@ -138,8 +139,6 @@ def _import_modsquad(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: must end in .safetensors")
-    import json
-
     from safetensors.torch import save_file
 
     from pretrain.durable import honour_umask
@@ -181,7 +180,7 @@ def _finetune_resume_view(cfg, run_dir: Path) -> tuple[str, ...]:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pretrain.cluster.submit import JobOptions, SubmitError, submit, summary
+    from pretrain.cluster.submit import submit, summary
 
     names = [f.name for f in fields(JobOptions)]
     opts = JobOptions(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
@@ -215,24 +214,6 @@ def _status(args: argparse.Namespace) -> int:
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 
-
-
-# `pretrain submit` options: (flag, type, help); defaults live in pretrain.cluster.submit.JobOptions
-SUBMIT_OPTIONS = [
-    ("--nodes", int, "nodes (default 1)"),
-    ("--gpus-per-node", str, "[TYPE:]COUNT GPUs per node = tasks per node (default 8; 0 = CPU-only job)"),
-    ("--tasks-per-node", int, "ranks per node of a CPU-only job (--gpus-per-node 0; default 1)"),
-    ("--cpus-per-task", int, "CPUs per rank (default data.num_workers + 1)"),
-    ("--mem", str, "memory per node, e.g. 400G"),
-    ("--time", str, "time limit per attempt, e.g. 24:00:00 (default: the partition's)"),
-    ("--partition", str, None), ("--account", str, None), ("--qos", str, None), ("--constraint", str, None),
-    ("--exclude", str, "nodes to avoid"),
-    ("--job-name", str, "default <subcommand>-<output_dir name>"),
-    ("--signal-grace", int, "seconds before the time limit that USR1 asks for a checkpoint (default 300)"),
-    ("--max-requeues", int, "requeue at most this many times (default 20)"),
-    ("--python", str, "interpreter command the job runs `-m pretrain` with (default: this one)"),
-    ("--template", str, "job script template (default slurm/train.sbatch)"),
-]
 
 def _export(args: argparse.Namespace) -> int:
     from pretrain.extraction.export import export_run

@@ -35,7 +35,7 @@ CORE = FOUNDATION | {"__init__", "synth", "prepare", "data", "models", "metrics"
                      "training.lifecycle", "training.global_batch", "parallel.expert_parallel", "parallel.layers",
                      "parallel.engine", "parallel.ds_moe", "runs.checkpoint", "runs.rank_state", "runs.load",
                      "runs.portable", "runs.integrity", "runs.drift", "runs.expert_files", "runs.elastic_state",
-                     "extraction.keep_rules"}
+                     "extraction.keep_rules", "cluster.render"}
 ANY_CORE = CORE | COMMANDS  # what a command may import (minus other commands: see COMMAND_PAIRS)
 # group -> the groups it may import besides itself and `pretrain/__init__` (version only), each with why.
 # ARCHITECTURE.md's "Import rules" table is this dict rendered (`rules_table`); a test keeps them equal.
@@ -78,6 +78,7 @@ RULES: dict[str, frozenset[str]] = {
     "runs.portable": FOUNDATION | {"runs.checkpoint", "parallel.layers", "models", "training.objective",
                                    "runs.load", "data"},  # the portable model file
     "extraction.keep_rules": FOUNDATION,  # which experts a task keeps (pure functions over usage tables)
+    "cluster.render": FOUNDATION,  # the job script from a template and JobOptions (pure text, no SLURM call)
     **{command: ANY_CORE for command in sorted(COMMANDS)},
     "extraction.command": ANY_CORE | {"extraction.report", "extraction.heal"},  # `pretrain extract` itself
     "extraction.report": ANY_CORE,  # full vs submodel: a part of `pretrain extract`

@@ -41,7 +41,7 @@ def _directives(script: str) -> list[list[str]]:
 
 
 def _render(tmp_path: Path, monkeypatch, run: str, **opts) -> str:
-    from pretrain.cluster.submit import TEMPLATE, JobOptions, render
+    from pretrain.cluster.render import TEMPLATE, JobOptions, render
 
     monkeypatch.delenv("PRETRAIN_PYTHON", raising=False)
     return render(TEMPLATE.read_text(), subcommand="train", run_dir=tmp_path / run, cpus_per_task=2,
@@ -79,7 +79,7 @@ def test_render_quotes_every_value_for_sbatch_and_bash(tmp_path, monkeypatch):
     ("run", {"python": "python 'x"}, "--python \"python 'x\": not a command line"),
 ])
 def test_render_refuses_what_cannot_be_rendered_safely(tmp_path, monkeypatch, run, opts, message):
-    from pretrain.cluster.submit import SubmitError
+    from pretrain.cluster.render import SubmitError
 
     with pytest.raises(SubmitError) as caught:
         _render(tmp_path, monkeypatch, run, **opts)
@@ -151,7 +151,8 @@ def test_an_add_task_job_runs_the_frozen_absolute_model_before_its_config(tmp_pa
     code, script, _ = submit_cli("submit", "add-task", "my run", ADD_TASK, out, *job)
     assert "#SBATCH --job-name=add-task-out" in script.splitlines() and not (tmp_path / "out").exists()
 
-    from pretrain.cluster.submit import JobOptions, prepare
+    from pretrain.cluster.render import JobOptions
+    from pretrain.cluster.submit import prepare
 
     cfg, _, _ = prepare("add-task", ADD_TASK, [out, "add_task.model=my run"], JobOptions(gpus_per_node="0"))
     assert cfg.add_task.model == str(tmp_path / "my run")  # what output_dir/config.yaml will hold
@@ -176,7 +177,7 @@ def test_an_unusable_add_task_model_is_one_line_and_queues_nothing(tmp_path, mon
 
 
 def test_a_template_without_the_arguments_placeholder_cannot_run_add_task(tmp_path, monkeypatch):
-    from pretrain.cluster.submit import JobOptions, SubmitError, render
+    from pretrain.cluster.render import JobOptions, SubmitError, render
 
     old = "#!/bin/bash\n${python} -m pretrain ${subcommand} \"$RUN_DIR/config.yaml\"\n"  # copied before ${arguments}
     opts = JobOptions(gpus_per_node="0")
@@ -223,7 +224,8 @@ def _fake_finetuning_run(run: Path, source: Path):
 @pytest.mark.slow  # each fine-tuning config check builds its decoder on the meta device: ~3 s in all
 def test_a_finetuning_resubmission_keeps_the_adopted_backbone_sections(tmp_path, submit_cli):
     from pretrain.cli import _finetune_resume_view
-    from pretrain.cluster.submit import JobOptions, prepare
+    from pretrain.cluster.render import JobOptions
+    from pretrain.cluster.submit import prepare
     from pretrain.config.checks import ConfigError
 
     run = tmp_path / "ft"
@@ -259,7 +261,8 @@ def test_a_direct_add_task_run_freezes_its_model_absolute(tmp_path, monkeypatch,
     monkeypatch.setattr(pretrain.add_task.train, "main", lambda cfg: seen.append(cfg.add_task.model) or 0)
     code, _, err = submit_cli("add-task", "my run", ADD_TASK, f"output_dir={tmp_path}/out")
     assert code == 0, err
-    from pretrain.cluster.submit import JobOptions, prepare
+    from pretrain.cluster.render import JobOptions
+    from pretrain.cluster.submit import prepare
 
     frozen, _, _ = prepare("add-task", ADD_TASK, [f"output_dir={tmp_path}/out", "add_task.model=my run"],
                            JobOptions(gpus_per_node="0"))

@@ -1,3 +1,3 @@
-"""SLURM: `pretrain submit` (`submit.py`, rendering the top-level `slurm/` templates) and `pretrain status`
+"""SLURM: `pretrain submit` (`submit.py`; `render.py` fills the top-level `slurm/` templates) and `pretrain status`
 (`status.py`).
 """
