@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pretrain.demo.report import _smaller_section, _wall_seconds, write_report
-from pretrain.demo.verdict import RULE, decide
+from pretrain.demo.verdict import RULE, decide, mean_spread
 
 
 def _report(*, kept: int, top_k: int, heal_before: float, after: float) -> dict:
@@ -113,6 +113,15 @@ def test_decide_at_its_margins():
     assert decide([2.0, 2.0], reseed=2.5) == "no measurable difference"  # inside what reseeding alone does
     assert decide([-2.0, -2.0], reseed=1.5) == "hurt"
     assert decide([5.0, -1.0], reseed=0.0) == "no measurable difference"
+
+
+def test_mean_spread_is_the_mean_and_its_standard_error():
+    assert mean_spread([3.0, 1.0]) == (2.0, 1.0)  # two seeds: half their difference
+    mean, spread = mean_spread([1.0, 2.0, 3.0, 4.0])  # sd √(5/3), over √4
+    assert mean == 2.5 and spread == pytest.approx((5 / 3) ** 0.5 / 2, rel=1e-12)
+    assert mean_spread([7.0]) == (7.0, 0.0)
+    with pytest.raises(ValueError, match="no values"):
+        mean_spread([])
 
 
 def test_four_seeds_give_the_standard_error_and_the_rms_reseeding(tmp_path):

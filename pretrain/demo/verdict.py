@@ -19,6 +19,7 @@ demo seeds (benchmarks/RESULTS.md, "pretrain demo with four fine-tuning seeds"):
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 
 from pretrain.metrics.multitask import delta_m
@@ -35,12 +36,8 @@ def mean_spread(values: Sequence[float]) -> tuple[float, float]:
     one it is 0."""
     if not values:
         raise ValueError("mean_spread: no values")
-    n = len(values)
-    mean = sum(values) / n
-    if n == 1:
-        return mean, 0.0
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values, mean) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
 def decide(deltas: Sequence[float], reseed: float) -> str:
