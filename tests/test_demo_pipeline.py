@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.demo import REFERENCE_JOBS, SECONDS, check_seeds, pipeline
-from pretrain.demo.eta import Progress, eta_seconds, etas, format_eta
+from pretrain.demo.eta import Progress, eta_seconds, format_eta
 from pretrain.errors import UsageError
 
 # (start, end) of each stage in the reference run, seconds from its start (`pretrain demo --out /tmp/demo_q0 --seed 0`,
@@ -117,7 +117,7 @@ def test_a_folder_of_another_seed_is_refused(tmp_path):
 
 def test_eta_arithmetic():
     assert eta_seconds(0.0, 0.0, 100.0) is None  # before the first stage: no pace yet
-    assert etas([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == [None, 2.0 / 1.0 * 5.0, 6.0 / 3.0 * 3.0]
+    assert eta_seconds(2.0, 1.0, 5.0) == 10.0 and eta_seconds(6.0, 3.0, 3.0) == 6.0  # pace 2 × the weight left
     assert "~12 min on the reference machine" in format_eta(None, 707.0)
     assert format_eta(270.0, 0.0) == ", demo ETA 4.5 min"
     # two stages at once, one of them half done when the third starts: the credit for the running one

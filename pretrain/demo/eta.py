@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 
 def eta_seconds(spent: float, weight_done: float, weight_left: float) -> float | None:
@@ -27,15 +27,6 @@ def eta_seconds(spent: float, weight_done: float, weight_left: float) -> float |
     if weight_done <= 0:
         return None
     return spent / weight_done * weight_left
-
-
-def etas(weights: Sequence[float], seconds: Sequence[float]) -> list[float | None]:
-    """The ETA printed before each stage of a run whose stages took `seconds`, under stage `weights`."""
-    total, out, spent, done = sum(weights), [], 0.0, 0.0
-    for weight, took in zip(weights, seconds, strict=True):
-        out.append(eta_seconds(spent, done, total - done))
-        spent, done = spent + took, done + weight
-    return out
 
 
 def format_eta(eta: float | None, reference_total: float) -> str:
