@@ -22,6 +22,7 @@ TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
 # `pretrain <command>` → its schema's key in SCHEMAS (`add-task` → `add_task`)
 COMMANDS = {name.replace("_", "-"): name for name in SCHEMAS}
 
+
 class SubmitError(ValueError):
     """A reason not to submit, reported as one line (CLI exit code 2)."""
 
